@@ -1,0 +1,234 @@
+//! `IsoDownload`: an ISO image fetched into a storage pool on a node.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::common::{LocalObjectReference, NODE_NAME_PATTERN, conditions_schema};
+
+/// Pattern of a download URL: http, https, ftp or ftps only.
+pub const URL_PATTERN: &str = r"^(https?|ftps?)://[^\s/?#]+([/?#]\S*)?$";
+/// Pattern of a volume name: `[A-Za-z0-9._-]`, no leading dot, at most 255 bytes.
+pub const VOLUME_NAME_PATTERN: &str = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,254}$";
+
+/// An ISO image downloaded into a libvirt storage pool on a node, by the agent on that node.
+/// Pause and resume with `spec.paused`; delete the object to cancel.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "virtplane.io",
+    version = "v1alpha1",
+    kind = "IsoDownload",
+    plural = "isodownloads",
+    shortname = "iso",
+    category = "virtplane",
+    namespaced,
+    status = "IsoDownloadStatus",
+    derive = "PartialEq",
+    doc = "An ISO image downloaded into a libvirt storage pool on a node.",
+    printcolumn(name = "URL", type_ = "string", json_path = ".spec.url"),
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "Progress", type_ = "string", json_path = ".status.progress"),
+    printcolumn(name = "Size", type_ = "integer", json_path = ".status.totalBytes"),
+    printcolumn(name = "Rate", type_ = "integer", json_path = ".status.bytesPerSecond"),
+    printcolumn(name = "Node", type_ = "string", json_path = ".status.nodeName", priority = 1),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct IsoDownloadSpec {
+    /// URL to fetch: `http`, `https`, `ftp` or `ftps` (explicit TLS). Immutable.
+    #[schemars(pattern(URL_PATTERN), length(max = 4096))]
+    #[schemars(extend("x-kubernetes-validations" = [{"rule": "self == oldSelf", "message": "url is immutable"}]))]
+    pub url: String,
+    /// Name of the volume to create: letters, digits, `.`, `_` and `-`, no leading dot. Default:
+    /// the file name of the URL's path. Immutable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(VOLUME_NAME_PATTERN))]
+    #[schemars(extend("x-kubernetes-validations" = [{"rule": "self == oldSelf", "message": "name is immutable"}]))]
+    pub name: Option<String>,
+    /// Storage pool to download into. Immutable.
+    #[serde(default = "default_pool")]
+    #[schemars(length(min = 1, max = 255))]
+    #[schemars(extend("x-kubernetes-validations" = [{"rule": "self == oldSelf", "message": "pool is immutable"}]))]
+    pub pool: String,
+    /// Node whose pool receives the file. Leave empty when only one node has the pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(NODE_NAME_PATTERN))]
+    pub node_name: Option<String>,
+    /// Stop the transfer and keep the partial data; set back to false to resume where it stopped.
+    #[serde(default)]
+    pub paused: bool,
+    /// Expected checksum of the file, verified before the volume is made available.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checksum: Option<Checksum>,
+    /// Credentials for basic auth or FTP login.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<DownloadAuth>,
+    /// TLS settings for https and ftps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<DownloadTls>,
+    /// What happens to a completed volume when this object is deleted: `Retain` (default) keeps
+    /// it, `Delete` removes it. Partial data is always removed.
+    #[serde(default)]
+    pub reclaim_policy: ReclaimPolicy,
+}
+
+fn default_pool() -> String {
+    "ISO".to_string()
+}
+
+/// An expected checksum.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Checksum {
+    /// Hash algorithm.
+    pub algorithm: ChecksumAlgorithm,
+    /// Expected digest, in hexadecimal.
+    #[schemars(pattern(r"^[0-9A-Fa-f]{32,128}$"))]
+    pub value: String,
+}
+
+/// Hash algorithm of a checksum.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ChecksumAlgorithm {
+    /// SHA-256.
+    Sha256,
+    /// SHA-512.
+    Sha512,
+    /// SHA-1 (weak; for old mirrors only).
+    Sha1,
+    /// MD5 (weak; for old mirrors only).
+    Md5,
+}
+
+/// Credentials of a download.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DownloadAuth {
+    /// Secret in the same namespace with keys `username` and `password`.
+    pub secret_ref: LocalObjectReference,
+}
+
+/// TLS settings of a download.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DownloadTls {
+    /// Extra CA certificates (PEM) trusted for this download, from a Secret or ConfigMap in the
+    /// same namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_bundle: Option<CaBundleSource>,
+    /// Skip verification of the server's certificate. Dangerous: use only for testing.
+    #[serde(default)]
+    pub insecure_skip_verify: bool,
+}
+
+/// Where a CA bundle comes from: exactly one of a Secret or a ConfigMap key.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("maxProperties" = 1, "minProperties" = 1))]
+pub struct CaBundleSource {
+    /// A key of a Secret in the same namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_key_ref: Option<KeyRef>,
+    /// A key of a ConfigMap in the same namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_map_key_ref: Option<KeyRef>,
+}
+
+/// A key of a Secret or ConfigMap.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KeyRef {
+    /// Name of the object.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Key within the object; default `ca.crt`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+}
+
+/// What happens to a completed volume when its `IsoDownload` is deleted.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum ReclaimPolicy {
+    /// Keep the volume.
+    #[default]
+    Retain,
+    /// Delete the volume.
+    Delete,
+}
+
+/// Phase of a download.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum DownloadPhase {
+    /// Waiting to start (for example for a free download slot).
+    Pending,
+    /// Transferring.
+    Downloading,
+    /// Stopped by `spec.paused`; partial data kept.
+    Paused,
+    /// Checking the checksum.
+    Verifying,
+    /// The volume is in the pool.
+    Completed,
+    /// Failed; see the Ready condition.
+    Failed,
+}
+
+/// Observed state of an `IsoDownload`.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct IsoDownloadStatus {
+    /// Phase of the download.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<DownloadPhase>,
+    /// Size announced by the server; absent when it does not say.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_bytes: Option<u64>,
+    /// Bytes written so far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downloaded_bytes: Option<u64>,
+    /// Progress as a percentage, for example `42%`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<String>,
+    /// Recent transfer rate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_per_second: Option<u64>,
+    /// The volume, once completed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume: Option<DownloadedVolume>,
+    /// Whether the checksum was verified.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checksum_verified: Option<bool>,
+    /// Number of transfer attempts so far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempts: Option<u32>,
+    /// When the transfer started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<Time>,
+    /// When the download completed or failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_time: Option<Time>,
+    /// Node the object is bound to (set by the controller).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_name: Option<String>,
+    /// The `metadata.generation` the agent last acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Scheduled, Progressing and Ready conditions.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "conditions_schema")]
+    pub conditions: Vec<Condition>,
+}
+
+/// A downloaded volume.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DownloadedVolume {
+    /// Storage pool.
+    pub pool: String,
+    /// Volume name.
+    pub name: String,
+    /// Path on the node.
+    pub path: String,
+}

@@ -1,0 +1,24 @@
+//! The `virtplane.io/v1alpha1` API: one module per kind, types only.
+//!
+//! Validation the API server can enforce (enums, patterns, bounds, `maxProperties`) lives in the
+//! schema; everything else, including the CEL rules an old API server ignores, is checked again by
+//! the agent and reported as a condition.
+
+mod clone;
+mod common;
+mod hypervisor;
+mod interface;
+mod iso;
+mod storage;
+
+pub use clone::*;
+pub use common::*;
+pub use hypervisor::*;
+pub use interface::*;
+pub use iso::*;
+pub use storage::*;
+
+/// The API group of every virtplane kind.
+pub const GROUP: &str = "virtplane.io";
+/// The label that binds an object to the node whose agent reconciles it.
+pub const NODE_LABEL: &str = "virtplane.io/node";

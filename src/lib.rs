@@ -1,0 +1,11 @@
+//! virtplane: libvirt virtual machine devices, clones and installation media, managed
+//! declaratively from Kubernetes.
+
+pub mod agent;
+pub mod api;
+pub mod conditions;
+pub mod controller;
+pub mod crdgen;
+pub mod http;
+pub mod libvirt;
+pub mod shutdown;

@@ -1,0 +1,99 @@
+//! The `virtplane` binary: parses arguments and starts the chosen part.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// virtplane: libvirt virtual machine devices, clones and installation media from Kubernetes.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Plain, env = "VIRTPLANE_LOG_FORMAT")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Plain,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Print every CustomResourceDefinition as multi-document YAML.
+    Crds,
+    /// Run the node agent: keep this node's Hypervisor inventory and reconcile the objects bound
+    /// to this node against the local libvirt.
+    Agent {
+        /// Name of this node (the Kubernetes node name); default: the host name.
+        #[arg(long, env = "NODE_NAME")]
+        node_name: Option<String>,
+        /// libvirt connection URI.
+        #[arg(long, env = "LIBVIRT_DEFAULT_URI", default_value = "qemu:///system")]
+        libvirt_uri: String,
+        /// Address of the /healthz and /readyz endpoint.
+        #[arg(long, default_value = "0.0.0.0:8081")]
+        http_addr: SocketAddr,
+        /// Seconds between inventory refreshes and heartbeats (events refresh sooner).
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+        heartbeat_seconds: u64,
+    },
+    /// Run the cluster-wide controller: bind objects to nodes, watch node health.
+    Controller {
+        /// Address of the /healthz and /readyz endpoint.
+        #[arg(long, default_value = "0.0.0.0:8080")]
+        http_addr: SocketAddr,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    match cli.command {
+        Command::Crds => {
+            print!("{}", virtplane::crdgen::render().context("failed to render the CRDs")?);
+            Ok(())
+        }
+        Command::Agent { node_name, libvirt_uri, http_addr, heartbeat_seconds } => {
+            let node_name = match node_name {
+                Some(n) if !n.is_empty() => n,
+                _ => hostname().context("no --node-name given and the host name is unreadable")?,
+            };
+            let shutdown = virtplane::shutdown::on_signals().context("failed to install signal handlers")?;
+            let client = kube::Client::try_default().await.context("failed to load the kubeconfig")?;
+            let config = virtplane::agent::AgentConfig {
+                node_name,
+                libvirt_uri,
+                http_addr,
+                heartbeat_interval: Duration::from_secs(heartbeat_seconds),
+            };
+            virtplane::agent::run(client, config, shutdown).await?;
+            Ok(())
+        }
+        Command::Controller { http_addr } => {
+            let _ = http_addr;
+            anyhow::bail!("the controller is not built yet")
+        }
+    }
+}
+
+fn hostname() -> anyhow::Result<String> {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname")?;
+    Ok(name.trim().to_lowercase())
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Plain => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
