@@ -19,12 +19,22 @@ pub struct Desired<'a> {
 impl<'a> Desired<'a> {
     /// A condition that holds.
     pub fn truthy(type_: &'a str, reason: &'a str, message: impl Into<String>) -> Self {
-        Self { type_, status: true, reason, message: message.into() }
+        Self {
+            type_,
+            status: true,
+            reason,
+            message: message.into(),
+        }
     }
 
     /// A condition that does not hold.
     pub fn falsy(type_: &'a str, reason: &'a str, message: impl Into<String>) -> Self {
-        Self { type_, status: false, reason, message: message.into() }
+        Self {
+            type_,
+            status: false,
+            reason,
+            message: message.into(),
+        }
     }
 }
 
@@ -77,7 +87,12 @@ mod tests {
 
     #[test]
     fn keeps_transition_time_when_status_unchanged() {
-        let first = compute(&[], &[Desired::truthy("Ready", "Connected", "ok")], Some(1), at(100));
+        let first = compute(
+            &[],
+            &[Desired::truthy("Ready", "Connected", "ok")],
+            Some(1),
+            at(100),
+        );
         let second = compute(
             &first,
             &[Desired::truthy("Ready", "Connected", "still ok")],
@@ -91,7 +106,12 @@ mod tests {
 
     #[test]
     fn stamps_new_time_when_status_flips() {
-        let first = compute(&[], &[Desired::truthy("Ready", "Connected", "ok")], None, at(100));
+        let first = compute(
+            &[],
+            &[Desired::truthy("Ready", "Connected", "ok")],
+            None,
+            at(100),
+        );
         let second = compute(
             &first,
             &[Desired::falsy("Ready", "LibvirtUnavailable", "down")],

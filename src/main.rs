@@ -57,16 +57,27 @@ async fn main() -> anyhow::Result<()> {
     init_tracing(cli.log_format);
     match cli.command {
         Command::Crds => {
-            print!("{}", virtplane::crdgen::render().context("failed to render the CRDs")?);
+            print!(
+                "{}",
+                virtplane::crdgen::render().context("failed to render the CRDs")?
+            );
             Ok(())
         }
-        Command::Agent { node_name, libvirt_uri, http_addr, heartbeat_seconds } => {
+        Command::Agent {
+            node_name,
+            libvirt_uri,
+            http_addr,
+            heartbeat_seconds,
+        } => {
             let node_name = match node_name {
                 Some(n) if !n.is_empty() => n,
                 _ => hostname().context("no --node-name given and the host name is unreadable")?,
             };
-            let shutdown = virtplane::shutdown::on_signals().context("failed to install signal handlers")?;
-            let client = kube::Client::try_default().await.context("failed to load the kubeconfig")?;
+            let shutdown =
+                virtplane::shutdown::on_signals().context("failed to install signal handlers")?;
+            let client = kube::Client::try_default()
+                .await
+                .context("failed to load the kubeconfig")?;
             let config = virtplane::agent::AgentConfig {
                 node_name,
                 libvirt_uri,
@@ -91,7 +102,9 @@ fn hostname() -> anyhow::Result<String> {
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Plain => builder.init(),
         LogFormat::Json => builder.json().init(),

@@ -44,7 +44,10 @@ pub(super) async fn run(
 ) -> Result<(), AgentError> {
     let node = config.node_name.clone();
     let api: Api<Hypervisor> = Api::all(client);
-    let map_err = |source| AgentError::Hypervisor { node: node.clone(), source };
+    let map_err = |source| AgentError::Hypervisor {
+        node: node.clone(),
+        source,
+    };
     let params = PatchParams::apply(FIELD_MANAGER).force();
 
     api.patch(
@@ -71,12 +74,18 @@ pub(super) async fn run(
         let ready = match libvirt.call("read the inventory", collect_inventory).await {
             Ok(inventory) => {
                 last_inventory = Some(inventory);
-                Desired::truthy(condition::READY, reason::CONNECTED, "The agent is connected to libvirt and the inventory is current.")
+                Desired::truthy(
+                    condition::READY,
+                    reason::CONNECTED,
+                    "The agent is connected to libvirt and the inventory is current.",
+                )
             }
             Err(err) if !libvirt.is_connected() => Desired::falsy(
                 condition::READY,
                 reason::UNAVAILABLE,
-                format!("{err}. The inventory shown is the last one read and may be stale; check that libvirtd is running on the node."),
+                format!(
+                    "{err}. The inventory shown is the last one read and may be stale; check that libvirtd is running on the node."
+                ),
             ),
             Err(err) => Desired::falsy(
                 condition::READY,
@@ -88,17 +97,26 @@ pub(super) async fn run(
         let status = build_status(last_inventory.as_ref(), conditions.clone());
 
         let due = written.as_ref().is_none_or(|w| {
-            w.status != status || w.at.elapsed() >= config.heartbeat_interval.saturating_sub(Duration::from_millis(500))
+            w.status != status
+                || w.at.elapsed()
+                    >= config
+                        .heartbeat_interval
+                        .saturating_sub(Duration::from_millis(500))
         });
         if due {
             let mut body = status.clone();
             body.last_heartbeat_time = Some(Time(Timestamp::now()));
             match write_status(&api, &node, &params, &body).await {
                 Ok(()) => {
-                    written = Some(Written { status, at: std::time::Instant::now() });
+                    written = Some(Written {
+                        status,
+                        at: std::time::Instant::now(),
+                    });
                     readiness.set(true);
                 }
-                Err(err) => tracing::warn!(node = %node, error = %err, "failed to write Hypervisor status"),
+                Err(err) => {
+                    tracing::warn!(node = %node, error = %err, "failed to write Hypervisor status")
+                }
             }
         }
 
@@ -132,8 +150,13 @@ async fn wait_for_change(
 
 fn is_relevant(ev: &Result<Event, RecvError>) -> bool {
     match ev {
-        Ok(Event::Domain { kind: crate::libvirt::DomainEvent::Lifecycle(_), .. })
-        | Ok(Event::StoragePool { .. } | Event::Network { .. } | Event::Closed | Event::Connected)
+        Ok(Event::Domain {
+            kind: crate::libvirt::DomainEvent::Lifecycle(_),
+            ..
+        })
+        | Ok(
+            Event::StoragePool { .. } | Event::Network { .. } | Event::Closed | Event::Connected,
+        )
         | Err(RecvError::Lagged(_)) => true,
         Ok(Event::Domain { .. }) => false,
         Err(RecvError::Closed) => false,
@@ -165,5 +188,7 @@ async fn write_status(
         "metadata": { "name": node },
         "status": status,
     });
-    api.patch_status(node, params, &Patch::Apply(body)).await.map(|_| ())
+    api.patch_status(node, params, &Patch::Apply(body))
+        .await
+        .map(|_| ())
 }

@@ -49,7 +49,11 @@ pub enum AgentError {
 }
 
 /// Runs the agent until `shutdown` fires.
-pub async fn run(client: Client, config: AgentConfig, shutdown: Shutdown) -> Result<(), AgentError> {
+pub async fn run(
+    client: Client,
+    config: AgentConfig,
+    shutdown: Shutdown,
+) -> Result<(), AgentError> {
     let readiness = Readiness::default();
     let (addr, server) = http::serve(config.http_addr, readiness.clone(), shutdown.clone()).await?;
     tracing::info!(node = %config.node_name, %addr, uri = %config.libvirt_uri, "agent starting");

@@ -26,14 +26,22 @@ use super::common::{DOMAIN_NAME_PATTERN, NODE_NAME_PATTERN, conditions_schema};
     printcolumn(name = "Target", type_ = "string", json_path = ".status.targetName"),
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
     printcolumn(name = "Progress", type_ = "string", json_path = ".status.progress"),
-    printcolumn(name = "Node", type_ = "string", json_path = ".status.nodeName", priority = 1),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Node",
+        type_ = "string",
+        json_path = ".status.nodeName",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct VMCloneSpec {
     /// Name of the domain to clone; it must be shut off for the copy to start. Immutable.
     #[schemars(pattern(DOMAIN_NAME_PATTERN))]
-    #[schemars(extend("x-kubernetes-validations" = [{"rule": "self == oldSelf", "message": "source is immutable"}]))]
     pub source: String,
     /// Name of the new domain. Default: `<source>-clone<N>` with the lowest free N on the node.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -48,6 +48,7 @@ pub fn conditions_schema(generator: &mut SchemaGenerator) -> Schema {
 }
 
 /// Pattern of a Kubernetes node / libvirt-friendly object name (RFC 1123 subdomain).
-pub const NODE_NAME_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
+pub const NODE_NAME_PATTERN: &str =
+    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
 /// Pattern of a libvirt domain name accepted by virtplane: no slashes or control characters.
 pub const DOMAIN_NAME_PATTERN: &str = r"^[A-Za-z0-9_][A-Za-z0-9_.+-]{0,199}$";

@@ -31,15 +31,27 @@ pub const MAC_PATTERN: &str = r"^([0-9A-Fa-f]{2}:){5}[0-9A-Fa-f]{2}$";
     printcolumn(name = "Source", type_ = "string", json_path = ".spec.source"),
     printcolumn(name = "Guest", type_ = "string", json_path = ".status.guest.name"),
     printcolumn(name = "Link", type_ = "string", json_path = ".status.linkState"),
-    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
-    printcolumn(name = "Node", type_ = "string", json_path = ".status.nodeName", priority = 1),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Node",
+        type_ = "string",
+        json_path = ".status.nodeName",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct VMInterfaceSpec {
     /// Name of the libvirt domain (VM) the interface belongs to. Immutable.
     #[schemars(pattern(DOMAIN_NAME_PATTERN))]
-    #[schemars(extend("x-kubernetes-validations" = [{"rule": "self == oldSelf", "message": "vm is immutable"}]))]
     pub vm: String,
     /// Node whose hypervisor runs the VM. Leave empty to let the controller find it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -58,7 +70,6 @@ pub struct VMInterfaceSpec {
     /// from the QEMU range and kept in `status.mac` for good.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(pattern(MAC_PATTERN))]
-    #[schemars(extend("x-kubernetes-validations" = [{"rule": "self == oldSelf", "message": "mac is immutable"}]))]
     pub mac: Option<String>,
     /// Device model seen by the guest, for example `virtio` (the default), `e1000e` or `rtl8139`.
     #[serde(default = "default_model")]

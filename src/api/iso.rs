@@ -31,25 +31,31 @@ pub const VOLUME_NAME_PATTERN: &str = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,254}$";
     printcolumn(name = "Progress", type_ = "string", json_path = ".status.progress"),
     printcolumn(name = "Size", type_ = "integer", json_path = ".status.totalBytes"),
     printcolumn(name = "Rate", type_ = "integer", json_path = ".status.bytesPerSecond"),
-    printcolumn(name = "Node", type_ = "string", json_path = ".status.nodeName", priority = 1),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Node",
+        type_ = "string",
+        json_path = ".status.nodeName",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct IsoDownloadSpec {
     /// URL to fetch: `http`, `https`, `ftp` or `ftps` (explicit TLS). Immutable.
     #[schemars(pattern(URL_PATTERN), length(max = 4096))]
-    #[schemars(extend("x-kubernetes-validations" = [{"rule": "self == oldSelf", "message": "url is immutable"}]))]
     pub url: String,
     /// Name of the volume to create: letters, digits, `.`, `_` and `-`, no leading dot. Default:
     /// the file name of the URL's path. Immutable.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(pattern(VOLUME_NAME_PATTERN))]
-    #[schemars(extend("x-kubernetes-validations" = [{"rule": "self == oldSelf", "message": "name is immutable"}]))]
     pub name: Option<String>,
     /// Storage pool to download into. Immutable.
     #[serde(default = "default_pool")]
     #[schemars(length(min = 1, max = 255))]
-    #[schemars(extend("x-kubernetes-validations" = [{"rule": "self == oldSelf", "message": "pool is immutable"}]))]
     pub pool: String,
     /// Node whose pool receives the file. Leave empty when only one node has the pool.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -26,15 +26,27 @@ use super::common::{AttachMode, DOMAIN_NAME_PATTERN, NODE_NAME_PATTERN, conditio
     printcolumn(name = "Type", type_ = "string", json_path = ".spec.type"),
     printcolumn(name = "Target", type_ = "string", json_path = ".status.target"),
     printcolumn(name = "Source", type_ = "string", json_path = ".status.currentSource"),
-    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
-    printcolumn(name = "Node", type_ = "string", json_path = ".status.nodeName", priority = 1),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Node",
+        type_ = "string",
+        json_path = ".status.nodeName",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct VirtualMachineStorageSpec {
     /// Name of the libvirt domain (VM) to attach to. Immutable.
     #[schemars(pattern(DOMAIN_NAME_PATTERN))]
-    #[schemars(extend("x-kubernetes-validations" = [{"rule": "self == oldSelf", "message": "vm is immutable"}]))]
     pub vm: String,
     /// Node whose hypervisor runs the VM. Leave empty to let the controller find the node that has
     /// the domain; set it when the same domain name exists on several nodes.
@@ -43,7 +55,6 @@ pub struct VirtualMachineStorageSpec {
     pub node_name: Option<String>,
     /// Kind of device: `disk` or `cdrom`. Immutable.
     #[serde(rename = "type")]
-    #[schemars(extend("x-kubernetes-validations" = [{"rule": "self == oldSelf", "message": "type is immutable"}]))]
     pub type_: StorageType,
     /// Bus the device sits on. `scsi` (the default) and `virtio` can be hot-plugged; a new `sata`
     /// or `ide` drive takes effect at the next boot.
@@ -63,7 +74,6 @@ pub struct VirtualMachineStorageSpec {
     /// lowest free name for the bus is chosen and kept in `status.target`. Immutable.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(pattern(r"^(sd|vd|hd)[a-z]{1,2}$"))]
-    #[schemars(extend("x-kubernetes-validations" = [{"rule": "self == oldSelf", "message": "target is immutable"}]))]
     pub target: Option<String>,
     /// Boot priority of the device (1 boots first).
     #[serde(default, skip_serializing_if = "Option::is_none")]

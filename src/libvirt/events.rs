@@ -149,7 +149,10 @@ pub struct Registration {
 impl Registration {
     /// Registers every callback on `conn`, forwarding events to `tx`, and enables keepalive so a
     /// hung or vanished daemon is noticed within seconds.
-    pub fn register(conn: &Connect, tx: &broadcast::Sender<Event>) -> Result<Self, virt::error::Error> {
+    pub fn register(
+        conn: &Connect,
+        tx: &broadcast::Sender<Event>,
+    ) -> Result<Self, virt::error::Error> {
         let mut reg = Registration {
             conn: conn.clone(),
             domain_ids: Vec::new(),
@@ -161,21 +164,41 @@ impl Registration {
         // VIR_*_EVENT_CALLBACK macros do; each is registered under the event ID whose real
         // signature it has. `opaque` is a leaked Box<Sink> that `free_sink` reclaims.
         unsafe {
-            let lifecycle: unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, c_int, c_int, *mut c_void) =
-                domain_lifecycle;
+            let lifecycle: unsafe extern "C" fn(
+                sys::virConnectPtr,
+                sys::virDomainPtr,
+                c_int,
+                c_int,
+                *mut c_void,
+            ) = domain_lifecycle;
             reg.domain_ids.push(register_domain(
                 conn,
                 sys::VIR_DOMAIN_EVENT_ID_LIFECYCLE,
                 std::mem::transmute::<
-                    unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, c_int, c_int, *mut c_void),
+                    unsafe extern "C" fn(
+                        sys::virConnectPtr,
+                        sys::virDomainPtr,
+                        c_int,
+                        c_int,
+                        *mut c_void,
+                    ),
                     unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, *mut c_void),
                 >(lifecycle),
                 tx,
             )?);
             for (id, cb) in [
-                (sys::VIR_DOMAIN_EVENT_ID_DEVICE_ADDED, device_added as DeviceCallback),
-                (sys::VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED, device_removed as DeviceCallback),
-                (sys::VIR_DOMAIN_EVENT_ID_DEVICE_REMOVAL_FAILED, device_removal_failed as DeviceCallback),
+                (
+                    sys::VIR_DOMAIN_EVENT_ID_DEVICE_ADDED,
+                    device_added as DeviceCallback,
+                ),
+                (
+                    sys::VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED,
+                    device_removed as DeviceCallback,
+                ),
+                (
+                    sys::VIR_DOMAIN_EVENT_ID_DEVICE_REMOVAL_FAILED,
+                    device_removal_failed as DeviceCallback,
+                ),
             ] {
                 reg.domain_ids.push(register_domain(
                     conn,
@@ -187,14 +210,32 @@ impl Registration {
                     tx,
                 )?);
             }
-            for id in [sys::VIR_STORAGE_POOL_EVENT_ID_LIFECYCLE, sys::VIR_STORAGE_POOL_EVENT_ID_REFRESH] {
+            for id in [
+                sys::VIR_STORAGE_POOL_EVENT_ID_LIFECYCLE,
+                sys::VIR_STORAGE_POOL_EVENT_ID_REFRESH,
+            ] {
                 let cb = if id == sys::VIR_STORAGE_POOL_EVENT_ID_LIFECYCLE {
                     std::mem::transmute::<
-                        unsafe extern "C" fn(sys::virConnectPtr, sys::virStoragePoolPtr, c_int, c_int, *mut c_void),
-                        unsafe extern "C" fn(sys::virConnectPtr, sys::virStoragePoolPtr, *mut c_void),
+                        unsafe extern "C" fn(
+                            sys::virConnectPtr,
+                            sys::virStoragePoolPtr,
+                            c_int,
+                            c_int,
+                            *mut c_void,
+                        ),
+                        unsafe extern "C" fn(
+                            sys::virConnectPtr,
+                            sys::virStoragePoolPtr,
+                            *mut c_void,
+                        ),
                     >(pool_lifecycle)
                 } else {
-                    pool_refresh as unsafe extern "C" fn(sys::virConnectPtr, sys::virStoragePoolPtr, *mut c_void)
+                    pool_refresh
+                        as unsafe extern "C" fn(
+                            sys::virConnectPtr,
+                            sys::virStoragePoolPtr,
+                            *mut c_void,
+                        )
                 };
                 let ret = sys::virConnectStoragePoolEventRegisterAny(
                     conn.as_ptr(),
@@ -211,7 +252,13 @@ impl Registration {
                 std::ptr::null_mut(),
                 sys::VIR_NETWORK_EVENT_ID_LIFECYCLE as c_int,
                 Some(std::mem::transmute::<
-                    unsafe extern "C" fn(sys::virConnectPtr, sys::virNetworkPtr, c_int, c_int, *mut c_void),
+                    unsafe extern "C" fn(
+                        sys::virConnectPtr,
+                        sys::virNetworkPtr,
+                        c_int,
+                        c_int,
+                        *mut c_void,
+                    ),
                     unsafe extern "C" fn(sys::virConnectPtr, sys::virNetworkPtr, *mut c_void),
                 >(network_lifecycle)),
                 new_sink(tx),
@@ -255,10 +302,15 @@ impl Drop for Registration {
     }
 }
 
-type DeviceCallback = unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, *const c_char, *mut c_void);
+type DeviceCallback =
+    unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, *const c_char, *mut c_void);
 
 fn check(ret: c_int) -> Result<c_int, virt::error::Error> {
-    if ret < 0 { Err(virt::error::Error::last_error()) } else { Ok(ret) }
+    if ret < 0 {
+        Err(virt::error::Error::last_error())
+    } else {
+        Ok(ret)
+    }
 }
 
 fn new_sink(tx: &broadcast::Sender<Event>) -> *mut c_void {
@@ -298,7 +350,9 @@ unsafe fn owned(ptr: *const c_char) -> String {
         String::new()
     } else {
         // SAFETY: libvirt passes NUL-terminated strings valid for the callback's duration.
-        unsafe { CStr::from_ptr(ptr) }.to_string_lossy().into_owned()
+        unsafe { CStr::from_ptr(ptr) }
+            .to_string_lossy()
+            .into_owned()
     }
 }
 
@@ -321,7 +375,13 @@ unsafe extern "C" fn domain_lifecycle(
     opaque: *mut c_void,
 ) {
     // SAFETY: called by libvirt with the registration's arguments.
-    unsafe { send_domain(dom, opaque, DomainEvent::Lifecycle(Lifecycle::from_raw(event))) }
+    unsafe {
+        send_domain(
+            dom,
+            opaque,
+            DomainEvent::Lifecycle(Lifecycle::from_raw(event)),
+        )
+    }
 }
 
 unsafe extern "C" fn device_added(
@@ -368,7 +428,11 @@ unsafe extern "C" fn pool_lifecycle(
     }
 }
 
-unsafe extern "C" fn pool_refresh(_conn: sys::virConnectPtr, pool: sys::virStoragePoolPtr, opaque: *mut c_void) {
+unsafe extern "C" fn pool_refresh(
+    _conn: sys::virConnectPtr,
+    pool: sys::virStoragePoolPtr,
+    opaque: *mut c_void,
+) {
     // SAFETY: as for `pool_lifecycle`.
     unsafe {
         let name = owned(sys::virStoragePoolGetName(pool));
@@ -390,7 +454,11 @@ unsafe extern "C" fn network_lifecycle(
     }
 }
 
-unsafe extern "C" fn connection_closed(_conn: sys::virConnectPtr, _reason: c_int, opaque: *mut c_void) {
+unsafe extern "C" fn connection_closed(
+    _conn: sys::virConnectPtr,
+    _reason: c_int,
+    opaque: *mut c_void,
+) {
     // SAFETY: called by libvirt with the registration's arguments.
     unsafe { sink(opaque) }.send(Event::Closed);
 }

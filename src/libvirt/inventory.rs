@@ -30,8 +30,12 @@ pub fn format_version(v: u64) -> String {
 pub fn collect_inventory(conn: &Connect) -> Result<Inventory, virt::error::Error> {
     let mut domains = Vec::new();
     for dom in conn.list_all_domains(0)? {
-        let (Ok(name), Ok(uuid)) = (dom.name(), dom.uuid_string()) else { continue };
-        let Ok((state, _)) = dom.state() else { continue };
+        let (Ok(name), Ok(uuid)) = (dom.name(), dom.uuid_string()) else {
+            continue;
+        };
+        let Ok((state, _)) = dom.state() else {
+            continue;
+        };
         domains.push(DomainSummary {
             name,
             uuid,
@@ -122,7 +126,13 @@ mod tests {
     #[test]
     fn reads_pool_type_and_path() {
         let xml = "<pool type='dir'><name>default</name><target><path>/var/lib/libvirt/images</path></target></pool>";
-        assert_eq!(pool_type_and_path(xml), ("dir".into(), Some("/var/lib/libvirt/images".into())));
-        assert_eq!(pool_type_and_path("<pool type='iscsi'><name>x</name></pool>"), ("iscsi".into(), None));
+        assert_eq!(
+            pool_type_and_path(xml),
+            ("dir".into(), Some("/var/lib/libvirt/images".into()))
+        );
+        assert_eq!(
+            pool_type_and_path("<pool type='iscsi'><name>x</name></pool>"),
+            ("iscsi".into(), None)
+        );
     }
 }

@@ -120,7 +120,10 @@ impl Libvirt {
 
     fn live(&self) -> MutexGuard<'_, Option<Live>> {
         // A poisoned lock only means a panic elsewhere while holding it; the Option is still sound.
-        self.inner.live.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner
+            .live
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Opens the connection if none is open, registers event callbacks, and announces
@@ -137,9 +140,15 @@ impl Libvirt {
                 source,
             })?;
             let registration = events::Registration::register(&conn, &tx).map_err(|source| {
-                LibvirtError::Call { action: "register libvirt event callbacks".into(), source }
+                LibvirtError::Call {
+                    action: "register libvirt event callbacks".into(),
+                    source,
+                }
             })?;
-            Ok(Live { _registration: registration, conn })
+            Ok(Live {
+                _registration: registration,
+                conn,
+            })
         })
         .await??;
         *self.live() = Some(live);
@@ -208,15 +217,25 @@ impl Libvirt {
         T: Send + 'static,
         F: FnOnce(&Connect) -> Result<T, virt::error::Error> + Send + 'static,
     {
-        let _permit = self.inner.permits.acquire().await.map_err(|_| LibvirtError::NotConnected {
-            uri: self.inner.uri.clone(),
-        })?;
+        let _permit =
+            self.inner
+                .permits
+                .acquire()
+                .await
+                .map_err(|_| LibvirtError::NotConnected {
+                    uri: self.inner.uri.clone(),
+                })?;
         let conn = self
             .live()
             .as_ref()
             .map(|live| live.conn.clone())
-            .ok_or_else(|| LibvirtError::NotConnected { uri: self.inner.uri.clone() })?;
+            .ok_or_else(|| LibvirtError::NotConnected {
+                uri: self.inner.uri.clone(),
+            })?;
         let result = tokio::task::spawn_blocking(move || f(&conn)).await?;
-        result.map_err(|source| LibvirtError::Call { action: action.to_string(), source })
+        result.map_err(|source| LibvirtError::Call {
+            action: action.to_string(),
+            source,
+        })
     }
 }

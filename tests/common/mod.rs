@@ -1,0 +1,313 @@
+//! Shared test harness: the real kube-apiserver and libvirtd that `hack/env-up.sh` starts.
+//!
+//! Every test gets its own namespace, its own agent process with a unique node name, and its own
+//! throwaway libvirt domains, and removes them when it ends (also when it fails).
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use virtplane::api::Hypervisor;
+
+/// How to bring the environment up, for failure messages.
+pub const HOW_TO_START: &str = "start the test environment first: `eval \"$(hack/env-up.sh)\"` \
+    (or run the whole suite with `hack/test.sh`)";
+
+/// A short random suffix for names.
+pub fn unique(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    let n = nanos ^ (std::process::id() << 8);
+    format!("{prefix}-{:08x}", n.wrapping_mul(2_654_435_761))
+}
+
+/// A client for the test apiserver; fails with instructions when the environment is not up.
+pub async fn client() -> Client {
+    let Ok(path) = std::env::var("KUBECONFIG") else {
+        panic!("KUBECONFIG is not set: {HOW_TO_START}");
+    };
+    assert!(
+        std::path::Path::new(&path).exists(),
+        "KUBECONFIG={path} does not exist: {HOW_TO_START}"
+    );
+    let client = Client::try_default()
+        .await
+        .unwrap_or_else(|e| panic!("cannot load {path} ({e}): {HOW_TO_START}"));
+    client.apiserver_version().await.unwrap_or_else(|e| {
+        panic!("the apiserver in {path} does not answer ({e}): {HOW_TO_START}")
+    });
+    client
+}
+
+/// Installs (server-side applies) every CRD and waits until each is Established.
+pub async fn install_crds(client: &Client) {
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let params = PatchParams::apply("virtplane-tests").force();
+    for crd in virtplane::crdgen::all() {
+        let name = crd.name_any();
+        api.patch(&name, &params, &Patch::Apply(&crd))
+            .await
+            .unwrap_or_else(|e| panic!("apply CRD {name}: {e}"));
+    }
+    for crd in virtplane::crdgen::all() {
+        let name = crd.name_any();
+        eventually(
+            &format!("CRD {name} Established"),
+            Duration::from_secs(30),
+            || {
+                let api = api.clone();
+                let name = name.clone();
+                async move {
+                    let crd = api.get(&name).await.ok()?;
+                    crd.status?
+                        .conditions?
+                        .iter()
+                        .any(|c| c.type_ == "Established" && c.status == "True")
+                        .then_some(())
+                }
+            },
+        )
+        .await;
+    }
+}
+
+/// Polls `check` every 200 ms until it returns `Some`, or panics after `timeout`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A namespace deleted when dropped.
+pub struct TestNamespace {
+    pub name: String,
+}
+
+impl TestNamespace {
+    pub async fn new(client: &Client, prefix: &str) -> Self {
+        let name = unique(prefix);
+        let api: Api<Namespace> = Api::all(client.clone());
+        let ns: Namespace =
+            serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).unwrap();
+        api.create(&PostParams::default(), &ns)
+            .await
+            .expect("create namespace");
+        Self { name }
+    }
+}
+
+impl Drop for TestNamespace {
+    fn drop(&mut self) {
+        let _ = Command::new("kubectl")
+            .args([
+                "delete",
+                "namespace",
+                &self.name,
+                "--wait=false",
+                "--ignore-not-found",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// Where test processes write their logs.
+pub fn log_dir() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("logs");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A `virtplane` process (agent or controller), stopped with SIGTERM when dropped.
+pub struct Process {
+    pub name: String,
+    child: Child,
+    pub log: PathBuf,
+}
+
+impl Process {
+    pub fn spawn(name: &str, args: &[&str]) -> Self {
+        let log = log_dir().join(format!("{name}.log"));
+        let file = std::fs::File::create(&log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_virtplane"))
+            .args(args)
+            .env("RUST_LOG", "info,virtplane=debug")
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .expect("spawn virtplane");
+        Self {
+            name: name.to_string(),
+            child,
+            log,
+        }
+    }
+
+    /// Sends SIGTERM and waits for the process to exit; returns whether it exited successfully.
+    pub fn terminate(&mut self) -> bool {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(15) {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.success();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        false
+    }
+
+    /// The process's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.terminate();
+        }
+    }
+}
+
+/// An agent with a unique node name; its Hypervisor object is deleted when dropped.
+pub struct Agent {
+    pub node: String,
+    pub process: Process,
+}
+
+impl Agent {
+    pub fn start(node: &str, extra: &[&str]) -> Self {
+        let mut args = vec!["agent", "--node-name", node, "--http-addr", "127.0.0.1:0"];
+        args.extend_from_slice(extra);
+        Self {
+            node: node.to_string(),
+            process: Process::spawn(node, &args),
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.process.terminate();
+        let _ = Command::new("kubectl")
+            .args([
+                "delete",
+                "hypervisor",
+                &self.node,
+                "--wait=false",
+                "--ignore-not-found",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// Waits until the Hypervisor `node` satisfies `check`, returning it.
+pub async fn wait_hypervisor(
+    client: &Client,
+    node: &str,
+    what: &str,
+    timeout: Duration,
+    check: impl Fn(&Hypervisor) -> bool,
+) -> Hypervisor {
+    let api: Api<Hypervisor> = Api::all(client.clone());
+    eventually(&format!("Hypervisor {node}: {what}"), timeout, || {
+        let api = api.clone();
+        let check = &check;
+        async move { api.get(node).await.ok().filter(|h| check(h)) }
+    })
+    .await
+}
+
+/// Runs `virsh` against the test libvirt and returns stdout; panics on failure.
+pub fn virsh(args: &[&str]) -> String {
+    let out = Command::new("virsh")
+        .arg("-c")
+        .arg(libvirt_uri())
+        .args(args)
+        .output()
+        .expect("run virsh");
+    assert!(
+        out.status.success(),
+        "virsh {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The libvirt URI of the test environment.
+pub fn libvirt_uri() -> String {
+    std::env::var("LIBVIRT_DEFAULT_URI").unwrap_or_else(|_| "qemu:///system".into())
+}
+
+/// A throwaway libvirt domain (TCG, no OS), destroyed and undefined when dropped.
+pub struct TestDomain {
+    pub name: String,
+}
+
+impl TestDomain {
+    /// Defines a minimal q35 domain with no OS.
+    pub fn define(prefix: &str) -> Self {
+        let name = unique(prefix);
+        let xml = format!(
+            "<domain type='qemu'><name>{name}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>\
+             <os><type arch='x86_64' machine='q35'>hvm</type></os>\
+             <devices><controller type='usb' model='none'/><memballoon model='none'/></devices></domain>"
+        );
+        let path = log_dir().join(format!("{name}.xml"));
+        std::fs::write(&path, xml).unwrap();
+        virsh(&["define", path.to_str().unwrap()]);
+        Self { name }
+    }
+}
+
+impl Drop for TestDomain {
+    fn drop(&mut self) {
+        for args in [
+            vec!["destroy", &self.name],
+            vec!["undefine", &self.name, "--nvram"],
+        ] {
+            let _ = Command::new("virsh")
+                .arg("-c")
+                .arg(libvirt_uri())
+                .args(&args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+/// Deletes an object, ignoring "not found".
+pub async fn delete_ignoring_missing<K>(api: &Api<K>, name: &str)
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let _ = api.delete(name, &DeleteParams::default()).await;
+}
