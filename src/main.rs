@@ -48,6 +48,22 @@ enum Command {
         /// Address of the /healthz and /readyz endpoint.
         #[arg(long, default_value = "0.0.0.0:8080")]
         http_addr: SocketAddr,
+        /// Namespace of the leader-election Lease.
+        #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+        lease_namespace: String,
+        /// Name of the leader-election Lease.
+        #[arg(long, default_value = "virtplane-controller")]
+        lease_name: String,
+        /// This replica's identity in the Lease; default: host name and process id.
+        #[arg(long, env = "POD_NAME")]
+        identity: Option<String>,
+        /// Seconds a leader's Lease stays valid without renewal (a standby takes over after this
+        /// when the leader dies without releasing it).
+        #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(2..=600))]
+        lease_seconds: u64,
+        /// Seconds without a heartbeat after which a node counts as unreachable.
+        #[arg(long, default_value_t = 40, value_parser = clap::value_parser!(u64).range(1..=3600))]
+        node_grace_seconds: u64,
     },
 }
 
@@ -87,9 +103,37 @@ async fn main() -> anyhow::Result<()> {
             virtplane::agent::run(client, config, shutdown).await?;
             Ok(())
         }
-        Command::Controller { http_addr } => {
-            let _ = http_addr;
-            anyhow::bail!("the controller is not built yet")
+        Command::Controller {
+            http_addr,
+            lease_namespace,
+            lease_name,
+            identity,
+            lease_seconds,
+            node_grace_seconds,
+        } => {
+            let identity = match identity {
+                Some(i) if !i.is_empty() => i,
+                _ => format!(
+                    "{}-{}",
+                    hostname().unwrap_or_else(|_| "virtplane".into()),
+                    std::process::id()
+                ),
+            };
+            let shutdown =
+                virtplane::shutdown::on_signals().context("failed to install signal handlers")?;
+            let client = kube::Client::try_default()
+                .await
+                .context("failed to load the kubeconfig")?;
+            let config = virtplane::controller::ControllerConfig {
+                http_addr,
+                lease_namespace,
+                lease_name,
+                identity,
+                lease_duration: Duration::from_secs(lease_seconds),
+                node_grace: Duration::from_secs(node_grace_seconds),
+            };
+            virtplane::controller::run(client, config, shutdown).await?;
+            Ok(())
         }
     }
 }

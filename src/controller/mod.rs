@@ -1,1 +1,370 @@
-//! The cluster-wide controller.
+//! The cluster-wide controller: binds objects to nodes and watches node health. Several replicas
+//! may run; one leader, chosen through a `coordination.k8s.io/v1` Lease, does the work.
+
+pub mod binding;
+
+use std::fmt::Debug;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::NamespaceResourceScope;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, reflector, watcher};
+use kube::{Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use serde_json::json;
+
+use crate::api::{
+    Hypervisor, IsoDownload, NODE_LABEL, VMClone, VMInterface, VirtualMachineStorage, condition,
+};
+use crate::conditions::{self, Desired};
+use crate::http::{self, Readiness};
+use crate::shutdown::Shutdown;
+use binding::{Bindable, Decision, reason, time_until_stale};
+
+/// Field manager of everything the controller writes.
+pub const FIELD_MANAGER: &str = "virtplane-controller";
+
+/// Settings of the controller.
+#[derive(Clone, Debug)]
+pub struct ControllerConfig {
+    /// Address of the health/readiness endpoint.
+    pub http_addr: SocketAddr,
+    /// Namespace of the leader-election Lease.
+    pub lease_namespace: String,
+    /// Name of the leader-election Lease.
+    pub lease_name: String,
+    /// This replica's identity in the Lease.
+    pub identity: String,
+    /// How long a leader's Lease is valid without renewal.
+    pub lease_duration: Duration,
+    /// How long a Hypervisor may go without a heartbeat before its node counts as unreachable.
+    pub node_grace: Duration,
+}
+
+/// Errors of the controller.
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    /// The HTTP endpoint failed.
+    #[error(transparent)]
+    Http(#[from] http::HttpError),
+    /// Leader election failed.
+    #[error("failed to take part in leader election: {0}")]
+    Lease(#[from] kube_lease_manager::LeaseManagerError),
+    /// An API call failed while reconciling.
+    #[error("failed to {action} {object}: {source}")]
+    Api {
+        /// What was being done.
+        action: &'static str,
+        /// The object.
+        object: String,
+        /// The API error.
+        #[source]
+        source: kube::Error,
+    },
+}
+
+struct Context {
+    client: Client,
+    hypervisors: Store<Hypervisor>,
+    grace: SignedDuration,
+}
+
+/// Runs the controller until `shutdown` fires.
+pub async fn run(
+    client: Client,
+    config: ControllerConfig,
+    mut shutdown: Shutdown,
+) -> Result<(), ControllerError> {
+    let readiness = Readiness::default();
+    let (addr, server) = http::serve(config.http_addr, readiness.clone(), shutdown.clone()).await?;
+    tracing::info!(%addr, identity = %config.identity, "controller starting");
+
+    let lease_secs = config.lease_duration.as_secs().max(2);
+    let manager = kube_lease_manager::LeaseManagerBuilder::new(client.clone(), &config.lease_name)
+        .with_namespace(&config.lease_namespace)
+        .with_identity(&config.identity)
+        .with_duration(lease_secs)
+        .with_grace((lease_secs / 3).max(1))
+        .with_field_manager(format!("{FIELD_MANAGER}-lease"))
+        .build()
+        .await?;
+    let (mut leader, lease_task) = manager.watch().await;
+    // A standby is healthy and ready: it is waiting to take over.
+    readiness.set(true);
+
+    loop {
+        if *leader.borrow_and_update() {
+            tracing::info!(identity = %config.identity, "became leader");
+            let work = lead(client.clone(), &config, readiness.clone());
+            tokio::select! {
+                () = work => {}
+                _ = leader.changed() => tracing::warn!("lost leadership; stopping work"),
+                _ = shutdown.changed() => break,
+            }
+        } else {
+            tokio::select! {
+                changed = leader.changed() => if changed.is_err() { break },
+                _ = shutdown.changed() => break,
+            }
+        }
+        if *shutdown.borrow() {
+            break;
+        }
+    }
+    // Dropping the receiver makes the lease task release the Lease, so a standby takes over at once.
+    drop(leader);
+    if let Ok(Err(err)) = lease_task.await {
+        tracing::warn!(error = %err, "failed to release the lease");
+    }
+    let _ = server.await;
+    Ok(())
+}
+
+/// The leader's work: a Hypervisor reflector, one binder per kind, and node health.
+async fn lead(client: Client, config: &ControllerConfig, readiness: Readiness) {
+    let (reader, writer) = reflector::store();
+    let hv_api: Api<Hypervisor> = Api::all(client.clone());
+    let hv_stream = reflector(writer, watcher(hv_api.clone(), watcher::Config::default()))
+        .default_backoff()
+        .touched_objects()
+        .for_each(|_| futures::future::ready(()));
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        hypervisors: reader.clone(),
+        grace: SignedDuration::try_from(config.node_grace).unwrap_or(SignedDuration::from_secs(40)),
+    });
+    readiness.set(false);
+    let ready = {
+        let reader = reader.clone();
+        async move {
+            if reader.wait_until_ready().await.is_ok() {
+                readiness.set(true);
+            }
+            futures::future::pending::<()>().await
+        }
+    };
+    tokio::join!(
+        hv_stream,
+        ready,
+        bind::<VirtualMachineStorage>(client.clone(), ctx.clone()),
+        bind::<VMInterface>(client.clone(), ctx.clone()),
+        bind::<VMClone>(client.clone(), ctx.clone()),
+        bind::<IsoDownload>(client.clone(), ctx.clone()),
+        Controller::new(hv_api, watcher::Config::default())
+            .run(
+                check_node,
+                |_, _, _| Action::requeue(Duration::from_secs(10)),
+                ctx.clone()
+            )
+            .for_each(|_| futures::future::ready(())),
+    );
+}
+
+/// Runs the binder for one kind. Hypervisor changes wake the objects they may concern.
+async fn bind<K>(client: Client, ctx: Arc<Context>)
+where
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+        + Bindable
+        + Clone
+        + DeserializeOwned
+        + Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let ctrl = Controller::new(Api::<K>::all(client.clone()), watcher::Config::default());
+    let store = ctrl.store();
+    ctrl.watches(
+        Api::<Hypervisor>::all(client),
+        watcher::Config::default(),
+        move |hv: Hypervisor| {
+            let node = hv.name_any();
+            store
+                .state()
+                .into_iter()
+                .filter(|o| o.labels().get(NODE_LABEL).is_none_or(|n| *n == node))
+                .map(|o| ObjectRef::from_obj(&*o))
+                .collect::<Vec<_>>()
+        },
+    )
+    .run(reconcile::<K>, error_policy::<K>, ctx)
+    .for_each(|res| {
+        if let Err(err) = res {
+            tracing::debug!(error = %err, "binder event");
+        }
+        futures::future::ready(())
+    })
+    .await;
+}
+
+fn error_policy<K: Resource>(obj: Arc<K>, err: &ControllerError, _ctx: Arc<Context>) -> Action
+where
+    K::DynamicType: Default,
+{
+    tracing::warn!(object = %obj.name_any(), error = %err, "bind failed; retrying");
+    Action::requeue(Duration::from_secs(5))
+}
+
+#[tracing::instrument(skip_all, fields(object = %format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any())))]
+async fn reconcile<K>(obj: Arc<K>, ctx: Arc<Context>) -> Result<Action, ControllerError>
+where
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+        + Bindable
+        + Clone
+        + DeserializeOwned
+        + Debug,
+{
+    let now = Timestamp::now();
+    let hypervisors = ctx.hypervisors.state();
+    let ns = obj.namespace().unwrap_or_default();
+    let name = obj.name_any();
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), &ns);
+    let object = format!("{}/{ns}/{name}", K::kind(&()));
+
+    let (node, desired, action) = match obj.labels().get(NODE_LABEL) {
+        Some(node) => {
+            let hv = hypervisors.iter().find(|h| h.name_any() == *node);
+            match hv.and_then(|h| time_until_stale(h, ctx.grace, now)) {
+                Some(left) => (
+                    Some(node.clone()),
+                    Desired::truthy(
+                        condition::SCHEDULED,
+                        reason::BOUND,
+                        format!("Bound to node {node}."),
+                    ),
+                    Action::requeue(
+                        Duration::try_from(left).unwrap_or_default() + Duration::from_secs(1),
+                    ),
+                ),
+                None => (
+                    Some(node.clone()),
+                    Desired::truthy(
+                        condition::SCHEDULED,
+                        reason::NODE_UNREACHABLE,
+                        format!(
+                            "Bound to node {node}, whose agent has not reported for more than {}s; changes wait until it is back. Check the virtplane agent on {node}.",
+                            ctx.grace.as_secs()
+                        ),
+                    ),
+                    Action::requeue(Duration::from_secs(300)),
+                ),
+            }
+        }
+        None => {
+            let hvs: Vec<&Hypervisor> = hypervisors.iter().map(|h| h.as_ref()).collect();
+            match binding::decide(obj.node_name(), obj.target(), &hvs) {
+                Decision::Bind { node, message } => {
+                    let body = json!({
+                        "apiVersion": K::api_version(&()), "kind": K::kind(&()),
+                        "metadata": { "name": name, "labels": { NODE_LABEL: node } },
+                    });
+                    api.patch(
+                        &name,
+                        &PatchParams::apply(FIELD_MANAGER).force(),
+                        &Patch::Apply(body),
+                    )
+                    .await
+                    .map_err(|source| ControllerError::Api {
+                        action: "label",
+                        object: object.clone(),
+                        source,
+                    })?;
+                    tracing::info!(%node, "bound");
+                    (
+                        Some(node),
+                        Desired::truthy(condition::SCHEDULED, reason::BOUND, message),
+                        Action::await_change(),
+                    )
+                }
+                Decision::Unschedulable { reason, message } => (
+                    None,
+                    Desired::falsy(condition::SCHEDULED, reason, message),
+                    // Hypervisor changes wake the object; this is only a safety net.
+                    Action::requeue(Duration::from_secs(300)),
+                ),
+            }
+        }
+    };
+
+    let current = conditions::find(obj.conditions(), condition::SCHEDULED);
+    let unchanged = current.is_some_and(|c| {
+        c.status == if desired.status { "True" } else { "False" }
+            && c.reason == desired.reason
+            && c.message == desired.message
+    }) && obj.status_node() == node.as_deref();
+    if !unchanged {
+        let conds = conditions::compute(obj.conditions(), &[desired], obj.meta().generation, now);
+        let body = json!({
+            "apiVersion": K::api_version(&()), "kind": K::kind(&()),
+            "metadata": { "name": name },
+            "status": { "nodeName": node, "conditions": conds },
+        });
+        api.patch_status(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(body),
+        )
+        .await
+        .map_err(|source| ControllerError::Api {
+            action: "update status of",
+            object,
+            source,
+        })?;
+    }
+    Ok(action)
+}
+
+/// Marks a Hypervisor whose agent stopped reporting `Ready=False`, like the node lifecycle
+/// controller does for Nodes. The agent takes the condition back with its next heartbeat.
+async fn check_node(hv: Arc<Hypervisor>, ctx: Arc<Context>) -> Result<Action, ControllerError> {
+    let now = Timestamp::now();
+    if let Some(left) = time_until_stale(&hv, ctx.grace, now) {
+        return Ok(Action::requeue(
+            Duration::try_from(left).unwrap_or_default() + Duration::from_secs(1),
+        ));
+    }
+    let conds = hv
+        .status
+        .as_ref()
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or_default();
+    if conditions::find(conds, condition::READY)
+        .is_some_and(|c| c.reason == reason::NODE_UNREACHABLE)
+    {
+        return Ok(Action::await_change());
+    }
+    let name = hv.name_any();
+    let since = binding::last_heartbeat(&hv).map_or("never".to_string(), |t| t.to_string());
+    let desired = Desired::falsy(
+        condition::READY,
+        reason::NODE_UNREACHABLE,
+        format!(
+            "The virtplane agent on node {name} has not reported since {since}. Check that it runs and can reach the API server."
+        ),
+    );
+    let body = json!({
+        "apiVersion": Hypervisor::api_version(&()), "kind": Hypervisor::kind(&()),
+        "metadata": { "name": name },
+        "status": { "conditions": conditions::compute(conds, &[desired], None, now) },
+    });
+    Api::<Hypervisor>::all(ctx.client.clone())
+        .patch_status(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(body),
+        )
+        .await
+        .map_err(|source| ControllerError::Api {
+            action: "mark unreachable",
+            object: format!("Hypervisor/{name}"),
+            source,
+        })?;
+    tracing::warn!(node = %name, "node unreachable");
+    Ok(Action::await_change())
+}

@@ -1,0 +1,293 @@
+//! Binding: which node's agent reconciles an object. Pure decisions, no client.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+
+use crate::api::{Hypervisor, IsoDownload, VMClone, VMInterface, VirtualMachineStorage};
+
+/// Reasons of the `Scheduled` condition.
+pub mod reason {
+    /// Bound to a node whose agent is reporting.
+    pub const BOUND: &str = "Bound";
+    /// `spec.nodeName` names no Hypervisor.
+    pub const NODE_NOT_FOUND: &str = "NodeNotFound";
+    /// No node reports the domain.
+    pub const DOMAIN_NOT_FOUND: &str = "DomainNotFound";
+    /// Several nodes report the domain.
+    pub const AMBIGUOUS_DOMAIN: &str = "AmbiguousDomain";
+    /// No node has the storage pool.
+    pub const POOL_NOT_FOUND: &str = "PoolNotFound";
+    /// Several nodes have the storage pool.
+    pub const NODE_NAME_REQUIRED: &str = "NodeNameRequired";
+    /// Bound, but the node's agent stopped reporting.
+    pub const NODE_UNREACHABLE: &str = "NodeUnreachable";
+}
+
+/// What an object needs from a node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target<'a> {
+    /// A libvirt domain of this name.
+    Domain(&'a str),
+    /// A storage pool of this name.
+    Pool(&'a str),
+}
+
+/// A kind the controller binds to nodes.
+pub trait Bindable {
+    /// `spec.nodeName`.
+    fn node_name(&self) -> Option<&str>;
+    /// What the object needs from its node.
+    fn target(&self) -> Target<'_>;
+    /// `status.nodeName`.
+    fn status_node(&self) -> Option<&str>;
+    /// `status.conditions`.
+    fn conditions(&self) -> &[Condition];
+}
+
+macro_rules! bindable {
+    ($kind:ty, |$s:ident| $target:expr) => {
+        impl Bindable for $kind {
+            fn node_name(&self) -> Option<&str> {
+                self.spec.node_name.as_deref()
+            }
+            fn target(&self) -> Target<'_> {
+                let $s = self;
+                $target
+            }
+            fn status_node(&self) -> Option<&str> {
+                self.status.as_ref().and_then(|s| s.node_name.as_deref())
+            }
+            fn conditions(&self) -> &[Condition] {
+                self.status
+                    .as_ref()
+                    .map(|s| s.conditions.as_slice())
+                    .unwrap_or_default()
+            }
+        }
+    };
+}
+
+bindable!(VirtualMachineStorage, |s| Target::Domain(&s.spec.vm));
+bindable!(VMInterface, |s| Target::Domain(&s.spec.vm));
+bindable!(VMClone, |s| Target::Domain(&s.spec.source));
+bindable!(IsoDownload, |s| Target::Pool(&s.spec.pool));
+
+/// Where an unbound object goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Bind to `node`.
+    Bind {
+        /// Node name.
+        node: String,
+        /// Why this node, for the condition message.
+        message: String,
+    },
+    /// No node can be chosen; wait for the inventory or the spec to change.
+    Unschedulable {
+        /// CamelCase reason.
+        reason: &'static str,
+        /// What to do about it.
+        message: String,
+    },
+}
+
+/// Chooses the node for an object that is not bound yet.
+pub fn decide(
+    node_name: Option<&str>,
+    target: Target<'_>,
+    hypervisors: &[&Hypervisor],
+) -> Decision {
+    let name_of = |h: &&Hypervisor| h.metadata.name.clone().unwrap_or_default();
+    if let Some(node) = node_name {
+        return if hypervisors.iter().any(|h| name_of(h) == node) {
+            Decision::Bind {
+                node: node.to_string(),
+                message: format!("Bound to node {node}, named in spec.nodeName."),
+            }
+        } else {
+            Decision::Unschedulable {
+                reason: reason::NODE_NOT_FOUND,
+                message: format!(
+                    "No Hypervisor named {node} exists: no virtplane agent runs on node {node}. \
+                     Fix spec.nodeName (kubectl get hypervisors lists the nodes) or start the agent there."
+                ),
+            }
+        };
+    }
+    let what = match target {
+        Target::Domain(vm) => format!("domain {vm}"),
+        Target::Pool(pool) => format!("storage pool {pool}"),
+    };
+    let has = |h: &Hypervisor| {
+        h.status.as_ref().is_some_and(|s| match target {
+            Target::Domain(vm) => s.domains.iter().any(|d| d.name == vm),
+            Target::Pool(pool) => s.storage_pools.iter().any(|p| p.name == pool),
+        })
+    };
+    let mut nodes: Vec<String> = hypervisors.iter().filter(|h| has(h)).map(name_of).collect();
+    nodes.sort();
+    match (nodes.len(), target) {
+        (1, _) => {
+            let node = nodes.remove(0);
+            Decision::Bind {
+                message: format!("Bound to node {node}, the only node that has {what}."),
+                node,
+            }
+        }
+        (0, Target::Domain(_)) => Decision::Unschedulable {
+            reason: reason::DOMAIN_NOT_FOUND,
+            message: format!(
+                "No hypervisor node reports {what}. Check the name in the spec; the object is bound \
+                 as soon as a node's inventory lists the domain."
+            ),
+        },
+        (0, Target::Pool(_)) => Decision::Unschedulable {
+            reason: reason::POOL_NOT_FOUND,
+            message: format!(
+                "No hypervisor node has {what}. Create the pool on a node or fix spec.pool; the object \
+                 is bound as soon as a node's inventory lists the pool."
+            ),
+        },
+        (_, Target::Domain(_)) => Decision::Unschedulable {
+            reason: reason::AMBIGUOUS_DOMAIN,
+            message: format!(
+                "Nodes {} all report {what}; set spec.nodeName to choose one.",
+                nodes.join(", ")
+            ),
+        },
+        (_, Target::Pool(_)) => Decision::Unschedulable {
+            reason: reason::NODE_NAME_REQUIRED,
+            message: format!(
+                "Nodes {} all have {what}; set spec.nodeName to choose one.",
+                nodes.join(", ")
+            ),
+        },
+    }
+}
+
+/// When the Hypervisor's agent last reported, if ever.
+pub fn last_heartbeat(h: &Hypervisor) -> Option<Timestamp> {
+    h.status.as_ref()?.last_heartbeat_time.as_ref().map(|t| t.0)
+}
+
+/// How long until the Hypervisor counts as unreachable; `None` when it already does.
+pub fn time_until_stale(
+    h: &Hypervisor,
+    grace: SignedDuration,
+    now: Timestamp,
+) -> Option<SignedDuration> {
+    let beat = last_heartbeat(h)?;
+    let left = grace - now.duration_since(beat);
+    (left > SignedDuration::ZERO).then_some(left)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{DomainSummary, HypervisorSpec, HypervisorStatus, StoragePoolSummary};
+
+    fn hv(name: &str, domains: &[&str], pools: &[&str]) -> Hypervisor {
+        let mut h = Hypervisor::new(name, HypervisorSpec::default());
+        h.status = Some(HypervisorStatus {
+            domains: domains
+                .iter()
+                .map(|d| DomainSummary {
+                    name: d.to_string(),
+                    ..Default::default()
+                })
+                .collect(),
+            storage_pools: pools
+                .iter()
+                .map(|p| StoragePoolSummary {
+                    name: p.to_string(),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        });
+        h
+    }
+
+    #[test]
+    fn binds_to_the_only_node_with_the_domain() {
+        let (a, b) = (hv("a", &["web-1"], &[]), hv("b", &["db-1"], &[]));
+        match decide(None, Target::Domain("db-1"), &[&a, &b]) {
+            Decision::Bind { node, .. } => assert_eq!(node, "b"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn reports_missing_and_ambiguous_domains() {
+        let (a, b) = (hv("a", &["web-1"], &[]), hv("b", &["web-1"], &[]));
+        let Decision::Unschedulable { reason, message } =
+            decide(None, Target::Domain("web-1"), &[&b, &a])
+        else {
+            panic!("expected ambiguity")
+        };
+        assert_eq!(reason, reason::AMBIGUOUS_DOMAIN);
+        assert!(
+            message.contains("a, b") && message.contains("spec.nodeName"),
+            "{message}"
+        );
+        let Decision::Unschedulable { reason, .. } = decide(None, Target::Domain("nope"), &[&a])
+        else {
+            panic!("expected not found")
+        };
+        assert_eq!(reason, reason::DOMAIN_NOT_FOUND);
+    }
+
+    #[test]
+    fn node_name_wins_but_must_exist() {
+        let a = hv("a", &[], &[]);
+        assert!(matches!(
+            decide(Some("a"), Target::Domain("x"), &[&a]),
+            Decision::Bind { .. }
+        ));
+        let Decision::Unschedulable { reason, .. } = decide(Some("z"), Target::Domain("x"), &[&a])
+        else {
+            panic!("expected NodeNotFound")
+        };
+        assert_eq!(reason, reason::NODE_NOT_FOUND);
+    }
+
+    #[test]
+    fn pools_bind_to_one_node_or_ask_for_a_name() {
+        let (a, b) = (hv("a", &[], &["ISO"]), hv("b", &[], &["ISO", "default"]));
+        assert!(
+            matches!(decide(None, Target::Pool("default"), &[&a, &b]), Decision::Bind { node, .. } if node == "b")
+        );
+        let Decision::Unschedulable { reason, .. } = decide(None, Target::Pool("ISO"), &[&a, &b])
+        else {
+            panic!()
+        };
+        assert_eq!(reason, reason::NODE_NAME_REQUIRED);
+        let Decision::Unschedulable { reason, .. } = decide(None, Target::Pool("nfs"), &[&a, &b])
+        else {
+            panic!()
+        };
+        assert_eq!(reason, reason::POOL_NOT_FOUND);
+    }
+
+    #[test]
+    fn staleness_counts_from_the_last_heartbeat() {
+        let mut h = hv("a", &[], &[]);
+        let now = Timestamp::from_second(1_000).unwrap();
+        assert_eq!(
+            time_until_stale(&h, SignedDuration::from_secs(40), now),
+            None
+        );
+        h.status.as_mut().unwrap().last_heartbeat_time =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                Timestamp::from_second(990).unwrap(),
+            ));
+        assert_eq!(
+            time_until_stale(&h, SignedDuration::from_secs(40), now),
+            Some(SignedDuration::from_secs(30))
+        );
+        assert_eq!(
+            time_until_stale(&h, SignedDuration::from_secs(5), now),
+            None
+        );
+    }
+}
