@@ -167,7 +167,10 @@ impl Process {
     /// Sends SIGTERM and waits for the process to exit; returns whether it exited successfully.
     pub fn terminate(&mut self) -> bool {
         let pid = self.child.id().to_string();
-        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let _ = Command::new("kill")
+            .args(["-TERM", &pid])
+            .stderr(Stdio::null())
+            .status();
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(15) {
             if let Ok(Some(status)) = self.child.try_wait() {
@@ -178,6 +181,11 @@ impl Process {
         let _ = self.child.kill();
         let _ = self.child.wait();
         false
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// The process's log so far.
@@ -310,4 +318,97 @@ where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
     let _ = api.delete(name, &DeleteParams::default()).await;
+}
+
+/// A controller process with its own Lease in `namespace`.
+pub fn start_controller(identity: &str, namespace: &str, lease: &str, extra: &[&str]) -> Process {
+    let mut args = vec![
+        "controller",
+        "--http-addr",
+        "127.0.0.1:0",
+        "--lease-namespace",
+        namespace,
+        "--lease-name",
+        lease,
+        "--identity",
+        identity,
+    ];
+    args.extend_from_slice(extra);
+    Process::spawn(identity, &args)
+}
+
+/// A throwaway directory storage pool, destroyed and undefined when dropped.
+pub struct TestPool {
+    pub name: String,
+    pub path: PathBuf,
+}
+
+impl TestPool {
+    pub fn create(prefix: &str) -> Self {
+        let name = unique(prefix);
+        let path = PathBuf::from("/var/lib/libvirt/images").join(&name);
+        std::fs::create_dir_all(&path).unwrap();
+        virsh(&[
+            "pool-define-as",
+            &name,
+            "dir",
+            "--target",
+            path.to_str().unwrap(),
+        ]);
+        virsh(&["pool-start", &name]);
+        Self { name, path }
+    }
+}
+
+impl Drop for TestPool {
+    fn drop(&mut self) {
+        for args in [
+            vec!["pool-destroy", &self.name],
+            vec!["pool-undefine", &self.name],
+        ] {
+            let _ = Command::new("virsh")
+                .arg("-c")
+                .arg(libvirt_uri())
+                .args(&args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// Applies a manifest (YAML or JSON) with `kubectl apply -f -` in `namespace`.
+pub fn kubectl_apply(namespace: &str, manifest: &str) {
+    use std::io::Write;
+    let mut child = Command::new("kubectl")
+        .args(["apply", "-n", namespace, "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(manifest.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "kubectl apply failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The condition `type_` of an object's status conditions, as (status, reason, message).
+pub fn condition_of(
+    conditions: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+    type_: &str,
+) -> Option<(String, String, String)> {
+    conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
 }
