@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use axum::Router;
 use axum::extract::State;
@@ -28,19 +28,43 @@ pub enum HttpError {
     Serve(#[source] std::io::Error),
 }
 
-/// Whether the process is ready: set once its first sync has completed.
+/// Whether the process is ready: ready when no [`Gate`] is closed (each part of the process holds
+/// one until its first sync has completed).
 #[derive(Clone, Default)]
-pub struct Readiness(Arc<AtomicBool>);
+pub struct Readiness(Arc<AtomicUsize>);
 
 impl Readiness {
-    /// Marks the process ready (or not).
-    pub fn set(&self, ready: bool) {
-        self.0.store(ready, Ordering::Relaxed);
+    /// A closed gate: the process is not ready until it is opened (or dropped).
+    pub fn gate(&self) -> Gate {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        Gate(Some(self.0.clone()))
     }
 
-    /// Whether the process is ready.
+    /// Whether every gate is open.
     pub fn get(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
+        self.0.load(Ordering::SeqCst) == 0
+    }
+}
+
+/// Keeps the process unready until opened or dropped.
+pub struct Gate(Option<Arc<AtomicUsize>>);
+
+impl Gate {
+    /// Opens the gate.
+    pub fn open(mut self) {
+        self.release();
+    }
+
+    fn release(&mut self) {
+        if let Some(count) = self.0.take() {
+            count.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        self.release();
     }
 }
 

@@ -42,6 +42,10 @@ enum Command {
         /// Seconds between inventory refreshes and heartbeats (events refresh sooner).
         #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
         heartbeat_seconds: u64,
+        /// A directory whose files may back disks and CD-ROMs (repeatable). The target paths of
+        /// active storage pools are always allowed; nothing else is.
+        #[arg(long = "allowed-path", value_name = "DIR")]
+        allowed_paths: Vec<std::path::PathBuf>,
     },
     /// Run the cluster-wide controller: bind objects to nodes, watch node health.
     Controller {
@@ -84,6 +88,7 @@ async fn main() -> anyhow::Result<()> {
             libvirt_uri,
             http_addr,
             heartbeat_seconds,
+            allowed_paths,
         } => {
             let node_name = match node_name {
                 Some(n) if !n.is_empty() => n,
@@ -99,6 +104,7 @@ async fn main() -> anyhow::Result<()> {
                 libvirt_uri,
                 http_addr,
                 heartbeat_interval: Duration::from_secs(heartbeat_seconds),
+                allowed_paths,
             };
             virtplane::agent::run(client, config, shutdown).await?;
             Ok(())

@@ -12,7 +12,7 @@ use tokio::sync::broadcast::error::RecvError;
 use super::{AgentConfig, AgentError, FIELD_MANAGER};
 use crate::api::{Hypervisor, HypervisorStatus, condition};
 use crate::conditions::{self, Desired};
-use crate::http::Readiness;
+use crate::http::Gate;
 use crate::libvirt::{Event, Inventory, Libvirt, collect_inventory};
 use crate::shutdown::Shutdown;
 
@@ -39,7 +39,7 @@ pub(super) async fn run(
     client: Client,
     libvirt: Libvirt,
     config: &AgentConfig,
-    readiness: Readiness,
+    registered: Gate,
     mut shutdown: Shutdown,
 ) -> Result<(), AgentError> {
     let node = config.node_name.clone();
@@ -67,6 +67,7 @@ pub(super) async fn run(
     let mut last_inventory: Option<Inventory> = None;
     let mut written: Option<Written> = None;
     let mut events = libvirt.subscribe();
+    let mut registered = Some(registered);
     let mut heartbeat = tokio::time::interval(config.heartbeat_interval);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
@@ -112,7 +113,9 @@ pub(super) async fn run(
                         status,
                         at: std::time::Instant::now(),
                     });
-                    readiness.set(true);
+                    if let Some(gate) = registered.take() {
+                        gate.open();
+                    }
                 }
                 Err(err) => {
                     tracing::warn!(node = %node, error = %err, "failed to write Hypervisor status")

@@ -1,16 +1,32 @@
 //! The node agent: keeps this node's `Hypervisor` inventory current and reconciles the objects
-//! bound to this node against the local libvirt.
+//! bound to this node (label `virtplane.io/node=<node>`, selected by the API server) against the
+//! local libvirt.
 
+mod device;
 mod hypervisor;
+mod interface;
+mod storage;
 
+use std::fmt::Debug;
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
-use kube::Client;
+use futures::{Stream, StreamExt};
+use k8s_openapi::NamespaceResourceScope;
+use kube::api::Api;
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher;
+use kube::{Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
 
+use crate::api::{IsoDownload, NODE_LABEL, VMInterface, VirtualMachineStorage};
 use crate::http::{self, Readiness};
-use crate::libvirt::{Libvirt, LibvirtError};
-use crate::shutdown::Shutdown;
+use crate::libvirt::{DomainEvent, Event, Libvirt, LibvirtError};
+use crate::shutdown::{self, Shutdown};
 
 /// Field manager of everything the agent writes.
 pub const FIELD_MANAGER: &str = "virtplane-agent";
@@ -26,6 +42,8 @@ pub struct AgentConfig {
     pub http_addr: SocketAddr,
     /// How often the inventory is re-read and the heartbeat written, events or not.
     pub heartbeat_interval: Duration,
+    /// Directories whose files may back devices, besides the active storage pools.
+    pub allowed_paths: Vec<PathBuf>,
 }
 
 /// Errors that stop the agent.
@@ -48,6 +66,41 @@ pub enum AgentError {
     },
 }
 
+/// What every reconciler of the agent shares.
+pub(crate) struct Context {
+    client: Client,
+    libvirt: Libvirt,
+    node: String,
+    recorder: Recorder,
+    allowed_paths: Vec<PathBuf>,
+    locks: device::DomainLocks,
+    detaches: device::Detaches,
+    removal_failures: device::RemovalFailures,
+}
+
+impl Context {
+    /// Directories whose files may back devices: the configured ones and the target paths of the
+    /// active storage pools, with symlinks resolved.
+    async fn allowed_dirs(&self) -> Result<Vec<PathBuf>, LibvirtError> {
+        let pools = self
+            .libvirt
+            .call("list storage pools", crate::libvirt::collect_inventory)
+            .await?
+            .storage_pools;
+        let mut dirs: Vec<PathBuf> = self.allowed_paths.clone();
+        dirs.extend(
+            pools
+                .into_iter()
+                .filter(|p| p.active)
+                .filter_map(|p| p.path.map(PathBuf::from)),
+        );
+        Ok(dirs
+            .into_iter()
+            .filter_map(|d| std::fs::canonicalize(d).ok())
+            .collect())
+    }
+}
+
 /// Runs the agent until `shutdown` fires.
 pub async fn run(
     client: Client,
@@ -55,6 +108,9 @@ pub async fn run(
     shutdown: Shutdown,
 ) -> Result<(), AgentError> {
     let readiness = Readiness::default();
+    let registered = readiness.gate();
+    let storage_synced = readiness.gate();
+    let interfaces_synced = readiness.gate();
     let (addr, server) = http::serve(config.http_addr, readiness.clone(), shutdown.clone()).await?;
     tracing::info!(node = %config.node_name, %addr, uri = %config.libvirt_uri, "agent starting");
 
@@ -64,11 +120,170 @@ pub async fn run(
         let shutdown = shutdown.clone();
         tokio::spawn(async move { libvirt.supervise(shutdown).await })
     };
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        libvirt: libvirt.clone(),
+        node: config.node_name.clone(),
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: FIELD_MANAGER.into(),
+                instance: Some(config.node_name.clone()),
+            },
+        ),
+        allowed_paths: config.allowed_paths.clone(),
+        locks: Default::default(),
+        detaches: Default::default(),
+        removal_failures: Default::default(),
+    });
+    let failures = record_removal_failures(ctx.clone(), shutdown.clone());
 
-    let result = hypervisor::run(client, libvirt.clone(), &config, readiness, shutdown).await;
+    let selector = format!("{NODE_LABEL}={}", config.node_name);
+    let storage_ctrl = Controller::new(
+        Api::<VirtualMachineStorage>::all(client.clone()),
+        watcher::Config::default().labels(&selector),
+    );
+    let storage_store = storage_ctrl.store();
+    let storage = storage_ctrl
+        .watches(
+            Api::<IsoDownload>::all(client.clone()),
+            watcher::Config::default().labels(&selector),
+            {
+                let store = storage_store.clone();
+                move |iso: IsoDownload| {
+                    let (ns, name) = (iso.namespace(), iso.name_any());
+                    store
+                        .state()
+                        .into_iter()
+                        .filter(|s| s.namespace() == ns)
+                        .filter(|s| {
+                            s.spec
+                                .source
+                                .as_ref()
+                                .and_then(|src| src.iso_download.as_deref())
+                                == Some(name.as_str())
+                        })
+                        .map(|s| ObjectRef::from_obj(&*s))
+                        .collect::<Vec<_>>()
+                }
+            },
+        )
+        .reconcile_on(domain_triggers(
+            &libvirt,
+            storage_store.clone(),
+            |s: &VirtualMachineStorage| s.spec.vm.clone(),
+        ))
+        .graceful_shutdown_on(shutdown::wait(shutdown.clone()))
+        .run(storage::reconcile, error_policy, ctx.clone())
+        .for_each(|_| futures::future::ready(()));
+
+    let nic_ctrl = Controller::new(
+        Api::<VMInterface>::all(client.clone()),
+        watcher::Config::default().labels(&selector),
+    );
+    let nic_store = nic_ctrl.store();
+    let interfaces = nic_ctrl
+        .reconcile_on(domain_triggers(
+            &libvirt,
+            nic_store.clone(),
+            |n: &VMInterface| n.spec.vm.clone(),
+        ))
+        .graceful_shutdown_on(shutdown::wait(shutdown.clone()))
+        .run(interface::reconcile, error_policy, ctx.clone())
+        .for_each(|_| futures::future::ready(()));
+    let synced = async move {
+        if storage_store.wait_until_ready().await.is_ok() {
+            storage_synced.open();
+        }
+        if nic_store.wait_until_ready().await.is_ok() {
+            interfaces_synced.open();
+        }
+    };
+
+    let inventory = hypervisor::run(
+        client,
+        libvirt.clone(),
+        &config,
+        registered,
+        shutdown.clone(),
+    );
+    let (result, (), (), (), ()) = tokio::join!(inventory, storage, interfaces, synced, failures);
 
     let _ = supervisor.await;
     libvirt.disconnect();
     let _ = server.await;
     result
+}
+
+fn error_policy<K: Resource<DynamicType = ()>>(
+    obj: Arc<K>,
+    err: &device::DeviceError,
+    _ctx: Arc<Context>,
+) -> Action {
+    tracing::warn!(object = %obj.name_any(), error = %err, "reconcile failed; retrying");
+    Action::requeue(Duration::from_secs(5))
+}
+
+/// libvirt's events as a stream; a lagging receiver yields `Connected` (resync everything).
+fn libvirt_events(libvirt: &Libvirt) -> impl Stream<Item = Event> + Send + 'static {
+    futures::stream::unfold(libvirt.subscribe(), |mut rx| async move {
+        match rx.recv().await {
+            Ok(ev) => Some((ev, rx)),
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                Some((Event::Connected, rx))
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => None,
+        }
+    })
+}
+
+/// Wakes the objects of a domain when libvirt reports something about it (device removed,
+/// started, stopped, undefined...), and every object after a reconnect.
+fn domain_triggers<K>(
+    libvirt: &Libvirt,
+    store: Store<K>,
+    vm_of: fn(&K) -> String,
+) -> impl Stream<Item = ObjectRef<K>> + Send + 'static
+where
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    libvirt_events(libvirt).flat_map(move |ev| {
+        let refs: Vec<ObjectRef<K>> = match ev {
+            Event::Domain { name, .. } => store
+                .state()
+                .iter()
+                .filter(|o| vm_of(o) == name)
+                .map(|o| ObjectRef::from_obj(&**o))
+                .collect(),
+            Event::Connected => store
+                .state()
+                .iter()
+                .map(|o| ObjectRef::from_obj(&**o))
+                .collect(),
+            _ => Vec::new(),
+        };
+        futures::stream::iter(refs)
+    })
+}
+
+/// Remembers DEVICE_REMOVAL_FAILED events so the detach reports them.
+async fn record_removal_failures(ctx: Arc<Context>, shutdown: Shutdown) {
+    let events = libvirt_events(&ctx.libvirt).take_until(shutdown::wait(shutdown));
+    futures::pin_mut!(events);
+    while let Some(ev) = events.next().await {
+        if let Event::Domain {
+            name,
+            kind: DomainEvent::DeviceRemovalFailed(alias),
+        } = ev
+        {
+            tracing::warn!(domain = %name, %alias, "guest refused to release a device");
+            ctx.removal_failures.record(&alias, &name);
+        }
+    }
 }

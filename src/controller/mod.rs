@@ -82,6 +82,7 @@ pub async fn run(
     mut shutdown: Shutdown,
 ) -> Result<(), ControllerError> {
     let readiness = Readiness::default();
+    let starting = readiness.gate();
     let (addr, server) = http::serve(config.http_addr, readiness.clone(), shutdown.clone()).await?;
     tracing::info!(%addr, identity = %config.identity, "controller starting");
 
@@ -96,7 +97,7 @@ pub async fn run(
         .await?;
     let (mut leader, lease_task) = manager.watch().await;
     // A standby is healthy and ready: it is waiting to take over.
-    readiness.set(true);
+    starting.open();
 
     loop {
         if *leader.borrow_and_update() {
@@ -139,12 +140,13 @@ async fn lead(client: Client, config: &ControllerConfig, readiness: Readiness) {
         hypervisors: reader.clone(),
         grace: SignedDuration::try_from(config.node_grace).unwrap_or(SignedDuration::from_secs(40)),
     });
-    readiness.set(false);
+    // Not ready again until this leader's view of the Hypervisors is synced.
+    let syncing = readiness.gate();
     let ready = {
         let reader = reader.clone();
         async move {
             if reader.wait_until_ready().await.is_ok() {
-                readiness.set(true);
+                syncing.open();
             }
             futures::future::pending::<()>().await
         }

@@ -412,3 +412,193 @@ pub fn condition_of(
         .find(|c| c.type_ == type_)
         .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
 }
+
+/// Where the test guest's kernel and initramfs are cached (by `hack/build-test-guest.sh`).
+pub fn guest_dir() -> PathBuf {
+    let cache = std::env::var("VIRTPLANE_CACHE").unwrap_or_else(|_| "/var/cache/virtplane".into());
+    let dir = PathBuf::from(cache).join("guest");
+    assert!(
+        dir.join("vmlinuz").exists() && dir.join("initrd.img").exists(),
+        "the test guest is not built: run hack/build-test-guest.sh (hack/test.sh does)"
+    );
+    dir
+}
+
+/// A small real guest (cloud kernel + busybox, optionally qemu-ga) that answers hot-plug and
+/// unplug requests. Destroyed and undefined when dropped.
+pub struct TestGuest {
+    pub name: String,
+    pub serial_log: PathBuf,
+}
+
+impl TestGuest {
+    /// Defines the guest (with or without the QEMU guest agent channel) without starting it.
+    pub fn define(prefix: &str, with_agent: bool) -> Self {
+        Self::define_with(prefix, with_agent, true)
+    }
+
+    /// Like [`TestGuest::define`]; without `os` the domain has the same hardware but no kernel,
+    /// so it never answers an unplug request.
+    pub fn define_with(prefix: &str, with_agent: bool, os: bool) -> Self {
+        let name = unique(prefix);
+        let dir = guest_dir();
+        let serial_log = PathBuf::from("/var/log/libvirt/qemu").join(format!("{name}-serial.log"));
+        let template =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/hack/test-guest.xml"))
+                .unwrap();
+        // Drop the template's leading comment: it mentions the elements edited below.
+        let template = &template[template.find("<domain").unwrap()..];
+        let mut xml = template
+            .replace("@NAME@", &name)
+            .replace("@KERNEL@", dir.join("vmlinuz").to_str().unwrap())
+            .replace("@INITRD@", dir.join("initrd.img").to_str().unwrap())
+            .replace("@SERIAL_LOG@", serial_log.to_str().unwrap());
+        if !os {
+            for tag in ["kernel", "initrd", "cmdline"] {
+                let start = xml.find(&format!("<{tag}>")).unwrap();
+                let end = xml.find(&format!("</{tag}>")).unwrap() + tag.len() + 3;
+                xml.replace_range(start..end, "");
+            }
+        }
+        if !with_agent {
+            let start = xml.find("<channel").unwrap();
+            let end = xml.find("</channel>").unwrap() + "</channel>".len();
+            xml.replace_range(start..end, "");
+        }
+        let path = log_dir().join(format!("{name}.xml"));
+        std::fs::write(&path, xml).unwrap();
+        virsh(&["define", path.to_str().unwrap()]);
+        Self { name, serial_log }
+    }
+
+    /// Starts the guest and waits for its ready marker on the serial console.
+    pub async fn start(&self) {
+        virsh(&["start", &self.name]);
+        eventually(
+            &format!("guest {} ready", self.name),
+            Duration::from_secs(90),
+            || async {
+                std::fs::read_to_string(&self.serial_log)
+                    .ok()
+                    .filter(|s| s.contains("VIRTPLANE-GUEST-READY"))
+                    .map(|_| ())
+            },
+        )
+        .await;
+    }
+
+    /// Defines and starts the guest.
+    pub async fn boot(prefix: &str, with_agent: bool) -> Self {
+        let guest = Self::define(prefix, with_agent);
+        guest.start().await;
+        guest
+    }
+}
+
+impl Drop for TestGuest {
+    fn drop(&mut self) {
+        for args in [vec!["destroy", &self.name], vec!["undefine", &self.name]] {
+            let _ = Command::new("virsh")
+                .arg("-c")
+                .arg(libvirt_uri())
+                .args(&args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+        let _ = std::fs::remove_file(&self.serial_log);
+    }
+}
+
+/// The domain's live XML.
+pub fn live_xml(domain: &str) -> String {
+    virsh(&["dumpxml", domain])
+}
+
+/// The domain's persistent XML.
+pub fn config_xml(domain: &str) -> String {
+    virsh(&["dumpxml", "--inactive", domain])
+}
+
+/// Reasons of the Kubernetes Events about an object.
+pub async fn event_reasons(client: &Client, namespace: &str, name: &str) -> Vec<String> {
+    let api: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(client.clone(), namespace);
+    api.list(&Default::default())
+        .await
+        .map(|l| {
+            l.items
+                .into_iter()
+                .filter(|e| e.involved_object.name.as_deref() == Some(name))
+                .filter_map(|e| e.reason)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// An agent and a controller for one test, with the agent allowed `allowed` directories.
+pub struct Operator {
+    pub agent: Agent,
+    pub controller: Process,
+}
+
+impl Operator {
+    pub fn start(namespace: &str, agent_args: &[&str]) -> Self {
+        let node = unique("vp-node");
+        let mut args = vec!["--heartbeat-seconds", "2"];
+        args.extend_from_slice(agent_args);
+        let agent = Agent::start(&node, &args);
+        let controller =
+            start_controller(&unique("vp-ctl"), namespace, "virtplane-controller", &[]);
+        Self { agent, controller }
+    }
+}
+
+/// Waits until the object `name` of kind `K` in `ns` satisfies `check` and returns it.
+pub async fn wait_obj<K>(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    what: &str,
+    timeout: Duration,
+    check: impl Fn(&K) -> bool,
+) -> K
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    eventually(&format!("{name}: {what}"), timeout, || {
+        let api = api.clone();
+        let check = &check;
+        async move { api.get(name).await.ok().filter(|o| check(o)) }
+    })
+    .await
+}
+
+/// Waits until the object is gone.
+pub async fn wait_gone<K>(client: &Client, ns: &str, name: &str, timeout: Duration)
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    eventually(&format!("{name} deleted"), timeout, || {
+        let api = api.clone();
+        async move { matches!(api.get_opt(name).await, Ok(None)).then_some(()) }
+    })
+    .await
+}
+
+/// Deletes an object by name in `ns` (not waiting).
+pub fn kubectl_delete(ns: &str, kind: &str, name: &str) {
+    let status = Command::new("kubectl")
+        .args(["delete", "-n", ns, kind, name, "--wait=false"])
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "kubectl delete {kind} {name} failed");
+}

@@ -1,0 +1,713 @@
+//! `VMInterface`: network interfaces identified by their MAC: hot-plug, link state in place, the
+//! guest's own view (name and addresses), confirmed detach, drift repair.
+
+use std::hash::{BuildHasher, Hasher};
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, ListParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+
+use super::Context;
+use super::device::{self, Detach, DeviceError};
+use super::storage::{RESTART_REQUIRED, merge};
+use crate::api::{
+    AttachMode, GuestInfoSource, GuestInterface, InterfaceType, LinkState, NODE_LABEL, VMInterface,
+    VMInterfaceStatus, condition,
+};
+use crate::conditions::{self, Desired};
+use crate::libvirt::domain::{self, DomainXml, NicSpec};
+
+/// Reasons of the `Ready` condition.
+pub mod reason {
+    /// The interface is in place.
+    pub const ATTACHED: &str = "Attached";
+    /// The spec breaks a rule the API server could not enforce.
+    pub const INVALID_SPEC: &str = "InvalidSpec";
+    /// The MAC address is already used by another interface.
+    pub const MAC_CONFLICT: &str = "MACConflict";
+    /// The domain is not defined on this node.
+    pub const DOMAIN_NOT_FOUND: &str = "DomainNotFound";
+    /// The libvirt network does not exist or is inactive.
+    pub const NETWORK_NOT_FOUND: &str = "NetworkNotFound";
+    /// The host bridge or device does not exist.
+    pub const HOST_DEVICE_NOT_FOUND: &str = "HostDeviceNotFound";
+    /// The guest has not released the interface yet.
+    pub const DETACH_PENDING: &str = "DetachPending";
+    /// libvirt refused the change.
+    pub const ATTACH_FAILED: &str = "AttachFailed";
+}
+
+fn alias_of(obj: &VMInterface) -> String {
+    format!("ua-vpn-{}", obj.uid().unwrap_or_default())
+}
+
+fn find_nic(d: &DomainXml, alias: &str) -> Option<String> {
+    d.nic(alias).map(|x| x.xml.clone())
+}
+
+/// Checks a MAC address is well-formed and unicast; returns it in lower case.
+pub fn valid_mac(mac: &str) -> Result<String, String> {
+    let parts: Vec<&str> = mac.split(':').collect();
+    let bytes: Option<Vec<u8>> = parts
+        .iter()
+        .map(|p| u8::from_str_radix(p, 16).ok().filter(|_| p.len() == 2))
+        .collect();
+    match bytes {
+        Some(b) if b.len() == 6 => {
+            if b[0] & 1 == 1 {
+                Err(format!(
+                    "MAC {mac} is a multicast address; a NIC needs a unicast one (even first byte)."
+                ))
+            } else if b.iter().all(|x| *x == 0) {
+                Err(format!("MAC {mac} is all zeros."))
+            } else {
+                Ok(mac.to_ascii_lowercase())
+            }
+        }
+        _ => Err(format!("MAC {mac} is not six colon-separated hex pairs.")),
+    }
+}
+
+/// A random MAC in QEMU's range `52:54:00:xx:xx:xx`, not in `used`.
+fn allocate_mac(used: &[String]) -> String {
+    let state = std::hash::RandomState::new();
+    for attempt in 0u32.. {
+        let mut h = state.build_hasher();
+        h.write_u32(attempt);
+        let v = h.finish();
+        let mac = format!(
+            "52:54:00:{:02x}:{:02x}:{:02x}",
+            (v >> 16) & 0xff,
+            (v >> 8) & 0xff,
+            v & 0xff
+        );
+        if !used.contains(&mac) {
+            return mac;
+        }
+    }
+    unreachable!("an unbounded range always yields")
+}
+
+struct Outcome {
+    status: VMInterfaceStatus,
+    ready: Desired<'static>,
+    restart: Option<String>,
+    events: Vec<(EventType, &'static str, String)>,
+    action: Action,
+}
+
+impl Outcome {
+    fn not_ready(
+        prev: &VMInterfaceStatus,
+        reason: &'static str,
+        message: String,
+        action: Action,
+    ) -> Self {
+        Outcome {
+            status: prev.clone(),
+            ready: Desired::falsy(condition::READY, reason, message),
+            restart: None,
+            events: Vec::new(),
+            action,
+        }
+    }
+}
+
+/// Reconciles one VMInterface.
+#[tracing::instrument(skip_all, fields(object = %format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any())))]
+pub(super) async fn reconcile(
+    obj: Arc<VMInterface>,
+    ctx: Arc<Context>,
+) -> Result<Action, DeviceError> {
+    if obj.labels().get(NODE_LABEL) != Some(&ctx.node) {
+        return Ok(Action::await_change());
+    }
+    tracing::debug!("reconciling");
+    let api: Api<VMInterface> =
+        Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
+    let alias = alias_of(&obj);
+    let lock = ctx.locks.get(&obj.spec.vm);
+    let _guard = lock.lock().await;
+    let prev = obj.status.clone().unwrap_or_default();
+
+    if obj.meta().deletion_timestamp.is_some() {
+        return match device::detach(&ctx.libvirt, &ctx.detaches, &obj.spec.vm, &alias, find_nic)
+            .await?
+        {
+            Detach::Done => {
+                if prev.live == Some(true) || prev.persistent == Some(true) {
+                    let mac = prev.mac.clone().unwrap_or_default();
+                    device::publish(
+                        &ctx.recorder,
+                        &*obj,
+                        EventType::Normal,
+                        "Detached",
+                        format!("Detached {mac} from {}.", obj.spec.vm),
+                    )
+                    .await;
+                }
+                device::remove_finalizer(&api, &*obj).await?;
+                Ok(Action::await_change())
+            }
+            Detach::Pending(after) => {
+                let mac = prev.mac.clone().unwrap_or_default();
+                let mut message = format!(
+                    "The guest has not acknowledged the unplug of {mac} from {}; it was removed from the definition and the agent asks the guest again until it releases the interface, or until the domain is shut off.",
+                    obj.spec.vm
+                );
+                let mut events = Vec::new();
+                if ctx.removal_failures.take(&alias).is_some() {
+                    message = format!(
+                        "The guest refused to release {mac} (DEVICE_REMOVAL_FAILED). {message}"
+                    );
+                    events.push((
+                        EventType::Warning,
+                        "DetachRefused",
+                        format!("The guest refused to release {mac}."),
+                    ));
+                }
+                let status = VMInterfaceStatus {
+                    persistent: Some(false),
+                    ..prev.clone()
+                };
+                write(
+                    &api,
+                    &obj,
+                    &ctx,
+                    Outcome {
+                        status,
+                        ready: Desired::falsy(condition::READY, reason::DETACH_PENDING, message),
+                        restart: None,
+                        events,
+                        action: Action::requeue(after),
+                    },
+                )
+                .await
+            }
+        };
+    }
+    device::add_finalizer(&api, &*obj).await?;
+    let outcome = match apply(&api, &obj, &ctx, &alias, &prev).await {
+        Ok(o) => o,
+        Err(DeviceError::Libvirt(err)) if ctx.libvirt.is_connected() => Outcome::not_ready(
+            &prev,
+            reason::ATTACH_FAILED,
+            format!("{err}. The agent retries; check the domain and the spec."),
+            Action::requeue(Duration::from_secs(30)),
+        ),
+        Err(e) => return Err(e),
+    };
+    write(&api, &obj, &ctx, outcome).await
+}
+
+async fn write(
+    api: &Api<VMInterface>,
+    obj: &VMInterface,
+    ctx: &Context,
+    outcome: Outcome,
+) -> Result<Action, DeviceError> {
+    let prev = obj.status.clone().unwrap_or_default();
+    let restart = match &outcome.restart {
+        Some(msg) => Desired::truthy(RESTART_REQUIRED, "RestartRequired", msg.clone()),
+        None => Desired::falsy(RESTART_REQUIRED, "NotRequired", "No restart is needed."),
+    };
+    let mine = conditions::compute(
+        &prev.conditions,
+        &[outcome.ready, restart],
+        obj.meta().generation,
+        Timestamp::now(),
+    );
+    let mut next = outcome.status;
+    next.observed_generation = obj.meta().generation;
+    next.node_name = prev.node_name.clone();
+    next.conditions = merge(&prev.conditions, &mine);
+    if next != prev {
+        device::apply_status(api, obj, device::agent_status(&next, &mine)).await?;
+    }
+    for (type_, reason, note) in outcome.events {
+        device::publish(&ctx.recorder, obj, type_, reason, note).await;
+    }
+    Ok(outcome.action)
+}
+
+fn type_name(t: InterfaceType) -> &'static str {
+    match t {
+        InterfaceType::Network => "network",
+        InterfaceType::Bridge => "bridge",
+        InterfaceType::Direct => "direct",
+        InterfaceType::User => "user",
+    }
+}
+
+/// Every MAC of every domain on the node (live and persistent), with the alias that has it.
+async fn node_macs(ctx: &Context) -> Result<Vec<(String, Option<String>)>, DeviceError> {
+    Ok(ctx
+        .libvirt
+        .call("list the domains' interfaces", |c| {
+            let mut out = Vec::new();
+            for dom in c.list_all_domains(0)? {
+                let Ok(view) = domain::view(&dom) else {
+                    continue;
+                };
+                for nic in view
+                    .config
+                    .interfaces
+                    .iter()
+                    .chain(view.live.iter().flat_map(|l| l.interfaces.iter()))
+                {
+                    if let Some(mac) = &nic.mac {
+                        out.push((mac.clone(), nic.alias.clone()));
+                    }
+                }
+            }
+            Ok(out)
+        })
+        .await?)
+}
+
+async fn apply(
+    api: &Api<VMInterface>,
+    obj: &VMInterface,
+    ctx: &Context,
+    alias: &str,
+    prev: &VMInterfaceStatus,
+) -> Result<Outcome, DeviceError> {
+    let spec = &obj.spec;
+    let vm = spec.vm.as_str();
+    let invalid = |m: String| {
+        Ok(Outcome::not_ready(
+            prev,
+            reason::INVALID_SPEC,
+            m,
+            Action::await_change(),
+        ))
+    };
+    let spec_mac = match spec.mac.as_deref().map(valid_mac) {
+        Some(Err(m)) => return invalid(m),
+        Some(Ok(m)) => Some(m),
+        None => None,
+    };
+    if let (Some(want), Some(had)) = (&spec_mac, &prev.mac)
+        && want != had
+    {
+        return invalid(format!(
+            "spec.mac is immutable: the interface is {had}. Delete and recreate the object to change it."
+        ));
+    }
+    let source = match (spec.type_, spec.source.clone()) {
+        (InterfaceType::Network, s) => Some(s.unwrap_or_else(|| "default".into())),
+        (InterfaceType::User, None) => None,
+        (InterfaceType::User, Some(_)) => {
+            return invalid("A user-mode interface takes no source; remove spec.source.".into());
+        }
+        (t, None) => {
+            return invalid(format!(
+                "A {} interface needs spec.source (the host {}).",
+                type_name(t),
+                if t == InterfaceType::Bridge {
+                    "bridge"
+                } else {
+                    "device"
+                }
+            ));
+        }
+        (_, Some(s)) => Some(s),
+    };
+    let Some(view) = device::read(&ctx.libvirt, vm).await? else {
+        return Ok(Outcome::not_ready(
+            prev,
+            reason::DOMAIN_NOT_FOUND,
+            format!(
+                "Domain {vm} is not defined on node {}; the interface is attached as soon as it is.",
+                ctx.node
+            ),
+            Action::requeue(Duration::from_secs(300)),
+        ));
+    };
+    let config_dev = view.config.nic(alias).cloned();
+    let live_dev = view.live.as_ref().and_then(|l| l.nic(alias)).cloned();
+    if config_dev.is_none() && live_dev.is_none() {
+        // Check the host side only before creating: an existing NIC keeps working if it goes away.
+        match (spec.type_, &source) {
+            (InterfaceType::Network, Some(net)) => {
+                let n = net.clone();
+                let state = ctx
+                    .libvirt
+                    .call("look up the network", move |c| {
+                        Ok(c.lookup_network_by_name(&n)
+                            .ok()
+                            .map(|n| n.is_active().unwrap_or(false)))
+                    })
+                    .await?;
+                match state {
+                    None => {
+                        return Ok(Outcome::not_ready(
+                            prev,
+                            reason::NETWORK_NOT_FOUND,
+                            format!(
+                                "libvirt network {net} does not exist on node {}; check spec.source (virsh net-list --all).",
+                                ctx.node
+                            ),
+                            Action::requeue(Duration::from_secs(60)),
+                        ));
+                    }
+                    Some(false) => {
+                        return Ok(Outcome::not_ready(
+                            prev,
+                            reason::NETWORK_NOT_FOUND,
+                            format!(
+                                "libvirt network {net} is not active on node {}; start it (virsh net-start {net}).",
+                                ctx.node
+                            ),
+                            Action::requeue(Duration::from_secs(60)),
+                        ));
+                    }
+                    Some(true) => {}
+                }
+            }
+            (InterfaceType::Bridge | InterfaceType::Direct, Some(dev)) => {
+                let sys = std::path::Path::new("/sys/class/net").join(dev);
+                let ok = if spec.type_ == InterfaceType::Bridge {
+                    sys.join("bridge").exists()
+                } else {
+                    sys.exists()
+                };
+                if !ok || dev.contains('/') {
+                    return Ok(Outcome::not_ready(
+                        prev,
+                        reason::HOST_DEVICE_NOT_FOUND,
+                        format!(
+                            "Host {} {dev} does not exist on node {}; check spec.source.",
+                            if spec.type_ == InterfaceType::Bridge {
+                                "bridge"
+                            } else {
+                                "network device"
+                            },
+                            ctx.node
+                        ),
+                        Action::requeue(Duration::from_secs(60)),
+                    ));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    // The MAC: the recorded one, else the requested one, else a new one; unique on the node and
+    // among every VMInterface of the cluster.
+    let others: Vec<(String, Option<String>)> = node_macs(ctx).await?;
+    let all: Vec<VMInterface> = Api::<VMInterface>::all(ctx.client.clone())
+        .list(&ListParams::default())
+        .await
+        .map_err(|source| DeviceError::Api {
+            action: "list",
+            object: "VMInterfaces".into(),
+            source,
+        })?
+        .items;
+    let cluster_macs: Vec<String> = all
+        .iter()
+        .filter(|o| o.uid() != obj.uid())
+        .flat_map(|o| {
+            o.status
+                .as_ref()
+                .and_then(|s| s.mac.clone())
+                .into_iter()
+                .chain(o.spec.mac.as_deref().and_then(|m| valid_mac(m).ok()))
+        })
+        .collect();
+    let mac = match prev.mac.clone().or(spec_mac) {
+        Some(m) => m,
+        None => {
+            let mut used: Vec<String> = others.iter().map(|(m, _)| m.clone()).collect();
+            used.extend(cluster_macs.iter().cloned());
+            allocate_mac(&used)
+        }
+    };
+    let conflict = others
+        .iter()
+        .any(|(m, a)| *m == mac && a.as_deref() != Some(alias))
+        || cluster_macs.contains(&mac);
+    if conflict {
+        return Ok(Outcome::not_ready(
+            prev,
+            reason::MAC_CONFLICT,
+            format!(
+                "MAC {mac} is already used by another interface on node {} or by another VMInterface; choose another spec.mac or leave it empty.",
+                ctx.node
+            ),
+            Action::requeue(Duration::from_secs(60)),
+        ));
+    }
+    if prev.mac.is_none() {
+        // Record the MAC before attaching, so a restart never picks another one.
+        device::apply_status(api, obj, json!({ "mac": mac })).await?;
+    }
+
+    let link_down = match spec.link_state {
+        Some(LinkState::Down) => true,
+        Some(LinkState::Up) => false,
+        None => {
+            live_dev
+                .as_ref()
+                .or(config_dev.as_ref())
+                .and_then(|d| d.link_state.as_deref())
+                == Some("down")
+        }
+    };
+    let xml = domain::nic_xml(&NicSpec {
+        type_: type_name(spec.type_).into(),
+        source: source.clone(),
+        mac: mac.clone(),
+        model: spec.model.clone(),
+        link_down,
+        mtu: spec.mtu,
+        boot_order: spec.boot_order,
+        alias: alias.to_string(),
+    });
+    let want_live = view.active && spec.attach == AttachMode::LiveAndPersistent;
+    let want_config = view.persistent;
+    let mut events = Vec::new();
+    let mut restart = None;
+
+    // Drift: our alias with another MAC (edited behind our back) is replaced.
+    let mut config_dev = config_dev;
+    if let Some(dev) = &config_dev
+        && dev.mac.as_deref() != Some(mac.as_str())
+    {
+        device::change_detach(&ctx.libvirt, vm, dev.xml.clone(), false, true).await?;
+        config_dev = None;
+        events.push((
+            EventType::Warning,
+            "DriftCorrected",
+            format!("The MAC of {alias} on {vm} was changed outside virtplane; it is {mac} again."),
+        ));
+    }
+    if let Some(dev) = &live_dev
+        && dev.mac.as_deref() != Some(mac.as_str())
+    {
+        device::change_detach(&ctx.libvirt, vm, dev.xml.clone(), true, false).await?;
+        return Ok(Outcome::not_ready(
+            prev,
+            reason::ATTACH_FAILED,
+            format!(
+                "The live MAC of the interface was changed outside virtplane; the guest is asked to release it and {mac} is plugged back after."
+            ),
+            Action::requeue(Duration::from_secs(2)),
+        ));
+    }
+    if want_config && config_dev.is_none() {
+        if let Err(e) = device::change(&ctx.libvirt, vm, xml.clone(), false, true, false).await {
+            return Ok(Outcome::not_ready(
+                prev,
+                reason::ATTACH_FAILED,
+                format!("libvirt refused the interface: {e}. Nothing was changed; fix the spec."),
+                Action::await_change(),
+            ));
+        }
+        if prev.persistent == Some(true) && events.is_empty() {
+            events.push((EventType::Warning, "DriftCorrected", format!("{mac} was removed from the definition of {vm} outside virtplane; it was put back.")));
+        }
+    }
+    if want_live && live_dev.is_none() {
+        match device::change(&ctx.libvirt, vm, xml.clone(), true, false, false).await {
+            Err(e) => {
+                restart = Some(format!(
+                    "Hot-plugging into the running {vm} failed ({e}); the interface is in the definition and appears at the next boot."
+                ))
+            }
+            Ok(()) if prev.live == Some(true) => events.push((
+                EventType::Warning,
+                "DriftCorrected",
+                format!(
+                    "{mac} was removed from the running {vm} outside virtplane; it was put back."
+                ),
+            )),
+            Ok(()) => events.push((
+                EventType::Normal,
+                "Attached",
+                format!("Hot-plugged {mac} into {vm}."),
+            )),
+        }
+    } else if let Some(dev) = &live_dev
+        && (dev.link_state.as_deref() == Some("down")) != link_down
+    {
+        device::change(&ctx.libvirt, vm, xml.clone(), true, false, true).await?;
+        events.push((
+            EventType::Normal,
+            "LinkChanged",
+            format!(
+                "Link of {mac} set {}.",
+                if link_down { "down" } else { "up" }
+            ),
+        ));
+    }
+    if let Some(dev) = &config_dev
+        && (dev.link_state.as_deref() == Some("down")) != link_down
+    {
+        device::change(&ctx.libvirt, vm, xml.clone(), false, true, true).await?;
+    }
+
+    let view = device::read(&ctx.libvirt, vm).await?.unwrap_or_default();
+    let config_now = view.config.nic(alias).filter(|_| view.persistent).cloned();
+    let live_now = view.live.as_ref().and_then(|l| l.nic(alias)).cloned();
+    let shown = live_now.as_ref().or(config_now.as_ref());
+    let guest = guest_view(ctx, vm, &mac, &view, spec.type_).await;
+    let status = VMInterfaceStatus {
+        mac: Some(mac.clone()),
+        host_device: live_now.as_ref().and_then(|d| d.host_device.clone()),
+        alias: Some(alias.to_string()),
+        guest: Some(guest),
+        link_state: shown.map(|d| {
+            if d.link_state.as_deref() == Some("down") {
+                LinkState::Down
+            } else {
+                LinkState::Up
+            }
+        }),
+        live: Some(live_now.is_some()),
+        persistent: Some(config_now.is_some()),
+        ..prev.clone()
+    };
+    let placed = (!want_live || live_now.is_some()) && (!want_config || config_now.is_some());
+    let ready = if placed {
+        let where_ = match (live_now.is_some(), config_now.is_some()) {
+            (true, true) => "live and persistent",
+            (true, false) => "live",
+            (false, _) => "in the definition; the domain is not running",
+        };
+        Desired::truthy(
+            condition::READY,
+            reason::ATTACHED,
+            format!("{mac} is attached to {vm}, {where_}."),
+        )
+    } else {
+        Desired::falsy(
+            condition::READY,
+            reason::ATTACH_FAILED,
+            restart.clone().unwrap_or_else(|| {
+                format!("{mac} is not attached to {vm} yet; the agent retries.")
+            }),
+        )
+    };
+    // While the domain runs, refresh the guest's view at a modest interval.
+    let action = if view.active {
+        Action::requeue(Duration::from_secs(20))
+    } else {
+        Action::requeue(Duration::from_secs(600))
+    };
+    Ok(Outcome {
+        status,
+        ready,
+        restart,
+        events,
+        action,
+    })
+}
+
+/// The guest's name and addresses for `mac`: from the guest agent, else DHCP leases, never
+/// waiting more than a few seconds for a guest that does not answer.
+async fn guest_view(
+    ctx: &Context,
+    vm: &str,
+    mac: &str,
+    view: &domain::DomainView,
+    type_: InterfaceType,
+) -> GuestInterface {
+    let none = |message: String| GuestInterface {
+        source: Some(GuestInfoSource::None),
+        message: Some(message),
+        ..Default::default()
+    };
+    if !view.active {
+        return none(format!("{vm} is not running."));
+    }
+    let has_agent = view.live.as_ref().is_some_and(|l| l.has_guest_agent);
+    let query = |source: u32| {
+        let (name, mac) = (vm.to_string(), mac.to_string());
+        let call = ctx
+            .libvirt
+            .call("ask for the guest's interfaces", move |c| {
+                let dom = c.lookup_domain_by_name(&name)?;
+                let ifaces = dom.interface_addresses(source, 0)?;
+                Ok(ifaces.into_iter().find(|i| {
+                    i.hwaddr.as_deref().map(str::to_ascii_lowercase).as_deref()
+                        == Some(mac.as_str())
+                }))
+            });
+        tokio::time::timeout(Duration::from_secs(3), call)
+    };
+    let agent_error = if has_agent {
+        match query(virt::sys::VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_AGENT).await {
+            Ok(Ok(Some(i))) => {
+                return GuestInterface {
+                    name: Some(i.name),
+                    ip_addresses: i
+                        .addrs
+                        .iter()
+                        .map(|a| format!("{}/{}", a.addr, a.prefix))
+                        .collect(),
+                    source: Some(GuestInfoSource::Agent),
+                    message: None,
+                };
+            }
+            Ok(Ok(None)) => "the guest agent does not list this MAC yet".to_string(),
+            Ok(Err(e)) => format!("the guest agent does not answer ({e})"),
+            Err(_) => "the guest agent did not answer within 3s".to_string(),
+        }
+    } else {
+        format!("{vm} has no QEMU guest agent channel (org.qemu.guest_agent.0)")
+    };
+    if type_ == InterfaceType::Network
+        && let Ok(Ok(Some(i))) = query(virt::sys::VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE).await
+        && !i.addrs.is_empty()
+    {
+        return GuestInterface {
+            name: None,
+            ip_addresses: i
+                .addrs
+                .iter()
+                .map(|a| format!("{}/{}", a.addr, a.prefix))
+                .collect(),
+            source: Some(GuestInfoSource::Lease),
+            message: Some(format!(
+                "The guest's name for the interface is unknown: {agent_error}."
+            )),
+        };
+    }
+    none(format!(
+        "Nothing is known about this interface inside the guest: {agent_error}, and no DHCP lease is known."
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn macs_must_be_unicast_and_well_formed() {
+        assert_eq!(valid_mac("52:54:00:AB:cd:01").unwrap(), "52:54:00:ab:cd:01");
+        assert!(
+            valid_mac("01:00:5e:00:00:01")
+                .unwrap_err()
+                .contains("multicast")
+        );
+        assert!(valid_mac("00:00:00:00:00:00").is_err());
+        assert!(valid_mac("52:54:00:00:01").is_err());
+        assert!(valid_mac("52:54:00:0:001:01").is_err());
+    }
+
+    #[test]
+    fn allocated_macs_are_in_the_qemu_range_and_unused() {
+        let used: Vec<String> = (0..50).map(|_| allocate_mac(&[])).collect();
+        let mac = allocate_mac(&used);
+        assert!(mac.starts_with("52:54:00:"));
+        assert!(!used.contains(&mac));
+        assert!(valid_mac(&mac).is_ok());
+    }
+}
