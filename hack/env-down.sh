@@ -4,15 +4,19 @@
 #   hack/env-down.sh [--keep] [--libvirt]
 #     --keep     keep the state dir (certs, etcd data, logs, kubeconfig)
 #     --libvirt  also stop libvirtd/virtlogd, if env-up.sh started them
+#     --control-plane-only  (used by env-up.sh) stop only etcd and the kube-*
+#                daemons, keep the state dir
 #
-# Stops kube-controller-manager, kube-apiserver and etcd from their pid files
-# and waits for them to exit. Env: VIRTPLANE_ENV_DIR (default /tmp/virtplane-env).
+# Stops whatever else left a pid file in $STATE/run (e.g. hack/run-local.sh's
+# operator), then kube-controller-manager, kube-apiserver and etcd, and waits
+# for them to exit. Env: VIRTPLANE_ENV_DIR (default /tmp/virtplane-env).
 set -euo pipefail
 
 STATE="${VIRTPLANE_ENV_DIR:-/tmp/virtplane-env}"
 RUN="$STATE/run"
 KEEP=0
 LIBVIRT=0
+CP_ONLY=0
 
 log() { printf '[env-down] %s\n' "$*" >&2; }
 die() { printf '[env-down] ERROR: %s\n' "$*" >&2; exit 1; }
@@ -21,7 +25,8 @@ for arg in "$@"; do
   case $arg in
     --keep) KEEP=1 ;;
     --libvirt) LIBVIRT=1 ;;
-    -h | --help) sed -n '2,9p' "$0"; exit 0 ;;
+    --control-plane-only) CP_ONLY=1 KEEP=1 ;;
+    -h | --help) sed -n '2,12p' "$0"; exit 0 ;;
     *) die "unknown argument: $arg (usage: $0 [--keep] [--libvirt])" ;;
   esac
 done
@@ -63,7 +68,33 @@ stop_component() {
   rm -f "$pidfile"
 }
 
-# Reverse start order.
+# started_with_pidfile PID FILE: the process started within 10s of FILE's
+# mtime (the pid file is written right after the start: guards against a
+# recycled pid).
+started_with_pidfile() {
+  local pid=$1 file=$2 btime ticks start
+  btime=$(awk '/^btime/ {print $2}' /proc/stat)
+  # Field 22 of /proc/PID/stat (counted after the "(comm)" field).
+  ticks=$(sed 's/^.*) //' "/proc/$pid/stat" 2>/dev/null | awk '{print $20}') || return 1
+  [[ -n $ticks ]] || return 1
+  start=$((btime + ticks / $(getconf CLK_TCK)))
+  (( start - $(stat -c %Y "$file") <= 10 && $(stat -c %Y "$file") - start <= 10 ))
+}
+
+# Other daemons that put pid files in $RUN (e.g. hack/run-local.sh's
+# operator) go first: they use the apiserver.
+for pidfile in "$RUN"/*.pid; do
+  [[ -f $pidfile && $CP_ONLY -eq 0 ]] || continue
+  name=$(basename "$pidfile" .pid)
+  case $name in etcd | kube-apiserver | kube-controller-manager) continue ;; esac
+  pid=$(<"$pidfile")
+  if [[ $pid =~ ^[0-9]+$ && -d /proc/$pid ]] && started_with_pidfile "$pid" "$pidfile"; then
+    stop_pid "$name" "$pid"
+  fi
+  rm -f "$pidfile"
+done
+
+# The control plane, in reverse start order.
 stop_component kube-controller-manager kube-controller-manager
 stop_component kube-apiserver kube-apiserver
 stop_component etcd etcd

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Bring up the virtplane local environment:
-#   libvirtd (qemu:///system, TCG only), etcd, kube-apiserver and
+#   libvirtd (qemu:///system; use <domain type='qemu'>), etcd, kube-apiserver and
 #   kube-controller-manager 1.20.2 on 127.0.0.1.
 #
 # Idempotent: when everything is already up and healthy it only prints the
@@ -52,9 +52,9 @@ done
 mkdir -p "$STATE" "$PKI" "$LOGS" "$RUN"
 # Marker that lets env-down.sh know this dir is ours before removing it.
 touch "$STATE/.virtplane-env"
-# One env-up at a time.
+# One env-up at a time (fd 9 is closed for every daemon started below).
 exec 9>"$STATE/.lock"
-flock 9
+flock -w 300 9 || die "another env-up.sh holds $STATE/.lock"
 
 # ------------------------------------------------------------------ helpers
 # pid_of NAME: pid from $RUN/NAME.pid if that process is alive and runs BIN.
@@ -73,7 +73,8 @@ start_bg() {
   printf '\n=== %s: starting %s\n' "$(date -Is)" "$*" >>"$LOGS/$name.log"
   # Without job control a background job is no process-group leader, so
   # setsid(1) calls setsid() itself without forking: $! is the daemon's pid.
-  setsid "$@" >>"$LOGS/$name.log" 2>&1 </dev/null &
+  # 9>&-: do not hand our lock fd to the daemon (it would hold the lock).
+  setsid "$@" >>"$LOGS/$name.log" 2>&1 </dev/null 9>&- &
   printf '%s\n' "$!" >"$RUN/$name.pid"
 }
 
@@ -118,31 +119,42 @@ EOF
 }
 
 # ------------------------------------------------------------------ libvirt
+# daemon_running NAME: a live process NAME exists (pgrep also lists zombies).
+daemon_running() {
+  local pid
+  for pid in $(pgrep -x "$1"); do
+    [[ "$(sed 's/^.*) //' "/proc/$pid/stat" 2>/dev/null | cut -d' ' -f1)" == [^ZX] ]] && return 0
+  done
+  return 1
+}
+
 # Start virtlogd/libvirtd unless running; remember which ones we started.
 start_libvirt() {
   local d
   for d in virtlogd libvirtd; do
-    if pgrep -x "$d" >/dev/null; then
+    if daemon_running "$d"; then
       continue
     fi
     log "starting $d -d (log: /var/log/libvirt/$d.log)"
     # LIBVIRT_LOG_OUTPUTS: log to a file (there is no journald here).
-    LIBVIRT_LOG_OUTPUTS="3:file:/var/log/libvirt/$d.log" "$d" -d
+    LIBVIRT_LOG_OUTPUTS="3:file:/var/log/libvirt/$d.log" "$d" -d 9>&-
     grep -qx "$d" "$STATE/libvirt-started" 2>/dev/null || echo "$d" >>"$STATE/libvirt-started"
   done
   wait_for "libvirtd (virsh version)" 60 "" "${VIRSH[@]}" version
 }
 
-# The qemu driver must offer TCG for x86_64; KVM is optional.
+# The qemu driver must offer TCG for x86_64. KVM is only reported: libvirt
+# may advertise it (e.g. nested /dev/kvm) while guests never boot under it,
+# so domains should use type='qemu'.
 check_qemu_driver() {
   "${VIRSH[@]}" domcapabilities --virttype qemu --arch x86_64 >/dev/null 2>&1 ||
     die "qemu:///system offers no 'qemu' (TCG) domain type for x86_64 (see /var/log/libvirt/libvirtd.log)"
   if "${VIRSH[@]}" domcapabilities --virttype kvm --arch x86_64 >/dev/null 2>&1; then
-    echo "kvm usable" >"$STATE/kvm.status"
+    echo "kvm: advertised by libvirt but not verified to boot guests; use type='qemu'" >"$STATE/kvm.status"
   else
-    echo "kvm not usable: use <domain type='qemu'> (TCG)" >"$STATE/kvm.status"
+    echo "kvm: not available; use type='qemu'" >"$STATE/kvm.status"
   fi
-  log "qemu:///system: TCG ok, $(<"$STATE/kvm.status")"
+  log "qemu:///system: TCG (type='qemu') ok; $(<"$STATE/kvm.status")"
 }
 
 # Dir pool `default` at /var/lib/libvirt/images, active and autostarted.
@@ -175,7 +187,8 @@ ensure_network() {
       return 0
     fi
   fi
-  if "${VIRSH[@]}" net-info default | grep -Eq '^Active:[[:space:]]+yes'; then
+  # (grep on a captured string: `cmd | grep -q` fails under pipefail on SIGPIPE)
+  if grep -Eq '^Active:[[:space:]]+yes' <<<"$("${VIRSH[@]}" net-info default)"; then
     echo "active" >"$status"
     return 0
   fi
@@ -278,11 +291,17 @@ api() { # api PATH: GET against the apiserver as admin
   curl -sf --max-time 5 --cacert "$PKI/ca.crt" -H "Authorization: Bearer $TOKEN" \
     "https://127.0.0.1:$APISERVER_PORT$1"
 }
-etcd_healthy() { curl -sf --max-time 5 "http://127.0.0.1:$ETCD_PORT/health" | grep -q '"health":"true"'; }
+etcd_healthy() {
+  local out
+  out=$(curl -sf --max-time 5 "http://127.0.0.1:$ETCD_PORT/health") && [[ $out == *'"health":"true"'* ]]
+}
 apiserver_ready() { [[ "$(api /readyz)" == ok ]]; }
 kcm_healthy() { [[ "$(curl -sk --max-time 5 "https://127.0.0.1:$KCM_PORT/healthz")" == ok ]]; }
 # The default SA exists and its token secret was created (token controller).
-default_sa_ready() { api /api/v1/namespaces/default/serviceaccounts/default | grep -q '"secrets"'; }
+default_sa_ready() {
+  local out
+  out=$(api /api/v1/namespaces/default/serviceaccounts/default) && [[ $out == *'"secrets"'* ]]
+}
 
 all_healthy() {
   [[ -f $PORTS_FILE ]] || return 1
@@ -324,7 +343,7 @@ fi
 # all three again on the same data, preferring the previous ports.
 if compgen -G "$RUN/*.pid" >/dev/null; then
   log "restarting control plane (stopping leftovers)"
-  "$HACK_DIR/env-down.sh" --keep >&2
+  "$HACK_DIR/env-down.sh" --control-plane-only >&2 9>&-
 fi
 read -r ETCD_PORT ETCD_PEER_PORT APISERVER_PORT KCM_PORT < <(
   free_ports 4 "$ETCD_PORT" "$ETCD_PEER_PORT" "$APISERVER_PORT" "$KCM_PORT")

@@ -29,8 +29,9 @@ DEBIAN_URI=http://deb.debian.org/debian
 BPO_PKGS=(libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients
   libvirt-dev qemu-system-x86)
 # Installed from bookworm itself.
+# (python3: env-up's port picker; dnsmasq-base: libvirt's default network.)
 PKGS=(etcd-server golang-go golang-github-modern-go-reflect2-dev dpkg-dev
-  pkg-config openssl curl busybox-static)
+  pkg-config openssl curl busybox-static python3 dnsmasq-base)
 
 REFLECT2_SRC=/usr/share/gocode/src/github.com/modern-go/reflect2
 
@@ -142,9 +143,11 @@ cleanup() {
   restore_policy
   if [[ -n $build_dir && -d $build_dir ]]; then
     rm -rf "$build_dir"
+    rm -f "$KUBE_BIN_DIR"/.kube-*  # half-written binaries
   fi
 }
 trap cleanup EXIT
+trap 'exit 130' INT TERM HUP  # so that the EXIT trap runs on signals too
 
 mapfile -t miss_bpo < <(missing_pkgs "${BPO_PKGS[@]}")
 mapfile -t miss < <(missing_pkgs "${PKGS[@]}")
@@ -175,6 +178,8 @@ have_kube_bins() {
 
 build_kube() {
   local start=$SECONDS
+  # Trees of builds that were killed (we hold the lock: none is running).
+  rm -rf "${TMPDIR:-/tmp}"/virtplane-kube-build.* "$KUBE_BIN_DIR"/.kube-*
   build_dir=$(mktemp -d "${TMPDIR:-/tmp}/virtplane-kube-build.XXXXXX")
   chmod 755 "$build_dir"  # lets apt's _apt user download into it
   local gopath="$build_dir/gopath"

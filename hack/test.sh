@@ -13,6 +13,8 @@ STATE="${VIRTPLANE_ENV_DIR:-/tmp/virtplane-env}"
 log() { printf '[test] %s\n' "$*" >&2; }
 
 hack/install-deps.sh
+# The small real guest the hot-plug tests boot (cached after the first build).
+hack/build-test-guest.sh >/dev/null
 
 was_up=0
 if [[ -f $STATE/env.sh ]] && (. "$STATE/env.sh" && kubectl get --raw /readyz >/dev/null 2>&1); then

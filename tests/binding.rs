@@ -269,3 +269,55 @@ async fn one_leader_binds_and_a_standby_takes_over_when_it_dies() {
     wait_scheduled(&client, &ns.name, "second", "True", "Bound").await;
     assert!(standby_proc.log_text().contains("became leader"));
 }
+
+#[tokio::test]
+async fn an_agent_reconciles_only_the_objects_bound_to_its_node() {
+    let client = client().await;
+    install_crds(&client).await;
+    let ns = TestNamespace::new(&client, "vp-sel").await;
+    let a = Agent::start(&unique("vp-a"), &["--heartbeat-seconds", "2"]);
+    let b = Agent::start(&unique("vp-b"), &["--heartbeat-seconds", "2"]);
+    let _controller = start_controller(&unique("vp-ctl"), &ns.name, "virtplane-controller", &[]);
+    let domain = TestDomain::define("vp-sel");
+    for i in 0..3 {
+        kubectl_apply(
+            &ns.name,
+            &storage(&format!("on-a-{i}"), &domain.name, Some(&a.node)),
+        );
+        kubectl_apply(
+            &ns.name,
+            &storage(&format!("on-b-{i}"), &domain.name, Some(&b.node)),
+        );
+    }
+    let api: Api<VirtualMachineStorage> = Api::namespaced(client.clone(), &ns.name);
+    for i in 0..3 {
+        for (prefix, node) in [("on-a", &a.node), ("on-b", &b.node)] {
+            let name = format!("{prefix}-{i}");
+            let obj = wait_scheduled(&client, &ns.name, &name, "True", "Bound").await;
+            assert_eq!(obj.labels().get(NODE_LABEL), Some(node));
+            // The agent of the bound node, and only that one, answers with its Ready condition.
+            eventually(&format!("{name} Ready from its agent"), Duration::from_secs(30), || {
+                let api = api.clone();
+                let name = name.clone();
+                async move { condition_of(&api.get(&name).await.ok()?.status?.conditions, "Ready") }
+            })
+            .await;
+        }
+    }
+    let (log_a, log_b) = (a.process.log_text(), b.process.log_text());
+    for i in 0..3 {
+        let (mine, theirs) = (
+            format!("{}/on-a-{i}", ns.name),
+            format!("{}/on-b-{i}", ns.name),
+        );
+        assert!(
+            log_a.contains(&mine) && !log_a.contains(&theirs),
+            "agent a reconciled {theirs} or missed {mine}"
+        );
+        let (mine, theirs) = (theirs, mine);
+        assert!(
+            log_b.contains(&mine) && !log_b.contains(&theirs),
+            "agent b reconciled {theirs} or missed {mine}"
+        );
+    }
+}

@@ -50,18 +50,9 @@ pub(super) async fn run(
     };
     let params = PatchParams::apply(FIELD_MANAGER).force();
 
-    api.patch(
-        &node,
-        &params,
-        &Patch::Apply(json!({
-            "apiVersion": Hypervisor::api_version(&()),
-            "kind": Hypervisor::kind(&()),
-            "metadata": { "name": node },
-            "spec": { "libvirtUri": config.libvirt_uri },
-        })),
-    )
-    .await
-    .map_err(map_err)?;
+    register(&api, &node, &params, &config.libvirt_uri)
+        .await
+        .map_err(map_err)?;
     let existing = api.get_status(&node).await.map_err(map_err)?;
     let mut conditions = existing.status.map(|s| s.conditions).unwrap_or_default();
     let mut last_inventory: Option<Inventory> = None;
@@ -107,7 +98,15 @@ pub(super) async fn run(
         if due {
             let mut body = status.clone();
             body.last_heartbeat_time = Some(Time(Timestamp::now()));
-            match write_status(&api, &node, &params, &body).await {
+            let mut result = write_status(&api, &node, &params, &body).await;
+            if matches!(&result, Err(kube::Error::Api(s)) if s.code == 404) {
+                // Someone deleted the Hypervisor: register again.
+                result = match register(&api, &node, &params, &config.libvirt_uri).await {
+                    Ok(()) => write_status(&api, &node, &params, &body).await,
+                    Err(e) => Err(e),
+                };
+            }
+            match result {
                 Ok(()) => {
                     written = Some(Written {
                         status,
@@ -149,6 +148,24 @@ async fn wait_for_change(
             _ = shutdown.changed() => return false,
         }
     }
+}
+
+/// Creates or updates this node's Hypervisor object.
+async fn register(
+    api: &Api<Hypervisor>,
+    node: &str,
+    params: &PatchParams,
+    uri: &str,
+) -> Result<(), kube::Error> {
+    let body = json!({
+        "apiVersion": Hypervisor::api_version(&()),
+        "kind": Hypervisor::kind(&()),
+        "metadata": { "name": node },
+        "spec": { "libvirtUri": uri },
+    });
+    api.patch(node, params, &Patch::Apply(body))
+        .await
+        .map(|_| ())
 }
 
 fn is_relevant(ev: &Result<Event, RecvError>) -> bool {

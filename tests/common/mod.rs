@@ -206,16 +206,26 @@ impl Drop for Process {
 pub struct Agent {
     pub node: String,
     pub process: Process,
+    args: Vec<String>,
 }
 
 impl Agent {
     pub fn start(node: &str, extra: &[&str]) -> Self {
         let mut args = vec!["agent", "--node-name", node, "--http-addr", "127.0.0.1:0"];
         args.extend_from_slice(extra);
+        let process = Process::spawn(node, &args);
         Self {
             node: node.to_string(),
-            process: Process::spawn(node, &args),
+            process,
+            args: args.iter().map(|a| a.to_string()).collect(),
         }
+    }
+
+    /// Stops the agent with SIGTERM and starts it again with the same arguments.
+    pub fn restart(&mut self) {
+        assert!(self.process.terminate(), "the agent did not stop cleanly");
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        self.process = Process::spawn(&format!("{}-restarted", self.node), &args);
     }
 }
 
