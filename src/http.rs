@@ -84,6 +84,7 @@ pub async fn serve(
     let app = Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
+        .route("/metrics", get(|| async { crate::metrics::get().encode() }))
         .with_state(readiness);
     let task = tokio::spawn(async move {
         axum::serve(listener, app)

@@ -8,4 +8,5 @@ pub mod controller;
 pub mod crdgen;
 pub mod http;
 pub mod libvirt;
+pub mod metrics;
 pub mod shutdown;

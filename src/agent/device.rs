@@ -39,6 +39,16 @@ pub enum DeviceError {
     },
 }
 
+impl DeviceError {
+    /// A short class of the error, for metrics.
+    pub fn class(&self) -> &'static str {
+        match self {
+            Self::Libvirt(_) => "libvirt",
+            Self::Api { .. } => "api",
+        }
+    }
+}
+
 /// Serialises device changes per domain, so two objects never pick the same target or slot.
 #[derive(Default)]
 pub struct DomainLocks(Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>);
@@ -142,13 +152,10 @@ pub async fn detach(
                 if source.message().contains("unplug") || source.message().contains("busy") => {}
             Err(e) => return Err(e),
         }
-        detaches.0.lock().unwrap_or_else(|p| p.into_inner()).insert(
-            alias.to_string(),
-            DetachState {
-                last_request: now,
-                requests: requests + 1,
-            },
-        );
+        let mut map = detaches.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.insert(alias.to_string(), DetachState { last_request: now, requests: requests + 1 });
+        crate::metrics::get().detach_pending.set(i64::try_from(map.len()).unwrap_or(i64::MAX));
+        drop(map);
     }
     // The removal usually completes within a fraction of a second; look once more before waiting.
     tokio::time::sleep(Duration::from_millis(300)).await;

@@ -174,7 +174,7 @@ pub async fn run(
             |s: &VirtualMachineStorage| s.spec.vm.clone(),
         ))
         .graceful_shutdown_on(shutdown::wait(shutdown.clone()))
-        .run(storage::reconcile, error_policy, ctx.clone())
+        .run(|o, c| measured("VirtualMachineStorage", storage::reconcile(o, c)), error_policy, ctx.clone())
         .for_each(|_| futures::future::ready(()));
 
     let nic_ctrl = Controller::new(
@@ -189,7 +189,7 @@ pub async fn run(
             |n: &VMInterface| n.spec.vm.clone(),
         ))
         .graceful_shutdown_on(shutdown::wait(shutdown.clone()))
-        .run(interface::reconcile, error_policy, ctx.clone())
+        .run(|o, c| measured("VMInterface", interface::reconcile(o, c)), error_policy, ctx.clone())
         .for_each(|_| futures::future::ready(()));
     let synced = async move {
         if storage_store.wait_until_ready().await.is_ok() {
@@ -222,6 +222,17 @@ fn error_policy<K: Resource<DynamicType = ()>>(
 ) -> Action {
     tracing::warn!(object = %obj.name_any(), error = %err, "reconcile failed; retrying");
     Action::requeue(Duration::from_secs(5))
+}
+
+/// Runs a reconcile and records it in the metrics.
+async fn measured(
+    kind: &'static str,
+    reconcile: impl std::future::Future<Output = Result<Action, device::DeviceError>>,
+) -> Result<Action, device::DeviceError> {
+    let start = std::time::Instant::now();
+    let result = reconcile.await;
+    crate::metrics::get().reconciled(kind, start, result.as_ref().err().map(device::DeviceError::class));
+    result
 }
 
 /// libvirt's events as a stream; a lagging receiver yields `Connected` (resync everything).

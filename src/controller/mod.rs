@@ -195,7 +195,16 @@ where
                 .collect::<Vec<_>>()
         },
     )
-    .run(reconcile::<K>, error_policy::<K>, ctx)
+    .run(
+        |obj, ctx| async move {
+            let start = std::time::Instant::now();
+            let result = reconcile::<K>(obj, ctx).await;
+            crate::metrics::get().reconciled(&K::kind(&()), start, result.as_ref().err().map(|_| "api"));
+            result
+        },
+        error_policy::<K>,
+        ctx,
+    )
     .for_each(|res| {
         if let Err(err) = res {
             tracing::debug!(error = %err, "binder event");

@@ -233,7 +233,12 @@ impl Libvirt {
             .ok_or_else(|| LibvirtError::NotConnected {
                 uri: self.inner.uri.clone(),
             })?;
+        let start = std::time::Instant::now();
         let result = tokio::task::spawn_blocking(move || f(&conn)).await?;
+        crate::metrics::get()
+            .libvirt_call_seconds
+            .get_or_create(&crate::metrics::CallLabels { action: action.to_string() })
+            .observe(start.elapsed().as_secs_f64());
         result.map_err(|source| LibvirtError::Call {
             action: action.to_string(),
             source,

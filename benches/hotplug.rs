@@ -1,0 +1,115 @@
+//! Benchmark (not a test): apply-to-Ready latency of a scsi disk hot-plug into a running domain
+//! through virtplane, next to the bare libvirt attach call, measured in the same run.
+//!
+//! Needs the local environment (`eval "$(hack/env-up.sh)"`); run with
+//! `cargo bench --bench hotplug`. Each round attaches one disk and then removes it, so the domain
+//! never holds more than one benchmark disk.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::time::{Duration, Instant};
+
+use kube::api::{Api, PostParams};
+use virtplane::api::{StorageSource, StorageType, VirtualMachineStorage, VirtualMachineStorageSpec};
+
+use common::*;
+
+const ROUNDS: usize = 100;
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
+
+fn report(what: &str, mut samples: Vec<Duration>) {
+    samples.sort();
+    let mean = samples.iter().sum::<Duration>() / samples.len() as u32;
+    println!(
+        "{what:<40} n={:<4} p50={:>8.2?} p99={:>8.2?} mean={:>8.2?} max={:>8.2?}",
+        samples.len(),
+        percentile(&samples, 0.5),
+        percentile(&samples, 0.99),
+        mean,
+        samples[samples.len() - 1]
+    );
+}
+
+fn disk_xml(path: &str, target: &str) -> String {
+    format!(
+        "<disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{path}'/><target dev='{target}' bus='scsi'/></disk>"
+    )
+}
+
+#[tokio::main]
+async fn main() {
+    let client = client().await;
+    install_crds(&client).await;
+    let ns = TestNamespace::new(&client, "vp-bench").await;
+    let pool = TestPool::create("vp-bench");
+    let guest = TestGuest::define_with("vp-bench", false, false);
+    virsh(&["start", &guest.name]);
+    let image = pool.path.join("bench.img");
+    std::fs::File::create(&image).unwrap().set_len(1 << 20).unwrap();
+    let image = image.to_str().unwrap().to_string();
+
+    // Baseline: the bare libvirt attach call (live), then detach, on the same domain.
+    let conn = virt::connect::Connect::open(Some(&libvirt_uri())).unwrap();
+    let dom = conn.lookup_domain_by_name(&guest.name).unwrap();
+    let mut bare = Vec::new();
+    for _ in 0..ROUNDS {
+        let xml = disk_xml(&image, "sdz");
+        let start = Instant::now();
+        dom.attach_device_flags(&xml, virt::sys::VIR_DOMAIN_AFFECT_LIVE).unwrap();
+        bare.push(start.elapsed());
+        dom.detach_device_flags(&xml, virt::sys::VIR_DOMAIN_AFFECT_LIVE).unwrap();
+        eventually("bare disk gone", Duration::from_secs(10), || async {
+            (!live_xml(&guest.name).contains("sdz")).then_some(())
+        })
+        .await;
+    }
+
+    // virtplane: create the object, wait for Ready=True, delete it and wait until it is gone.
+    let _op = Operator::start(&ns.name, &[]);
+    let api: Api<VirtualMachineStorage> = Api::namespaced(client.clone(), &ns.name);
+    let mut via = Vec::new();
+    for i in 0..ROUNDS {
+        let name = format!("bench-{i}");
+        let obj = VirtualMachineStorage::new(
+            &name,
+            VirtualMachineStorageSpec {
+                vm: guest.name.clone(),
+                node_name: None,
+                type_: StorageType::Disk,
+                bus: Default::default(),
+                source: Some(StorageSource { path: Some(image.clone()), ..Default::default() }),
+                format: None,
+                read_only: None,
+                target: None,
+                boot_order: None,
+                attach: Default::default(),
+                driver: None,
+            },
+        );
+        let start = Instant::now();
+        api.create(&PostParams::default(), &obj).await.unwrap();
+        eventually_every(&format!("{name} Ready"), Duration::from_secs(60), Duration::from_millis(5), || {
+            let api = api.clone();
+            let name = name.clone();
+            async move {
+                let o = api.get(&name).await.ok()?;
+                condition_of(&o.status?.conditions, "Ready").filter(|(s, _, _)| s == "True").map(|_| ())
+            }
+        })
+        .await;
+        via.push(start.elapsed());
+        kubectl_delete(&ns.name, "vmstorage", &name);
+        wait_gone::<VirtualMachineStorage>(&client, &ns.name, &name, Duration::from_secs(60)).await;
+    }
+
+    println!("scsi disk hot-plug into a running domain ({ROUNDS} rounds each):");
+    report("bare libvirt attach call", bare);
+    report("virtplane apply-to-Ready (5 ms polling)", via);
+}
