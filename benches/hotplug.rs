@@ -13,7 +13,9 @@ mod common;
 use std::time::{Duration, Instant};
 
 use kube::api::{Api, PostParams};
-use virtplane::api::{StorageSource, StorageType, VirtualMachineStorage, VirtualMachineStorageSpec};
+use virtplane::api::{
+    StorageSource, StorageType, VirtualMachineStorage, VirtualMachineStorageSpec,
+};
 
 use common::*;
 
@@ -52,7 +54,10 @@ async fn main() {
     let guest = TestGuest::define_with("vp-bench", false, false);
     virsh(&["start", &guest.name]);
     let image = pool.path.join("bench.img");
-    std::fs::File::create(&image).unwrap().set_len(1 << 20).unwrap();
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
     let image = image.to_str().unwrap().to_string();
 
     // Baseline: the bare libvirt attach call (live), then detach, on the same domain.
@@ -62,9 +67,11 @@ async fn main() {
     for _ in 0..ROUNDS {
         let xml = disk_xml(&image, "sdz");
         let start = Instant::now();
-        dom.attach_device_flags(&xml, virt::sys::VIR_DOMAIN_AFFECT_LIVE).unwrap();
+        dom.attach_device_flags(&xml, virt::sys::VIR_DOMAIN_AFFECT_LIVE)
+            .unwrap();
         bare.push(start.elapsed());
-        dom.detach_device_flags(&xml, virt::sys::VIR_DOMAIN_AFFECT_LIVE).unwrap();
+        dom.detach_device_flags(&xml, virt::sys::VIR_DOMAIN_AFFECT_LIVE)
+            .unwrap();
         eventually("bare disk gone", Duration::from_secs(10), || async {
             (!live_xml(&guest.name).contains("sdz")).then_some(())
         })
@@ -84,7 +91,10 @@ async fn main() {
                 node_name: None,
                 type_: StorageType::Disk,
                 bus: Default::default(),
-                source: Some(StorageSource { path: Some(image.clone()), ..Default::default() }),
+                source: Some(StorageSource {
+                    path: Some(image.clone()),
+                    ..Default::default()
+                }),
                 format: None,
                 read_only: None,
                 target: None,
@@ -95,14 +105,21 @@ async fn main() {
         );
         let start = Instant::now();
         api.create(&PostParams::default(), &obj).await.unwrap();
-        eventually_every(&format!("{name} Ready"), Duration::from_secs(60), Duration::from_millis(5), || {
-            let api = api.clone();
-            let name = name.clone();
-            async move {
-                let o = api.get(&name).await.ok()?;
-                condition_of(&o.status?.conditions, "Ready").filter(|(s, _, _)| s == "True").map(|_| ())
-            }
-        })
+        eventually_every(
+            &format!("{name} Ready"),
+            Duration::from_secs(60),
+            Duration::from_millis(5),
+            || {
+                let api = api.clone();
+                let name = name.clone();
+                async move {
+                    let o = api.get(&name).await.ok()?;
+                    condition_of(&o.status?.conditions, "Ready")
+                        .filter(|(s, _, _)| s == "True")
+                        .map(|_| ())
+                }
+            },
+        )
         .await;
         via.push(start.elapsed());
         kubectl_delete(&ns.name, "vmstorage", &name);

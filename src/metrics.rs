@@ -75,13 +75,41 @@ pub fn get() -> &'static Metrics {
             registry: Registry::default(),
         };
         registry.register("reconciles", "Reconciles by kind", m.reconciles.clone());
-        registry.register("reconcile_errors", "Failed reconciles by kind and reason", m.errors.clone());
-        registry.register("reconcile_duration_seconds", "Reconcile duration by kind", m.reconcile_seconds.clone());
-        registry.register("libvirt_call_duration_seconds", "libvirt call latency by action", m.libvirt_call_seconds.clone());
-        registry.register("detach_pending", "Devices whose detach the guest has not confirmed", m.detach_pending.clone());
-        registry.register("downloads_in_flight", "Downloads transferring now", m.downloads_in_flight.clone());
-        registry.register("downloaded_bytes", "Bytes downloaded", m.downloaded_bytes.clone());
-        registry.register("clone_copied_bytes", "Bytes copied by clone tasks", m.clone_copied_bytes.clone());
+        registry.register(
+            "reconcile_errors",
+            "Failed reconciles by kind and reason",
+            m.errors.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "Reconcile duration by kind",
+            m.reconcile_seconds.clone(),
+        );
+        registry.register(
+            "libvirt_call_duration_seconds",
+            "libvirt call latency by action",
+            m.libvirt_call_seconds.clone(),
+        );
+        registry.register(
+            "detach_pending",
+            "Devices whose detach the guest has not confirmed",
+            m.detach_pending.clone(),
+        );
+        registry.register(
+            "downloads_in_flight",
+            "Downloads transferring now",
+            m.downloads_in_flight.clone(),
+        );
+        registry.register(
+            "downloaded_bytes",
+            "Bytes downloaded",
+            m.downloaded_bytes.clone(),
+        );
+        registry.register(
+            "clone_copied_bytes",
+            "Bytes copied by clone tasks",
+            m.clone_copied_bytes.clone(),
+        );
         Metrics { registry, ..m }
     })
 }
@@ -97,11 +125,20 @@ impl Metrics {
 
     /// Records one reconcile of `kind` that started at `start`, and its error class if it failed.
     pub fn reconciled(&self, kind: &str, start: Instant, error: Option<&str>) {
-        let labels = KindLabels { kind: kind.to_string() };
+        let labels = KindLabels {
+            kind: kind.to_string(),
+        };
         self.reconciles.get_or_create(&labels).inc();
-        self.reconcile_seconds.get_or_create(&labels).observe(start.elapsed().as_secs_f64());
+        self.reconcile_seconds
+            .get_or_create(&labels)
+            .observe(start.elapsed().as_secs_f64());
         if let Some(reason) = error {
-            self.errors.get_or_create(&ErrorLabels { kind: kind.to_string(), reason: reason.to_string() }).inc();
+            self.errors
+                .get_or_create(&ErrorLabels {
+                    kind: kind.to_string(),
+                    reason: reason.to_string(),
+                })
+                .inc();
         }
     }
 }

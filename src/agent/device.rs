@@ -153,8 +153,16 @@ pub async fn detach(
             Err(e) => return Err(e),
         }
         let mut map = detaches.0.lock().unwrap_or_else(|p| p.into_inner());
-        map.insert(alias.to_string(), DetachState { last_request: now, requests: requests + 1 });
-        crate::metrics::get().detach_pending.set(i64::try_from(map.len()).unwrap_or(i64::MAX));
+        map.insert(
+            alias.to_string(),
+            DetachState {
+                last_request: now,
+                requests: requests + 1,
+            },
+        );
+        crate::metrics::get()
+            .detach_pending
+            .set(i64::try_from(map.len()).unwrap_or(i64::MAX));
         drop(map);
     }
     // The removal usually completes within a fraction of a second; look once more before waiting.

@@ -174,7 +174,11 @@ pub async fn run(
             |s: &VirtualMachineStorage| s.spec.vm.clone(),
         ))
         .graceful_shutdown_on(shutdown::wait(shutdown.clone()))
-        .run(|o, c| measured("VirtualMachineStorage", storage::reconcile(o, c)), error_policy, ctx.clone())
+        .run(
+            |o, c| measured("VirtualMachineStorage", storage::reconcile(o, c)),
+            error_policy,
+            ctx.clone(),
+        )
         .for_each(|_| futures::future::ready(()));
 
     let nic_ctrl = Controller::new(
@@ -189,7 +193,11 @@ pub async fn run(
             |n: &VMInterface| n.spec.vm.clone(),
         ))
         .graceful_shutdown_on(shutdown::wait(shutdown.clone()))
-        .run(|o, c| measured("VMInterface", interface::reconcile(o, c)), error_policy, ctx.clone())
+        .run(
+            |o, c| measured("VMInterface", interface::reconcile(o, c)),
+            error_policy,
+            ctx.clone(),
+        )
         .for_each(|_| futures::future::ready(()));
     let synced = async move {
         if storage_store.wait_until_ready().await.is_ok() {
@@ -231,7 +239,11 @@ async fn measured(
 ) -> Result<Action, device::DeviceError> {
     let start = std::time::Instant::now();
     let result = reconcile.await;
-    crate::metrics::get().reconciled(kind, start, result.as_ref().err().map(device::DeviceError::class));
+    crate::metrics::get().reconciled(
+        kind,
+        start,
+        result.as_ref().err().map(device::DeviceError::class),
+    );
     result
 }
 

@@ -199,7 +199,11 @@ where
         |obj, ctx| async move {
             let start = std::time::Instant::now();
             let result = reconcile::<K>(obj, ctx).await;
-            crate::metrics::get().reconciled(&K::kind(&()), start, result.as_ref().err().map(|_| "api"));
+            crate::metrics::get().reconciled(
+                &K::kind(&()),
+                start,
+                result.as_ref().err().map(|_| "api"),
+            );
             result
         },
         error_policy::<K>,

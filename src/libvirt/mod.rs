@@ -237,7 +237,9 @@ impl Libvirt {
         let result = tokio::task::spawn_blocking(move || f(&conn)).await?;
         crate::metrics::get()
             .libvirt_call_seconds
-            .get_or_create(&crate::metrics::CallLabels { action: action.to_string() })
+            .get_or_create(&crate::metrics::CallLabels {
+                action: action.to_string(),
+            })
             .observe(start.elapsed().as_secs_f64());
         result.map_err(|source| LibvirtError::Call {
             action: action.to_string(),
