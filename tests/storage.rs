@@ -57,7 +57,7 @@ async fn shut_off_domain_gets_disk_and_cdrom_in_its_definition_and_loses_them_on
     let client = client().await;
     install_crds(&client).await;
     let ns = TestNamespace::new(&client, "vp-st-off").await;
-    let _op = Operator::start(&ns.name, &[]);
+    let op = Operator::start(&ns.name, &[]);
     let pool = TestPool::create("vp-st-off");
     let domain = TestDomain::define("vp-st-off");
     let disk = image(&pool, "disk1.img", 16);

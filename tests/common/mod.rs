@@ -202,6 +202,23 @@ impl Process {
         self.child.id()
     }
 
+    /// The address its HTTP endpoint listens on (read from its log).
+    pub fn http_addr(&self) -> String {
+        let log = self.log_text();
+        let at = log.find("addr=").expect("the process logs its address");
+        log[at + 5..].split_whitespace().next().unwrap().to_string()
+    }
+
+    /// `GET path` on its HTTP endpoint, with curl.
+    pub fn http_get(&self, path: &str) -> String {
+        let out = Command::new("curl")
+            .args(["-sf", &format!("http://{}{path}", self.http_addr())])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "curl {path} failed");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// The process's log so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
@@ -625,4 +642,12 @@ pub fn kubectl_delete(ns: &str, kind: &str, name: &str) {
         .status()
         .unwrap();
     assert!(status.success(), "kubectl delete {kind} {name} failed");
+}
+
+/// The value of a Prometheus sample whose line starts with `prefix` (name and labels).
+pub fn metric(text: &str, prefix: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
 }
