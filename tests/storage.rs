@@ -117,6 +117,23 @@ async fn shut_off_domain_gets_disk_and_cdrom_in_its_definition_and_loses_them_on
         !xml.contains(&alias(&d)) && !xml.contains(&alias(&c)),
         "{xml}"
     );
+
+    // Both binaries expose what they did on /metrics.
+    let agent = op.agent.process.http_get("/metrics");
+    let kind = "{kind=\"VirtualMachineStorage\"}";
+    assert!(
+        metric(&agent, &format!("virtplane_reconciles_total{kind}")).unwrap_or(0.0) > 0.0,
+        "{agent}"
+    );
+    let attach = "virtplane_libvirt_call_duration_seconds_count{action=\"attach a device\"}";
+    assert!(metric(&agent, attach).unwrap_or(0.0) > 0.0, "{agent}");
+    assert!(agent.contains("virtplane_detach_pending"), "{agent}");
+    let controller = op.controller.http_get("/metrics");
+    assert!(
+        metric(&controller, &format!("virtplane_reconciles_total{kind}")).unwrap_or(0.0) > 0.0,
+        "{controller}"
+    );
+    assert_eq!(op.agent.process.http_get("/readyz"), "ready");
 }
 
 #[tokio::test]
