@@ -5,6 +5,7 @@ pub mod agent;
 pub mod api;
 pub mod conditions;
 pub mod controller;
+pub mod copy;
 pub mod crdgen;
 pub mod http;
 pub mod libvirt;
