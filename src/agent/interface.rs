@@ -74,7 +74,7 @@ pub fn valid_mac(mac: &str) -> Result<String, String> {
 }
 
 /// A random MAC in QEMU's range `52:54:00:xx:xx:xx`, not in `used`.
-fn allocate_mac(used: &[String]) -> String {
+pub(super) fn allocate_mac(used: &[String]) -> String {
     let state = std::hash::RandomState::new();
     for attempt in 0u32.. {
         let mut h = state.build_hasher();
@@ -245,7 +245,7 @@ fn type_name(t: InterfaceType) -> &'static str {
 }
 
 /// Every MAC of every domain on the node (live and persistent), with the alias that has it.
-async fn node_macs(ctx: &Context) -> Result<Vec<(String, Option<String>)>, DeviceError> {
+pub(super) async fn node_macs(ctx: &Context) -> Result<Vec<(String, Option<String>)>, DeviceError> {
     Ok(ctx
         .libvirt
         .call("list the domains' interfaces", |c| {

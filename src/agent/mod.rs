@@ -2,6 +2,7 @@
 //! bound to this node (label `virtplane.io/node=<node>`, selected by the API server) against the
 //! local libvirt.
 
+mod clone;
 mod device;
 mod hypervisor;
 mod interface;
@@ -23,7 +24,7 @@ use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 
-use crate::api::{IsoDownload, NODE_LABEL, VMInterface, VirtualMachineStorage};
+use crate::api::{IsoDownload, NODE_LABEL, VMClone, VMInterface, VirtualMachineStorage};
 use crate::http::{self, Readiness};
 use crate::libvirt::{DomainEvent, Event, Libvirt, LibvirtError};
 use crate::shutdown::{self, Shutdown};
@@ -76,6 +77,7 @@ pub(crate) struct Context {
     locks: device::DomainLocks,
     detaches: device::Detaches,
     removal_failures: device::RemovalFailures,
+    clones: clone::CloneJobs,
 }
 
 impl Context {
@@ -111,6 +113,7 @@ pub async fn run(
     let registered = readiness.gate();
     let storage_synced = readiness.gate();
     let interfaces_synced = readiness.gate();
+    let clones_synced = readiness.gate();
     let (addr, server) = http::serve(config.http_addr, readiness.clone(), shutdown.clone()).await?;
     tracing::info!(node = %config.node_name, %addr, uri = %config.libvirt_uri, "agent starting");
 
@@ -135,6 +138,7 @@ pub async fn run(
         locks: Default::default(),
         detaches: Default::default(),
         removal_failures: Default::default(),
+        clones: Default::default(),
     });
     let failures = record_removal_failures(ctx.clone(), shutdown.clone());
 
@@ -199,12 +203,33 @@ pub async fn run(
             ctx.clone(),
         )
         .for_each(|_| futures::future::ready(()));
+    let clone_ctrl = Controller::new(
+        Api::<VMClone>::all(client.clone()),
+        watcher::Config::default().labels(&selector),
+    );
+    let clone_store = clone_ctrl.store();
+    let clones = clone_ctrl
+        .reconcile_on(domain_triggers(
+            &libvirt,
+            clone_store.clone(),
+            |c: &VMClone| c.spec.source.clone(),
+        ))
+        .graceful_shutdown_on(shutdown::wait(shutdown.clone()))
+        .run(
+            |o, c| measured("VMClone", clone::reconcile(o, c)),
+            error_policy,
+            ctx.clone(),
+        )
+        .for_each(|_| futures::future::ready(()));
     let synced = async move {
         if storage_store.wait_until_ready().await.is_ok() {
             storage_synced.open();
         }
         if nic_store.wait_until_ready().await.is_ok() {
             interfaces_synced.open();
+        }
+        if clone_store.wait_until_ready().await.is_ok() {
+            clones_synced.open();
         }
     };
 
@@ -215,7 +240,8 @@ pub async fn run(
         registered,
         shutdown.clone(),
     );
-    let (result, (), (), (), ()) = tokio::join!(inventory, storage, interfaces, synced, failures);
+    let (result, (), (), (), (), ()) =
+        tokio::join!(inventory, storage, interfaces, clones, synced, failures);
 
     let _ = supervisor.await;
     libvirt.disconnect();

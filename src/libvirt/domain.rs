@@ -19,6 +19,8 @@ pub struct DomainXml {
     pub controllers: Vec<(String, Option<String>)>,
     /// Whether the domain has the QEMU guest agent channel.
     pub has_guest_agent: bool,
+    /// Path of the UEFI variable store (`os/nvram`).
+    pub nvram: Option<String>,
 }
 
 /// A `<disk>` element.
@@ -34,6 +36,12 @@ pub struct DiskXml {
     pub alias: Option<String>,
     /// Source file or block device path.
     pub source: Option<String>,
+    /// Disk type (`file`, `block`, `volume`, `network`).
+    pub kind: String,
+    /// Marked `<readonly/>`.
+    pub readonly: bool,
+    /// Marked `<shareable/>`.
+    pub shareable: bool,
     /// The element as libvirt wrote it.
     pub xml: String,
 }
@@ -99,6 +107,10 @@ pub fn parse_domain(xml: &str) -> Result<DomainXml, roxmltree::Error> {
         .unwrap_or_default(),
         ..Default::default()
     };
+    out.nvram = child(root, "os")
+        .and_then(|os| child(os, "nvram"))
+        .and_then(|n| n.text())
+        .map(|t| t.trim().to_string());
     let Some(devices) = child(root, "devices") else {
         return Ok(out);
     };
@@ -113,6 +125,9 @@ pub fn parse_domain(xml: &str) -> Result<DomainXml, roxmltree::Error> {
                     target: attr(child(dev, "target"), "dev"),
                     alias: attr(child(dev, "alias"), "name"),
                     source: attr(source, "file").or_else(|| attr(source, "dev")),
+                    kind: dev.attribute("type").unwrap_or("file").to_string(),
+                    readonly: child(dev, "readonly").is_some(),
+                    shareable: child(dev, "shareable").is_some(),
                     xml: text,
                 });
             }

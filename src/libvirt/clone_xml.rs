@@ -1,0 +1,219 @@
+//! The definition of a clone: the source's XML with everything that makes a machine distinct
+//! replaced. Pure text edits on libvirt's XML, so everything else is kept exactly.
+
+use std::collections::HashMap;
+use std::ops::Range;
+
+use super::domain::escape_attr;
+
+/// XML namespace of the metadata virtplane writes into clones.
+pub const CLONE_NS: &str = "https://virtplane.io/xmlns/clone/v1";
+
+/// What changes between a source and its clone.
+#[derive(Clone, Debug, Default)]
+pub struct CloneEdits {
+    /// Name of the clone.
+    pub name: String,
+    /// UID of the VMClone object, written into the clone's metadata.
+    pub task_uid: String,
+    /// New source path of each copied disk, by the original's path.
+    pub disk_paths: HashMap<String, String>,
+    /// New MAC address of each interface, in document order.
+    pub macs: Vec<String>,
+    /// New path of the UEFI variable store, if the source has one.
+    pub nvram: Option<String>,
+}
+
+/// Paths of files the domain writes per guest (serial logs, `<log file>`), which the clone must
+/// not share: each gets the clone's name as a prefix of its file name.
+pub fn per_guest_path(path: &str, clone: &str) -> String {
+    match path.rsplit_once('/') {
+        Some((dir, file)) => format!("{dir}/{clone}-{file}"),
+        None => format!("{clone}-{path}"),
+    }
+}
+
+/// Writes the clone's XML.
+pub fn clone_xml(source: &str, e: &CloneEdits) -> Result<String, roxmltree::Error> {
+    let doc = roxmltree::Document::parse(source)?;
+    let root = doc.root_element();
+    let mut edits: Vec<(Range<usize>, String)> = Vec::new();
+    let text_range =
+        |n: roxmltree::Node<'_, '_>| n.first_child().filter(|c| c.is_text()).map(|c| c.range());
+    let attr_range = |n: roxmltree::Node<'_, '_>, name: &str| {
+        n.attributes()
+            .find(|a| a.name() == name)
+            .map(|a| a.range_value())
+    };
+
+    let mut metadata_done = false;
+    let mut mac_index = 0;
+    for node in root.descendants().filter(roxmltree::Node::is_element) {
+        let parent = node
+            .parent_element()
+            .map(|p| p.tag_name().name())
+            .unwrap_or_default();
+        match (parent, node.tag_name().name()) {
+            ("domain", "name") => {
+                if let Some(r) = text_range(node) {
+                    edits.push((r, escape_attr(&e.name)));
+                }
+                if root.children().all(|c| !c.has_tag_name("metadata")) {
+                    let end = node.range().end;
+                    edits.push((end..end, metadata(e)));
+                    metadata_done = true;
+                }
+            }
+            // libvirt generates a new UUID when none is given.
+            ("domain", "uuid") => edits.push((node.range(), String::new())),
+            ("domain", "metadata") if !metadata_done => {
+                let end = node.range().end - "</metadata>".len();
+                if node.has_children() {
+                    edits.push((end..end, inner_metadata(e)));
+                } else {
+                    edits.push((node.range(), metadata(e)));
+                }
+                metadata_done = true;
+            }
+            ("system", "entry") if matches!(node.attribute("name"), Some("uuid" | "serial")) => {
+                edits.push((node.range(), String::new()));
+            }
+            ("os", "nvram") => {
+                if let (Some(path), Some(r)) = (&e.nvram, text_range(node)) {
+                    edits.push((r, escape_attr(path)));
+                }
+            }
+            ("interface", "mac") => {
+                if let (Some(mac), Some(r)) = (e.macs.get(mac_index), attr_range(node, "address")) {
+                    edits.push((r, mac.clone()));
+                }
+                mac_index += 1;
+            }
+            ("disk", "source") => {
+                for attr in ["file", "dev"] {
+                    if let Some(a) = node.attributes().find(|a| a.name() == attr)
+                        && let Some(new) = e.disk_paths.get(a.value())
+                    {
+                        edits.push((a.range_value(), escape_attr(new)));
+                    }
+                }
+            }
+            ("serial" | "console" | "parallel", "source") | ("serial" | "console", "log") => {
+                let attr = if node.has_tag_name("log") {
+                    "file"
+                } else {
+                    "path"
+                };
+                let is_file = node.parent_element().is_some_and(|p| {
+                    p.attribute("type") == Some("file") || node.has_tag_name("log")
+                });
+                if is_file && let Some(a) = node.attributes().find(|a| a.name() == attr) {
+                    edits.push((
+                        a.range_value(),
+                        escape_attr(&per_guest_path(a.value(), &e.name)),
+                    ));
+                }
+            }
+            // A unix channel's socket (the guest agent's): let libvirt choose a path of its own.
+            ("channel", "source")
+                if node.parent_element().and_then(|p| p.attribute("type")) == Some("unix") =>
+            {
+                if let Some(a) = node.attributes().find(|a| a.name() == "path") {
+                    edits.push((a.range(), String::new()));
+                }
+            }
+            ("devices", "graphics") => {
+                for attr in ["port", "tlsPort", "websocket"] {
+                    if let Some(a) = node.attributes().find(|a| a.name() == attr) {
+                        edits.push((a.range(), String::new()));
+                    }
+                }
+                if let Some(r) = attr_range(node, "autoport") {
+                    edits.push((r, "yes".into()));
+                }
+            }
+            _ => {}
+        }
+    }
+    edits.sort_by_key(|e| std::cmp::Reverse(e.0.start));
+    let mut out = source.to_string();
+    for (range, text) in edits {
+        out.replace_range(range, &text);
+    }
+    Ok(out)
+}
+
+fn inner_metadata(e: &CloneEdits) -> String {
+    format!(
+        "<vp:clone xmlns:vp='{CLONE_NS}' task='{}'/>",
+        escape_attr(&e.task_uid)
+    )
+}
+
+fn metadata(e: &CloneEdits) -> String {
+    format!("<metadata>{}</metadata>", inner_metadata(e))
+}
+
+/// The UID of the VMClone task that made this domain, from its metadata.
+pub fn clone_task_of(xml: &str) -> Option<String> {
+    let doc = roxmltree::Document::parse(xml).ok()?;
+    doc.descendants()
+        .find(|n| n.tag_name().namespace() == Some(CLONE_NS) && n.tag_name().name() == "clone")
+        .and_then(|n| n.attribute("task"))
+        .map(str::to_string)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SRC: &str = "<domain type='qemu'>\n  <name>web</name>\n  <uuid>1b4e28ba-2fa1-11d2-883f-0016d3cca427</uuid>\n\
+        <sysinfo type='smbios'><system><entry name='manufacturer'>ACME</entry><entry name='uuid'>1b4e28ba-2fa1-11d2-883f-0016d3cca427</entry><entry name='serial'>S1</entry></system></sysinfo>\n\
+        <os><type>hvm</type><nvram>/var/lib/libvirt/qemu/nvram/web_VARS.fd</nvram></os>\n\
+        <devices><disk type='file' device='disk'><source file='/pool/web.qcow2'/><target dev='vda'/></disk>\
+        <disk type='file' device='cdrom'><source file='/iso/d.iso'/><target dev='sda'/><readonly/></disk>\
+        <interface type='network'><mac address='52:54:00:00:00:01'/><source network='default'/></interface>\
+        <interface type='user'><mac address='52:54:00:00:00:02'/></interface>\
+        <serial type='file'><source path='/var/log/web-serial.log'/></serial>\
+        <channel type='unix'><source mode='bind' path='/run/libvirt/qemu/channel/1-web/org.qemu.guest_agent.0'/><target type='virtio' name='org.qemu.guest_agent.0'/></channel>\
+        <graphics type='vnc' port='5901' autoport='no'/></devices></domain>";
+
+    #[test]
+    fn rewrites_identity_disks_macs_and_per_guest_paths() {
+        let edits = CloneEdits {
+            name: "web-clone1".into(),
+            task_uid: "u-1".into(),
+            disk_paths: HashMap::from([(
+                "/pool/web.qcow2".into(),
+                "/pool/web-clone1.qcow2".into(),
+            )]),
+            macs: vec!["52:54:00:aa:00:01".into(), "52:54:00:aa:00:02".into()],
+            nvram: Some("/var/lib/libvirt/qemu/nvram/web-clone1_VARS.fd".into()),
+        };
+        let out = clone_xml(SRC, &edits).unwrap();
+        let d = super::super::domain::parse_domain(&out).unwrap();
+        assert!(out.contains("<name>web-clone1</name>"));
+        assert!(
+            !out.contains("<uuid>") && !out.contains("'uuid'") && !out.contains("S1"),
+            "{out}"
+        );
+        assert!(out.contains("ACME"));
+        assert_eq!(d.disks[0].source.as_deref(), Some("/pool/web-clone1.qcow2"));
+        assert_eq!(
+            d.disks[1].source.as_deref(),
+            Some("/iso/d.iso"),
+            "media are shared"
+        );
+        assert_eq!(d.interfaces[0].mac.as_deref(), Some("52:54:00:aa:00:01"));
+        assert_eq!(d.interfaces[1].mac.as_deref(), Some("52:54:00:aa:00:02"));
+        assert!(out.contains("/var/log/web-clone1-web-serial.log"));
+        assert!(
+            !out.contains("channel/1-web"),
+            "the agent socket path is left to libvirt"
+        );
+        assert!(out.contains("web-clone1_VARS.fd"));
+        assert!(!out.contains("5901") && out.contains("autoport='yes'"));
+        assert_eq!(clone_task_of(&out).as_deref(), Some("u-1"));
+        assert_eq!(clone_task_of(SRC), None);
+    }
+}
