@@ -6,6 +6,7 @@ pub mod api;
 pub mod conditions;
 pub mod controller;
 pub mod crdgen;
+pub mod download;
 pub mod http;
 pub mod libvirt;
 pub mod shutdown;
