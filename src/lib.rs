@@ -7,6 +7,7 @@ pub mod conditions;
 pub mod controller;
 pub mod copy;
 pub mod crdgen;
+pub mod download;
 pub mod http;
 pub mod libvirt;
 pub mod metrics;

@@ -1,0 +1,510 @@
+//! One download: preparing the partial file, an attempt, the retry loop and finalizing.
+
+use std::fs::File;
+use std::time::Instant;
+
+use reqwest::Url;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::checksum::Hasher;
+use super::ftp::{FtpBody, FtpSource};
+use super::http::{HttpBody, HttpSource};
+use super::names::Paths;
+use super::progress::Reporter;
+use super::sink::{Sink, SinkDone, SinkStart};
+use super::state::{self, SIDECAR_VERSION, Sidecar};
+use super::{
+    ChecksumAlgorithm, DownloadError, DownloadOptions, DownloadRequest, Outcome, Phase, Progress,
+    RemoteInfo, RestartReason, blocking,
+};
+
+/// What the server says about the file in the response being used.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct RemoteFile {
+    pub etag: Option<String>,
+    pub last_modified: Option<String>,
+    pub total: Option<u64>,
+}
+
+impl RemoteFile {
+    pub(crate) fn sidecar(&self, url: &str) -> Sidecar {
+        Sidecar {
+            version: SIDECAR_VERSION,
+            url: url.to_owned(),
+            etag: self.etag.clone(),
+            last_modified: self.last_modified.clone(),
+            total_bytes: self.total,
+        }
+    }
+
+    pub(crate) fn from_sidecar(s: &Sidecar) -> Self {
+        Self {
+            etag: s.etag.clone(),
+            last_modified: s.last_modified.clone(),
+            total: s.total_bytes,
+        }
+    }
+}
+
+/// A response ready to be streamed.
+pub(crate) struct Opened {
+    /// The file offset of the first byte of the body: the resume offset, or 0.
+    pub start: u64,
+    /// The server's description of the file.
+    pub remote: RemoteFile,
+    /// Why the partial data is thrown away, if it is.
+    pub restart: Option<RestartReason>,
+    /// The data.
+    pub body: Body,
+}
+
+/// The data of a response.
+pub(crate) enum Body {
+    Http(HttpBody),
+    Ftp(FtpBody),
+    /// Nothing to transfer: the partial file already holds the whole file.
+    Empty,
+}
+
+impl Body {
+    async fn fill(&mut self, buf: &mut Vec<u8>) -> Result<usize, DownloadError> {
+        match self {
+            Self::Http(b) => b.fill(buf).await,
+            Self::Ftp(b) => b.fill(buf).await,
+            Self::Empty => Ok(0),
+        }
+    }
+}
+
+enum Source {
+    Http(HttpSource),
+    Ftp(FtpSource),
+}
+
+/// A validated request with its client.
+pub(crate) struct Job<'a> {
+    options: &'a DownloadOptions,
+    expected_size: Option<u64>,
+    /// The URL without credentials, for messages and the sidecar.
+    display: String,
+    paths: Paths,
+    checksum: Option<(ChecksumAlgorithm, String)>,
+    source: Source,
+}
+
+/// Totals over the attempts of one call.
+#[derive(Default)]
+struct Stats {
+    transferred: u64,
+    since_restart: u64,
+    restarts: Vec<RestartReason>,
+}
+
+/// How the streaming loop ended.
+enum Stop {
+    End,
+    Cancelled,
+    Failed(DownloadError),
+}
+
+impl<'a> Job<'a> {
+    pub(crate) fn new(
+        request: &'a DownloadRequest,
+        options: &'a DownloadOptions,
+    ) -> Result<Self, DownloadError> {
+        let url = Url::parse(&request.url).map_err(|e| DownloadError::InvalidUrl {
+            url: request.url.clone(),
+            reason: e.to_string(),
+        })?;
+        let mut display_url = url.clone();
+        // Both only fail for URLs that cannot have credentials, which then have none.
+        let _ = display_url.set_password(None);
+        let _ = display_url.set_username("");
+        let display = display_url.to_string();
+        let paths = Paths::new(&request.dir, &request.name)?;
+        let checksum = match &request.checksum {
+            Some(c) => Some((c.algorithm, c.normalized()?)),
+            None => None,
+        };
+        let source = match url.scheme() {
+            "http" | "https" => {
+                Source::Http(HttpSource::new(url, display.clone(), request, options)?)
+            }
+            "ftp" | "ftps" => Source::Ftp(FtpSource::new(&url, display.clone(), request, options)?),
+            other => {
+                return Err(DownloadError::InvalidUrl {
+                    url: display,
+                    reason: format!("unsupported scheme {other:?}; use http, https, ftp or ftps"),
+                });
+            }
+        };
+        Ok(Self {
+            options,
+            expected_size: request.expected_size,
+            display,
+            paths,
+            checksum,
+            source,
+        })
+    }
+
+    pub(crate) async fn probe(&self) -> Result<RemoteInfo, DownloadError> {
+        match &self.source {
+            Source::Http(s) => s.probe().await,
+            Source::Ftp(s) => s.probe().await,
+        }
+    }
+
+    async fn open(&self, offset: u64, prior: Option<&Sidecar>) -> Result<Opened, DownloadError> {
+        match &self.source {
+            Source::Http(s) => s.open(offset, prior).await,
+            Source::Ftp(s) => s.open(offset, prior).await,
+        }
+    }
+
+    /// Attempts until success, a permanent error, cancellation or too many failures in a
+    /// row (`retry` false: one attempt).
+    pub(crate) async fn run(
+        &self,
+        cancel: &CancellationToken,
+        progress: &watch::Sender<Progress>,
+        retry: bool,
+    ) -> Result<Outcome, DownloadError> {
+        let policy = &self.options.retry;
+        let mut reporter = Reporter::new(progress);
+        let mut stats = Stats::default();
+        let mut attempt = 0u32;
+        let mut failures = 0u32;
+        let mut backoff = policy.initial_backoff;
+        loop {
+            attempt += 1;
+            reporter.start_attempt(attempt);
+            let before = stats.transferred;
+            let error = match self.attempt(cancel, &mut reporter, &mut stats).await {
+                Ok((bytes, checksum_verified)) => {
+                    return Ok(Outcome {
+                        path: self.paths.target.clone(),
+                        bytes,
+                        transferred: stats.transferred,
+                        reused: bytes.saturating_sub(stats.since_restart),
+                        attempts: attempt,
+                        restarts: stats.restarts,
+                        checksum_verified,
+                    });
+                }
+                Err(e) => e,
+            };
+            if !retry || !error.is_transient() {
+                return Err(error);
+            }
+            if stats.transferred > before {
+                failures = 0;
+                backoff = policy.initial_backoff;
+            }
+            failures += 1;
+            if failures >= policy.max_failures.max(1) {
+                return Err(error);
+            }
+            tracing::info!(url = %self.display, attempt, %error, ?backoff, "download attempt failed; retrying");
+            reporter.retrying(&error.to_string());
+            tokio::select! {
+                () = cancel.cancelled() => {
+                    return Err(self.cancelled(reporter.snapshot().bytes_done));
+                }
+                () = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(policy.max_backoff);
+        }
+    }
+
+    fn cancelled(&self, kept: u64) -> DownloadError {
+        DownloadError::Cancelled {
+            url: self.display.clone(),
+            kept,
+        }
+    }
+
+    /// One attempt; returns the file's length and whether a checksum was verified.
+    async fn attempt(
+        &self,
+        cancel: &CancellationToken,
+        reporter: &mut Reporter<'_>,
+        stats: &mut Stats,
+    ) -> Result<(u64, bool), DownloadError> {
+        // Lock the partial file and see what it holds.
+        let paths = self.paths.clone();
+        let display = self.display.clone();
+        let (file, len, prior) = blocking(move || {
+            if paths.target.exists() {
+                return Err(DownloadError::NameConflict {
+                    path: paths.target.clone(),
+                });
+            }
+            let file = state::open_partial(&paths)?;
+            let len = file
+                .metadata()
+                .map_err(|e| DownloadError::io("inspect", &paths.partial, e))?
+                .len();
+            let prior =
+                state::load_sidecar(&paths.sidecar).filter(|s| s.allows_resume(&display, len));
+            Ok((file, len, prior))
+        })
+        .await?;
+        let offset = if prior.is_some() { len } else { 0 };
+
+        // Resuming with a checksum: hash the kept prefix first (before connecting, so the
+        // server does not wait on us).
+        let mut hasher = self.checksum.as_ref().map(|(alg, _)| Hasher::new(*alg));
+        let mut file = file;
+        if let Some(h) = hasher.take() {
+            if offset > 0 {
+                reporter.phase(Phase::VerifyingPartial);
+                let path = self.paths.partial.clone();
+                let chunk = self.options.buffer_size;
+                let token = cancel.clone();
+                let (f, h, complete) = blocking(move || {
+                    let mut h = h;
+                    let complete = state::hash_prefix(&file, &path, offset, &mut h, chunk, &token)?;
+                    Ok((file, h, complete))
+                })
+                .await?;
+                if !complete {
+                    return Err(self.cancelled(len));
+                }
+                file = f;
+                hasher = Some(h);
+                reporter.phase(Phase::Connecting);
+            } else {
+                hasher = Some(h);
+            }
+        }
+
+        let opened = tokio::select! {
+            () = cancel.cancelled() => return Err(self.cancelled(len)),
+            opened = self.open(offset, prior.as_ref()) => opened?,
+        };
+        let Opened {
+            start,
+            remote,
+            restart,
+            mut body,
+        } = opened;
+        if start == 0 {
+            if let Some(reason) = restart.or((len > 0).then_some(RestartReason::PartialUnusable)) {
+                tracing::info!(url = %self.display, %reason, discarded = len, "restarting the download from zero");
+                stats.restarts.push(reason);
+            }
+            stats.since_restart = 0;
+            hasher = self.checksum.as_ref().map(|(alg, _)| Hasher::new(*alg));
+        }
+        if let (Some(expected), Some(announced)) = (self.expected_size, remote.total)
+            && expected != announced
+        {
+            drop(body);
+            self.discard_held(file).await?;
+            return Err(DownloadError::LengthMismatch {
+                url: self.display.clone(),
+                expected,
+                actual: announced,
+                detail: "announced",
+            });
+        }
+        let limit = remote.total.or(self.expected_size);
+
+        let mut sink = Sink::spawn(
+            SinkStart {
+                file,
+                path: self.paths.partial.clone(),
+                start,
+                sidecar: (start == 0)
+                    .then(|| (self.paths.sidecar.clone(), remote.sidecar(&self.display))),
+                hasher,
+            },
+            self.options.buffer_size,
+        );
+        reporter.begin(start, remote.total);
+        reporter.phase(Phase::Transferring);
+        let (stop, received) = self
+            .stream(&mut body, &mut sink, start, limit, cancel, reporter)
+            .await;
+        let stop = match (stop, body) {
+            (Stop::End, Body::Ftp(ftp)) => match &self.source {
+                Source::Ftp(source) => match ftp.finish(source).await {
+                    Ok(()) => Stop::End,
+                    Err(e) => Stop::Failed(e),
+                },
+                Source::Http(_) => Stop::End,
+            },
+            (stop, _) => stop,
+        };
+        stats.transferred += received;
+        stats.since_restart += received;
+        let done = sink.finish().await?;
+
+        match stop {
+            Stop::Cancelled => return Err(self.cancelled(done.len)),
+            Stop::Failed(e @ DownloadError::LengthMismatch { .. }) => {
+                self.discard_held(done.file).await?;
+                return Err(e);
+            }
+            Stop::Failed(e) => return Err(e),
+            Stop::End => {}
+        }
+        if let Some(expected) = limit {
+            if done.len < expected {
+                return Err(DownloadError::Interrupted {
+                    url: self.display.clone(),
+                    received: done.len,
+                    expected,
+                });
+            }
+            if done.len > expected {
+                self.discard_held(done.file).await?;
+                return Err(DownloadError::LengthMismatch {
+                    url: self.display.clone(),
+                    expected,
+                    actual: done.len,
+                    detail: "sent",
+                });
+            }
+        }
+        reporter.phase(Phase::Finalizing);
+        let verified = self.verify(&done)?;
+        if let Err(e) = verified {
+            self.discard_held(done.file).await?;
+            return Err(e);
+        }
+        let bytes = done.len;
+        self.finalize(done.file).await?;
+        reporter.phase(Phase::Completed);
+        Ok((bytes, self.checksum.is_some()))
+    }
+
+    /// Compares the digest; the outer error is an internal inconsistency, the inner one the
+    /// mismatch.
+    fn verify(&self, done: &SinkDone) -> Result<Result<(), DownloadError>, DownloadError> {
+        let Some((algorithm, expected)) = &self.checksum else {
+            return Ok(Ok(()));
+        };
+        let Some(actual) = &done.digest else {
+            return Err(DownloadError::Protocol {
+                url: self.display.clone(),
+                detail: "no digest was computed".into(),
+            });
+        };
+        if actual == expected {
+            Ok(Ok(()))
+        } else {
+            Ok(Err(DownloadError::ChecksumMismatch {
+                url: self.display.clone(),
+                algorithm: *algorithm,
+                expected: expected.clone(),
+                actual: actual.clone(),
+            }))
+        }
+    }
+
+    /// Receives into buffers handed to the writer until the body ends, an error, a stall
+    /// longer than the read timeout, or cancellation. Returns how it ended and the bytes
+    /// received (all of them reach the writer).
+    async fn stream(
+        &self,
+        body: &mut Body,
+        sink: &mut Sink,
+        start: u64,
+        limit: Option<u64>,
+        cancel: &CancellationToken,
+        reporter: &mut Reporter<'_>,
+    ) -> (Stop, u64) {
+        let read_timeout = self.options.read_timeout;
+        let mut received = 0u64;
+        let mut buf = sink.buffer();
+        let stall = tokio::time::sleep(read_timeout);
+        tokio::pin!(stall);
+        let mut last_data = Instant::now();
+        let stop = loop {
+            if buf.len() == buf.capacity() {
+                let full = std::mem::replace(&mut buf, sink.buffer());
+                if !sink.write(full).await {
+                    // The writer failed; its error comes from `finish`.
+                    break Stop::End;
+                }
+            }
+            let read = tokio::select! {
+                biased;
+                () = cancel.cancelled() => break Stop::Cancelled,
+                () = &mut stall => {
+                    if last_data.elapsed() >= read_timeout {
+                        break Stop::Failed(DownloadError::Timeout {
+                            url: self.display.clone(),
+                            phase: "receiving data",
+                            after: read_timeout,
+                        });
+                    }
+                    stall.as_mut().reset((last_data + read_timeout).into());
+                    continue;
+                }
+                read = body.fill(&mut buf) => read,
+            };
+            match read {
+                Ok(0) => break Stop::End,
+                Ok(n) => {
+                    received += n as u64;
+                    last_data = Instant::now();
+                    reporter.add(n);
+                    if let Some(limit) = limit
+                        && start + received > limit
+                    {
+                        break Stop::Failed(DownloadError::LengthMismatch {
+                            url: self.display.clone(),
+                            expected: limit,
+                            actual: start + received,
+                            detail: "sent",
+                        });
+                    }
+                }
+                Err(e) => break Stop::Failed(e),
+            }
+        };
+        // Whatever arrived is valid data: keep it, whatever the reason for stopping.
+        sink.write(buf).await;
+        (stop, received)
+    }
+
+    /// Deletes the partial file (whose lock we hold) and its sidecar.
+    async fn discard_held(&self, file: File) -> Result<(), DownloadError> {
+        let paths = self.paths.clone();
+        blocking(move || {
+            state::remove_if_exists(&paths.partial)?;
+            state::remove_if_exists(&paths.sidecar)?;
+            drop(file);
+            if let Some(dir) = paths.partial.parent() {
+                state::sync_dir(dir)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Renames the synced partial file to its final name and removes the sidecar.
+    async fn finalize(&self, file: File) -> Result<(), DownloadError> {
+        let paths = self.paths.clone();
+        blocking(move || {
+            if paths.target.exists() {
+                return Err(DownloadError::NameConflict {
+                    path: paths.target.clone(),
+                });
+            }
+            std::fs::rename(&paths.partial, &paths.target)
+                .map_err(|e| DownloadError::io("rename", &paths.partial, e))?;
+            drop(file);
+            state::remove_if_exists(&paths.sidecar)?;
+            if let Some(dir) = paths.target.parent() {
+                state::sync_dir(dir)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+}
