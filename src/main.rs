@@ -46,6 +46,13 @@ enum Command {
         /// active storage pools are always allowed; nothing else is.
         #[arg(long = "allowed-path", value_name = "DIR")]
         allowed_paths: Vec<std::path::PathBuf>,
+        /// IsoDownloads that may transfer at once on this node; the others wait in Pending.
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=64))]
+        max_downloads: u64,
+        /// A network (CIDR) IsoDownloads may not connect to (repeatable). Default: the link-local
+        /// ranges, where cloud metadata services live.
+        #[arg(long = "download-deny-cidr", value_name = "CIDR", default_values_t = ["169.254.0.0/16".to_string(), "fe80::/10".to_string()])]
+        download_deny_cidrs: Vec<String>,
     },
     /// Run the cluster-wide controller: bind objects to nodes, watch node health.
     Controller {
@@ -89,7 +96,14 @@ async fn main() -> anyhow::Result<()> {
             http_addr,
             heartbeat_seconds,
             allowed_paths,
+            max_downloads,
+            download_deny_cidrs,
         } => {
+            let download_deny = download_deny_cidrs
+                .iter()
+                .map(|c| virtplane::agent::parse_cidr(c).map_err(anyhow::Error::msg))
+                .collect::<anyhow::Result<Vec<_>>>()
+                .context("invalid --download-deny-cidr")?;
             let node_name = match node_name {
                 Some(n) if !n.is_empty() => n,
                 _ => hostname().context("no --node-name given and the host name is unreadable")?,
@@ -105,6 +119,8 @@ async fn main() -> anyhow::Result<()> {
                 http_addr,
                 heartbeat_interval: Duration::from_secs(heartbeat_seconds),
                 allowed_paths,
+                max_downloads: usize::try_from(max_downloads).unwrap_or(2),
+                download_deny,
             };
             virtplane::agent::run(client, config, shutdown).await?;
             Ok(())

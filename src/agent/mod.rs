@@ -6,6 +6,7 @@ mod clone;
 mod device;
 mod hypervisor;
 mod interface;
+mod iso;
 mod storage;
 
 use std::fmt::Debug;
@@ -45,7 +46,13 @@ pub struct AgentConfig {
     pub heartbeat_interval: Duration,
     /// Directories whose files may back devices, besides the active storage pools.
     pub allowed_paths: Vec<PathBuf>,
+    /// Downloads that may transfer at once on this node.
+    pub max_downloads: usize,
+    /// Networks (CIDRs) that downloads may not connect to.
+    pub download_deny: Vec<(std::net::IpAddr, u8)>,
 }
+
+pub use iso::parse_cidr;
 
 /// Errors that stop the agent.
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +85,7 @@ pub(crate) struct Context {
     detaches: device::Detaches,
     removal_failures: device::RemovalFailures,
     clones: clone::CloneJobs,
+    downloads: iso::Downloads,
 }
 
 impl Context {
@@ -114,6 +122,7 @@ pub async fn run(
     let storage_synced = readiness.gate();
     let interfaces_synced = readiness.gate();
     let clones_synced = readiness.gate();
+    let downloads_synced = readiness.gate();
     let (addr, server) = http::serve(config.http_addr, readiness.clone(), shutdown.clone()).await?;
     tracing::info!(node = %config.node_name, %addr, uri = %config.libvirt_uri, "agent starting");
 
@@ -139,6 +148,7 @@ pub async fn run(
         detaches: Default::default(),
         removal_failures: Default::default(),
         clones: Default::default(),
+        downloads: iso::Downloads::new(config.max_downloads, config.download_deny.clone()),
     });
     let failures = record_removal_failures(ctx.clone(), shutdown.clone());
 
@@ -221,6 +231,19 @@ pub async fn run(
             ctx.clone(),
         )
         .for_each(|_| futures::future::ready(()));
+    let iso_ctrl = Controller::new(
+        Api::<IsoDownload>::all(client.clone()),
+        watcher::Config::default().labels(&selector),
+    );
+    let iso_store = iso_ctrl.store();
+    let downloads = iso_ctrl
+        .graceful_shutdown_on(shutdown::wait(shutdown.clone()))
+        .run(
+            |o, c| measured("IsoDownload", iso::reconcile(o, c)),
+            error_policy,
+            ctx.clone(),
+        )
+        .for_each(|_| futures::future::ready(()));
     let synced = async move {
         if storage_store.wait_until_ready().await.is_ok() {
             storage_synced.open();
@@ -231,6 +254,9 @@ pub async fn run(
         if clone_store.wait_until_ready().await.is_ok() {
             clones_synced.open();
         }
+        if iso_store.wait_until_ready().await.is_ok() {
+            downloads_synced.open();
+        }
     };
 
     let inventory = hypervisor::run(
@@ -240,8 +266,9 @@ pub async fn run(
         registered,
         shutdown.clone(),
     );
-    let (result, (), (), (), (), ()) =
-        tokio::join!(inventory, storage, interfaces, clones, synced, failures);
+    let (result, (), (), (), (), (), ()) = tokio::join!(
+        inventory, storage, interfaces, clones, downloads, synced, failures
+    );
 
     let _ = supervisor.await;
     libvirt.disconnect();

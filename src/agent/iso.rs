@@ -1,0 +1,846 @@
+//! `IsoDownload`: an ISO fetched into a storage pool on this node, resumably, with pause,
+//! resume, cancel, progress and verification. The transfer itself is `crate::download`; this
+//! module checks the request, schedules it within the node's download slots, reports progress
+//! at most about once a second, and cleans up.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::Api;
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::{Resource, ResourceExt};
+use tokio_util::sync::CancellationToken;
+
+use super::Context;
+use super::device::{self, DeviceError};
+use super::storage::merge;
+use crate::api::{
+    ChecksumAlgorithm, DownloadPhase, DownloadedVolume, IsoDownload, IsoDownloadStatus, NODE_LABEL,
+    ReclaimPolicy, condition,
+};
+use crate::conditions::{self, Desired};
+use crate::download::{self, Checksum, Credentials, DownloadError, DownloadRequest, TlsOptions};
+
+/// Reasons of the `Ready` and `Progressing` conditions (besides the downloader's own).
+pub mod reason {
+    /// The URL is not http, https, ftp or ftps, or not a URL.
+    pub const INVALID_URL: &str = "InvalidURL";
+    /// The volume name is not allowed.
+    pub const INVALID_NAME: &str = "InvalidName";
+    /// The pool does not exist or is inactive.
+    pub const POOL_NOT_FOUND: &str = "PoolNotFound";
+    /// The pool already has a volume of that name.
+    pub const NAME_CONFLICT: &str = "NameConflict";
+    /// The pool lacks room for the rest of the file.
+    pub const INSUFFICIENT_SPACE: &str = "InsufficientSpace";
+    /// The host resolves to an address the agent may not reach.
+    pub const DESTINATION_NOT_ALLOWED: &str = "DestinationNotAllowed";
+    /// A Secret or ConfigMap the spec names is missing or lacks the key.
+    pub const CREDENTIALS_NOT_FOUND: &str = "CredentialsNotFound";
+    /// Waiting for a download slot.
+    pub const QUEUED: &str = "Queued";
+    /// Transferring.
+    pub const DOWNLOADING: &str = "Downloading";
+    /// Paused by `spec.paused`.
+    pub const PAUSED: &str = "Paused";
+    /// The volume is in the pool.
+    pub const COMPLETED: &str = "Completed";
+    /// A transient failure; retried later.
+    pub const RETRYING: &str = "Retrying";
+}
+
+/// Downloads of this node: running jobs and the times before which a failed one is not retried.
+pub struct Downloads {
+    jobs: Mutex<HashMap<String, Job>>,
+    retry_at: Mutex<HashMap<String, Instant>>,
+    slots: Arc<tokio::sync::Semaphore>,
+    limit: usize,
+    deny: Vec<(IpAddr, u8)>,
+}
+
+struct Job {
+    cancel: CancellationToken,
+    handle: tokio::task::JoinHandle<()>,
+}
+
+impl Downloads {
+    /// At most `limit` transfers at once; hosts resolving into `deny` (CIDRs) are refused.
+    pub fn new(limit: usize, deny: Vec<(IpAddr, u8)>) -> Self {
+        Self {
+            jobs: Mutex::default(),
+            retry_at: Mutex::default(),
+            slots: Arc::new(tokio::sync::Semaphore::new(limit.max(1))),
+            limit: limit.max(1),
+            deny,
+        }
+    }
+
+    fn running(&self, uid: &str) -> bool {
+        self.jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(uid)
+            .is_some_and(|j| !j.handle.is_finished())
+    }
+
+    fn take(&self, uid: &str) -> Option<Job> {
+        self.jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(uid)
+    }
+
+    fn cancel(&self, uid: &str) {
+        if let Some(j) = self.jobs.lock().unwrap_or_else(|p| p.into_inner()).get(uid) {
+            j.cancel.cancel();
+        }
+    }
+}
+
+/// Parses `a.b.c.d/n` or `x::y/n`.
+pub fn parse_cidr(s: &str) -> Result<(IpAddr, u8), String> {
+    let (ip, len) = s
+        .split_once('/')
+        .ok_or_else(|| format!("{s} is not a CIDR (address/length)"))?;
+    let ip: IpAddr = ip
+        .parse()
+        .map_err(|_| format!("{ip} is not an IP address"))?;
+    let len: u8 = len
+        .parse()
+        .map_err(|_| format!("{len} is not a prefix length"))?;
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    if len > max {
+        return Err(format!("prefix length {len} exceeds {max}"));
+    }
+    Ok((ip, len))
+}
+
+fn in_cidr(addr: IpAddr, (net, len): (IpAddr, u8)) -> bool {
+    match (addr, net) {
+        (IpAddr::V4(a), IpAddr::V4(n)) => {
+            let mask = if len == 0 {
+                0
+            } else {
+                u32::MAX << (32 - u32::from(len))
+            };
+            u32::from(a) & mask == u32::from(n) & mask
+        }
+        (IpAddr::V6(a), IpAddr::V6(n)) => {
+            let mask = if len == 0 {
+                0
+            } else {
+                u128::MAX << (128 - u32::from(len))
+            };
+            u128::from(a) & mask == u128::from(n) & mask
+        }
+        _ => false,
+    }
+}
+
+struct Refusal(&'static str, String);
+
+fn algorithm(a: ChecksumAlgorithm) -> download::ChecksumAlgorithm {
+    match a {
+        ChecksumAlgorithm::Sha256 => download::ChecksumAlgorithm::Sha256,
+        ChecksumAlgorithm::Sha512 => download::ChecksumAlgorithm::Sha512,
+        ChecksumAlgorithm::Sha1 => download::ChecksumAlgorithm::Sha1,
+        ChecksumAlgorithm::Md5 => download::ChecksumAlgorithm::Md5,
+    }
+}
+
+async fn write(
+    api: &Api<IsoDownload>,
+    obj: &IsoDownload,
+    status: &IsoDownloadStatus,
+    ready: Desired<'_>,
+    progressing: Desired<'_>,
+) -> Result<(), DeviceError> {
+    let prev = obj.status.clone().unwrap_or_default();
+    let mine = conditions::compute(
+        &prev.conditions,
+        &[ready, progressing],
+        obj.meta().generation,
+        Timestamp::now(),
+    );
+    let mut next = status.clone();
+    next.observed_generation = obj.meta().generation;
+    next.node_name = prev.node_name.clone();
+    next.conditions = merge(&prev.conditions, &mine);
+    if next != prev {
+        device::apply_status(api, obj, device::agent_status(&next, &mine)).await?;
+    }
+    Ok(())
+}
+
+fn failed(status: &IsoDownloadStatus) -> IsoDownloadStatus {
+    IsoDownloadStatus {
+        phase: Some(DownloadPhase::Failed),
+        completion_time: Some(Time(Timestamp::now())),
+        bytes_per_second: None,
+        ..status.clone()
+    }
+}
+
+/// Where the file goes: the pool's directory and the volume name.
+struct Target {
+    dir: PathBuf,
+    name: String,
+    available: u64,
+}
+
+/// Checks the URL, name and pool; nothing is written.
+async fn check(obj: &IsoDownload, ctx: &Context) -> Result<Result<Target, Refusal>, DeviceError> {
+    let url = &obj.spec.url;
+    let scheme_ok = ["http://", "https://", "ftp://", "ftps://"]
+        .iter()
+        .any(|s| url.to_ascii_lowercase().starts_with(s));
+    if !scheme_ok {
+        return Ok(Err(Refusal(
+            reason::INVALID_URL,
+            format!("{url} is not an http, https, ftp or ftps URL."),
+        )));
+    }
+    let name = match &obj.spec.name {
+        Some(n) => n.clone(),
+        None => match download::default_name(url) {
+            Ok(n) => n,
+            Err(e) => {
+                return Ok(Err(Refusal(
+                    reason::INVALID_NAME,
+                    format!("{e}. Set spec.name."),
+                )));
+            }
+        },
+    };
+    if let Err(e) = download::validate_name(&name) {
+        return Ok(Err(Refusal(
+            reason::INVALID_NAME,
+            format!(
+                "{e}. Use letters, digits, '.', '_' and '-', no leading dot, at most 255 bytes."
+            ),
+        )));
+    }
+    let pool_name = obj.spec.pool.clone();
+    let pools = ctx
+        .libvirt
+        .call("list storage pools", crate::libvirt::collect_inventory)
+        .await?
+        .storage_pools;
+    let Some(pool) = pools.into_iter().find(|p| p.name == pool_name) else {
+        return Ok(Err(Refusal(
+            reason::POOL_NOT_FOUND,
+            format!(
+                "Storage pool {pool_name} does not exist on node {}; create it or fix spec.pool.",
+                ctx.node
+            ),
+        )));
+    };
+    let Some(dir) = pool
+        .path
+        .clone()
+        .filter(|_| pool.active && matches!(pool.type_.as_str(), "dir" | "fs" | "netfs"))
+    else {
+        return Ok(Err(Refusal(
+            reason::POOL_NOT_FOUND,
+            format!(
+                "Storage pool {pool_name} on node {} is not an active directory pool; start it (virsh pool-start {pool_name}) or choose another.",
+                ctx.node
+            ),
+        )));
+    };
+    let dir = PathBuf::from(dir);
+    let taken = dir.join(&name).exists() || {
+        let (p, n) = (pool_name.clone(), name.clone());
+        ctx.libvirt
+            .call("look up the volume", move |c| {
+                Ok(c.lookup_storage_pool_by_name(&p)?
+                    .lookup_storage_vol_by_name(&n)
+                    .is_ok())
+            })
+            .await
+            .unwrap_or(false)
+    };
+    if taken {
+        return Ok(Err(Refusal(
+            reason::NAME_CONFLICT,
+            format!(
+                "Pool {pool_name} already has a volume named {name}; choose another spec.name or remove it."
+            ),
+        )));
+    }
+    Ok(Ok(Target {
+        dir,
+        name,
+        available: pool.available,
+    }))
+}
+
+/// Reconciles one IsoDownload.
+#[tracing::instrument(skip_all, fields(object = %format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any())))]
+pub(super) async fn reconcile(
+    obj: Arc<IsoDownload>,
+    ctx: Arc<Context>,
+) -> Result<Action, DeviceError> {
+    if obj.labels().get(NODE_LABEL) != Some(&ctx.node) {
+        return Ok(Action::await_change());
+    }
+    tracing::debug!("reconciling");
+    let api: Api<IsoDownload> =
+        Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
+    let uid = obj.uid().unwrap_or_default();
+    let status = obj.status.clone().unwrap_or_default();
+    let downloads = &ctx.downloads;
+
+    if obj.meta().deletion_timestamp.is_some() {
+        if let Some(job) = downloads.take(&uid) {
+            job.cancel.cancel();
+            let _ = job.handle.await;
+        }
+        cleanup(&obj, &ctx).await;
+        device::remove_finalizer(&api, &*obj).await?;
+        return Ok(Action::await_change());
+    }
+    device::add_finalizer(&api, &*obj).await?;
+    if matches!(
+        status.phase,
+        Some(DownloadPhase::Completed | DownloadPhase::Failed)
+    ) {
+        return Ok(Action::await_change());
+    }
+    if downloads.running(&uid) {
+        if obj.spec.paused {
+            downloads.cancel(&uid);
+        }
+        return Ok(Action::await_change());
+    }
+    let retry_at = downloads
+        .retry_at
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&uid)
+        .copied();
+    if let Some(at) = retry_at
+        && at > Instant::now()
+        && !obj.spec.paused
+    {
+        return Ok(Action::requeue(at - Instant::now()));
+    }
+
+    let target = match check(&obj, &ctx).await? {
+        Ok(t) => t,
+        Err(Refusal(reason, message)) => {
+            write(
+                &api,
+                &obj,
+                &failed(&status),
+                Desired::falsy(condition::READY, reason, message.clone()),
+                Desired::falsy(condition::PROGRESSING, reason, message.clone()),
+            )
+            .await?;
+            device::publish(
+                &ctx.recorder,
+                &*obj,
+                EventType::Warning,
+                "DownloadFailed",
+                message,
+            )
+            .await;
+            return Ok(Action::await_change());
+        }
+    };
+    if obj.spec.paused {
+        let kept = download::partial_len(&target.dir, &target.name)
+            .await
+            .unwrap_or(0);
+        let st = IsoDownloadStatus {
+            phase: Some(DownloadPhase::Paused),
+            downloaded_bytes: Some(kept),
+            bytes_per_second: None,
+            ..status.clone()
+        };
+        let msg = format!(
+            "Paused with {kept} bytes kept; set spec.paused to false to resume where it stopped."
+        );
+        write(
+            &api,
+            &obj,
+            &st,
+            Desired::falsy(condition::READY, reason::PAUSED, msg.clone()),
+            Desired::falsy(condition::PROGRESSING, reason::PAUSED, msg),
+        )
+        .await?;
+        return Ok(Action::await_change());
+    }
+    if status.phase == Some(DownloadPhase::Paused) {
+        device::publish(
+            &ctx.recorder,
+            &*obj,
+            EventType::Normal,
+            "Resumed",
+            "Resuming the download.".into(),
+        )
+        .await;
+    }
+    let cancel = CancellationToken::new();
+    let handle = tokio::spawn(run(api, obj.clone(), ctx.clone(), target, cancel.clone()));
+    downloads
+        .jobs
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(uid, Job { cancel, handle });
+    Ok(Action::await_change())
+}
+
+/// Removes partial data, and the completed volume under `reclaimPolicy: Delete`.
+async fn cleanup(obj: &IsoDownload, ctx: &Context) {
+    let status = obj.status.clone().unwrap_or_default();
+    if status.phase == Some(DownloadPhase::Completed) {
+        if obj.spec.reclaim_policy == ReclaimPolicy::Delete
+            && let Some(vol) = status.volume
+        {
+            let (pool, name) = (vol.pool.clone(), vol.name.clone());
+            let deleted = ctx
+                .libvirt
+                .call("delete the volume", move |c| {
+                    c.lookup_storage_pool_by_name(&pool)?
+                        .lookup_storage_vol_by_name(&name)?
+                        .delete(0)
+                })
+                .await;
+            if deleted.is_err() {
+                let _ = tokio::fs::remove_file(&vol.path).await;
+            }
+        }
+        return;
+    }
+    if let Ok(Ok(target)) = check(obj, ctx).await.map(|r| r.map_err(|_| ())) {
+        let _ = download::discard_partial(&target.dir, &target.name).await;
+    } else if let Some(name) = obj
+        .spec
+        .name
+        .clone()
+        .or_else(|| download::default_name(&obj.spec.url).ok())
+    {
+        // The pool may be gone or the name taken by now; discard by what can still be found.
+        let pools = ctx
+            .libvirt
+            .call("list storage pools", crate::libvirt::collect_inventory)
+            .await;
+        if let Some(dir) = pools
+            .ok()
+            .and_then(|i| {
+                i.storage_pools
+                    .into_iter()
+                    .find(|p| p.name == obj.spec.pool)
+            })
+            .and_then(|p| p.path)
+        {
+            let _ = download::discard_partial(&PathBuf::from(dir), &name).await;
+        }
+    }
+}
+
+async fn credentials(
+    obj: &IsoDownload,
+    ctx: &Context,
+) -> Result<(Option<Credentials>, TlsOptions), Refusal> {
+    let ns = obj.namespace().unwrap_or_default();
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let configmaps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
+    let missing = |what: String| Refusal(reason::CREDENTIALS_NOT_FOUND, what);
+    let mut auth = None;
+    if let Some(a) = &obj.spec.auth {
+        let s = secrets
+            .get(&a.secret_ref.name)
+            .await
+            .map_err(|e| missing(format!("Secret {} cannot be read: {e}.", a.secret_ref.name)))?;
+        let data = s.data.unwrap_or_default();
+        let get = |k: &str| {
+            data.get(k)
+                .map(|v| String::from_utf8_lossy(&v.0).into_owned())
+        };
+        match (get("username"), get("password")) {
+            (Some(username), Some(password)) => auth = Some(Credentials { username, password }),
+            _ => {
+                return Err(missing(format!(
+                    "Secret {} needs the keys username and password.",
+                    a.secret_ref.name
+                )));
+            }
+        }
+    }
+    let mut tls = TlsOptions::default();
+    if let Some(t) = &obj.spec.tls {
+        tls.insecure_skip_verify = t.insecure_skip_verify;
+        if let Some(ca) = &t.ca_bundle {
+            if let Some(r) = &ca.secret_key_ref {
+                let key = r.key.clone().unwrap_or_else(|| "ca.crt".into());
+                let s = secrets
+                    .get(&r.name)
+                    .await
+                    .map_err(|e| missing(format!("Secret {} cannot be read: {e}.", r.name)))?;
+                let pem = s.data.unwrap_or_default().get(&key).map(|v| v.0.clone());
+                tls.extra_ca_pem = Some(
+                    pem.ok_or_else(|| missing(format!("Secret {} has no key {key}.", r.name)))?,
+                );
+            } else if let Some(r) = &ca.config_map_key_ref {
+                let key = r.key.clone().unwrap_or_else(|| "ca.crt".into());
+                let c = configmaps
+                    .get(&r.name)
+                    .await
+                    .map_err(|e| missing(format!("ConfigMap {} cannot be read: {e}.", r.name)))?;
+                let pem = c
+                    .data
+                    .unwrap_or_default()
+                    .get(&key)
+                    .map(|v| v.clone().into_bytes());
+                tls.extra_ca_pem =
+                    Some(pem.ok_or_else(|| {
+                        missing(format!("ConfigMap {} has no key {key}.", r.name))
+                    })?);
+            }
+        }
+    }
+    Ok((auth, tls))
+}
+
+/// Refuses hosts that resolve into the denied networks (link-local metadata services by default).
+async fn destination_allowed(url: &str, deny: &[(IpAddr, u8)]) -> Result<(), Refusal> {
+    let rest = url.split_once("://").map(|(_, r)| r).unwrap_or(url);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let hostport = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
+        let (h, p) = v6.split_once(']').unwrap_or((v6, ""));
+        (
+            h.to_string(),
+            p.trim_start_matches(':').parse().unwrap_or(0u16),
+        )
+    } else {
+        match hostport.rsplit_once(':') {
+            Some((h, p)) => (h.to_string(), p.parse().unwrap_or(0u16)),
+            None => (hostport.to_string(), 0),
+        }
+    };
+    let addrs: Vec<IpAddr> = match tokio::net::lookup_host((host.as_str(), port)).await {
+        Ok(a) => a.map(|s| s.ip()).collect(),
+        Err(_) => return Ok(()), // The download reports the resolution failure itself.
+    };
+    if let Some(bad) = addrs.iter().find(|a| deny.iter().any(|n| in_cidr(**a, *n))) {
+        return Err(Refusal(
+            reason::DESTINATION_NOT_ALLOWED,
+            format!(
+                "{host} resolves to {bad}, which this agent may not reach (--download-deny-cidr)."
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// One run of a download: queue for a slot, probe, check space, transfer, report.
+async fn run(
+    api: Api<IsoDownload>,
+    obj: Arc<IsoDownload>,
+    ctx: Arc<Context>,
+    target: Target,
+    cancel: CancellationToken,
+) {
+    let uid = obj.uid().unwrap_or_default();
+    let mut status = obj.status.clone().unwrap_or_default();
+    let downloads = &ctx.downloads;
+    let permit = match downloads.slots.clone().try_acquire_owned() {
+        Ok(p) => p,
+        Err(_) => {
+            status.phase = Some(DownloadPhase::Pending);
+            let msg = format!(
+                "Queued: {} downloads already run on node {} (the limit, --max-downloads).",
+                downloads.limit, ctx.node
+            );
+            let _ = write(
+                &api,
+                &obj,
+                &status,
+                Desired::falsy(condition::READY, reason::QUEUED, msg.clone()),
+                Desired::falsy(condition::PROGRESSING, reason::QUEUED, msg),
+            )
+            .await;
+            tokio::select! {
+                p = downloads.slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+                () = cancel.cancelled() => return paused(&api, &obj, &ctx, &target, status).await,
+            }
+        }
+    };
+    let outcome = transfer(&api, &obj, &ctx, &target, &cancel, &mut status).await;
+    drop(permit);
+    match outcome {
+        Ok(()) => {}
+        Err(Ok(DownloadError::Cancelled { .. })) if cancel.is_cancelled() => {
+            // Paused (a deletion takes the job away before it gets here).
+            if api
+                .get_opt(&obj.name_any())
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|o| o.meta().deletion_timestamp.is_none())
+            {
+                paused(&api, &obj, &ctx, &target, status).await;
+            }
+        }
+        Err(Ok(e)) if e.is_transient() => {
+            let wait = Duration::from_secs(30);
+            downloads
+                .retry_at
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(uid, Instant::now() + wait);
+            status.phase = Some(DownloadPhase::Pending);
+            status.bytes_per_second = None;
+            let msg = format!(
+                "{e}. Retrying in {}s, resuming from the data kept.",
+                wait.as_secs()
+            );
+            let _ = write(
+                &api,
+                &obj,
+                &status,
+                Desired::falsy(condition::READY, reason::RETRYING, msg.clone()),
+                Desired::truthy(condition::PROGRESSING, reason::RETRYING, msg),
+            )
+            .await;
+        }
+        Err(Ok(e)) => {
+            if !matches!(e, DownloadError::NameConflict { .. }) {
+                let _ = download::discard_partial(&target.dir, &target.name).await;
+            }
+            let msg = format!("{e}.");
+            let _ = write(
+                &api,
+                &obj,
+                &failed(&status),
+                Desired::falsy(condition::READY, e.reason(), msg.clone()),
+                Desired::falsy(condition::PROGRESSING, e.reason(), msg.clone()),
+            )
+            .await;
+            device::publish(
+                &ctx.recorder,
+                &*obj,
+                EventType::Warning,
+                "DownloadFailed",
+                msg,
+            )
+            .await;
+        }
+        Err(Err(Refusal(reason, msg))) => {
+            let _ = write(
+                &api,
+                &obj,
+                &failed(&status),
+                Desired::falsy(condition::READY, reason, msg.clone()),
+                Desired::falsy(condition::PROGRESSING, reason, msg.clone()),
+            )
+            .await;
+            device::publish(
+                &ctx.recorder,
+                &*obj,
+                EventType::Warning,
+                "DownloadFailed",
+                msg,
+            )
+            .await;
+        }
+    }
+}
+
+async fn paused(
+    api: &Api<IsoDownload>,
+    obj: &IsoDownload,
+    ctx: &Context,
+    target: &Target,
+    mut status: IsoDownloadStatus,
+) {
+    let kept = download::partial_len(&target.dir, &target.name)
+        .await
+        .unwrap_or(0);
+    status.phase = Some(DownloadPhase::Paused);
+    status.downloaded_bytes = Some(kept);
+    status.bytes_per_second = None;
+    let msg = format!(
+        "Paused with {kept} bytes kept; set spec.paused to false to resume where it stopped."
+    );
+    let _ = write(
+        api,
+        obj,
+        &status,
+        Desired::falsy(condition::READY, reason::PAUSED, msg.clone()),
+        Desired::falsy(condition::PROGRESSING, reason::PAUSED, msg.clone()),
+    )
+    .await;
+    device::publish(&ctx.recorder, obj, EventType::Normal, "Paused", msg).await;
+}
+
+async fn transfer(
+    api: &Api<IsoDownload>,
+    obj: &IsoDownload,
+    ctx: &Context,
+    target: &Target,
+    cancel: &CancellationToken,
+    status: &mut IsoDownloadStatus,
+) -> Result<(), Result<DownloadError, Refusal>> {
+    destination_allowed(&obj.spec.url, &ctx.downloads.deny)
+        .await
+        .map_err(Err)?;
+    let (auth, tls) = credentials(obj, ctx).await.map_err(Err)?;
+    let mut request = DownloadRequest {
+        url: obj.spec.url.clone(),
+        dir: target.dir.clone(),
+        name: target.name.clone(),
+        checksum: obj.spec.checksum.as_ref().map(|c| Checksum {
+            algorithm: algorithm(c.algorithm),
+            hex: c.value.clone(),
+        }),
+        auth,
+        tls,
+        expected_size: None,
+    };
+    let options = download::DownloadOptions::default();
+    let info = download::probe(&request, &options).await.map_err(Ok)?;
+    let kept = download::partial_len(&target.dir, &target.name)
+        .await
+        .unwrap_or(0);
+    if let Some(total) = info.total_bytes {
+        let remaining = total.saturating_sub(kept);
+        if remaining > target.available {
+            return Err(Err(Refusal(
+                reason::INSUFFICIENT_SPACE,
+                format!(
+                    "The file needs {remaining} more bytes but pool {} has {} available; free space or choose another pool.",
+                    obj.spec.pool, target.available
+                ),
+            )));
+        }
+    }
+    request.expected_size = info.total_bytes;
+
+    let first = status.start_time.is_none();
+    status.phase = Some(DownloadPhase::Downloading);
+    status.total_bytes = info.total_bytes;
+    status.start_time.get_or_insert(Time(Timestamp::now()));
+    let msg = format!("Downloading {} into pool {}.", obj.spec.url, obj.spec.pool);
+    let _ = write(
+        api,
+        obj,
+        status,
+        Desired::falsy(condition::READY, reason::DOWNLOADING, msg.clone()),
+        Desired::truthy(condition::PROGRESSING, reason::DOWNLOADING, msg.clone()),
+    )
+    .await;
+    if first {
+        device::publish(
+            &ctx.recorder,
+            obj,
+            EventType::Normal,
+            "Started",
+            msg.clone(),
+        )
+        .await;
+    }
+
+    let (tx, mut rx) = tokio::sync::watch::channel(download::Progress::default());
+    let base_attempts = status.attempts.unwrap_or(0);
+    let metrics = crate::metrics::get();
+    metrics.downloads_in_flight.inc();
+    let work = download::download(&request, &options, cancel, &tx);
+    tokio::pin!(work);
+    let mut last_write = Instant::now();
+    let mut counted = kept;
+    let result = loop {
+        tokio::select! {
+            r = &mut work => break r,
+            changed = rx.changed() => {
+                if changed.is_err() { continue; }
+                let p = rx.borrow_and_update().clone();
+                metrics.downloaded_bytes.inc_by(p.bytes_done.saturating_sub(counted));
+                counted = counted.max(p.bytes_done);
+                status.downloaded_bytes = Some(p.bytes_done);
+                status.total_bytes = p.total_bytes.or(status.total_bytes);
+                status.progress = p.percent().map(|x| format!("{x}%"));
+                status.bytes_per_second = Some(p.bytes_per_second);
+                status.attempts = Some(base_attempts + p.attempt.max(1));
+                // At most about once a second per object.
+                if last_write.elapsed() >= Duration::from_secs(1) {
+                    last_write = Instant::now();
+                    let _ = write(api, obj, status, Desired::falsy(condition::READY, reason::DOWNLOADING, msg.clone()), Desired::truthy(condition::PROGRESSING, reason::DOWNLOADING, msg.clone())).await;
+                }
+            }
+        }
+    };
+    metrics.downloads_in_flight.dec();
+    let outcome = result.map_err(Ok)?;
+    metrics
+        .downloaded_bytes
+        .inc_by(outcome.bytes.saturating_sub(counted));
+    let pool = obj.spec.pool.clone();
+    let _ = ctx
+        .libvirt
+        .call("refresh the pool", move |c| {
+            c.lookup_storage_pool_by_name(&pool)?.refresh(0)
+        })
+        .await;
+    status.phase = Some(DownloadPhase::Completed);
+    status.downloaded_bytes = Some(outcome.bytes);
+    status.total_bytes = Some(outcome.bytes);
+    status.progress = Some("100%".into());
+    status.bytes_per_second = None;
+    status.attempts = Some(base_attempts + outcome.attempts);
+    status.checksum_verified = Some(outcome.checksum_verified);
+    status.completion_time = Some(Time(Timestamp::now()));
+    status.volume = Some(DownloadedVolume {
+        pool: obj.spec.pool.clone(),
+        name: target.name.clone(),
+        path: outcome.path.display().to_string(),
+    });
+    let mut done = format!(
+        "{} bytes are in pool {} as volume {}.",
+        outcome.bytes, obj.spec.pool, target.name
+    );
+    if let Some(note) = outcome.note() {
+        done = format!("{done} {note}");
+    }
+    let _ = write(
+        api,
+        obj,
+        status,
+        Desired::truthy(condition::READY, reason::COMPLETED, done.clone()),
+        Desired::falsy(
+            condition::PROGRESSING,
+            reason::COMPLETED,
+            "The download is done.",
+        ),
+    )
+    .await;
+    device::publish(&ctx.recorder, obj, EventType::Normal, "Completed", done).await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidrs_match_addresses() {
+        let link_local = parse_cidr("169.254.0.0/16").unwrap();
+        assert!(in_cidr("169.254.169.254".parse().unwrap(), link_local));
+        assert!(!in_cidr("127.0.0.1".parse().unwrap(), link_local));
+        let v6 = parse_cidr("fe80::/10").unwrap();
+        assert!(in_cidr("fe80::1".parse().unwrap(), v6));
+        assert!(!in_cidr("::1".parse().unwrap(), v6));
+        assert!(parse_cidr("10.0.0.0/33").is_err());
+        assert!(parse_cidr("nonsense").is_err());
+    }
+}

@@ -1,0 +1,486 @@
+//! IsoDownload through the operator: downloads into a real dir pool from a real HTTP server,
+//! refusals that leave nothing behind, pause and resume fetching only the missing bytes, an
+//! agent restart, cancellation, reclaim policies, and a CD-ROM fed by a download.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::Duration;
+
+use kube::Client;
+use kube::api::{Api, Patch, PatchParams};
+use serde_json::json;
+use virtplane::api::{DownloadPhase, IsoDownload, VirtualMachineStorage};
+
+use common::*;
+
+const T: Duration = Duration::from_secs(120);
+
+/// The fixture HTTP server (Range, ETag, rate limit, a log of bytes per response).
+struct HttpServer {
+    child: Child,
+    port: u16,
+    dir: tempfile::TempDir,
+    log: PathBuf,
+}
+
+impl HttpServer {
+    fn start(bytes_per_second: u64) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port_file = dir.path().join("port");
+        let log = dir.path().join("served.log");
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/http_server.py");
+        let files = dir.path().join("files");
+        std::fs::create_dir(&files).unwrap();
+        let child = Command::new("python3")
+            .args([
+                script,
+                port_file.to_str().unwrap(),
+                files.to_str().unwrap(),
+                &bytes_per_second.to_string(),
+                log.to_str().unwrap(),
+            ])
+            .spawn()
+            .unwrap();
+        let start = std::time::Instant::now();
+        while !port_file.exists() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "the HTTP fixture did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let port = std::fs::read_to_string(&port_file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        Self {
+            child,
+            port,
+            dir,
+            log,
+        }
+    }
+
+    /// Serves `len` bytes of a pattern as `name`; returns its sha256.
+    fn file(&self, name: &str, len: usize) -> String {
+        let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        std::fs::File::create(self.dir.path().join("files").join(name))
+            .unwrap()
+            .write_all(&data)
+            .unwrap();
+        sha256(&self.dir.path().join("files").join(name))
+    }
+
+    fn url(&self, name: &str) -> String {
+        format!("http://127.0.0.1:{}/{name}", self.port)
+    }
+
+    /// (range start, bytes sent) of every GET response for `name`.
+    fn served(&self, name: &str) -> Vec<(u64, u64)> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| {
+                let mut it = l.split(' ');
+                (it.next()? == format!("/{name}")).then(|| {
+                    (
+                        it.next().unwrap().parse().unwrap(),
+                        it.next().unwrap().parse().unwrap(),
+                    )
+                })
+            })
+            .collect()
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn sha256(path: &Path) -> String {
+    let out = Command::new("sha256sum").arg(path).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+fn manifest(name: &str, url: &str, pool: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: virtplane.io/v1alpha1\nkind: IsoDownload\nmetadata:\n  name: {name}\nspec:\n  url: {url}\n  pool: {pool}\n{extra}"
+    )
+}
+
+fn phase(o: &IsoDownload) -> Option<DownloadPhase> {
+    o.status.as_ref()?.phase
+}
+
+fn ready_reason(o: &IsoDownload) -> Option<String> {
+    condition_of(&o.status.as_ref()?.conditions, "Ready").map(|c| c.1)
+}
+
+async fn wait_phase(client: &Client, ns: &str, name: &str, want: DownloadPhase) -> IsoDownload {
+    wait_obj::<IsoDownload>(client, ns, name, &format!("{want:?}"), T, |o| {
+        phase(o) == Some(want)
+    })
+    .await
+}
+
+/// Files in the pool directory, hidden partial files included.
+fn pool_files(pool: &TestPool) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(&pool.path)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+#[tokio::test]
+async fn downloads_complete_verified_and_listed_by_libvirt() {
+    let client = client().await;
+    install_crds(&client).await;
+    let ns = TestNamespace::new(&client, "vp-iso").await;
+    let _op = Operator::start(&ns.name, &[]);
+    let pool = TestPool::create("vp-iso");
+    let server = HttpServer::start(0);
+    let sum = server.file("debian.iso", 3 << 20);
+
+    kubectl_apply(
+        &ns.name,
+        &manifest(
+            "debian",
+            &server.url("debian.iso"),
+            &pool.name,
+            &format!("  checksum:\n    algorithm: sha256\n    value: {sum}\n"),
+        ),
+    );
+    let done = wait_phase(&client, &ns.name, "debian", DownloadPhase::Completed).await;
+    let st = done.status.clone().unwrap();
+    assert_eq!(
+        (st.total_bytes, st.downloaded_bytes),
+        (Some(3 << 20), Some(3 << 20))
+    );
+    assert_eq!(st.progress.as_deref(), Some("100%"));
+    assert_eq!(st.checksum_verified, Some(true));
+    let vol = st.volume.unwrap();
+    assert_eq!(vol.name, "debian.iso");
+    assert_eq!(sha256(Path::new(&vol.path)), sum);
+    assert!(
+        virsh(&["vol-list", &pool.name]).contains("debian.iso"),
+        "libvirt lists the volume"
+    );
+    assert_eq!(pool_files(&pool), ["debian.iso"], "no partial data left");
+    let reasons = event_reasons(&client, &ns.name, "debian").await;
+    assert!(reasons.iter().any(|r| r == "Completed"), "{reasons:?}");
+
+    // A wrong checksum leaves nothing.
+    kubectl_apply(
+        &ns.name,
+        &manifest(
+            "bad-sum",
+            &server.url("debian.iso"),
+            &pool.name,
+            &format!(
+                "  name: other.iso\n  checksum:\n    algorithm: sha256\n    value: \"{}\"\n",
+                "0".repeat(64)
+            ),
+        ),
+    );
+    let bad = wait_phase(&client, &ns.name, "bad-sum", DownloadPhase::Failed).await;
+    assert_eq!(ready_reason(&bad).as_deref(), Some("ChecksumMismatch"));
+    assert_eq!(pool_files(&pool), ["debian.iso"]);
+
+    // Deleting the object keeps a Completed volume (Retain), unless reclaimPolicy is Delete.
+    kubectl_apply(
+        &ns.name,
+        &manifest(
+            "reclaim",
+            &server.url("debian.iso"),
+            &pool.name,
+            "  name: gone.iso\n  reclaimPolicy: Delete\n",
+        ),
+    );
+    wait_phase(&client, &ns.name, "reclaim", DownloadPhase::Completed).await;
+    assert!(pool.path.join("gone.iso").exists());
+    kubectl_delete(&ns.name, "isodownload", "reclaim");
+    kubectl_delete(&ns.name, "isodownload", "debian");
+    wait_gone::<IsoDownload>(&client, &ns.name, "reclaim", T).await;
+    wait_gone::<IsoDownload>(&client, &ns.name, "debian", T).await;
+    assert!(
+        !pool.path.join("gone.iso").exists(),
+        "reclaimPolicy Delete removes the volume"
+    );
+    assert!(pool.path.join("debian.iso").exists(), "Retain keeps it");
+}
+
+#[tokio::test]
+async fn refusals_leave_nothing_in_the_pool() {
+    let client = client().await;
+    install_crds(&client).await;
+    let ns = TestNamespace::new(&client, "vp-iso-bad").await;
+    let op = Operator::start(&ns.name, &[]);
+    let pool = TestPool::create("vp-iso-bad");
+    let server = HttpServer::start(0);
+    server.file("big.iso", 12 << 20);
+    std::fs::write(pool.path.join("taken.iso"), b"mine").unwrap();
+    virsh(&["pool-refresh", &pool.name]);
+    let node = format!("  nodeName: {}\n", op.agent.node);
+
+    kubectl_apply(
+        &ns.name,
+        &manifest(
+            "taken",
+            &server.url("big.iso"),
+            &pool.name,
+            "  name: taken.iso\n",
+        ),
+    );
+    kubectl_apply(
+        &ns.name,
+        &manifest(
+            "noname",
+            &format!("http://127.0.0.1:{}/", server.port),
+            &pool.name,
+            "",
+        ),
+    );
+    kubectl_apply(
+        &ns.name,
+        &manifest("nopool", &server.url("big.iso"), "no-such-pool", &node),
+    );
+    kubectl_apply(
+        &ns.name,
+        &manifest(
+            "metadata",
+            "http://169.254.169.254/latest/meta-data",
+            &pool.name,
+            "  name: md.iso\n",
+        ),
+    );
+    kubectl_apply(
+        &ns.name,
+        &manifest("missing", &server.url("missing.iso"), &pool.name, ""),
+    );
+    for (name, reason) in [
+        ("taken", "NameConflict"),
+        ("noname", "InvalidName"),
+        ("nopool", "PoolNotFound"),
+        ("metadata", "DestinationNotAllowed"),
+        ("missing", "NotFound"),
+    ] {
+        let o = wait_phase(&client, &ns.name, name, DownloadPhase::Failed).await;
+        assert_eq!(
+            ready_reason(&o).as_deref(),
+            Some(reason),
+            "{name}: {:?}",
+            o.status
+        );
+    }
+    assert_eq!(std::fs::read(pool.path.join("taken.iso")).unwrap(), b"mine");
+
+    // A pool without room for the file.
+    let small = pool.path.join("small");
+    std::fs::create_dir(&small).unwrap();
+    assert!(
+        Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                "size=4m",
+                "tmpfs",
+                small.to_str().unwrap()
+            ])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let small_pool = unique("vp-iso-small");
+    virsh(&[
+        "pool-define-as",
+        &small_pool,
+        "dir",
+        "--target",
+        small.to_str().unwrap(),
+    ]);
+    virsh(&["pool-start", &small_pool]);
+    kubectl_apply(
+        &ns.name,
+        &manifest("nospace", &server.url("big.iso"), &small_pool, ""),
+    );
+    let o = wait_phase(&client, &ns.name, "nospace", DownloadPhase::Failed).await;
+    let leftovers = std::fs::read_dir(&small).unwrap().count();
+    virsh(&["pool-destroy", &small_pool]);
+    virsh(&["pool-undefine", &small_pool]);
+    let _ = Command::new("umount").arg(&small).status();
+    assert_eq!(
+        ready_reason(&o).as_deref(),
+        Some("InsufficientSpace"),
+        "{:?}",
+        o.status
+    );
+    assert_eq!(leftovers, 0, "nothing was written");
+    assert_eq!(pool_files(&pool), ["small", "taken.iso"]);
+}
+
+#[tokio::test]
+async fn pause_resume_and_agent_restart_fetch_only_missing_bytes() {
+    let client = client().await;
+    install_crds(&client).await;
+    let ns = TestNamespace::new(&client, "vp-iso-pause").await;
+    let mut op = Operator::start(&ns.name, &[]);
+    let pool = TestPool::create("vp-iso-pause");
+    // 24 MiB at 4 MiB/s: about six seconds, so it can be paused and interrupted part-way.
+    let server = HttpServer::start(4 << 20);
+    let sum = server.file("slow.iso", 24 << 20);
+    let api: Api<IsoDownload> = Api::namespaced(client.clone(), &ns.name);
+    kubectl_apply(
+        &ns.name,
+        &manifest(
+            "slow",
+            &server.url("slow.iso"),
+            &pool.name,
+            &format!("  checksum:\n    algorithm: sha256\n    value: {sum}\n"),
+        ),
+    );
+    wait_obj::<IsoDownload>(&client, &ns.name, "slow", "some bytes", T, |o| {
+        o.status
+            .as_ref()
+            .and_then(|s| s.downloaded_bytes)
+            .is_some_and(|b| b >= 4 << 20)
+    })
+    .await;
+
+    api.patch(
+        "slow",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"paused": true}})),
+    )
+    .await
+    .unwrap();
+    let paused = wait_phase(&client, &ns.name, "slow", DownloadPhase::Paused).await;
+    let kept = paused.status.as_ref().unwrap().downloaded_bytes.unwrap();
+    assert!(kept > 0 && kept < 24 << 20, "kept {kept}");
+    assert!(
+        pool_files(&pool).iter().any(|f| f.starts_with(".slow.iso")),
+        "partial data is kept: {:?}",
+        pool_files(&pool)
+    );
+
+    api.patch(
+        "slow",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"paused": false}})),
+    )
+    .await
+    .unwrap();
+    wait_obj::<IsoDownload>(&client, &ns.name, "slow", "downloading again", T, |o| {
+        phase(o) == Some(DownloadPhase::Downloading)
+            && o.status
+                .as_ref()
+                .and_then(|s| s.downloaded_bytes)
+                .is_some_and(|b| b > kept + (2 << 20))
+    })
+    .await;
+    // Kill the agent mid-transfer; the new one resumes from the partial file.
+    op.agent.restart();
+    let done = wait_phase(&client, &ns.name, "slow", DownloadPhase::Completed).await;
+    let st = done.status.unwrap();
+    assert_eq!(sha256(Path::new(&st.volume.unwrap().path)), sum);
+    let served = server.served("slow.iso");
+    let total: u64 = served.iter().map(|(_, n)| n).sum();
+    assert!(
+        served.len() >= 3,
+        "three transfers (start, after pause, after restart): {served:?}"
+    );
+    assert!(
+        served.iter().skip(1).all(|(start, _)| *start > 0),
+        "every later transfer resumed: {served:?}"
+    );
+    // Each resume starts where the kept data ends; bytes in flight when a transfer stopped
+    // may be sent twice, but never the whole file again.
+    assert!(
+        total < (24 << 20) + (6 << 20),
+        "served {total} bytes for a 24 MiB file: {served:?}"
+    );
+    let reasons = event_reasons(&client, &ns.name, "slow").await;
+    assert!(
+        reasons.iter().any(|r| r == "Paused") && reasons.iter().any(|r| r == "Resumed"),
+        "{reasons:?}"
+    );
+}
+
+#[tokio::test]
+async fn deleting_a_running_download_removes_its_partial_data() {
+    let client = client().await;
+    install_crds(&client).await;
+    let ns = TestNamespace::new(&client, "vp-iso-del").await;
+    let _op = Operator::start(&ns.name, &[]);
+    let pool = TestPool::create("vp-iso-del");
+    let server = HttpServer::start(2 << 20);
+    server.file("cancel.iso", 24 << 20);
+    kubectl_apply(
+        &ns.name,
+        &manifest("cancel", &server.url("cancel.iso"), &pool.name, ""),
+    );
+    wait_obj::<IsoDownload>(&client, &ns.name, "cancel", "some bytes", T, |o| {
+        o.status
+            .as_ref()
+            .and_then(|s| s.downloaded_bytes)
+            .is_some_and(|b| b > 0)
+    })
+    .await;
+    kubectl_delete(&ns.name, "isodownload", "cancel");
+    wait_gone::<IsoDownload>(&client, &ns.name, "cancel", T).await;
+    assert!(pool_files(&pool).is_empty(), "{:?}", pool_files(&pool));
+}
+
+#[tokio::test]
+async fn a_cdrom_waits_for_its_download_and_gets_the_medium() {
+    let client = client().await;
+    install_crds(&client).await;
+    let ns = TestNamespace::new(&client, "vp-iso-cd").await;
+    let _op = Operator::start(&ns.name, &[]);
+    let pool = TestPool::create("vp-iso-cd");
+    let guest = TestGuest::define_with("vp-iso-cd", false, false);
+    virsh(&["start", &guest.name]);
+    let server = HttpServer::start(2 << 20);
+    server.file("install.iso", 6 << 20);
+
+    let cd = format!(
+        "apiVersion: virtplane.io/v1alpha1\nkind: VirtualMachineStorage\nmetadata:\n  name: cd\nspec:\n  vm: {}\n  type: cdrom\n  source:\n    isoDownload: install\n",
+        guest.name
+    );
+    kubectl_apply(&ns.name, &cd);
+    wait_obj::<VirtualMachineStorage>(&client, &ns.name, "cd", "WaitingForDownload", T, |o| {
+        o.status
+            .as_ref()
+            .and_then(|s| condition_of(&s.conditions, "Ready"))
+            .is_some_and(|c| c.1 == "WaitingForDownload")
+    })
+    .await;
+    kubectl_apply(
+        &ns.name,
+        &manifest("install", &server.url("install.iso"), &pool.name, ""),
+    );
+    let path = pool.path.join("install.iso");
+    let o = wait_obj::<VirtualMachineStorage>(&client, &ns.name, "cd", "medium inserted", T, |o| {
+        o.status
+            .as_ref()
+            .is_some_and(|s| s.current_source.as_deref() == path.to_str() && s.live == Some(true))
+    })
+    .await;
+    assert!(o.status.is_some());
+    assert!(live_xml(&guest.name).contains(path.to_str().unwrap()));
+}
