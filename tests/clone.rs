@@ -122,7 +122,7 @@ async fn clones_get_new_identities_copied_disks_and_shared_media() {
     let client = client().await;
     install_crds(&client).await;
     let ns = TestNamespace::new(&client, "vp-cl").await;
-    let _op = Operator::start(&ns.name, &[]);
+    let op = Operator::start(&ns.name, &[]);
     let pool = TestPool::create("vp-cl");
     let (src, qcow, raw, iso) = rich_source(&pool);
     let before = config_xml(&src.name);
@@ -148,6 +148,12 @@ async fn clones_get_new_identities_copied_disks_and_shared_media() {
     let clone2 = second.status.clone().unwrap().target_name.unwrap();
     assert_eq!(clone2, format!("{}-clone2", src.name));
     let _c2 = adopt(&clone2);
+
+    let metrics = op.agent.process.http_get("/metrics");
+    assert!(
+        metric(&metrics, "virtplane_clone_copied_bytes_total").unwrap_or(0.0) > 0.0,
+        "{metrics}"
+    );
 
     // Identity: new UUID (also in status) and new MACs.
     let uuid1 = virsh(&["domuuid", &clone1]).trim().to_string();

@@ -151,7 +151,7 @@ async fn downloads_complete_verified_and_listed_by_libvirt() {
     let client = client().await;
     install_crds(&client).await;
     let ns = TestNamespace::new(&client, "vp-iso").await;
-    let _op = Operator::start(&ns.name, &[]);
+    let op = Operator::start(&ns.name, &[]);
     let pool = TestPool::create("vp-iso");
     let server = HttpServer::start(0);
     let sum = server.file("debian.iso", 3 << 20);
@@ -183,6 +183,17 @@ async fn downloads_complete_verified_and_listed_by_libvirt() {
     assert_eq!(pool_files(&pool), ["debian.iso"], "no partial data left");
     let reasons = event_reasons(&client, &ns.name, "debian").await;
     assert!(reasons.iter().any(|r| r == "Completed"), "{reasons:?}");
+
+    let metrics = op.agent.process.http_get("/metrics");
+    assert!(
+        metric(&metrics, "virtplane_downloaded_bytes_total").unwrap_or(0.0)
+            >= f64::from(3u32 << 20),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("virtplane_downloads_in_flight 0"),
+        "{metrics}"
+    );
 
     // A wrong checksum leaves nothing.
     kubectl_apply(
