@@ -194,6 +194,7 @@ CUSTOM = {
         "libvirtUri": "qemu+unix:///system",
         "heartbeatSeconds": 5,
         "maxDownloads": 5,
+        "downloadDenyCidrs": ["169.254.0.0/16", "fe80::/10", "10.0.0.0/8"],
         "allowedPaths": ["/srv/iso", "/data/images/"],
         "hostPaths": ["/var/lib/libvirt/images", "/srv/iso", "/data/pool"],
         "capabilities": [],
@@ -238,6 +239,8 @@ def test_custom_values_render() -> None:
     assert c["args"] == [
         "agent", "--log-format=plain", "--http-addr=0.0.0.0:9091",
         "--libvirt-uri=qemu+unix:///system", "--heartbeat-seconds=5", "--max-downloads=5",
+        "--download-deny-cidr=169.254.0.0/16", "--download-deny-cidr=fe80::/10",
+        "--download-deny-cidr=10.0.0.0/8",
         "--allowed-path=/srv/iso", "--allowed-path=/data/images",
     ]
     assert c["securityContext"]["capabilities"] == {"drop": ["ALL"]}, "capabilities: [] adds none"
@@ -299,6 +302,7 @@ def test_rbac_create_false_renders_no_rbac() -> None:
         ({"agent": {"capabilities": ["SYS_ADMIN"]}}, "/agent/capabilities/0"),
         ({"agent": {"secretNamespaces": ["Not_A_Namespace"]}}, "/agent/secretNamespaces/0"),
         ({"agent": {"libvirtUri": "system"}}, "/agent/libvirtUri"),
+        ({"agent": {"downloadDenyCidrs": ["10.0.0.0"]}}, "/agent/downloadDenyCidrs/0"),
         ({"agnet": {"maxDownloads": 2}}, "agnet"),
         ({"metrics": {"serviceMonitor": {"enabled": "yes"}}}, "/metrics/serviceMonitor/enabled"),
     ],
