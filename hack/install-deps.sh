@@ -275,4 +275,31 @@ else
   build_kube
 fi
 
+# ------------------------------------------ Python packages of the chart tests
+# A venv for tests/chart (hack/test-chart.sh, hack/render-manifests.sh): the Helm 4 engine
+# (helm-python-sdk bundles it as a shared library), pytest and PyYAML, at exact versions.
+CHART_VENV="$CACHE_DIR/venv-chart"
+CHART_PY_PKGS=(helm-python-sdk==0.2.2 pytest==9.2.0 PyYAML==6.0.3 iniconfig==2.3.1
+  packaging==26.3 pluggy==1.7.0 Pygments==2.21.0)
+chart_venv_ok() {
+  [[ -x $CHART_VENV/bin/python ]] &&
+    "$CHART_VENV/bin/python" -m pip freeze 2>/dev/null | LC_ALL=C sort >"$LOG_DIR/venv-chart.freeze" &&
+    [[ "$(printf '%s\n' "${CHART_PY_PKGS[@]}" | LC_ALL=C sort)" == "$(<"$LOG_DIR/venv-chart.freeze")" ]]
+}
+if chart_venv_ok; then
+  log "chart test Python packages present ($CHART_VENV)"
+else
+  if [[ -n "$(missing_pkgs python3-venv)" ]]; then
+    apt_update
+    log "apt-get install python3-venv"
+    run apt-get install -y -q python3-venv
+  fi
+  log "pip install ${CHART_PY_PKGS[*]} (into $CHART_VENV)"
+  rm -rf "$CHART_VENV"
+  run /usr/bin/python3 -m venv "$CHART_VENV"
+  run "$CHART_VENV/bin/python" -m pip install -q --no-input --disable-pip-version-check \
+    "${CHART_PY_PKGS[@]}"
+  chart_venv_ok || die "the chart test venv $CHART_VENV does not hold exactly ${CHART_PY_PKGS[*]}"
+fi
+
 log "done"
