@@ -33,3 +33,7 @@ cargo clippy --all-targets --locked -- -D warnings
 # would make each other's domains ambiguous.
 log "cargo test"
 cargo test --locked --no-fail-fast -- --test-threads=1
+# The Helm chart and plain manifests, installed into the same apiserver (after the Rust tests:
+# its agent sees every domain of the shared libvirtd).
+log "hack/test-chart.sh"
+hack/test-chart.sh

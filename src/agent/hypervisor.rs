@@ -44,16 +44,32 @@ pub(super) async fn run(
 ) -> Result<(), AgentError> {
     let node = config.node_name.clone();
     let api: Api<Hypervisor> = Api::all(client);
-    let map_err = |source| AgentError::Hypervisor {
-        node: node.clone(),
-        source,
-    };
     let params = PatchParams::apply(FIELD_MANAGER).force();
 
-    register(&api, &node, &params, &config.libvirt_uri)
-        .await
-        .map_err(map_err)?;
-    let existing = api.get_status(&node).await.map_err(map_err)?;
+    // Register, retrying with back-off: a missing permission or an unreachable API server is
+    // logged and retried, not a silent hang.
+    let mut backoff = Duration::from_secs(1);
+    let existing = loop {
+        let attempt = async {
+            register(&api, &node, &params, &config.libvirt_uri).await?;
+            api.get_status(&node).await
+        };
+        match attempt.await {
+            Ok(h) => break h,
+            Err(source) => {
+                let err = AgentError::Hypervisor {
+                    node: node.clone(),
+                    source,
+                };
+                tracing::warn!(error = %err, retry_in = ?backoff, "failed to register this node's Hypervisor");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.changed() => return Ok(()),
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    };
     let mut conditions = existing.status.map(|s| s.conditions).unwrap_or_default();
     let mut last_inventory: Option<Inventory> = None;
     let mut written: Option<Written> = None;

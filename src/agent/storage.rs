@@ -796,7 +796,9 @@ async fn apply(
         let where_ = match (live_now.is_some(), config_now.is_some()) {
             (true, true) => "live and persistent",
             (true, false) => "live",
-            (false, _) if view.active => "in the definition; it appears at the next boot (attach: Persistent)",
+            (false, _) if view.active => {
+                "in the definition; it appears at the next boot (attach: Persistent)"
+            }
             (false, _) => "in the definition; the domain is not running",
         };
         Desired::truthy(
