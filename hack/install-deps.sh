@@ -4,6 +4,7 @@
 # Idempotent: when everything is present it only checks and exits quickly.
 #  - adds Debian bookworm-backports and bookworm deb-src apt sources
 #  - installs libvirt/qemu (from bookworm-backports), etcd, Go and build tools
+#  - installs pyftpdlib and pyOpenSSL (PyPI) for the FTP test server
 #  - builds kube-apiserver and kube-controller-manager 1.20.2 from Debian's
 #    `kubernetes` source package, cached in
 #    ${VIRTPLANE_CACHE:-/var/cache/virtplane}/kube-1.20.2/bin/
@@ -166,6 +167,15 @@ if [[ ${#miss_bpo[@]} -gt 0 || ${#miss[@]} -gt 0 ]]; then
   restore_policy
 else
   log "system packages present"
+fi
+
+# ------------------------------------------------ FTP test server (pyftpdlib)
+# tests/download.rs runs hack/ftp-server.py, which needs pyftpdlib and pyOpenSSL.
+if python3 -c 'import pyftpdlib, OpenSSL' >/dev/null 2>&1; then
+  log "pyftpdlib present"
+else
+  log "pip install pyftpdlib pyopenssl"
+  PIP_BREAK_SYSTEM_PACKAGES=1 run python3 -m pip install --quiet pyftpdlib pyopenssl
 fi
 
 # ------------------------------------------------- kube-apiserver / -c-m build

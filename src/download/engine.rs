@@ -11,7 +11,7 @@ use super::checksum::Hasher;
 use super::ftp::{FtpBody, FtpSource};
 use super::http::{HttpBody, HttpSource};
 use super::names::Paths;
-use super::progress::Reporter;
+use super::progress::{PUBLISH_EVERY, Reporter};
 use super::sink::{Sink, SinkDone, SinkStart};
 use super::state::{self, SIDECAR_VERSION, Sidecar};
 use super::{
@@ -420,9 +420,11 @@ impl<'a> Job<'a> {
         let read_timeout = self.options.read_timeout;
         let mut received = 0u64;
         let mut buf = sink.buffer();
-        let stall = tokio::time::sleep(read_timeout);
-        tokio::pin!(stall);
+        // One timer for progress and stall detection, rather than one per read.
+        let mut ticker = tokio::time::interval(PUBLISH_EVERY);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_data = Instant::now();
+        let mut seen = 0u64;
         let stop = loop {
             if buf.len() == buf.capacity() {
                 let full = std::mem::replace(&mut buf, sink.buffer());
@@ -434,15 +436,19 @@ impl<'a> Job<'a> {
             let read = tokio::select! {
                 biased;
                 () = cancel.cancelled() => break Stop::Cancelled,
-                () = &mut stall => {
-                    if last_data.elapsed() >= read_timeout {
+                now = ticker.tick() => {
+                    let now = now.into_std();
+                    if received != seen {
+                        seen = received;
+                        last_data = now;
+                    } else if now.saturating_duration_since(last_data) >= read_timeout {
                         break Stop::Failed(DownloadError::Timeout {
                             url: self.display.clone(),
                             phase: "receiving data",
                             after: read_timeout,
                         });
                     }
-                    stall.as_mut().reset((last_data + read_timeout).into());
+                    reporter.tick(now);
                     continue;
                 }
                 read = body.fill(&mut buf) => read,
@@ -451,7 +457,6 @@ impl<'a> Job<'a> {
                 Ok(0) => break Stop::End,
                 Ok(n) => {
                     received += n as u64;
-                    last_data = Instant::now();
                     reporter.add(n);
                     if let Some(limit) = limit
                         && start + received > limit

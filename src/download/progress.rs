@@ -26,7 +26,7 @@ pub enum Phase {
 }
 
 /// A snapshot of a download's progress, published on a `watch` channel. The downloader
-/// publishes at most every 250 ms while transferring and at every phase change; the caller
+/// publishes every 250 ms while transferring and at every phase change; the caller
 /// throttles further as it likes (e.g. patching status every few seconds).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Progress {
@@ -118,15 +118,14 @@ impl RateMeter {
     }
 }
 
-/// How often progress is published while bytes flow.
-const PUBLISH_EVERY: Duration = Duration::from_millis(250);
+/// How often progress is published while transferring.
+pub(crate) const PUBLISH_EVERY: Duration = Duration::from_millis(250);
 
 /// Publishes [`Progress`] on a watch channel, throttled.
 pub(crate) struct Reporter<'a> {
     tx: &'a watch::Sender<Progress>,
     state: Progress,
     meter: RateMeter,
-    last_publish: Option<Instant>,
 }
 
 impl<'a> Reporter<'a> {
@@ -135,7 +134,6 @@ impl<'a> Reporter<'a> {
             tx,
             state: Progress::default(),
             meter: RateMeter::new(Duration::from_secs(5)),
-            last_publish: None,
         }
     }
 
@@ -170,22 +168,19 @@ impl<'a> Reporter<'a> {
         self.phase(Phase::WaitingToRetry);
     }
 
-    /// `n` more bytes arrived; publishes when the last publication is old enough.
+    /// `n` more bytes arrived. Published by the next [`Reporter::tick`] or phase change.
     pub(crate) fn add(&mut self, n: usize) {
         self.state.bytes_done = self.state.bytes_done.saturating_add(n as u64);
-        let now = Instant::now();
-        if self
-            .last_publish
-            .is_none_or(|last| now.saturating_duration_since(last) >= PUBLISH_EVERY)
-        {
-            self.meter.record(now, self.state.bytes_done);
-            self.state.bytes_per_second = self.meter.rate();
-            self.publish(now);
-        }
     }
 
-    fn publish(&mut self, now: Instant) {
-        self.last_publish = Some(now);
+    /// Updates the rate and publishes; called every [`PUBLISH_EVERY`] while transferring.
+    pub(crate) fn tick(&mut self, now: Instant) {
+        self.meter.record(now, self.state.bytes_done);
+        self.state.bytes_per_second = self.meter.rate();
+        self.publish(now);
+    }
+
+    fn publish(&mut self, _now: Instant) {
         self.tx.send_replace(self.state.clone());
     }
 }
@@ -255,10 +250,14 @@ mod tests {
         r.add(50);
         assert_eq!(r.snapshot().bytes_done, 150);
         let seen = rx.borrow().clone();
-        assert_eq!(seen.attempt, 2);
+        assert_eq!((seen.attempt, seen.bytes_done), (2, 0));
         assert_eq!(seen.phase, Phase::Connecting);
         r.phase(Phase::Transferring);
         assert_eq!(rx.borrow().bytes_done, 150);
         assert_eq!(rx.borrow().resumed_from, 100);
+        r.add(50);
+        r.tick(Instant::now() + Duration::from_secs(1));
+        assert_eq!(rx.borrow().bytes_done, 200);
+        assert!(rx.borrow().bytes_per_second > 0);
     }
 }
