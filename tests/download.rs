@@ -534,6 +534,11 @@ async fn not_found_and_unauthorized_are_permanent() {
         Err(DownloadError::NotFound { .. })
     ));
     assert_eq!(server.gets().len(), 1, "not retried");
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "nothing written"
+    );
 
     server.set_behavior(Behavior {
         basic_auth: Some(("alice".into(), "s3cret".into())),
@@ -690,6 +695,11 @@ async fn ftp_credentials_from_the_url_and_permanent_errors() {
     .await
     .unwrap_err();
     assert!(matches!(err, DownloadError::Unauthorized { .. }), "{err:?}");
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "nothing written"
+    );
 
     fetch(&request(
         url("tester", "pub/disk.iso"),

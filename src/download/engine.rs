@@ -281,8 +281,19 @@ impl<'a> Job<'a> {
         }
 
         let opened = tokio::select! {
-            () = cancel.cancelled() => return Err(self.cancelled(len)),
-            opened = self.open(offset, prior.as_ref()) => opened?,
+            () = cancel.cancelled() => Err(self.cancelled(len)),
+            opened = self.open(offset, prior.as_ref()) => opened,
+        };
+        let opened = match opened {
+            Ok(opened) => opened,
+            Err(e) => {
+                // Leave no empty partial file behind a request that never got data (404,
+                // bad credentials, unreachable server).
+                if len == 0 {
+                    self.discard_held(file).await?;
+                }
+                return Err(e);
+            }
         };
         let Opened {
             start,

@@ -46,18 +46,21 @@ pub(crate) struct Sink {
     recycled: mpsc::UnboundedReceiver<Vec<u8>>,
     handle: JoinHandle<Result<SinkDone, DownloadError>>,
     buffer_size: usize,
+    path: PathBuf,
 }
 
 impl Sink {
     pub(crate) fn spawn(start: SinkStart, buffer_size: usize) -> Self {
         let (tx, rx) = mpsc::channel(1);
         let (recycle_tx, recycled) = mpsc::unbounded_channel();
+        let path = start.path.clone();
         let handle = tokio::task::spawn_blocking(move || run(start, rx, recycle_tx));
         Self {
             tx: Some(tx),
             recycled,
             handle,
             buffer_size,
+            path,
         }
     }
 
@@ -86,7 +89,7 @@ impl Sink {
         self.handle.await.map_err(|e| {
             DownloadError::io(
                 "write",
-                PathBuf::from("(partial file)"),
+                self.path.clone(),
                 std::io::Error::other(format!("the writer thread failed: {e}")),
             )
         })?
