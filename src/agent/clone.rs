@@ -19,11 +19,10 @@ use kube::{Resource, ResourceExt};
 
 use super::Context;
 use super::device::{self, DeviceError};
-use super::storage::merge;
 use crate::api::{
     CloneDisk, ClonePhase, CopyStrategy, NODE_LABEL, VMClone, VMCloneStatus, condition,
 };
-use crate::conditions::{self, Desired};
+use crate::conditions::Desired;
 use crate::copy::{self, Strategy, StrategyUsed};
 use crate::libvirt::clone_xml::{self, CloneEdits};
 use crate::libvirt::domain::DomainXml;
@@ -92,7 +91,7 @@ fn strategy_of(s: CopyStrategy) -> Strategy {
 
 const SHARED: &str = "Shared";
 
-/// Writes the agent's part of a clone's status.
+/// Writes the agent's part of the status with its Ready and Progressing conditions.
 async fn write(
     api: &Api<VMClone>,
     obj: &VMClone,
@@ -101,20 +100,7 @@ async fn write(
     progressing: Desired<'_>,
 ) -> Result<(), DeviceError> {
     let prev = obj.status.clone().unwrap_or_default();
-    let mine = conditions::compute(
-        &prev.conditions,
-        &[ready, progressing],
-        obj.meta().generation,
-        Timestamp::now(),
-    );
-    let mut next = status.clone();
-    next.observed_generation = obj.meta().generation;
-    next.node_name = prev.node_name.clone();
-    next.conditions = merge(&prev.conditions, &mine);
-    if next != prev {
-        device::apply_status(api, obj, device::agent_status(&next, &mine)).await?;
-    }
-    Ok(())
+    device::write_status(api, obj, &prev, status.clone(), &[ready, progressing]).await
 }
 
 fn idle(type_: &'static str, reason: &'static str, message: impl Into<String>) -> Desired<'static> {

@@ -13,7 +13,15 @@ use kube::{Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
-use super::FIELD_MANAGER;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::jiff::Timestamp;
+use kube::runtime::controller::Action;
+
+use super::{Context, FIELD_MANAGER};
+use crate::api::{
+    IsoDownloadStatus, VMCloneStatus, VMInterfaceStatus, VirtualMachineStorageStatus, condition,
+};
+use crate::conditions::{self, Desired};
 use crate::libvirt::domain::{self, DomainView};
 use crate::libvirt::{Libvirt, LibvirtError};
 
@@ -405,4 +413,213 @@ pub async fn change_detach(
     config: bool,
 ) -> Result<(), DeviceError> {
     detach_xml(libvirt, vm, xml, live, config).await
+}
+
+/// A status the agent writes; gives access to the fields every kind's status shares.
+pub trait AgentStatus: Clone + Default + PartialEq + serde::Serialize {
+    /// `conditions`.
+    fn conditions(&self) -> &[Condition];
+    /// `nodeName` (the controller's).
+    fn node_name(&self) -> Option<String>;
+    /// Sets `observedGeneration`, `nodeName` and `conditions`.
+    fn set_common(
+        &mut self,
+        generation: Option<i64>,
+        node_name: Option<String>,
+        conditions: Vec<Condition>,
+    );
+}
+
+macro_rules! agent_status {
+    ($($t:ty),*) => {$(
+        impl AgentStatus for $t {
+            fn conditions(&self) -> &[Condition] {
+                &self.conditions
+            }
+            fn node_name(&self) -> Option<String> {
+                self.node_name.clone()
+            }
+            fn set_common(&mut self, generation: Option<i64>, node_name: Option<String>, conditions: Vec<Condition>) {
+                self.observed_generation = generation;
+                self.node_name = node_name;
+                self.conditions = conditions;
+            }
+        }
+    )*};
+}
+
+agent_status!(
+    VirtualMachineStorageStatus,
+    VMInterfaceStatus,
+    VMCloneStatus,
+    IsoDownloadStatus
+);
+
+/// `existing` with the conditions of `mine` replaced or added by type.
+pub fn merge(existing: &[Condition], mine: &[Condition]) -> Vec<Condition> {
+    let mut out: Vec<Condition> = existing
+        .iter()
+        .filter(|c| !mine.iter().any(|m| m.type_ == c.type_))
+        .cloned()
+        .collect();
+    out.extend(mine.iter().cloned());
+    out.sort_by(|a, b| a.type_.cmp(&b.type_));
+    out
+}
+
+/// Writes the agent's status fields and its `desired` conditions, only when something changed:
+/// a reconcile that finds everything in place makes no API write.
+pub async fn write_status<K, S>(
+    api: &Api<K>,
+    obj: &K,
+    prev: &S,
+    status: S,
+    desired: &[Desired<'_>],
+) -> Result<(), DeviceError>
+where
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + Debug,
+    S: AgentStatus,
+{
+    let mine = conditions::compute(
+        prev.conditions(),
+        desired,
+        obj.meta().generation,
+        Timestamp::now(),
+    );
+    let mut next = status;
+    next.set_common(
+        obj.meta().generation,
+        prev.node_name(),
+        merge(prev.conditions(), &mine),
+    );
+    if next != *prev {
+        apply_status(api, obj, agent_status(&next, &mine)).await?;
+    }
+    Ok(())
+}
+
+/// What one reconcile of a device kind decided: its status fields, `Ready`, `RestartRequired`,
+/// Events, and when to look again.
+pub struct Outcome<S> {
+    /// The agent's status fields.
+    pub status: S,
+    /// The Ready condition.
+    pub ready: Desired<'static>,
+    /// Why a restart is needed, if it is.
+    pub restart: Option<String>,
+    /// Events to publish.
+    pub events: Vec<(EventType, &'static str, String)>,
+    /// When to reconcile again.
+    pub action: Action,
+}
+
+impl<S: Clone> Outcome<S> {
+    /// `Ready=False` with `reason`, the status as it was.
+    pub fn not_ready(prev: &S, reason: &'static str, message: String, action: Action) -> Self {
+        Outcome {
+            status: prev.clone(),
+            ready: Desired::falsy(condition::READY, reason, message),
+            restart: None,
+            events: Vec::new(),
+            action,
+        }
+    }
+}
+
+/// Condition type set while a change waits for the next boot.
+pub const RESTART_REQUIRED: &str = "RestartRequired";
+/// Ready reason while the guest has not released a device being detached.
+pub const DETACH_PENDING: &str = "DetachPending";
+
+/// Writes a device outcome: status, `Ready`, `RestartRequired`, and its Events.
+pub async fn write_outcome<K, S>(
+    api: &Api<K>,
+    obj: &K,
+    ctx: &Context,
+    prev: &S,
+    outcome: Outcome<S>,
+) -> Result<Action, DeviceError>
+where
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + Debug,
+    S: AgentStatus,
+{
+    let restart = match &outcome.restart {
+        Some(msg) => Desired::truthy(RESTART_REQUIRED, "RestartRequired", msg.clone()),
+        None => Desired::falsy(RESTART_REQUIRED, "NotRequired", "No restart is needed."),
+    };
+    write_status(api, obj, prev, outcome.status, &[outcome.ready, restart]).await?;
+    for (type_, reason, note) in outcome.events {
+        publish(&ctx.recorder, obj, type_, reason, note).await;
+    }
+    Ok(outcome.action)
+}
+
+/// The finalizer of a device kind: detaches the device with `alias` (called `what` in messages)
+/// and releases the object once the guest confirmed; meanwhile `Ready=False DetachPending`.
+#[allow(clippy::too_many_arguments)]
+pub async fn finish_detach<K, S>(
+    api: &Api<K>,
+    obj: &K,
+    ctx: &Context,
+    vm: &str,
+    alias: &str,
+    what: &str,
+    was_attached: bool,
+    find: fn(&domain::DomainXml, &str) -> Option<String>,
+    prev: &S,
+    pending: S,
+) -> Result<Action, DeviceError>
+where
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + Debug,
+    S: AgentStatus,
+{
+    match detach(&ctx.libvirt, &ctx.detaches, vm, alias, find).await? {
+        Detach::Done => {
+            if was_attached {
+                publish(
+                    &ctx.recorder,
+                    obj,
+                    EventType::Normal,
+                    "Detached",
+                    format!("Detached {what} from {vm}."),
+                )
+                .await;
+            }
+            remove_finalizer(api, obj).await?;
+            Ok(Action::await_change())
+        }
+        Detach::Pending(after) => {
+            let mut message = format!(
+                "The guest has not acknowledged the unplug of {what} from {vm}; it was removed from the definition and the agent asks the guest again until it releases the device, or until the domain is shut off."
+            );
+            let mut events = Vec::new();
+            if ctx.removal_failures.take(alias).is_some() {
+                message = format!(
+                    "The guest refused to release {what} (DEVICE_REMOVAL_FAILED). {message}"
+                );
+                events.push((
+                    EventType::Warning,
+                    "DetachRefused",
+                    format!("The guest refused to release {what}."),
+                ));
+            }
+            let outcome = Outcome {
+                status: pending,
+                ready: Desired::falsy(condition::READY, DETACH_PENDING, message),
+                restart: None,
+                events,
+                action: Action::requeue(after),
+            };
+            write_outcome(api, obj, ctx, prev, outcome).await
+        }
+    }
 }

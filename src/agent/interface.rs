@@ -5,7 +5,6 @@ use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
@@ -13,13 +12,12 @@ use kube::{Resource, ResourceExt};
 use serde_json::json;
 
 use super::Context;
-use super::device::{self, Detach, DeviceError};
-use super::storage::{RESTART_REQUIRED, merge};
+use super::device::{self, DeviceError};
 use crate::api::{
     AttachMode, GuestInfoSource, GuestInterface, InterfaceType, LinkState, NODE_LABEL, VMInterface,
     VMInterfaceStatus, condition,
 };
-use crate::conditions::{self, Desired};
+use crate::conditions::Desired;
 use crate::libvirt::domain::{self, DomainXml, NicSpec};
 
 /// Reasons of the `Ready` condition.
@@ -36,8 +34,6 @@ pub mod reason {
     pub const NETWORK_NOT_FOUND: &str = "NetworkNotFound";
     /// The host bridge or device does not exist.
     pub const HOST_DEVICE_NOT_FOUND: &str = "HostDeviceNotFound";
-    /// The guest has not released the interface yet.
-    pub const DETACH_PENDING: &str = "DetachPending";
     /// libvirt refused the change.
     pub const ATTACH_FAILED: &str = "AttachFailed";
 }
@@ -93,30 +89,7 @@ pub(super) fn allocate_mac(used: &[String]) -> String {
     unreachable!("an unbounded range always yields")
 }
 
-struct Outcome {
-    status: VMInterfaceStatus,
-    ready: Desired<'static>,
-    restart: Option<String>,
-    events: Vec<(EventType, &'static str, String)>,
-    action: Action,
-}
-
-impl Outcome {
-    fn not_ready(
-        prev: &VMInterfaceStatus,
-        reason: &'static str,
-        message: String,
-        action: Action,
-    ) -> Self {
-        Outcome {
-            status: prev.clone(),
-            ready: Desired::falsy(condition::READY, reason, message),
-            restart: None,
-            events: Vec::new(),
-            action,
-        }
-    }
-}
+type Outcome = device::Outcome<VMInterfaceStatus>;
 
 /// Reconciles one VMInterface.
 #[tracing::instrument(skip_all, fields(object = %format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any())))]
@@ -136,60 +109,25 @@ pub(super) async fn reconcile(
     let prev = obj.status.clone().unwrap_or_default();
 
     if obj.meta().deletion_timestamp.is_some() {
-        return match device::detach(&ctx.libvirt, &ctx.detaches, &obj.spec.vm, &alias, find_nic)
-            .await?
-        {
-            Detach::Done => {
-                if prev.live == Some(true) || prev.persistent == Some(true) {
-                    let mac = prev.mac.clone().unwrap_or_default();
-                    device::publish(
-                        &ctx.recorder,
-                        &*obj,
-                        EventType::Normal,
-                        "Detached",
-                        format!("Detached {mac} from {}.", obj.spec.vm),
-                    )
-                    .await;
-                }
-                device::remove_finalizer(&api, &*obj).await?;
-                Ok(Action::await_change())
-            }
-            Detach::Pending(after) => {
-                let mac = prev.mac.clone().unwrap_or_default();
-                let mut message = format!(
-                    "The guest has not acknowledged the unplug of {mac} from {}; it was removed from the definition and the agent asks the guest again until it releases the interface, or until the domain is shut off.",
-                    obj.spec.vm
-                );
-                let mut events = Vec::new();
-                if ctx.removal_failures.take(&alias).is_some() {
-                    message = format!(
-                        "The guest refused to release {mac} (DEVICE_REMOVAL_FAILED). {message}"
-                    );
-                    events.push((
-                        EventType::Warning,
-                        "DetachRefused",
-                        format!("The guest refused to release {mac}."),
-                    ));
-                }
-                let status = VMInterfaceStatus {
-                    persistent: Some(false),
-                    ..prev.clone()
-                };
-                write(
-                    &api,
-                    &obj,
-                    &ctx,
-                    Outcome {
-                        status,
-                        ready: Desired::falsy(condition::READY, reason::DETACH_PENDING, message),
-                        restart: None,
-                        events,
-                        action: Action::requeue(after),
-                    },
-                )
-                .await
-            }
+        let what = prev.mac.clone().unwrap_or_else(|| alias.clone());
+        let was_attached = prev.live == Some(true) || prev.persistent == Some(true);
+        let pending = VMInterfaceStatus {
+            persistent: Some(false),
+            ..prev.clone()
         };
+        return device::finish_detach(
+            &api,
+            &*obj,
+            &ctx,
+            &obj.spec.vm,
+            &alias,
+            &what,
+            was_attached,
+            find_nic,
+            &prev,
+            pending,
+        )
+        .await;
     }
     device::add_finalizer(&api, &*obj).await?;
     let outcome = match apply(&api, &obj, &ctx, &alias, &prev).await {
@@ -202,37 +140,7 @@ pub(super) async fn reconcile(
         ),
         Err(e) => return Err(e),
     };
-    write(&api, &obj, &ctx, outcome).await
-}
-
-async fn write(
-    api: &Api<VMInterface>,
-    obj: &VMInterface,
-    ctx: &Context,
-    outcome: Outcome,
-) -> Result<Action, DeviceError> {
-    let prev = obj.status.clone().unwrap_or_default();
-    let restart = match &outcome.restart {
-        Some(msg) => Desired::truthy(RESTART_REQUIRED, "RestartRequired", msg.clone()),
-        None => Desired::falsy(RESTART_REQUIRED, "NotRequired", "No restart is needed."),
-    };
-    let mine = conditions::compute(
-        &prev.conditions,
-        &[outcome.ready, restart],
-        obj.meta().generation,
-        Timestamp::now(),
-    );
-    let mut next = outcome.status;
-    next.observed_generation = obj.meta().generation;
-    next.node_name = prev.node_name.clone();
-    next.conditions = merge(&prev.conditions, &mine);
-    if next != prev {
-        device::apply_status(api, obj, device::agent_status(&next, &mine)).await?;
-    }
-    for (type_, reason, note) in outcome.events {
-        device::publish(&ctx.recorder, obj, type_, reason, note).await;
-    }
-    Ok(outcome.action)
+    device::write_outcome(&api, &*obj, &ctx, &prev, outcome).await
 }
 
 fn type_name(t: InterfaceType) -> &'static str {

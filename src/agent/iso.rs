@@ -20,12 +20,11 @@ use tokio_util::sync::CancellationToken;
 
 use super::Context;
 use super::device::{self, DeviceError};
-use super::storage::merge;
 use crate::api::{
     ChecksumAlgorithm, DownloadPhase, DownloadedVolume, IsoDownload, IsoDownloadStatus, NODE_LABEL,
     ReclaimPolicy, condition,
 };
-use crate::conditions::{self, Desired};
+use crate::conditions::Desired;
 use crate::download::{self, Checksum, Credentials, DownloadError, DownloadRequest, TlsOptions};
 
 /// Reasons of the `Ready` and `Progressing` conditions (besides the downloader's own).
@@ -155,6 +154,7 @@ fn algorithm(a: ChecksumAlgorithm) -> download::ChecksumAlgorithm {
     }
 }
 
+/// Writes the agent's part of the status with its Ready and Progressing conditions.
 async fn write(
     api: &Api<IsoDownload>,
     obj: &IsoDownload,
@@ -163,20 +163,7 @@ async fn write(
     progressing: Desired<'_>,
 ) -> Result<(), DeviceError> {
     let prev = obj.status.clone().unwrap_or_default();
-    let mine = conditions::compute(
-        &prev.conditions,
-        &[ready, progressing],
-        obj.meta().generation,
-        Timestamp::now(),
-    );
-    let mut next = status.clone();
-    next.observed_generation = obj.meta().generation;
-    next.node_name = prev.node_name.clone();
-    next.conditions = merge(&prev.conditions, &mine);
-    if next != prev {
-        device::apply_status(api, obj, device::agent_status(&next, &mine)).await?;
-    }
-    Ok(())
+    device::write_status(api, obj, &prev, status.clone(), &[ready, progressing]).await
 }
 
 fn failed(status: &IsoDownloadStatus) -> IsoDownloadStatus {

@@ -5,24 +5,19 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
-use k8s_openapi::jiff::Timestamp;
 use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
 
 use super::Context;
-use super::device::{self, Detach, DeviceError};
+use super::device::{self, DeviceError};
 use crate::api::{
     AttachMode, Bus, DownloadPhase, IsoDownload, NODE_LABEL, StorageSource, StorageType,
     VirtualMachineStorage, VirtualMachineStorageStatus, condition,
 };
-use crate::conditions::{self, Desired};
+use crate::conditions::Desired;
 use crate::libvirt::domain::{self, DiskSpec, DomainView, DomainXml};
-
-/// Condition type set while a change waits for the next boot.
-pub const RESTART_REQUIRED: &str = "RestartRequired";
 
 /// Reasons of the `Ready` and `RestartRequired` conditions.
 pub mod reason {
@@ -44,10 +39,6 @@ pub mod reason {
     pub const SOURCE_IMMUTABLE: &str = "SourceImmutable";
     /// The device is in the definition but could not be hot-plugged.
     pub const RESTART_REQUIRED: &str = "RestartRequired";
-    /// No restart needed.
-    pub const NOT_REQUIRED: &str = "NotRequired";
-    /// The guest has not released the device yet.
-    pub const DETACH_PENDING: &str = "DetachPending";
     /// libvirt refused the change.
     pub const ATTACH_FAILED: &str = "AttachFailed";
 }
@@ -78,31 +69,7 @@ fn target_prefix(bus: Bus) -> &'static str {
     }
 }
 
-/// What one reconcile decided: the agent's status fields, its conditions, Events, next wake-up.
-struct Outcome {
-    status: VirtualMachineStorageStatus,
-    ready: Desired<'static>,
-    restart: Option<String>,
-    events: Vec<(EventType, &'static str, String)>,
-    action: Action,
-}
-
-impl Outcome {
-    fn not_ready(
-        prev: &VirtualMachineStorageStatus,
-        reason: &'static str,
-        message: String,
-        action: Action,
-    ) -> Self {
-        Outcome {
-            status: prev.clone(),
-            ready: Desired::falsy(condition::READY, reason, message),
-            restart: None,
-            events: Vec::new(),
-            action,
-        }
-    }
-}
+type Outcome = device::Outcome<VirtualMachineStorageStatus>;
 
 /// Reconciles one VirtualMachineStorage.
 #[tracing::instrument(skip_all, fields(object = %format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any())))]
@@ -136,53 +103,7 @@ pub(super) async fn reconcile(
         ),
         Err(e) => return Err(e),
     };
-    write(&api, &obj, &ctx, outcome).await
-}
-
-async fn write(
-    api: &Api<VirtualMachineStorage>,
-    obj: &VirtualMachineStorage,
-    ctx: &Context,
-    outcome: Outcome,
-) -> Result<Action, DeviceError> {
-    let prev = obj.status.clone().unwrap_or_default();
-    let restart = match &outcome.restart {
-        Some(msg) => Desired::truthy(RESTART_REQUIRED, reason::RESTART_REQUIRED, msg.clone()),
-        None => Desired::falsy(
-            RESTART_REQUIRED,
-            reason::NOT_REQUIRED,
-            "No restart is needed.",
-        ),
-    };
-    let mine = conditions::compute(
-        &prev.conditions,
-        &[outcome.ready, restart],
-        obj.meta().generation,
-        Timestamp::now(),
-    );
-    let mut next = outcome.status;
-    next.observed_generation = obj.meta().generation;
-    next.node_name = prev.node_name.clone();
-    next.conditions = merge(&prev.conditions, &mine);
-    if next != prev {
-        device::apply_status(api, obj, device::agent_status(&next, &mine)).await?;
-    }
-    for (type_, reason, note) in outcome.events {
-        device::publish(&ctx.recorder, obj, type_, reason, note).await;
-    }
-    Ok(outcome.action)
-}
-
-/// `existing` with the conditions of `mine` replaced or added by type.
-pub(super) fn merge(existing: &[Condition], mine: &[Condition]) -> Vec<Condition> {
-    let mut out: Vec<Condition> = existing
-        .iter()
-        .filter(|c| !mine.iter().any(|m| m.type_ == c.type_))
-        .cloned()
-        .collect();
-    out.extend(mine.iter().cloned());
-    out.sort_by(|a, b| a.type_.cmp(&b.type_));
-    out
+    device::write_outcome(&api, &*obj, &ctx, &prev, outcome).await
 }
 
 async fn cleanup(
@@ -192,56 +113,25 @@ async fn cleanup(
     alias: &str,
 ) -> Result<Action, DeviceError> {
     let prev = obj.status.clone().unwrap_or_default();
-    match device::detach(&ctx.libvirt, &ctx.detaches, &obj.spec.vm, alias, find_disk).await? {
-        Detach::Done => {
-            if prev.live == Some(true) || prev.persistent == Some(true) {
-                let target = prev.target.clone().unwrap_or_default();
-                device::publish(
-                    &ctx.recorder,
-                    obj,
-                    EventType::Normal,
-                    "Detached",
-                    format!("Detached {target} from {}.", obj.spec.vm),
-                )
-                .await;
-            }
-            device::remove_finalizer(api, obj).await?;
-            Ok(Action::await_change())
-        }
-        Detach::Pending(after) => {
-            let target = prev.target.clone().unwrap_or_else(|| alias.to_string());
-            let mut message = format!(
-                "The guest has not acknowledged the unplug of {target} from {}; it was removed from the definition and the agent asks the guest again until it releases the device, or until the domain is shut off.",
-                obj.spec.vm
-            );
-            let mut events = Vec::new();
-            if let Some(vm) = ctx.removal_failures.take(alias) {
-                message = format!(
-                    "The guest refused to release {target} from {vm} (DEVICE_REMOVAL_FAILED). {message}"
-                );
-                events.push((
-                    EventType::Warning,
-                    "DetachRefused",
-                    format!("The guest refused to release {target}."),
-                ));
-            }
-            let mut status = prev.clone();
-            status.persistent = Some(false);
-            write(
-                api,
-                obj,
-                ctx,
-                Outcome {
-                    status,
-                    ready: Desired::falsy(condition::READY, reason::DETACH_PENDING, message),
-                    restart: None,
-                    events,
-                    action: Action::requeue(after),
-                },
-            )
-            .await
-        }
-    }
+    let what = prev.target.clone().unwrap_or_else(|| alias.to_string());
+    let was_attached = prev.live == Some(true) || prev.persistent == Some(true);
+    let pending = VirtualMachineStorageStatus {
+        persistent: Some(false),
+        ..prev.clone()
+    };
+    device::finish_detach(
+        api,
+        obj,
+        ctx,
+        &obj.spec.vm,
+        alias,
+        &what,
+        was_attached,
+        find_disk,
+        &prev,
+        pending,
+    )
+    .await
 }
 
 /// A source resolved to a path on the node.
