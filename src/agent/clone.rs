@@ -73,6 +73,13 @@ impl CloneJobs {
         self.0.lock().unwrap_or_else(|p| p.into_inner()).remove(uid)
     }
 
+    /// Stops every copy (the agent is shutting down; a new agent resumes the tasks).
+    pub fn cancel_all(&self) {
+        for job in self.0.lock().unwrap_or_else(|p| p.into_inner()).values() {
+            job.cancel.store(true, Ordering::SeqCst);
+        }
+    }
+
     fn insert(&self, uid: String, job: Job) {
         self.0
             .lock()
@@ -519,7 +526,9 @@ async fn run_job(
         Err(e) => Err(e),
     };
     if cancel.load(Ordering::SeqCst) {
-        return; // Deleted: the reconcile removes the copies.
+        // Deleted (the reconcile removes the copies) or the agent is stopping (the next agent
+        // resumes the task from its status).
+        return;
     }
     match outcome {
         Ok(note) => {

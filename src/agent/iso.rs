@@ -62,6 +62,7 @@ pub struct Downloads {
     slots: Arc<tokio::sync::Semaphore>,
     limit: usize,
     deny: Vec<(IpAddr, u8)>,
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 struct Job {
@@ -78,6 +79,7 @@ impl Downloads {
             slots: Arc::new(tokio::sync::Semaphore::new(limit.max(1))),
             limit: limit.max(1),
             deny,
+            stopping: Default::default(),
         }
     }
 
@@ -94,6 +96,16 @@ impl Downloads {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(uid)
+    }
+
+    /// Stops every transfer, keeping partial data: the agent is shutting down and the next one
+    /// resumes.
+    pub fn stop_all(&self) {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        for job in self.jobs.lock().unwrap_or_else(|p| p.into_inner()).values() {
+            job.cancel.cancel();
+        }
     }
 
     fn cancel(&self, uid: &str) {
@@ -559,7 +571,12 @@ async fn run(
             .await;
             tokio::select! {
                 p = downloads.slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-                () = cancel.cancelled() => return paused(&api, &obj, &ctx, &target, status).await,
+                () = cancel.cancelled() => {
+                    if !downloads.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+                        paused(&api, &obj, &ctx, &target, status).await;
+                    }
+                    return;
+                }
             }
         }
     };
@@ -567,6 +584,11 @@ async fn run(
     drop(permit);
     match outcome {
         Ok(()) => {}
+        Err(Ok(DownloadError::Cancelled { .. }))
+            if downloads.stopping.load(std::sync::atomic::Ordering::SeqCst) =>
+        {
+            // The agent stops; the partial data stays for the next one to resume.
+        }
         Err(Ok(DownloadError::Cancelled { .. })) if cancel.is_cancelled() => {
             // Paused (a deletion takes the job away before it gets here).
             if api

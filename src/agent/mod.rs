@@ -151,6 +151,17 @@ pub async fn run(
         downloads: iso::Downloads::new(config.max_downloads, config.download_deny.clone()),
     });
     let failures = record_removal_failures(ctx.clone(), shutdown.clone());
+    // On shutdown, stop copies and transfers at once (their tasks resume in the next agent):
+    // a blocking copy would otherwise hold the process until it finished.
+    let stop_jobs = {
+        let ctx = ctx.clone();
+        let shutdown = shutdown.clone();
+        async move {
+            shutdown::wait(shutdown).await;
+            ctx.clones.cancel_all();
+            ctx.downloads.stop_all();
+        }
+    };
 
     let selector = format!("{NODE_LABEL}={}", config.node_name);
     let storage_ctrl = Controller::new(
@@ -266,8 +277,8 @@ pub async fn run(
         registered,
         shutdown.clone(),
     );
-    let (result, (), (), (), (), (), ()) = tokio::join!(
-        inventory, storage, interfaces, clones, downloads, synced, failures
+    let (result, (), (), (), (), (), (), ()) = tokio::join!(
+        inventory, storage, interfaces, clones, downloads, synced, failures, stop_jobs
     );
 
     let _ = supervisor.await;

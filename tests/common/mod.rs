@@ -132,6 +132,35 @@ impl TestNamespace {
 
 impl Drop for TestNamespace {
     fn drop(&mut self) {
+        // The test's agent is gone by now: release what its finalizers still hold, so the
+        // namespace really goes away and nothing lingers into later tests (MACs, names).
+        let out = Command::new("kubectl")
+            .args([
+                "get",
+                "-n",
+                &self.name,
+                "virtualmachinestorages,vminterfaces,vmclones,isodownloads",
+                "-o",
+                "name",
+            ])
+            .output();
+        if let Ok(out) = out {
+            for obj in String::from_utf8_lossy(&out.stdout).lines() {
+                let _ = Command::new("kubectl")
+                    .args([
+                        "patch",
+                        "-n",
+                        &self.name,
+                        obj,
+                        "--type=merge",
+                        "-p",
+                        r#"{"metadata":{"finalizers":null}}"#,
+                    ])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status();
+            }
+        }
         let _ = Command::new("kubectl")
             .args([
                 "delete",
