@@ -5,6 +5,12 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
+#[path = "download/ftp_server.rs"]
+#[allow(dead_code)]
+mod ftp_server;
+#[path = "download/pki.rs"]
+#[allow(dead_code)]
+mod pki;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -494,4 +500,76 @@ async fn a_cdrom_waits_for_its_download_and_gets_the_medium() {
     .await;
     assert!(o.status.is_some());
     assert!(live_xml(&guest.name).contains(path.to_str().unwrap()));
+}
+
+#[tokio::test]
+async fn ftps_with_login_and_ca_from_the_namespace_completes_into_the_pool() {
+    let client = client().await;
+    install_crds(&client).await;
+    let ns = TestNamespace::new(&client, "vp-iso-ftps").await;
+    let _op = Operator::start(&ns.name, &[]);
+    let pool = TestPool::create("vp-iso-ftps");
+    let root = tempfile::tempdir().unwrap();
+    let data: Vec<u8> = (0..(2 << 20)).map(|i: u32| (i % 253) as u8).collect();
+    std::fs::write(root.path().join("netinst.iso"), &data).unwrap();
+    let sum = sha256(&root.path().join("netinst.iso"));
+    let tls = pki::make();
+    let cert = root.path().join("cert.pem");
+    let key = root.path().join("key.pem");
+    std::fs::write(&cert, &tls.cert_pem).unwrap();
+    std::fs::write(&key, &tls.key_pem).unwrap();
+    let server =
+        ftp_server::FtpServer::start(root.path(), Some(&ftp_server::TlsFiles { cert, key }), None);
+
+    // The login comes from a Secret and the CA from a ConfigMap of the object's namespace.
+    let ca = tls
+        .ca_pem
+        .lines()
+        .map(|l| format!("    {l}"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    kubectl_apply(
+        &ns.name,
+        &format!(
+            "apiVersion: v1\nkind: Secret\nmetadata:\n  name: ftp-login\nstringData:\n  username: {}\n  password: {}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: ftp-ca\ndata:\n  ca.crt: |\n{ca}\n",
+            ftp_server::USER,
+            ftp_server::PASSWORD
+        ),
+    );
+    let extra = format!(
+        "  checksum:\n    algorithm: sha256\n    value: \"{sum}\"\n  auth:\n    secretRef:\n      name: ftp-login\n  tls:\n    caBundle:\n      configMapKeyRef:\n        name: ftp-ca\n"
+    );
+    kubectl_apply(
+        &ns.name,
+        &manifest(
+            "ftps",
+            &server.url("ftps", "netinst.iso"),
+            &pool.name,
+            &extra,
+        ),
+    );
+    let done = wait_phase(&client, &ns.name, "ftps", DownloadPhase::Completed).await;
+    let st = done.status.unwrap();
+    assert_eq!(st.checksum_verified, Some(true));
+    assert_eq!(sha256(Path::new(&st.volume.unwrap().path)), sum);
+    assert!(virsh(&["vol-list", &pool.name]).contains("netinst.iso"));
+
+    // Without the CA the server's certificate is not trusted: a TLS failure, nothing kept.
+    kubectl_apply(
+        &ns.name,
+        &manifest(
+            "untrusted",
+            &server.url("ftps", "netinst.iso"),
+            &pool.name,
+            "  name: untrusted.iso\n  auth:\n    secretRef:\n      name: ftp-login\n",
+        ),
+    );
+    let failed = wait_phase(&client, &ns.name, "untrusted", DownloadPhase::Failed).await;
+    assert_eq!(
+        ready_reason(&failed).as_deref(),
+        Some("TlsError"),
+        "{:?}",
+        failed.status
+    );
+    assert_eq!(pool_files(&pool), ["netinst.iso"]);
 }
