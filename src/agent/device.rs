@@ -136,7 +136,7 @@ pub async fn detach(
     if view.persistent
         && let Some(xml) = find(&view.config, alias)
     {
-        detach_xml(libvirt, vm, xml, false, true).await?;
+        change(libvirt, vm, xml, false, true, Op::Detach).await?;
     }
     let live = view.live.as_ref().and_then(|l| find(l, alias));
     let Some(xml) = live else {
@@ -153,12 +153,12 @@ pub async fn detach(
     let due = state.is_none_or(|s| now.duration_since(s.last_request) >= reissue_after(s.requests));
     let requests = state.map_or(0, |s| s.requests);
     if due {
-        match detach_xml(libvirt, vm, xml, true, false).await {
+        match change(libvirt, vm, xml, true, false, Op::Detach).await {
             Ok(()) => {}
             // "already in the process of unplug" / guest busy: the request stands, keep waiting.
-            Err(DeviceError::Libvirt(LibvirtError::Call { source, .. }))
+            Err(LibvirtError::Call { source, .. })
                 if source.message().contains("unplug") || source.message().contains("busy") => {}
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         }
         let mut map = detaches.0.lock().unwrap_or_else(|p| p.into_inner());
         map.insert(
@@ -197,28 +197,6 @@ fn forget(detaches: &Detaches, alias: &str) {
         .remove(alias);
 }
 
-async fn detach_xml(
-    libvirt: &Libvirt,
-    vm: &str,
-    xml: String,
-    live: bool,
-    config: bool,
-) -> Result<(), DeviceError> {
-    let name = vm.to_string();
-    let what = if live {
-        "ask the guest to release a device"
-    } else {
-        "remove a device from the definition"
-    };
-    libvirt
-        .call(what, move |c| {
-            let dom = c.lookup_domain_by_name(&name)?;
-            dom.detach_device_flags(&xml, domain::affect(live, config))
-        })
-        .await?;
-    Ok(())
-}
-
 /// Reads a domain; `None` when it does not exist.
 pub async fn read(libvirt: &Libvirt, vm: &str) -> Result<Option<DomainView>, DeviceError> {
     let name = vm.to_string();
@@ -227,29 +205,43 @@ pub async fn read(libvirt: &Libvirt, vm: &str) -> Result<Option<DomainView>, Dev
         .await?)
 }
 
-/// Attaches (or, with `update`, updates) device XML on the live and/or persistent definition.
+/// What [`change`] does with device XML.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// Attach a new device.
+    Attach,
+    /// Update a device in place (media, link state), forcing a locked tray.
+    Update,
+    /// Detach a device (from a running guest: a request the guest must answer).
+    Detach,
+}
+
+/// Attaches, updates or detaches device XML on the live and/or persistent definition.
 pub async fn change(
     libvirt: &Libvirt,
     vm: &str,
     xml: String,
     live: bool,
     config: bool,
-    update: bool,
+    op: Op,
 ) -> Result<(), LibvirtError> {
     let name = vm.to_string();
-    let action = if update {
-        "update a device"
-    } else {
-        "attach a device"
+    let action = match (op, live) {
+        (Op::Attach, _) => "attach a device",
+        (Op::Update, _) => "update a device",
+        (Op::Detach, true) => "ask the guest to release a device",
+        (Op::Detach, false) => "remove a device from the definition",
     };
     libvirt
         .call(action, move |c| {
             let dom = c.lookup_domain_by_name(&name)?;
             let flags = domain::affect(live, config);
-            if update {
-                dom.update_device_flags(&xml, flags | virt::sys::VIR_DOMAIN_DEVICE_MODIFY_FORCE)
-            } else {
-                dom.attach_device_flags(&xml, flags)
+            match op {
+                Op::Attach => dom.attach_device_flags(&xml, flags),
+                Op::Update => {
+                    dom.update_device_flags(&xml, flags | virt::sys::VIR_DOMAIN_DEVICE_MODIFY_FORCE)
+                }
+                Op::Detach => dom.detach_device_flags(&xml, flags),
             }
         })
         .await
@@ -402,17 +394,6 @@ where
     if let Err(err) = recorder.publish(&ev, &obj.object_ref(&())).await {
         tracing::warn!(error = %err, reason, "failed to publish event");
     }
-}
-
-/// Detaches device XML from the live and/or persistent definition without waiting.
-pub async fn change_detach(
-    libvirt: &Libvirt,
-    vm: &str,
-    xml: String,
-    live: bool,
-    config: bool,
-) -> Result<(), DeviceError> {
-    detach_xml(libvirt, vm, xml, live, config).await
 }
 
 /// A status the agent writes; gives access to the fields every kind's status shares.

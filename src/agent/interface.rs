@@ -12,7 +12,7 @@ use kube::{Resource, ResourceExt};
 use serde_json::json;
 
 use super::Context;
-use super::device::{self, DeviceError};
+use super::device::{self, DeviceError, Op};
 use crate::api::{
     AttachMode, GuestInfoSource, GuestInterface, InterfaceType, LinkState, NODE_LABEL, VMInterface,
     VMInterfaceStatus, condition,
@@ -388,7 +388,7 @@ async fn apply(
     if let Some(dev) = &config_dev
         && dev.mac.as_deref() != Some(mac.as_str())
     {
-        device::change_detach(&ctx.libvirt, vm, dev.xml.clone(), false, true).await?;
+        device::change(&ctx.libvirt, vm, dev.xml.clone(), false, true, Op::Detach).await?;
         config_dev = None;
         events.push((
             EventType::Warning,
@@ -399,7 +399,7 @@ async fn apply(
     if let Some(dev) = &live_dev
         && dev.mac.as_deref() != Some(mac.as_str())
     {
-        device::change_detach(&ctx.libvirt, vm, dev.xml.clone(), true, false).await?;
+        device::change(&ctx.libvirt, vm, dev.xml.clone(), true, false, Op::Detach).await?;
         return Ok(Outcome::not_ready(
             prev,
             reason::ATTACH_FAILED,
@@ -410,7 +410,8 @@ async fn apply(
         ));
     }
     if want_config && config_dev.is_none() {
-        if let Err(e) = device::change(&ctx.libvirt, vm, xml.clone(), false, true, false).await {
+        if let Err(e) = device::change(&ctx.libvirt, vm, xml.clone(), false, true, Op::Attach).await
+        {
             return Ok(Outcome::not_ready(
                 prev,
                 reason::ATTACH_FAILED,
@@ -423,7 +424,7 @@ async fn apply(
         }
     }
     if want_live && live_dev.is_none() {
-        match device::change(&ctx.libvirt, vm, xml.clone(), true, false, false).await {
+        match device::change(&ctx.libvirt, vm, xml.clone(), true, false, Op::Attach).await {
             Err(e) => {
                 restart = Some(format!(
                     "Hot-plugging into the running {vm} failed ({e}); the interface is in the definition and appears at the next boot."
@@ -445,7 +446,7 @@ async fn apply(
     } else if let Some(dev) = &live_dev
         && (dev.link_state.as_deref() == Some("down")) != link_down
     {
-        device::change(&ctx.libvirt, vm, xml.clone(), true, false, true).await?;
+        device::change(&ctx.libvirt, vm, xml.clone(), true, false, Op::Update).await?;
         events.push((
             EventType::Normal,
             "LinkChanged",
@@ -458,7 +459,7 @@ async fn apply(
     if let Some(dev) = &config_dev
         && (dev.link_state.as_deref() == Some("down")) != link_down
     {
-        device::change(&ctx.libvirt, vm, xml.clone(), false, true, true).await?;
+        device::change(&ctx.libvirt, vm, xml.clone(), false, true, Op::Update).await?;
     }
 
     let view = device::read(&ctx.libvirt, vm).await?.unwrap_or_default();

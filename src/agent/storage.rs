@@ -11,7 +11,7 @@ use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
 
 use super::Context;
-use super::device::{self, DeviceError};
+use super::device::{self, DeviceError, Op};
 use crate::api::{
     AttachMode, Bus, DownloadPhase, IsoDownload, NODE_LABEL, StorageSource, StorageType,
     VirtualMachineStorage, VirtualMachineStorageStatus, condition,
@@ -552,8 +552,15 @@ async fn apply(
     // A scsi device needs a SCSI controller.
     if spec.bus == Bus::Scsi && existing.is_none() && !view.config.has_controller("scsi", None) {
         let ctrl = "<controller type='scsi' model='virtio-scsi'/>".to_string();
-        if let Err(e) =
-            device::change(&ctx.libvirt, vm, ctrl.clone(), false, want_config, false).await
+        if let Err(e) = device::change(
+            &ctx.libvirt,
+            vm,
+            ctrl.clone(),
+            false,
+            want_config,
+            Op::Attach,
+        )
+        .await
         {
             return Ok(Outcome::not_ready(
                 prev,
@@ -567,7 +574,7 @@ async fn apply(
                 .live
                 .as_ref()
                 .is_some_and(|l| l.has_controller("scsi", None))
-            && let Err(e) = device::change(&ctx.libvirt, vm, ctrl, true, false, false).await
+            && let Err(e) = device::change(&ctx.libvirt, vm, ctrl, true, false, Op::Attach).await
         {
             restart = Some(format!(
                 "{vm} had no SCSI controller and hot-plugging one failed ({e}); the controller and the device are in the definition and appear at the next boot."
@@ -577,7 +584,8 @@ async fn apply(
 
     let drift = |was: Option<bool>| was == Some(true);
     if want_config && config_dev.is_none() {
-        if let Err(e) = device::change(&ctx.libvirt, vm, xml.clone(), false, true, false).await {
+        if let Err(e) = device::change(&ctx.libvirt, vm, xml.clone(), false, true, Op::Attach).await
+        {
             return Ok(Outcome::not_ready(
                 prev,
                 reason::ATTACH_FAILED,
@@ -596,7 +604,7 @@ async fn apply(
                 bus_name(spec.bus)
             ));
         } else if let Err(e) =
-            device::change(&ctx.libvirt, vm, xml.clone(), true, false, false).await
+            device::change(&ctx.libvirt, vm, xml.clone(), true, false, Op::Attach).await
         {
             restart = Some(format!(
                 "Hot-plugging into the running {vm} failed ({e}); the device is in the definition and appears at the next boot. A scsi bus hot-plugs without needing a free PCI slot."
@@ -631,14 +639,14 @@ async fn apply(
         if let Some(dev) = &config_dev
             && dev.source != desired_path
         {
-            device::change(&ctx.libvirt, vm, xml.clone(), false, true, true).await?;
+            device::change(&ctx.libvirt, vm, xml.clone(), false, true, Op::Update).await?;
             changed = true;
         }
         if want_live
             && let Some(dev) = &live_dev
             && dev.source != desired_path
         {
-            device::change(&ctx.libvirt, vm, xml.clone(), true, false, true).await?;
+            device::change(&ctx.libvirt, vm, xml.clone(), true, false, Op::Update).await?;
             changed = true;
         }
         if changed {
