@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod backoff;
 pub mod conditions;
 pub mod controller;
 pub mod copy;

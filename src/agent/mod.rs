@@ -26,6 +26,7 @@ use kube::{Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 
 use crate::api::{IsoDownload, NODE_LABEL, VMClone, VMInterface, VirtualMachineStorage};
+use crate::backoff::Backoff;
 use crate::http::{self, Readiness};
 use crate::libvirt::{DomainEvent, Event, Libvirt, LibvirtError};
 use crate::shutdown::{self, Shutdown};
@@ -86,6 +87,7 @@ pub(crate) struct Context {
     removal_failures: device::RemovalFailures,
     clones: clone::CloneJobs,
     downloads: iso::Downloads,
+    backoff: Backoff,
 }
 
 impl Context {
@@ -133,6 +135,7 @@ pub async fn run(
         tokio::spawn(async move { libvirt.supervise(shutdown).await })
     };
     let ctx = Arc::new(Context {
+        backoff: Backoff::default(),
         client: client.clone(),
         libvirt: libvirt.clone(),
         node: config.node_name.clone(),
@@ -200,7 +203,7 @@ pub async fn run(
         ))
         .graceful_shutdown_on(shutdown::wait(shutdown.clone()))
         .run(
-            |o, c| measured("VirtualMachineStorage", storage::reconcile(o, c)),
+            |o, c| measured(o, c, storage::reconcile),
             error_policy,
             ctx.clone(),
         )
@@ -219,7 +222,7 @@ pub async fn run(
         ))
         .graceful_shutdown_on(shutdown::wait(shutdown.clone()))
         .run(
-            |o, c| measured("VMInterface", interface::reconcile(o, c)),
+            |o, c| measured(o, c, interface::reconcile),
             error_policy,
             ctx.clone(),
         )
@@ -237,7 +240,7 @@ pub async fn run(
         ))
         .graceful_shutdown_on(shutdown::wait(shutdown.clone()))
         .run(
-            |o, c| measured("VMClone", clone::reconcile(o, c)),
+            |o, c| measured(o, c, clone::reconcile),
             error_policy,
             ctx.clone(),
         )
@@ -250,7 +253,7 @@ pub async fn run(
     let downloads = iso_ctrl
         .graceful_shutdown_on(shutdown::wait(shutdown.clone()))
         .run(
-            |o, c| measured("IsoDownload", iso::reconcile(o, c)),
+            |o, c| measured(o, c, iso::reconcile),
             error_policy,
             ctx.clone(),
         )
@@ -290,24 +293,33 @@ pub async fn run(
 fn error_policy<K: Resource<DynamicType = ()>>(
     obj: Arc<K>,
     err: &device::DeviceError,
-    _ctx: Arc<Context>,
+    ctx: Arc<Context>,
 ) -> Action {
-    tracing::warn!(object = %obj.name_any(), error = %err, "reconcile failed; retrying");
-    Action::requeue(Duration::from_secs(5))
+    let after = ctx.backoff.failed(&*obj);
+    tracing::warn!(object = %obj.name_any(), error = %err, retry_in = ?after, "reconcile failed");
+    Action::requeue(after)
 }
 
-/// Runs a reconcile and records it in the metrics.
-async fn measured(
-    kind: &'static str,
-    reconcile: impl std::future::Future<Output = Result<Action, device::DeviceError>>,
-) -> Result<Action, device::DeviceError> {
+/// Runs a reconcile, records it in the metrics and resets the object's back-off on success.
+async fn measured<K, F>(
+    obj: Arc<K>,
+    ctx: Arc<Context>,
+    reconcile: fn(Arc<K>, Arc<Context>) -> F,
+) -> Result<Action, device::DeviceError>
+where
+    K: Resource<DynamicType = ()>,
+    F: std::future::Future<Output = Result<Action, device::DeviceError>>,
+{
     let start = std::time::Instant::now();
-    let result = reconcile.await;
+    let result = reconcile(obj.clone(), ctx.clone()).await;
     crate::metrics::get().reconciled(
-        kind,
+        &K::kind(&()),
         start,
         result.as_ref().err().map(device::DeviceError::class),
     );
+    if result.is_ok() {
+        ctx.backoff.succeeded(&*obj);
+    }
     result
 }
 

@@ -22,6 +22,7 @@ use serde_json::json;
 use crate::api::{
     Hypervisor, IsoDownload, NODE_LABEL, VMClone, VMInterface, VirtualMachineStorage, condition,
 };
+use crate::backoff::Backoff;
 use crate::conditions::{self, Desired};
 use crate::http::{self, Readiness};
 use crate::shutdown::Shutdown;
@@ -73,6 +74,7 @@ struct Context {
     client: Client,
     hypervisors: Store<Hypervisor>,
     grace: SignedDuration,
+    backoff: Backoff,
 }
 
 /// Runs the controller until `shutdown` fires.
@@ -139,6 +141,7 @@ async fn lead(client: Client, config: &ControllerConfig, readiness: Readiness) {
         client: client.clone(),
         hypervisors: reader.clone(),
         grace: SignedDuration::try_from(config.node_grace).unwrap_or(SignedDuration::from_secs(40)),
+        backoff: Backoff::default(),
     });
     // Not ready again until this leader's view of the Hypervisors is synced.
     let syncing = readiness.gate();
@@ -198,7 +201,10 @@ where
     .run(
         |obj, ctx| async move {
             let start = std::time::Instant::now();
-            let result = reconcile::<K>(obj, ctx).await;
+            let result = reconcile::<K>(obj.clone(), ctx.clone()).await;
+            if result.is_ok() {
+                ctx.backoff.succeeded(&*obj);
+            }
             crate::metrics::get().reconciled(
                 &K::kind(&()),
                 start,
@@ -218,12 +224,14 @@ where
     .await;
 }
 
-fn error_policy<K: Resource>(obj: Arc<K>, err: &ControllerError, _ctx: Arc<Context>) -> Action
-where
-    K::DynamicType: Default,
-{
-    tracing::warn!(object = %obj.name_any(), error = %err, "bind failed; retrying");
-    Action::requeue(Duration::from_secs(5))
+fn error_policy<K: Resource<DynamicType = ()>>(
+    obj: Arc<K>,
+    err: &ControllerError,
+    ctx: Arc<Context>,
+) -> Action {
+    let after = ctx.backoff.failed(&*obj);
+    tracing::warn!(object = %obj.name_any(), error = %err, retry_in = ?after, "bind failed");
+    Action::requeue(after)
 }
 
 #[tracing::instrument(skip_all, fields(object = %format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any())))]
