@@ -17,6 +17,11 @@ KUBE_VERSION=1.20.2
 CACHE_DIR="${VIRTPLANE_CACHE:-/var/cache/virtplane}"
 KUBE_BIN_DIR="$CACHE_DIR/kube-$KUBE_VERSION/bin"
 KUBE_BINS=(kube-apiserver kube-controller-manager)
+# The scripts and tests drive the apiserver with kubectl; a machine without one gets the
+# kubectl of the same source build (linked into /usr/local/bin).
+if ! command -v kubectl >/dev/null 2>&1; then
+  KUBE_BINS+=(kubectl)
+fi
 LOG_DIR="$CACHE_DIR/logs"
 LOG="$LOG_DIR/install-deps.log"
 
@@ -283,6 +288,10 @@ if have_kube_bins; then
   log "kube $KUBE_VERSION binaries cached in $KUBE_BIN_DIR"
 else
   build_kube
+fi
+if ! command -v kubectl >/dev/null 2>&1; then
+  log "kubectl: linking $KUBE_BIN_DIR/kubectl into /usr/local/bin"
+  ln -sf "$KUBE_BIN_DIR/kubectl" /usr/local/bin/kubectl
 fi
 
 # ------------------------------------------ Python packages of the chart tests

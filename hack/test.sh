@@ -22,7 +22,8 @@ if [[ -f $STATE/env.sh ]] && (. "$STATE/env.sh" && kubectl get --raw /readyz >/d
 fi
 eval "$(VIRTPLANE_SKIP_INSTALL=1 hack/env-up.sh)"
 if [[ $was_up -eq 0 && ${VIRTPLANE_KEEP_ENV:-0} != 1 ]]; then
-  trap 'hack/env-down.sh >&2 || true' EXIT
+  # --libvirt stops libvirtd/virtlogd only if env-up.sh started them.
+  trap 'hack/env-down.sh --libvirt >&2 || true' EXIT
 fi
 
 log "cargo fmt --check"

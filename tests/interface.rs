@@ -121,6 +121,22 @@ async fn macs_are_allocated_once_honoured_and_never_shared() {
     .await;
     assert!(cond(&dup, "Ready").unwrap().2.contains(&allocated));
     assert_eq!(config_xml(&domain.name).matches(&allocated).count(), 1);
+    // The NIC that had the MAC first keeps it and stays Ready.
+    api.patch(
+        "auto",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"annotations": {"touch": "2"}}})),
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let still = api.get("auto").await.unwrap();
+    assert!(
+        is_ready(&still),
+        "auto lost its MAC: {:?}",
+        cond(&still, "Ready")
+    );
+    assert_eq!(mac(&still), allocated);
 
     // Multicast MACs pass the schema's pattern but not the agent.
     kubectl_apply(
@@ -164,6 +180,11 @@ async fn macs_are_allocated_once_honoured_and_never_shared() {
         &ns.name,
         &manifest("nodev", &domain.name, "  type: direct\n  source: nodev0\n"),
     );
+    // lo exists on every host but is no bridge.
+    kubectl_apply(
+        &ns.name,
+        &manifest("notbridge", &domain.name, "  type: bridge\n  source: lo\n"),
+    );
     wait_obj::<Nic>(
         &client,
         &ns.name,
@@ -191,7 +212,31 @@ async fn macs_are_allocated_once_honoured_and_never_shared() {
         has_reason("HostDeviceNotFound"),
     )
     .await;
+    let notbridge = wait_obj::<Nic>(
+        &client,
+        &ns.name,
+        "notbridge",
+        "HostDeviceNotFound",
+        T,
+        has_reason("HostDeviceNotFound"),
+    )
+    .await;
+    assert!(cond(&notbridge, "Ready").unwrap().2.contains("bridge lo"));
     assert_eq!(config_xml(&domain.name), before, "nothing half-attached");
+
+    // A real host bridge (libvirt's virbr0, which env-up.sh starts) is accepted.
+    kubectl_apply(
+        &ns.name,
+        &manifest(
+            "onbridge",
+            &domain.name,
+            "  type: bridge\n  source: virbr0\n",
+        ),
+    );
+    let on = ready(&client, &ns.name, "onbridge").await;
+    let xml = config_xml(&domain.name);
+    assert!(xml.contains("<source bridge='virbr0'/>"), "{xml}");
+    assert!(xml.contains(&mac(&on)));
 }
 
 #[tokio::test]

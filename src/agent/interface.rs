@@ -10,6 +10,8 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
+use virt::enumutil::Enum;
+use virt::error::ErrorNumber;
 
 use super::Context;
 use super::device::{self, DeviceError, Op};
@@ -279,12 +281,22 @@ async fn apply(
                 }
             }
             (InterfaceType::Bridge | InterfaceType::Direct, Some(dev)) => {
-                let sys = std::path::Path::new("/sys/class/net").join(dev);
-                let ok = if spec.type_ == InterfaceType::Bridge {
-                    sys.join("bridge").exists()
-                } else {
-                    sys.exists()
-                };
+                // Asked of libvirt, which sees the host's interfaces (the agent's pod may not).
+                let (d, bridge) = (dev.clone(), spec.type_ == InterfaceType::Bridge);
+                let ok = ctx
+                    .libvirt
+                    .call("look up the host interface", move |c| {
+                        Ok(match c.lookup_interface_by_name(&d) {
+                            Ok(i) => !bridge || i.xml_desc(0)?.contains("type='bridge'"),
+                            Err(e) => match e.code() {
+                                Enum::Known(ErrorNumber::NoInterface) => false,
+                                // No interface driver in this libvirtd: the attach itself tells.
+                                Enum::Known(ErrorNumber::NoSupport) => true,
+                                _ => return Err(e),
+                            },
+                        })
+                    })
+                    .await?;
                 if !ok || dev.contains('/') {
                     return Ok(Outcome::not_ready(
                         prev,
@@ -340,7 +352,9 @@ async fn apply(
     let conflict = others
         .iter()
         .any(|(m, a)| *m == mac && a.as_deref() != Some(alias))
-        || cluster_macs.contains(&mac);
+        || all
+            .iter()
+            .any(|o| mac_claimed_before(o, obj, &mac, prev.mac.is_some()));
     if conflict {
         return Ok(Outcome::not_ready(
             prev,
@@ -597,6 +611,33 @@ async fn guest_view(
     ))
 }
 
+/// Whether `other` holds `mac` ahead of `obj`. A MAC recorded in a status is a claim; a MAC only
+/// requested in a spec is a claim until its object records one. Between two claims of the same
+/// kind the older object wins, so a newer object can never take a MAC from an attached NIC.
+fn mac_claimed_before(other: &VMInterface, obj: &VMInterface, mac: &str, recorded: bool) -> bool {
+    if other.uid() == obj.uid() {
+        return false;
+    }
+    let other_recorded = other.status.as_ref().and_then(|s| s.mac.as_deref());
+    let other_requested = other
+        .spec
+        .mac
+        .as_deref()
+        .and_then(|m| valid_mac(m).ok())
+        .filter(|_| other_recorded.is_none());
+    let older = (other.creation_timestamp(), other.uid()) < (obj.creation_timestamp(), obj.uid());
+    match (
+        other_recorded == Some(mac),
+        other_requested.as_deref() == Some(mac),
+    ) {
+        // A recorded claim beats a request, and the older of two recorded claims wins.
+        (true, _) => !recorded || older,
+        // A request never takes a recorded MAC; of two requests the older wins.
+        (false, true) => !recorded && older,
+        (false, false) => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -621,5 +662,50 @@ mod tests {
         assert!(mac.starts_with("52:54:00:"));
         assert!(!used.contains(&mac));
         assert!(valid_mac(&mac).is_ok());
+    }
+
+    fn nic(uid: &str, created: i64, spec_mac: Option<&str>, recorded: Option<&str>) -> VMInterface {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+        let mut o = VMInterface::new(
+            uid,
+            serde_json::from_value(serde_json::json!({"vm": "v", "type": "user", "mac": spec_mac}))
+                .unwrap(),
+        );
+        o.metadata.uid = Some(uid.into());
+        o.metadata.creation_timestamp = Some(Time(
+            k8s_openapi::jiff::Timestamp::from_second(created).unwrap(),
+        ));
+        o.status = Some(VMInterfaceStatus {
+            mac: recorded.map(Into::into),
+            ..Default::default()
+        });
+        o
+    }
+
+    #[test]
+    fn a_newer_object_never_takes_a_recorded_mac() {
+        let m = "52:54:00:00:00:01";
+        let attached = nic("a", 1, None, Some(m));
+        let newcomer = nic("b", 2, Some(m), None);
+        // The newcomer is refused; the attached NIC keeps its MAC.
+        assert!(mac_claimed_before(&attached, &newcomer, m, false));
+        assert!(!mac_claimed_before(&newcomer, &attached, m, true));
+        // Two recorded claims (a race): the older wins.
+        let racer = nic("c", 3, None, Some(m));
+        assert!(mac_claimed_before(&attached, &racer, m, true));
+        assert!(!mac_claimed_before(&racer, &attached, m, true));
+        // Two requests: the older wins.
+        let first = nic("d", 4, Some(m), None);
+        let second = nic("e", 5, Some(m), None);
+        assert!(mac_claimed_before(&first, &second, m, false));
+        assert!(!mac_claimed_before(&second, &first, m, false));
+        // Itself and other MACs never conflict.
+        assert!(!mac_claimed_before(&attached, &attached, m, true));
+        assert!(!mac_claimed_before(
+            &attached,
+            &newcomer,
+            "52:54:00:00:00:02",
+            false
+        ));
     }
 }

@@ -310,6 +310,12 @@ where
     K: Resource<DynamicType = ()>,
     F: std::future::Future<Output = Result<Action, device::DeviceError>>,
 {
+    // Logged before anything else looks at the object: what an agent receives is visible.
+    tracing::debug!(
+        kind = %K::kind(&()),
+        object = %format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any()),
+        "received",
+    );
     let start = std::time::Instant::now();
     let result = reconcile(obj.clone(), ctx.clone()).await;
     crate::metrics::get().reconciled(
