@@ -353,6 +353,19 @@ async fn bad_input_is_refused_with_a_reason_and_leaves_the_domain_alone() {
             msg.len() > 30,
             "{name}: the message should tell what to do: {msg}"
         );
+        // Each refusal is also a Warning Event.
+        eventually(
+            &format!("a {reason} Event about {name}"),
+            Duration::from_secs(10),
+            || async {
+                event_reasons(&client, &ns.name, name)
+                    .await
+                    .iter()
+                    .any(|r| r == reason)
+                    .then_some(())
+            },
+        )
+        .await;
     }
     assert_eq!(
         live_xml(&guest.name),
@@ -408,6 +421,27 @@ async fn bad_input_is_refused_with_a_reason_and_leaves_the_domain_alone() {
     assert!(!is_ready(&o));
     assert!(config_xml(&guest.name).contains(&alias(&o)));
     assert!(!live_xml(&guest.name).contains(&alias(&o)));
+
+    // After a reboot the drive is there; it cannot be unplugged while the guest runs, so the
+    // delete waits for the shutdown and says so instead of waiting for the guest in vain.
+    virsh(&["destroy", &guest.name]);
+    virsh(&["start", &guest.name]);
+    ready(&client, &ns.name, "sata").await;
+    assert!(live_xml(&guest.name).contains(&alias(&o)));
+    let api: Api<Vms> = Api::namespaced(client.clone(), &ns.name);
+    api.delete("sata", &Default::default()).await.unwrap();
+    let held = wait_obj::<Vms>(&client, &ns.name, "sata", "DetachPending", T, |o| {
+        has_reason("DetachPending")(o)
+    })
+    .await;
+    let (_, _, msg) = cond(&held, "Ready").unwrap();
+    assert!(msg.contains("cannot be unplugged"), "{msg}");
+    assert!(!config_xml(&guest.name).contains(&alias(&o)));
+    virsh(&["destroy", &guest.name]);
+    eventually("the object is released at shutdown", T, || async {
+        api.get_opt("sata").await.unwrap().is_none().then_some(())
+    })
+    .await;
 }
 
 #[tokio::test]

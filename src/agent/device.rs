@@ -24,6 +24,7 @@ use crate::api::{
 use crate::conditions::{self, Desired};
 use crate::libvirt::domain::{self, DomainView};
 use crate::libvirt::{Libvirt, LibvirtError};
+use virt::error::ErrorNumber;
 
 /// Finalizer that holds a device object until its device is gone from the domain.
 pub const FINALIZER: &str = "virtplane.io/detach";
@@ -113,6 +114,9 @@ pub enum Detach {
     Done,
     /// The guest has not released it yet; check again after the duration.
     Pending(Duration),
+    /// The device cannot be unplugged from a running guest (libvirt's reason); it is released
+    /// when the domain shuts off.
+    AtShutdown(String),
 }
 
 /// Removes the device with `alias` (located with `find`) from the persistent definition at once
@@ -155,6 +159,10 @@ pub async fn detach(
     if due {
         match change(libvirt, vm, xml, true, false, Op::Detach).await {
             Ok(()) => {}
+            // "This type of disk cannot be hot unplugged": waiting for the guest is pointless.
+            Err(e) if e.code() == Some(ErrorNumber::OperationUnsupported) => {
+                return Ok(Detach::AtShutdown(e.to_string()));
+            }
             // "already in the process of unplug" / guest busy: the request stands, keep waiting.
             Err(LibvirtError::Call { source, .. })
                 if source.message().contains("unplug") || source.message().contains("busy") => {}
@@ -534,11 +542,41 @@ where
         Some(msg) => Desired::truthy(RESTART_REQUIRED, "RestartRequired", msg.clone()),
         None => Desired::falsy(RESTART_REQUIRED, "NotRequired", "No restart is needed."),
     };
+    let mut events = outcome.events;
+    events.extend(warnings(prev.conditions(), &outcome.ready, &restart));
     write_status(api, obj, prev, outcome.status, &[outcome.ready, restart]).await?;
-    for (type_, reason, note) in outcome.events {
+    for (type_, reason, note) in events {
         publish(&ctx.recorder, obj, type_, reason, note).await;
     }
     Ok(outcome.action)
+}
+
+/// Reasons that mean "waiting as asked", not a failure: no Warning Event for them.
+const WAITING: &[&str] = &[DETACH_PENDING, "WaitingForDownload"];
+
+/// A Warning Event for each failure that is new: `Ready` turning False with another reason than
+/// before, or a restart becoming required. Repeated reconciles of the same failure publish
+/// nothing, so `kubectl get events` shows each problem once.
+fn warnings(
+    before: &[Condition],
+    ready: &Desired<'static>,
+    restart: &Desired<'static>,
+) -> Vec<(EventType, &'static str, String)> {
+    let was = |type_: &str| before.iter().find(|c| c.type_ == type_);
+    let mut out = Vec::new();
+    let ready_changed =
+        was(condition::READY).is_none_or(|c| c.status != "False" || c.reason != ready.reason);
+    if !ready.status && ready_changed && !WAITING.contains(&ready.reason) {
+        out.push((EventType::Warning, ready.reason, ready.message.clone()));
+    }
+    if restart.status && was(RESTART_REQUIRED).is_none_or(|c| c.status != "True") {
+        out.push((
+            EventType::Warning,
+            RESTART_REQUIRED,
+            restart.message.clone(),
+        ));
+    }
+    out
 }
 
 /// The finalizer of a device kind: detaches the device with `alias` (called `what` in messages)
@@ -578,6 +616,25 @@ where
             remove_finalizer(api, obj).await?;
             Ok(Action::await_change())
         }
+        Detach::AtShutdown(why) => {
+            let outcome = Outcome {
+                status: pending,
+                ready: Desired::falsy(
+                    condition::READY,
+                    DETACH_PENDING,
+                    format!(
+                        "{what} cannot be unplugged from the running {vm} ({why}). It was removed from the definition and is released when {vm} shuts off; the object stays until then."
+                    ),
+                ),
+                restart: Some(format!(
+                    "{what} leaves {vm} at its next shutdown; it cannot be hot-unplugged."
+                )),
+                events: Vec::new(),
+                // The domain's stop event wakes the object.
+                action: Action::requeue(Duration::from_secs(600)),
+            };
+            write_outcome(api, obj, ctx, prev, outcome).await
+        }
         Detach::Pending(after) => {
             let mut message = format!(
                 "The guest has not acknowledged the unplug of {what} from {vm}; it was removed from the definition and the agent asks the guest again until it releases the device, or until the domain is shut off."
@@ -602,5 +659,54 @@ where
             };
             write_outcome(api, obj, ctx, prev, outcome).await
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cond(type_: &str, status: &str, reason: &str) -> Condition {
+        Condition {
+            type_: type_.into(),
+            status: status.into(),
+            reason: reason.into(),
+            message: String::new(),
+            last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                Timestamp::now(),
+            ),
+            observed_generation: None,
+        }
+    }
+
+    #[test]
+    fn a_failure_is_announced_once() {
+        let failed = Desired::falsy(condition::READY, "PathNotAllowed", "outside");
+        let fine = Desired::falsy(RESTART_REQUIRED, "NotRequired", "");
+        let reasons = |before: &[Condition], ready: &Desired<'static>, restart| {
+            warnings(before, ready, restart)
+                .into_iter()
+                .map(|(_, r, _)| r)
+                .collect::<Vec<_>>()
+        };
+        // New failure: one Warning; the same failure again: none.
+        assert_eq!(reasons(&[], &failed, &fine), ["PathNotAllowed"]);
+        let before = [cond("Ready", "False", "PathNotAllowed")];
+        assert!(reasons(&before, &failed, &fine).is_empty());
+        // Another failure after it, or after being Ready: a Warning again.
+        let other = Desired::falsy(condition::READY, "SourceNotFound", "gone");
+        assert_eq!(reasons(&before, &other, &fine), ["SourceNotFound"]);
+        let ready = [cond("Ready", "True", "Attached")];
+        assert_eq!(reasons(&ready, &failed, &fine), ["PathNotAllowed"]);
+        // Waiting as asked is no failure; success is none either.
+        let waiting = Desired::falsy(condition::READY, DETACH_PENDING, "guest");
+        assert!(reasons(&ready, &waiting, &fine).is_empty());
+        let ok = Desired::truthy(condition::READY, "Attached", "ok");
+        assert!(reasons(&[], &ok, &fine).is_empty());
+        // A restart that becomes required is announced once.
+        let restart = Desired::truthy(RESTART_REQUIRED, RESTART_REQUIRED, "next boot");
+        assert_eq!(reasons(&ready, &ok, &restart), [RESTART_REQUIRED]);
+        let required = [cond(RESTART_REQUIRED, "True", RESTART_REQUIRED)];
+        assert!(reasons(&required, &ok, &restart).is_empty());
     }
 }
