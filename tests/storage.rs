@@ -341,7 +341,23 @@ async fn bad_input_is_refused_with_a_reason_and_leaves_the_domain_alone() {
             &format!("  nodeName: {}\n  type: cdrom\n", op.agent.node),
         ),
     );
+    // Not a qcow2 image: libvirt takes it into the definition, QEMU refuses it on hot-plug. The
+    // definition is put back as it was (a restart would only fail to boot).
+    let corrupt = pool.path.join("corrupt.qcow2");
+    std::fs::write(&corrupt, vec![b'x'; 1 << 20]).unwrap();
+    kubectl_apply(
+        &ns.name,
+        &manifest(
+            "corrupt",
+            &guest.name,
+            &format!(
+                "  type: disk\n  format: qcow2\n  source:\n    path: {}\n",
+                corrupt.display()
+            ),
+        ),
+    );
     for (name, reason) in [
+        ("corrupt", "AttachFailed"),
         ("shadow", "PathNotAllowed"),
         ("escape", "PathNotAllowed"),
         ("missing", "SourceNotFound"),

@@ -551,6 +551,40 @@ where
     Ok(outcome.action)
 }
 
+/// Whether a failed hot-plug hit a limit of the running machine (no free PCI slot, a bus or
+/// device that cannot be hot-plugged) rather than a problem with the device itself (an image
+/// QEMU cannot open or that another guest has locked). Only the former is worth keeping in the
+/// definition for the next boot.
+pub fn hotplug_limit(err: &LibvirtError) -> bool {
+    if err.code() == Some(ErrorNumber::OperationUnsupported) {
+        return true;
+    }
+    let msg = err.to_string().to_lowercase();
+    ["pci", "slot", "hotplug", "hot-plug", "hot plug"]
+        .iter()
+        .any(|k| msg.contains(k))
+}
+
+/// Attaches `xml` to the running `vm`. `Ok(Ok(None))`: plugged; `Ok(Ok(Some(error)))`: a
+/// [`hotplug_limit`], worth keeping in the definition for the next boot; `Ok(Err(message))`: the
+/// guest refused the device itself.
+pub async fn attach_live(
+    libvirt: &Libvirt,
+    vm: &str,
+    xml: &str,
+) -> Result<Result<Option<LibvirtError>, String>, DeviceError> {
+    match change(libvirt, vm, xml.to_string(), true, false, Op::Attach).await {
+        Ok(()) => Ok(Ok(None)),
+        Err(e) if hotplug_limit(&e) => Ok(Ok(Some(e))),
+        // A lost connection is no answer about the device: retried like any libvirt failure.
+        Err(e) if matches!(e.code(), Some(ErrorNumber::Rpc | ErrorNumber::NoConnect)) => {
+            Err(e.into())
+        }
+        Err(LibvirtError::Call { source, .. }) => Ok(Err(source.message().to_string())),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Reasons that mean "waiting as asked", not a failure: no Warning Event for them.
 const WAITING: &[&str] = &[DETACH_PENDING, "WaitingForDownload"];
 

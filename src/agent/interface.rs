@@ -423,39 +423,45 @@ async fn apply(
             Action::requeue(Duration::from_secs(2)),
         ));
     }
-    if want_config && config_dev.is_none() {
-        if let Err(e) = device::change(&ctx.libvirt, vm, xml.clone(), false, true, Op::Attach).await
-        {
-            return Ok(Outcome::not_ready(
-                prev,
-                reason::ATTACH_FAILED,
-                format!("libvirt refused the interface: {e}. Nothing was changed; fix the spec."),
-                Action::await_change(),
-            ));
-        }
-        if prev.persistent == Some(true) && events.is_empty() {
-            events.push((EventType::Warning, "DriftCorrected", format!("{mac} was removed from the definition of {vm} outside virtplane; it was put back.")));
-        }
-    }
+    // Decided before the hot-plug adds its own events.
+    let config_drifted = prev.persistent == Some(true) && events.is_empty();
+    // The running guest first: a NIC QEMU refuses is refused before anything is written.
+    let mut plugged = false;
     if want_live && live_dev.is_none() {
-        match device::change(&ctx.libvirt, vm, xml.clone(), true, false, Op::Attach).await {
+        match device::attach_live(&ctx.libvirt, vm, &xml).await? {
             Err(e) => {
+                return Ok(Outcome::not_ready(
+                    prev,
+                    reason::ATTACH_FAILED,
+                    format!(
+                        "The running {vm} refused the interface: {e}. Nothing was changed; fix the spec."
+                    ),
+                    Action::requeue(Duration::from_secs(300)),
+                ));
+            }
+            Ok(Some(e)) => {
                 restart = Some(format!(
                     "Hot-plugging into the running {vm} failed ({e}); the interface is in the definition and appears at the next boot."
                 ))
             }
-            Ok(()) if prev.live == Some(true) => events.push((
-                EventType::Warning,
-                "DriftCorrected",
-                format!(
-                    "{mac} was removed from the running {vm} outside virtplane; it was put back."
-                ),
-            )),
-            Ok(()) => events.push((
-                EventType::Normal,
-                "Attached",
-                format!("Hot-plugged {mac} into {vm}."),
-            )),
+            Ok(None) => {
+                plugged = true;
+                events.push(if prev.live == Some(true) {
+                    (
+                        EventType::Warning,
+                        "DriftCorrected",
+                        format!(
+                            "{mac} was removed from the running {vm} outside virtplane; it was put back."
+                        ),
+                    )
+                } else {
+                    (
+                        EventType::Normal,
+                        "Attached",
+                        format!("Hot-plugged {mac} into {vm}."),
+                    )
+                });
+            }
         }
     } else if let Some(dev) = &live_dev
         && (dev.link_state.as_deref() == Some("down")) != link_down
@@ -469,6 +475,42 @@ async fn apply(
                 if link_down { "down" } else { "up" }
             ),
         ));
+    }
+    if want_config && config_dev.is_none() {
+        if let Err(e) = device::change(&ctx.libvirt, vm, xml.clone(), false, true, Op::Attach).await
+        {
+            let mut message =
+                format!("libvirt refused the interface: {e}. Nothing was changed; fix the spec.");
+            if plugged {
+                // Take the hot-plug back: a NIC that is not in the definition is half-attached.
+                message = match device::change(
+                    &ctx.libvirt,
+                    vm,
+                    xml.clone(),
+                    true,
+                    false,
+                    Op::Detach,
+                )
+                .await
+                {
+                    Ok(()) => format!(
+                        "libvirt refused the interface in the definition: {e}. The hot-plug was unplugged again; fix the spec."
+                    ),
+                    Err(e2) => format!(
+                        "libvirt refused the interface in the definition ({e}) after it was hot-plugged, and unplugging it again failed ({e2}); detach {mac} from {vm} by hand."
+                    ),
+                };
+            }
+            return Ok(Outcome::not_ready(
+                prev,
+                reason::ATTACH_FAILED,
+                message,
+                Action::await_change(),
+            ));
+        }
+        if config_drifted {
+            events.push((EventType::Warning, "DriftCorrected", format!("{mac} was removed from the definition of {vm} outside virtplane; it was put back.")));
+        }
     }
     if let Some(dev) = &config_dev
         && (dev.link_state.as_deref() == Some("down")) != link_down

@@ -583,46 +583,82 @@ async fn apply(
     }
 
     let drift = |was: Option<bool>| was == Some(true);
-    if want_config && config_dev.is_none() {
-        if let Err(e) = device::change(&ctx.libvirt, vm, xml.clone(), false, true, Op::Attach).await
-        {
-            return Ok(Outcome::not_ready(
-                prev,
-                reason::ATTACH_FAILED,
-                format!("libvirt refused the device: {e}. Nothing was changed; fix the spec."),
-                Action::await_change(),
-            ));
-        }
-        if drift(prev.persistent) {
-            events.push((EventType::Warning, "DriftCorrected", format!("{target} was removed from the definition of {vm} outside virtplane; it was put back.")));
-        }
-    }
+    // The running guest first: a device QEMU refuses (an image it cannot open, or one another
+    // guest holds) is refused before anything is written, so nothing is left behind and no
+    // domain event wakes the object into trying again at once.
+    let mut plugged = false;
     if want_live && live_dev.is_none() && restart.is_none() {
         if !hotpluggable {
             restart = Some(format!(
                 "A {} device cannot be hot-plugged: it was added to the definition of {vm} and appears at the next boot. Use bus scsi to hot-plug instead.",
                 bus_name(spec.bus)
             ));
-        } else if let Err(e) =
-            device::change(&ctx.libvirt, vm, xml.clone(), true, false, Op::Attach).await
-        {
-            restart = Some(format!(
-                "Hot-plugging into the running {vm} failed ({e}); the device is in the definition and appears at the next boot. A scsi bus hot-plugs without needing a free PCI slot."
-            ));
-        } else if drift(prev.live) {
-            events.push((
-                EventType::Warning,
-                "DriftCorrected",
-                format!(
-                    "{target} was removed from the running {vm} outside virtplane; it was put back."
-                ),
-            ));
         } else {
-            events.push((
-                EventType::Normal,
-                "Attached",
-                format!("Hot-plugged {target} into {vm}."),
+            match device::attach_live(&ctx.libvirt, vm, &xml).await? {
+                Err(e) => {
+                    return Ok(Outcome::not_ready(
+                        prev,
+                        reason::ATTACH_FAILED,
+                        format!(
+                            "The running {vm} refused the device: {e}. Nothing was changed; fix the source (is it a valid image of spec.format, not in use by another guest?) or the spec."
+                        ),
+                        retry_later,
+                    ));
+                }
+                Ok(Some(e)) => {
+                    restart = Some(format!(
+                        "Hot-plugging into the running {vm} failed ({e}); the device is in the definition and appears at the next boot. A scsi bus hot-plugs without needing a free PCI slot."
+                    ));
+                }
+                Ok(None) => {
+                    plugged = true;
+                    events.push(if drift(prev.live) {
+                        (
+                            EventType::Warning,
+                            "DriftCorrected",
+                            format!(
+                                "{target} was removed from the running {vm} outside virtplane; it was put back."
+                            ),
+                        )
+                    } else {
+                        (
+                            EventType::Normal,
+                            "Attached",
+                            format!("Hot-plugged {target} into {vm}."),
+                        )
+                    });
+                }
+            }
+        }
+    }
+    if want_config && config_dev.is_none() {
+        if let Err(e) = device::change(&ctx.libvirt, vm, xml.clone(), false, true, Op::Attach).await
+        {
+            let mut message =
+                format!("libvirt refused the device: {e}. Nothing was changed; fix the spec.");
+            if plugged {
+                // Take the hot-plug back: a device that is not in the definition is half-attached.
+                if let Err(e) =
+                    device::change(&ctx.libvirt, vm, xml.clone(), true, false, Op::Detach).await
+                {
+                    message = format!(
+                        "libvirt refused the device in the definition ({e}) after it was hot-plugged, and unplugging it again failed; detach {target} from {vm} by hand."
+                    );
+                } else {
+                    message = format!(
+                        "libvirt refused the device in the definition: {e}. The hot-plug was unplugged again; fix the spec."
+                    );
+                }
+            }
+            return Ok(Outcome::not_ready(
+                prev,
+                reason::ATTACH_FAILED,
+                message,
+                Action::await_change(),
             ));
+        }
+        if drift(prev.persistent) {
+            events.push((EventType::Warning, "DriftCorrected", format!("{target} was removed from the definition of {vm} outside virtplane; it was put back.")));
         }
     }
     if want_config && config_dev.is_none() && !want_live && !drift(prev.persistent) {

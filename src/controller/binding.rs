@@ -91,15 +91,17 @@ pub enum Decision {
     },
 }
 
-/// Chooses the node for an object that is not bound yet.
+/// Chooses the node for an object that is not bound yet among `hypervisors`, each with whether
+/// it is alive (heartbeating within the grace period). Without `spec.nodeName` only live nodes
+/// are chosen: a dead node's stale inventory neither attracts objects nor makes them ambiguous.
 pub fn decide(
     node_name: Option<&str>,
     target: Target<'_>,
-    hypervisors: &[&Hypervisor],
+    hypervisors: &[(&Hypervisor, bool)],
 ) -> Decision {
     let name_of = |h: &&Hypervisor| h.metadata.name.clone().unwrap_or_default();
     if let Some(node) = node_name {
-        return if hypervisors.iter().any(|h| name_of(h) == node) {
+        return if hypervisors.iter().any(|(h, _)| name_of(h) == node) {
             Decision::Bind {
                 node: node.to_string(),
                 message: format!("Bound to node {node}, named in spec.nodeName."),
@@ -124,8 +126,28 @@ pub fn decide(
             Target::Pool(pool) => s.storage_pools.iter().any(|p| p.name == pool),
         })
     };
-    let mut nodes: Vec<String> = hypervisors.iter().filter(|h| has(h)).map(name_of).collect();
+    let mut nodes: Vec<String> = hypervisors
+        .iter()
+        .filter(|(h, live)| *live && has(h))
+        .map(|(h, _)| name_of(h))
+        .collect();
     nodes.sort();
+    let mut silent: Vec<String> = hypervisors
+        .iter()
+        .filter(|(h, live)| !*live && has(h))
+        .map(|(h, _)| name_of(h))
+        .collect();
+    silent.sort();
+    if nodes.is_empty() && !silent.is_empty() {
+        return Decision::Unschedulable {
+            reason: reason::NODE_UNREACHABLE,
+            message: format!(
+                "Only node(s) {} report {what}, and their agents stopped heartbeating. The object \
+                 is bound when one comes back; set spec.nodeName to bind it now.",
+                silent.join(", ")
+            ),
+        };
+    }
     match (nodes.len(), target) {
         (1, _) => {
             let node = nodes.remove(0);
@@ -211,17 +233,38 @@ mod tests {
     #[test]
     fn binds_to_the_only_node_with_the_domain() {
         let (a, b) = (hv("a", &["web-1"], &[]), hv("b", &["db-1"], &[]));
-        match decide(None, Target::Domain("db-1"), &[&a, &b]) {
+        match decide(None, Target::Domain("db-1"), &[(&a, true), (&b, true)]) {
             Decision::Bind { node, .. } => assert_eq!(node, "b"),
             other => panic!("{other:?}"),
         }
     }
 
     #[test]
+    fn silent_nodes_neither_attract_objects_nor_make_them_ambiguous() {
+        let (a, b) = (hv("a", &["web-1"], &[]), hv("b", &["web-1"], &[]));
+        match decide(None, Target::Domain("web-1"), &[(&a, false), (&b, true)]) {
+            Decision::Bind { node, .. } => assert_eq!(node, "b"),
+            other => panic!("{other:?}"),
+        }
+        let Decision::Unschedulable { reason, message } =
+            decide(None, Target::Domain("web-1"), &[(&a, false), (&b, false)])
+        else {
+            panic!("expected no binding")
+        };
+        assert_eq!(reason, reason::NODE_UNREACHABLE);
+        assert!(message.contains("a, b") && message.contains("spec.nodeName"));
+        // Named explicitly, a silent node is still taken: the user chose it.
+        assert!(matches!(
+            decide(Some("a"), Target::Domain("web-1"), &[(&a, false)]),
+            Decision::Bind { .. }
+        ));
+    }
+
+    #[test]
     fn reports_missing_and_ambiguous_domains() {
         let (a, b) = (hv("a", &["web-1"], &[]), hv("b", &["web-1"], &[]));
         let Decision::Unschedulable { reason, message } =
-            decide(None, Target::Domain("web-1"), &[&b, &a])
+            decide(None, Target::Domain("web-1"), &[(&b, true), (&a, true)])
         else {
             panic!("expected ambiguity")
         };
@@ -230,7 +273,8 @@ mod tests {
             message.contains("a, b") && message.contains("spec.nodeName"),
             "{message}"
         );
-        let Decision::Unschedulable { reason, .. } = decide(None, Target::Domain("nope"), &[&a])
+        let Decision::Unschedulable { reason, .. } =
+            decide(None, Target::Domain("nope"), &[(&a, true)])
         else {
             panic!("expected not found")
         };
@@ -241,10 +285,11 @@ mod tests {
     fn node_name_wins_but_must_exist() {
         let a = hv("a", &[], &[]);
         assert!(matches!(
-            decide(Some("a"), Target::Domain("x"), &[&a]),
+            decide(Some("a"), Target::Domain("x"), &[(&a, true)]),
             Decision::Bind { .. }
         ));
-        let Decision::Unschedulable { reason, .. } = decide(Some("z"), Target::Domain("x"), &[&a])
+        let Decision::Unschedulable { reason, .. } =
+            decide(Some("z"), Target::Domain("x"), &[(&a, true)])
         else {
             panic!("expected NodeNotFound")
         };
@@ -255,14 +300,16 @@ mod tests {
     fn pools_bind_to_one_node_or_ask_for_a_name() {
         let (a, b) = (hv("a", &[], &["ISO"]), hv("b", &[], &["ISO", "default"]));
         assert!(
-            matches!(decide(None, Target::Pool("default"), &[&a, &b]), Decision::Bind { node, .. } if node == "b")
+            matches!(decide(None, Target::Pool("default"), &[(&a, true), (&b, true)]), Decision::Bind { node, .. } if node == "b")
         );
-        let Decision::Unschedulable { reason, .. } = decide(None, Target::Pool("ISO"), &[&a, &b])
+        let Decision::Unschedulable { reason, .. } =
+            decide(None, Target::Pool("ISO"), &[(&a, true), (&b, true)])
         else {
             panic!()
         };
         assert_eq!(reason, reason::NODE_NAME_REQUIRED);
-        let Decision::Unschedulable { reason, .. } = decide(None, Target::Pool("nfs"), &[&a, &b])
+        let Decision::Unschedulable { reason, .. } =
+            decide(None, Target::Pool("nfs"), &[(&a, true), (&b, true)])
         else {
             panic!()
         };

@@ -3,6 +3,7 @@
 
 pub mod binding;
 
+use std::collections::HashMap;
 use std::fmt::Debug;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -24,7 +25,7 @@ use crate::api::{
 };
 use crate::backoff::Backoff;
 use crate::conditions::{self, Desired};
-use crate::http::{self, Readiness};
+use crate::http::{self, Gate, Readiness};
 use crate::shutdown::Shutdown;
 use binding::{Bindable, Decision, reason, time_until_stale};
 
@@ -157,10 +158,10 @@ async fn lead(client: Client, config: &ControllerConfig, readiness: Readiness) {
     tokio::join!(
         hv_stream,
         ready,
-        bind::<VirtualMachineStorage>(client.clone(), ctx.clone()),
-        bind::<VMInterface>(client.clone(), ctx.clone()),
-        bind::<VMClone>(client.clone(), ctx.clone()),
-        bind::<IsoDownload>(client.clone(), ctx.clone()),
+        bind::<VirtualMachineStorage>(client.clone(), ctx.clone(), readiness.gate()),
+        bind::<VMInterface>(client.clone(), ctx.clone(), readiness.gate()),
+        bind::<VMClone>(client.clone(), ctx.clone(), readiness.gate()),
+        bind::<IsoDownload>(client.clone(), ctx.clone(), readiness.gate()),
         Controller::new(hv_api, watcher::Config::default())
             .run(
                 check_node,
@@ -171,8 +172,9 @@ async fn lead(client: Client, config: &ControllerConfig, readiness: Readiness) {
     );
 }
 
-/// Runs the binder for one kind. Hypervisor changes wake the objects they may concern.
-async fn bind<K>(client: Client, ctx: Arc<Context>)
+/// Runs the binder for one kind; opens `gate` once its watch is synced. Hypervisor changes wake
+/// the objects they may concern.
+async fn bind<K>(client: Client, ctx: Arc<Context>, gate: Gate)
 where
     K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
         + Bindable
@@ -185,43 +187,79 @@ where
 {
     let ctrl = Controller::new(Api::<K>::all(client.clone()), watcher::Config::default());
     let store = ctrl.store();
-    ctrl.watches(
-        Api::<Hypervisor>::all(client),
-        watcher::Config::default(),
-        move |hv: Hypervisor| {
-            let node = hv.name_any();
-            store
-                .state()
-                .into_iter()
-                .filter(|o| o.labels().get(NODE_LABEL).is_none_or(|n| *n == node))
-                .map(|o| ObjectRef::from_obj(&*o))
-                .collect::<Vec<_>>()
-        },
-    )
-    .run(
-        |obj, ctx| async move {
-            let start = std::time::Instant::now();
-            let result = reconcile::<K>(obj.clone(), ctx.clone()).await;
-            if result.is_ok() {
-                ctx.backoff.succeeded(&*obj);
+    let synced = store.clone();
+    let seen = std::sync::Mutex::new(HashMap::<String, u64>::new());
+    let binder = ctrl
+        .watches(
+            Api::<Hypervisor>::all(client),
+            watcher::Config::default(),
+            move |hv: Hypervisor| {
+                let node = hv.name_any();
+                // A heartbeat alone changes nothing for binding: only a changed inventory or Ready.
+                let print = binding_fingerprint(&hv);
+                let mut seen = seen.lock().unwrap_or_else(|p| p.into_inner());
+                if seen.insert(node.clone(), print) == Some(print) {
+                    return Vec::new();
+                }
+                drop(seen);
+                store
+                    .state()
+                    .into_iter()
+                    .filter(|o| o.labels().get(NODE_LABEL).is_none_or(|n| *n == node))
+                    .map(|o| ObjectRef::from_obj(&*o))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .run(
+            |obj, ctx| async move {
+                let start = std::time::Instant::now();
+                let result = reconcile::<K>(obj.clone(), ctx.clone()).await;
+                if result.is_ok() {
+                    ctx.backoff.succeeded(&*obj);
+                }
+                crate::metrics::get().reconciled(
+                    &K::kind(&()),
+                    start,
+                    result.as_ref().err().map(|_| "api"),
+                );
+                result
+            },
+            error_policy::<K>,
+            ctx,
+        )
+        .for_each(|res| {
+            if let Err(err) = res {
+                tracing::debug!(error = %err, "binder event");
             }
-            crate::metrics::get().reconciled(
-                &K::kind(&()),
-                start,
-                result.as_ref().err().map(|_| "api"),
-            );
-            result
-        },
-        error_policy::<K>,
-        ctx,
-    )
-    .for_each(|res| {
-        if let Err(err) = res {
-            tracing::debug!(error = %err, "binder event");
+            futures::future::ready(())
+        });
+    let ready = async move {
+        if synced.wait_until_ready().await.is_ok() {
+            gate.open();
         }
-        futures::future::ready(())
-    })
-    .await;
+    };
+    tokio::join!(binder, ready);
+}
+
+/// What binding reads of a Hypervisor: its domains, pools and Ready status.
+fn binding_fingerprint(hv: &Hypervisor) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    if let Some(s) = &hv.status {
+        for d in &s.domains {
+            d.name.hash(&mut h);
+        }
+        0xffu8.hash(&mut h);
+        for p in &s.storage_pools {
+            p.name.hash(&mut h);
+        }
+        s.conditions
+            .iter()
+            .find(|c| c.type_ == condition::READY)
+            .map(|c| c.status.as_str())
+            .hash(&mut h);
+    }
+    h.finish()
 }
 
 fn error_policy<K: Resource<DynamicType = ()>>(
@@ -280,7 +318,11 @@ where
             }
         }
         None => {
-            let hvs: Vec<&Hypervisor> = hypervisors.iter().map(|h| h.as_ref()).collect();
+            let now = Timestamp::now();
+            let hvs: Vec<(&Hypervisor, bool)> = hypervisors
+                .iter()
+                .map(|h| (h.as_ref(), time_until_stale(h, ctx.grace, now).is_some()))
+                .collect();
             match binding::decide(obj.node_name(), obj.target(), &hvs) {
                 Decision::Bind { node, message } => {
                     let body = json!({
