@@ -330,7 +330,10 @@ async fn plan(
                     .as_ref()
                     == Some(&dir)
         });
+        // What the space check counts: the space the source occupies.
         let allocated = copy::allocated_bytes(&src_path).unwrap_or(0);
+        // What progress counts: the source's data extents (see `copy::copy_file`).
+        let data = copy::data_bytes(&src_path).unwrap_or(allocated);
         let (mut dest_dir, mut pool_name, mut message, mut available) = match pool {
             Some(p) if matches!(p.type_.as_str(), "dir" | "fs" | "netfs") => {
                 (dir.clone(), Some(p.name.clone()), None, p.available)
@@ -400,7 +403,7 @@ async fn plan(
             target: Some(dest.display().to_string()),
             pool: pool_name,
             strategy: None,
-            total_bytes: Some(allocated),
+            total_bytes: Some(data),
             copied_bytes: Some(0),
             message,
         });
@@ -503,7 +506,7 @@ fn progress(disks: &[CloneDisk]) -> String {
             )
         });
     match done.saturating_mul(100).checked_div(total) {
-        Some(pct) => format!("{pct}%"),
+        Some(pct) => format!("{}%", pct.min(100)),
         None => "100%".into(),
     }
 }
@@ -589,11 +592,14 @@ async fn copy_all(
         }
         // A partial copy from before a restart is started over.
         let _ = tokio::fs::remove_file(&dst).await;
+        // Progress as the copier counts it: bytes of data extents done, of their total.
         let done = Arc::new(AtomicU64::new(0));
-        let (src, dst2, done2, cancel2) = (
+        let of = Arc::new(AtomicU64::new(total));
+        let (src, dst2, done2, of2, cancel2) = (
             PathBuf::from(&d.source),
             PathBuf::from(&dst),
             done.clone(),
+            of.clone(),
             cancel.clone(),
         );
         let mut task = tokio::task::spawn_blocking(move || {
@@ -601,7 +607,10 @@ async fn copy_all(
                 &src,
                 &dst2,
                 strategy,
-                |n, _| done2.store(n, Ordering::Relaxed),
+                |n, t| {
+                    of2.store(t, Ordering::Relaxed);
+                    done2.store(n, Ordering::Relaxed);
+                },
                 &cancel2,
             )
         });
@@ -611,9 +620,11 @@ async fn copy_all(
                 r = &mut task => break r,
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {
                     let n = done.load(Ordering::Relaxed);
+                    let t = of.load(Ordering::Relaxed);
                     crate::metrics::get().clone_copied_bytes.inc_by(n.saturating_sub(last));
                     last = n;
-                    status.disks[i].copied_bytes = Some(n.min(total.max(n)));
+                    status.disks[i].total_bytes = Some(t);
+                    status.disks[i].copied_bytes = Some(n.min(t));
                     status.progress = Some(progress(&status.disks));
                     let _ = write(api, obj, status, idle(condition::READY, reason::COPYING, copying.to_string()), Desired::truthy(condition::PROGRESSING, reason::COPYING, copying.to_string())).await;
                 }
@@ -814,5 +825,11 @@ mod tests {
         ];
         assert_eq!(progress(&disks), "62%");
         assert_eq!(progress(&[]), "100%");
+        let over = [CloneDisk {
+            total_bytes: Some(100),
+            copied_bytes: Some(150),
+            ..Default::default()
+        }];
+        assert_eq!(progress(&over), "100%", "never above 100%");
     }
 }

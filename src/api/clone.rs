@@ -166,10 +166,11 @@ pub struct CloneDisk {
     /// How the disk was copied: `Reflink`, `Copy`, or `Shared` for read-only media.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub strategy: Option<String>,
-    /// Bytes to copy.
+    /// Bytes to copy: the source's data extents (holes are never read), the measure
+    /// `copiedBytes` counts in.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub total_bytes: Option<u64>,
-    /// Bytes copied so far.
+    /// Bytes of `totalBytes` copied so far.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub copied_bytes: Option<u64>,
     /// Why the copy went where it did, when that was not the obvious place.
