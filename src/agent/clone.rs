@@ -209,6 +209,7 @@ pub(super) async fn reconcile(obj: Arc<VMClone>, ctx: Arc<Context>) -> Result<Ac
                 idle(condition::PROGRESSING, reason, message.clone()),
             )
             .await?;
+            crate::metrics::get().error("VMClone", reason);
             device::publish(&ctx.recorder, &*obj, EventType::Warning, reason, message).await;
             return Ok(Action::await_change());
         }
@@ -555,6 +556,7 @@ async fn run_job(
         }
         Err((reason, message)) => {
             remove_copies(&ctx, &status.disks).await;
+            crate::metrics::get().error("VMClone", reason);
             status.phase = Some(ClonePhase::Failed);
             status.completion_time = Some(Time(Timestamp::now()));
             let _ = write(
