@@ -187,8 +187,13 @@ pub(super) async fn reconcile(obj: Arc<VMClone>, ctx: Arc<Context>) -> Result<Ac
         return Ok(Action::requeue(Duration::from_secs(600)));
     }
 
-    let planned = if status.target_name.is_some() && !status.disks.is_empty() {
-        // The task started before (the agent restarted): the plan is in the status.
+    let started = matches!(
+        status.phase,
+        Some(ClonePhase::Copying | ClonePhase::Defining)
+    );
+    let planned = if started && status.target_name.is_some() {
+        // The task started before (the agent restarted): the plan is in the status, even when
+        // it copies nothing.
         Ok(status.clone())
     } else {
         plan(&obj, &ctx, &view.config, status.clone()).await?
