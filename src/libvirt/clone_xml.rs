@@ -18,6 +18,8 @@ pub struct CloneEdits {
     pub task_uid: String,
     /// New source path of each copied disk, by the original's path.
     pub disk_paths: HashMap<String, String>,
+    /// New `(pool, volume)` of each copied `type='volume'` disk, by the original's.
+    pub volumes: HashMap<(String, String), (String, String)>,
     /// New MAC address of each interface, in document order.
     pub macs: Vec<String>,
     /// New path of the UEFI variable store, if the source has one.
@@ -99,6 +101,15 @@ pub fn clone_xml(source: &str, e: &CloneEdits) -> Result<String, roxmltree::Erro
                     {
                         edits.push((a.range_value(), escape_attr(new)));
                     }
+                }
+                if let (Some(pool), Some(volume)) =
+                    (attr_range(node, "pool"), attr_range(node, "volume"))
+                    && let (Some(p), Some(v)) = (node.attribute("pool"), node.attribute("volume"))
+                    && let Some((new_pool, new_volume)) =
+                        e.volumes.get(&(p.to_string(), v.to_string()))
+                {
+                    edits.push((pool, escape_attr(new_pool)));
+                    edits.push((volume, escape_attr(new_volume)));
                 }
             }
             ("serial" | "console" | "parallel", "source") | ("serial" | "console", "log") => {
@@ -209,6 +220,7 @@ mod tests {
             )]),
             macs: vec!["52:54:00:aa:00:01".into(), "52:54:00:aa:00:02".into()],
             nvram: Some("/var/lib/libvirt/qemu/nvram/web-clone1_VARS.fd".into()),
+            ..Default::default()
         };
         let out = clone_xml(SRC, &edits).unwrap();
         let d = super::super::domain::parse_domain(&out).unwrap();
@@ -265,6 +277,31 @@ mod tests {
         )
         .unwrap();
         assert!(!no_genid.contains("genid"), "{no_genid}");
+    }
+
+    #[test]
+    fn rewrites_volume_disks_to_their_copies() {
+        let src = "<domain><name>w</name><devices>\
+            <disk type='volume' device='disk'><source pool='p1' volume='root.img'/><target dev='vda'/></disk>\
+            <disk type='volume' device='cdrom'><source pool='p1' volume='media.iso'/><target dev='sda'/><readonly/></disk>\
+            </devices></domain>";
+        let edits = CloneEdits {
+            volumes: HashMap::from([(
+                ("p1".into(), "root.img".into()),
+                ("fallback".into(), "root-clone1.img".into()),
+            )]),
+            ..Default::default()
+        };
+        let d = super::super::domain::parse_domain(&clone_xml(src, &edits).unwrap()).unwrap();
+        assert_eq!(
+            (d.disks[0].pool.as_deref(), d.disks[0].volume.as_deref()),
+            (Some("fallback"), Some("root-clone1.img"))
+        );
+        assert_eq!(
+            (d.disks[1].pool.as_deref(), d.disks[1].volume.as_deref()),
+            (Some("p1"), Some("media.iso")),
+            "media are shared"
+        );
     }
 
     #[test]
