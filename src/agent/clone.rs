@@ -140,7 +140,7 @@ pub(super) async fn reconcile(obj: Arc<VMClone>, ctx: Arc<Context>) -> Result<Ac
         let status = fresh.and_then(|o| o.status).unwrap_or(status);
         if status.phase != Some(ClonePhase::Completed) {
             // A task that did not complete leaves nothing behind.
-            remove_copies(&ctx, &status.disks).await;
+            remove_leftovers(&ctx, &uid, &status).await?;
         }
         device::remove_finalizer(&api, &*obj).await?;
         return Ok(Action::await_change());
@@ -647,6 +647,48 @@ async fn owner_of(ctx: &Context, name: &str) -> Result<Option<String>, DeviceErr
         .flatten())
 }
 
+/// Undoes a task that did not complete: undefines the clone if this task defined it (the
+/// domain's metadata names the task), then removes the copies. What is already gone is fine.
+async fn remove_leftovers(
+    ctx: &Context,
+    uid: &str,
+    status: &VMCloneStatus,
+) -> Result<(), DeviceError> {
+    if let Some(target) = status.target_name.clone()
+        && !uid.is_empty()
+    {
+        let uid = uid.to_string();
+        ctx.libvirt
+            .call("remove the unfinished clone", move |c| {
+                let dom = match c.lookup_domain_by_name(&target) {
+                    Ok(d) => d,
+                    Err(e) if domain::is_no_domain(&e) => return Ok(()),
+                    Err(e) => return Err(e),
+                };
+                let xml = dom.xml_desc(virt::sys::VIR_DOMAIN_XML_INACTIVE)?;
+                if clone_xml::clone_task_of(&xml).as_deref() != Some(uid.as_str()) {
+                    return Ok(()); // Not made by this task: never touched.
+                }
+                if dom.is_active()?
+                    && let Err(e) = dom.destroy()
+                    && dom.is_active().unwrap_or(true)
+                {
+                    return Err(e);
+                }
+                match dom.undefine_flags(
+                    virt::sys::VIR_DOMAIN_UNDEFINE_NVRAM
+                        | virt::sys::VIR_DOMAIN_UNDEFINE_MANAGED_SAVE,
+                ) {
+                    Err(e) if !domain::is_no_domain(&e) => Err(e),
+                    _ => Ok(()),
+                }
+            })
+            .await?;
+    }
+    remove_copies(ctx, &status.disks).await;
+    Ok(())
+}
+
 /// Removes the copies a task made (never shared media, never the sources).
 async fn remove_copies(ctx: &Context, disks: &[CloneDisk]) {
     for d in disks {
@@ -704,12 +746,12 @@ async fn run_job(
     let copying = format!("Copying the disks of {source} for {target}.");
     let result = copy_all(&api, &obj, &ctx, &mut status, &cancel, &copying).await;
     let outcome = match result {
-        Ok(()) => define(&ctx, &obj, &mut status, &source_xml, &api).await,
+        Ok(()) => define(&ctx, &obj, &mut status, &source_xml, &api, &cancel).await,
         Err(e) => Err(e),
     };
     if cancel.load(Ordering::SeqCst) {
-        // Deleted (the reconcile removes the copies) or the agent is stopping (the next agent
-        // resumes the task from its status).
+        // Deleted (the reconcile removes the copies and a clone this task defined) or the
+        // agent is stopping (the next agent resumes the task from its status).
         return;
     }
     match outcome {
@@ -733,7 +775,10 @@ async fn run_job(
             device::publish(&ctx.recorder, &*obj, EventType::Normal, "Completed", msg).await;
         }
         Err((reason, message)) => {
-            remove_copies(&ctx, &status.disks).await;
+            let uid = obj.uid().unwrap_or_default();
+            if let Err(error) = remove_leftovers(&ctx, &uid, &status).await {
+                tracing::warn!(%error, "failed to remove what the failed task made");
+            }
             crate::metrics::get().error("VMClone", reason);
             status.phase = Some(ClonePhase::Failed);
             status.completion_time = Some(Time(Timestamp::now()));
@@ -850,14 +895,28 @@ async fn copy_all(
 }
 
 /// Defines the clone (and starts it when asked). Returns a note for the Ready message.
+///
+/// Checks `cancel` before each step that makes something (the UEFI variable store, the
+/// definition, the start): a task deleted meanwhile stops there, and its cleanup removes what
+/// was made, including a domain this task defined.
 async fn define(
     ctx: &Context,
     obj: &VMClone,
     status: &mut VMCloneStatus,
     source_xml: &DomainXml,
     api: &Api<VMClone>,
+    cancel: &Arc<AtomicBool>,
 ) -> Result<String, (&'static str, String)> {
     let target = status.target_name.clone().unwrap_or_default();
+    let cancelled = || {
+        (
+            reason::DEFINE_FAILED,
+            format!("The task was stopped before {target} was defined."),
+        )
+    };
+    if cancel.load(Ordering::SeqCst) {
+        return Err(cancelled());
+    }
     status.phase = Some(ClonePhase::Defining);
     let msg = format!("Defining {target}.");
     let _ = write(
@@ -865,7 +924,7 @@ async fn define(
         obj,
         status,
         idle(condition::READY, reason::DEFINING, msg.clone()),
-        Desired::truthy(condition::PROGRESSING, reason::DEFINING, msg),
+        Desired::truthy(condition::PROGRESSING, reason::DEFINING, msg.clone()),
     )
     .await;
     let fail = |e: String| (reason::DEFINE_FAILED, e);
@@ -884,25 +943,36 @@ async fn define(
         used.push(mac.clone());
         macs.push(mac);
     }
-    // A UEFI variable store of its own.
+    // A UEFI variable store of its own, recorded in the status before the definition so that a
+    // cleanup finds it.
     let nvram = match &source_xml.nvram {
         Some(src) => {
             let dst = clone_xml::per_guest_path(src, &target);
-            let (s, d) = (PathBuf::from(src), PathBuf::from(&dst));
+            let (s, d, stop) = (PathBuf::from(src), PathBuf::from(&dst), cancel.clone());
             let _ = std::fs::remove_file(&d);
             tokio::task::spawn_blocking(move || {
-                copy::copy_file(&s, &d, Strategy::Copy, |_, _| {}, &AtomicBool::new(false))
+                copy::copy_file(&s, &d, Strategy::Copy, |_, _| {}, &stop)
             })
             .await
             .map_err(|e| fail(e.to_string()))?
             .map_err(|e| fail(format!("Copying the UEFI variable store failed: {e}.")))?;
-            status.disks.push(CloneDisk {
-                source: src.clone(),
-                target: Some(dst.clone()),
-                strategy: Some("Copy".into()),
-                message: Some("UEFI variable store".into()),
-                ..Default::default()
-            });
+            if !status.disks.iter().any(|d| d.target.as_ref() == Some(&dst)) {
+                status.disks.push(CloneDisk {
+                    source: src.clone(),
+                    target: Some(dst.clone()),
+                    strategy: Some("Copy".into()),
+                    message: Some("UEFI variable store".into()),
+                    ..Default::default()
+                });
+            }
+            let _ = write(
+                api,
+                obj,
+                status,
+                idle(condition::READY, reason::DEFINING, msg.clone()),
+                Desired::truthy(condition::PROGRESSING, reason::DEFINING, msg),
+            )
+            .await;
             Some(dst)
         }
         None => None,
@@ -930,7 +1000,7 @@ async fn define(
         ..Default::default()
     };
     let (source, start) = (obj.spec.source.clone(), obj.spec.start);
-    let (tgt, uid2) = (target.clone(), uid.clone());
+    let (tgt, uid2, stop) = (target.clone(), uid.clone(), cancel.clone());
     let defined = ctx
         .libvirt
         .call("define the clone", move |c| {
@@ -993,6 +1063,12 @@ async fn define(
                     )));
                 }
             };
+            if stop.load(Ordering::SeqCst) {
+                return Ok(Err((
+                    reason::DEFINE_FAILED,
+                    format!("The task was stopped before {tgt} was defined."),
+                )));
+            }
             let dom = c.define_domain_xml(&new_xml)?;
             Ok(Ok(dom.uuid_string()?))
         })
@@ -1000,6 +1076,10 @@ async fn define(
         .map_err(|e| fail(format!("{e}")))??;
     status.target_uuid = Some(defined);
     if !start {
+        return Ok(".".into());
+    }
+    if cancel.load(Ordering::SeqCst) {
+        // Deleted just now: the cleanup undefines the clone; never start it.
         return Ok(".".into());
     }
     let tgt = target.clone();
