@@ -744,3 +744,88 @@ async fn volume_disks_are_copied_into_volumes_of_their_own() {
     assert_eq!(config_xml(&domain.name), before);
     drop(small_pool);
 }
+
+/// Defines a bare domain `name` with `metadata` (inner XML of `<metadata>`, may be empty).
+fn define_named(name: &str, metadata: &str) -> TestDomain {
+    let xml = format!(
+        "<domain type='qemu'><name>{name}</name><metadata>{metadata}</metadata><memory unit='MiB'>64</memory><vcpu>1</vcpu>\
+         <os><type arch='x86_64' machine='q35'>hvm</type></os>\
+         <devices><controller type='usb' model='none'/><memballoon model='none'/></devices></domain>"
+    );
+    let path = log_dir().join(format!("{name}.xml"));
+    std::fs::write(&path, xml).unwrap();
+    virsh(&["define", path.to_str().unwrap()]);
+    adopt(name)
+}
+
+#[tokio::test]
+async fn deleting_an_unfinished_task_undefines_only_a_clone_it_made() {
+    let client = client().await;
+    install_crds(&client).await;
+    let ns = TestNamespace::new(&client, "vp-cl-left").await;
+    let _op = Operator::start(&ns.name, &[]);
+    // tmpfs has no reflinks: a Reflink task fails after planning, with its target name set.
+    let fs = Tmpfs::mount("vp-cl-left", 64);
+    let pool = pool_at("vp-cl-left", &fs.0);
+    let disk = fs.0.join("d.img");
+    sparse_file(&disk, 16);
+    write_data(&disk, 1, 1);
+    virsh(&["pool-refresh", &pool.name]);
+    let domain = TestDomain::define("vp-cl-left");
+    add_devices(
+        &domain.name,
+        &format!(
+            "<disk type='file' device='disk'><source file='{}'/><target dev='vda' bus='virtio'/></disk>",
+            disk.display()
+        ),
+    );
+
+    let mut targets = Vec::new();
+    for task in ["ours", "theirs"] {
+        let target = format!("{}-{task}", domain.name);
+        kubectl_apply(
+            &ns.name,
+            &manifest(
+                task,
+                &domain.name,
+                &format!("  targetName: {target}\n  storage:\n    strategy: Reflink\n"),
+            ),
+        );
+        let done = finished(&client, &ns.name, task).await;
+        assert_eq!(
+            (phase(&done), reason(&done).as_deref()),
+            (Some(ClonePhase::Failed), Some("CopyFailed")),
+            "{:?}",
+            done.status
+        );
+        assert_eq!(
+            done.status.as_ref().unwrap().target_name.as_deref(),
+            Some(target.as_str())
+        );
+        targets.push((target, done.metadata.uid.clone().unwrap()));
+    }
+    // As if the first task had defined its clone before it was stopped; the second target name
+    // was taken by someone else meanwhile.
+    let (ours, uid) = &targets[0];
+    let _ours = define_named(
+        ours,
+        &format!("<vp:clone xmlns:vp='https://virtplane.io/xmlns/clone/v1' task='{uid}'/>"),
+    );
+    let _theirs = define_named(&targets[1].0, "");
+
+    for task in ["ours", "theirs"] {
+        kubectl_delete(&ns.name, "vmclone", task);
+        wait_gone::<VMClone>(&client, &ns.name, task, T).await;
+    }
+    let names = virsh(&["list", "--all", "--name"]);
+    assert!(
+        !names.lines().any(|n| n.trim() == ours.as_str()),
+        "the clone the task made is undefined: {names}"
+    );
+    assert!(
+        names.lines().any(|n| n.trim() == targets[1].0.as_str()),
+        "a domain the task did not make is kept: {names}"
+    );
+    assert!(disk.exists() && !fs.0.join("d-clone1.img").exists());
+    drop(pool);
+}
