@@ -22,7 +22,8 @@ pub struct KindLabels {
 pub struct ErrorLabels {
     /// Kind of the object.
     pub kind: String,
-    /// Short error class (`libvirt`, `api`).
+    /// Short error class (`libvirt`, `api`), or the reason a task (VMClone) failed with
+    /// (`UnsupportedDisk`, `CopyFailed`).
     pub reason: String,
 }
 
@@ -38,7 +39,7 @@ pub struct Metrics {
     registry: Registry,
     /// Reconciles by kind.
     pub reconciles: Family<KindLabels, Counter>,
-    /// Failed reconciles by kind and reason.
+    /// Failed reconciles and failed tasks by kind and reason.
     pub errors: Family<ErrorLabels, Counter>,
     /// Reconcile duration by kind.
     pub reconcile_seconds: Family<KindLabels, Histogram>,
@@ -77,7 +78,7 @@ pub fn get() -> &'static Metrics {
         registry.register("reconciles", "Reconciles by kind", m.reconciles.clone());
         registry.register(
             "reconcile_errors",
-            "Failed reconciles by kind and reason",
+            "Failed reconciles and failed tasks by kind and reason",
             m.errors.clone(),
         );
         registry.register(
@@ -133,12 +134,17 @@ impl Metrics {
             .get_or_create(&labels)
             .observe(start.elapsed().as_secs_f64());
         if let Some(reason) = error {
-            self.errors
-                .get_or_create(&ErrorLabels {
-                    kind: kind.to_string(),
-                    reason: reason.to_string(),
-                })
-                .inc();
+            self.error(kind, reason);
         }
+    }
+
+    /// Counts one error of `kind`: a failed reconcile's class, or the reason a task failed.
+    pub fn error(&self, kind: &str, reason: &str) {
+        self.errors
+            .get_or_create(&ErrorLabels {
+                kind: kind.to_string(),
+                reason: reason.to_string(),
+            })
+            .inc();
     }
 }

@@ -511,3 +511,321 @@ async fn deleting_a_running_task_leaves_nothing_and_a_restart_makes_exactly_one_
     );
     assert!(!pool.path.join("big-clone2.img").exists());
 }
+
+/// A loop device over a sparse file, detached when dropped.
+struct LoopDevice {
+    dev: String,
+    _dir: tempfile::TempDir,
+}
+
+impl LoopDevice {
+    fn new(mib: u64) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("backing.img");
+        sparse_file(&file, mib);
+        let out = Command::new("losetup")
+            .args(["--find", "--show", file.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "losetup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self {
+            dev: String::from_utf8(out.stdout).unwrap().trim().to_string(),
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.dev]).status();
+    }
+}
+
+/// Redefines `domain` with `devices` added.
+fn add_devices(domain: &str, devices: &str) {
+    let xml = config_xml(domain).replace("</devices>", &format!("{devices}</devices>"));
+    let path = log_dir().join(format!("{domain}-devices.xml"));
+    std::fs::write(&path, xml).unwrap();
+    virsh(&["define", path.to_str().unwrap()]);
+}
+
+fn message(o: &VMClone) -> String {
+    condition_of(&o.status.as_ref().unwrap().conditions, "Ready")
+        .map(|c| c.2)
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_writable_block_disk_refuses_the_task_and_creates_nothing() {
+    let client = client().await;
+    install_crds(&client).await;
+    let ns = TestNamespace::new(&client, "vp-cl-block").await;
+    let op = Operator::start(&ns.name, &[]);
+    let pool = TestPool::create("vp-cl-block");
+    let lo = LoopDevice::new(16);
+    let domain = TestDomain::define("vp-cl-block");
+    let file = pool.path.join("f.img");
+    sparse_file(&file, 16);
+    write_data(&file, 1, 1);
+    add_devices(
+        &domain.name,
+        &format!(
+            "<disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{}'/><target dev='vda' bus='virtio'/></disk>\
+             <disk type='block' device='disk'><driver name='qemu' type='raw'/><source dev='{}'/><target dev='vdb' bus='virtio'/></disk>",
+            file.display(),
+            lo.dev
+        ),
+    );
+    let before = config_xml(&domain.name);
+
+    kubectl_apply(&ns.name, &manifest("block", &domain.name, ""));
+    let done = finished(&client, &ns.name, "block").await;
+    assert_eq!(
+        (phase(&done), reason(&done).as_deref()),
+        (Some(ClonePhase::Failed), Some("UnsupportedDisk")),
+        "{:?}",
+        done.status
+    );
+    let msg = message(&done);
+    assert!(
+        msg.contains("vdb") && msg.contains(&lo.dev) && msg.contains("<readonly/>"),
+        "{msg}"
+    );
+    // Nothing was made: no domain, no copy of the file disk; the source is untouched.
+    assert!(
+        !virsh(&["list", "--all", "--name"]).contains(&format!("{}-clone", domain.name)),
+        "a clone was defined"
+    );
+    let files: Vec<_> = std::fs::read_dir(&pool.path)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(files, vec![std::ffi::OsString::from("f.img")]);
+    assert_eq!(config_xml(&domain.name), before);
+    let metrics = op.agent.process.http_get("/metrics");
+    assert!(
+        metric(
+            &metrics,
+            "virtplane_reconcile_errors_total{kind=\"VMClone\",reason=\"UnsupportedDisk\"}"
+        )
+        .unwrap_or(0.0)
+            >= 1.0,
+        "{metrics}"
+    );
+
+    // Read-only, the same device is shared with the clone.
+    let shared = TestDomain::define("vp-cl-block-ro");
+    add_devices(
+        &shared.name,
+        &format!(
+            "<disk type='block' device='disk'><driver name='qemu' type='raw'/><source dev='{}'/><target dev='vdb' bus='virtio'/><readonly/></disk>",
+            lo.dev
+        ),
+    );
+    kubectl_apply(&ns.name, &manifest("readonly", &shared.name, ""));
+    let done = finished(&client, &ns.name, "readonly").await;
+    assert_eq!(
+        phase(&done),
+        Some(ClonePhase::Completed),
+        "{:?}",
+        done.status
+    );
+    let st = done.status.unwrap();
+    let target = st.target_name.unwrap();
+    let _c = adopt(&target);
+    assert!(config_xml(&target).contains(&format!("dev='{}'", lo.dev)));
+    assert_eq!(st.disks.len(), 1);
+    assert_eq!(
+        (st.disks[0].source.as_str(), st.disks[0].strategy.as_deref()),
+        (lo.dev.as_str(), Some("Shared"))
+    );
+}
+
+#[tokio::test]
+async fn volume_disks_are_copied_into_volumes_of_their_own() {
+    let client = client().await;
+    install_crds(&client).await;
+    let ns = TestNamespace::new(&client, "vp-cl-vol").await;
+    let _op = Operator::start(&ns.name, &[]);
+    let pool = TestPool::create("vp-cl-vol");
+    // A small pool whose volume does not fit twice: its copy goes to the fallback pool.
+    let small = Tmpfs::mount("vp-cl-vsmall", 8);
+    let small_pool = pool_at("vp-cl-vsmall", &small.0);
+    let (a, b) = (pool.path.join("a.img"), small.0.join("b.img"));
+    sparse_file(&a, 32);
+    write_data(&a, 3, 2);
+    sparse_file(&b, 16);
+    write_data(&b, 0, 5);
+    virsh(&["pool-refresh", &pool.name]);
+    virsh(&["pool-refresh", &small_pool.name]);
+    let domain = TestDomain::define("vp-cl-vol");
+    add_devices(
+        &domain.name,
+        &format!(
+            "<disk type='volume' device='disk'><driver name='qemu' type='raw'/><source pool='{}' volume='a.img'/><target dev='vda' bus='virtio'/></disk>\
+             <disk type='volume' device='disk'><driver name='qemu' type='raw'/><source pool='{}' volume='b.img'/><target dev='vdb' bus='virtio'/></disk>",
+            pool.name, small_pool.name
+        ),
+    );
+    let before = config_xml(&domain.name);
+
+    kubectl_apply(
+        &ns.name,
+        &manifest(
+            "vol",
+            &domain.name,
+            &format!("  storage:\n    pool: {}\n", pool.name),
+        ),
+    );
+    let done = finished(&client, &ns.name, "vol").await;
+    assert_eq!(
+        phase(&done),
+        Some(ClonePhase::Completed),
+        "{:?}",
+        done.status
+    );
+    let st = done.status.unwrap();
+    let target = st.target_name.unwrap();
+    let _c = adopt(&target);
+
+    // Both copies are volumes of the big pool, and the clone names them as such.
+    let xml = config_xml(&target);
+    for vol in ["a-clone1.img", "b-clone1.img"] {
+        assert!(
+            xml.contains(&format!("<source pool='{}' volume='{vol}'", pool.name)),
+            "{vol}: {xml}"
+        );
+        assert!(virsh(&["vol-list", &pool.name]).contains(vol));
+    }
+    assert!(!small.0.join("b-clone1.img").exists());
+    for (src, copy) in [
+        (&a, pool.path.join("a-clone1.img")),
+        (&b, pool.path.join("b-clone1.img")),
+    ] {
+        qemu_img(&[
+            "compare",
+            "-q",
+            "-U",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            src.to_str().unwrap(),
+            copy.to_str().unwrap(),
+        ]);
+    }
+    let moved = st
+        .disks
+        .iter()
+        .find(|d| d.source == b.to_str().unwrap())
+        .unwrap();
+    assert_eq!(moved.pool.as_deref(), Some(pool.name.as_str()));
+    assert!(
+        moved
+            .message
+            .as_deref()
+            .unwrap_or_default()
+            .contains("fallback"),
+        "{moved:?}"
+    );
+    // Progress counted the data, and ended at its total.
+    for d in &st.disks {
+        assert_eq!(d.copied_bytes, d.total_bytes, "{d:?}");
+    }
+    let total: u64 = st.disks.iter().map(|d| d.total_bytes.unwrap()).sum();
+    assert!(
+        (7 << 20..8 << 20).contains(&total),
+        "7 MiB of data: {total}"
+    );
+    assert_eq!(config_xml(&domain.name), before);
+    drop(small_pool);
+}
+
+/// Defines a bare domain `name` with `metadata` (inner XML of `<metadata>`, may be empty).
+fn define_named(name: &str, metadata: &str) -> TestDomain {
+    let xml = format!(
+        "<domain type='qemu'><name>{name}</name><metadata>{metadata}</metadata><memory unit='MiB'>64</memory><vcpu>1</vcpu>\
+         <os><type arch='x86_64' machine='q35'>hvm</type></os>\
+         <devices><controller type='usb' model='none'/><memballoon model='none'/></devices></domain>"
+    );
+    let path = log_dir().join(format!("{name}.xml"));
+    std::fs::write(&path, xml).unwrap();
+    virsh(&["define", path.to_str().unwrap()]);
+    adopt(name)
+}
+
+#[tokio::test]
+async fn deleting_an_unfinished_task_undefines_only_a_clone_it_made() {
+    let client = client().await;
+    install_crds(&client).await;
+    let ns = TestNamespace::new(&client, "vp-cl-left").await;
+    let _op = Operator::start(&ns.name, &[]);
+    // tmpfs has no reflinks: a Reflink task fails after planning, with its target name set.
+    let fs = Tmpfs::mount("vp-cl-left", 64);
+    let pool = pool_at("vp-cl-left", &fs.0);
+    let disk = fs.0.join("d.img");
+    sparse_file(&disk, 16);
+    write_data(&disk, 1, 1);
+    virsh(&["pool-refresh", &pool.name]);
+    let domain = TestDomain::define("vp-cl-left");
+    add_devices(
+        &domain.name,
+        &format!(
+            "<disk type='file' device='disk'><source file='{}'/><target dev='vda' bus='virtio'/></disk>",
+            disk.display()
+        ),
+    );
+
+    let mut targets = Vec::new();
+    for task in ["ours", "theirs"] {
+        let target = format!("{}-{task}", domain.name);
+        kubectl_apply(
+            &ns.name,
+            &manifest(
+                task,
+                &domain.name,
+                &format!("  targetName: {target}\n  storage:\n    strategy: Reflink\n"),
+            ),
+        );
+        let done = finished(&client, &ns.name, task).await;
+        assert_eq!(
+            (phase(&done), reason(&done).as_deref()),
+            (Some(ClonePhase::Failed), Some("CopyFailed")),
+            "{:?}",
+            done.status
+        );
+        assert_eq!(
+            done.status.as_ref().unwrap().target_name.as_deref(),
+            Some(target.as_str())
+        );
+        targets.push((target, done.metadata.uid.clone().unwrap()));
+    }
+    // As if the first task had defined its clone before it was stopped; the second target name
+    // was taken by someone else meanwhile.
+    let (ours, uid) = &targets[0];
+    let _ours = define_named(
+        ours,
+        &format!("<vp:clone xmlns:vp='https://virtplane.io/xmlns/clone/v1' task='{uid}'/>"),
+    );
+    let _theirs = define_named(&targets[1].0, "");
+
+    for task in ["ours", "theirs"] {
+        kubectl_delete(&ns.name, "vmclone", task);
+        wait_gone::<VMClone>(&client, &ns.name, task, T).await;
+    }
+    let names = virsh(&["list", "--all", "--name"]);
+    assert!(
+        !names.lines().any(|n| n.trim() == ours.as_str()),
+        "the clone the task made is undefined: {names}"
+    );
+    assert!(
+        names.lines().any(|n| n.trim() == targets[1].0.as_str()),
+        "a domain the task did not make is kept: {names}"
+    );
+    assert!(disk.exists() && !fs.0.join("d-clone1.img").exists());
+    drop(pool);
+}

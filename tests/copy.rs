@@ -323,6 +323,7 @@ fn progress_counts_the_data_extents_monotonically_to_the_total() {
             (7 * GIB, vec![0; 3 * MIB as usize]),
         ],
     );
+    let measured = virtplane::copy::data_bytes(&src).unwrap();
     let mut calls = Vec::new();
     let report = copy_file(
         &src,
@@ -335,6 +336,7 @@ fn progress_counts_the_data_extents_monotonically_to_the_total() {
 
     let total = report.data_bytes;
     assert!((10 * MIB + 4 * KIB..11 * MIB).contains(&total), "{total}");
+    assert_eq!(measured, total, "data_bytes measures what progress counts");
     assert_eq!(calls.first(), Some(&(0, total)));
     assert_eq!(calls.last(), Some(&(total, total)));
     assert!(calls.iter().all(|&(_, t)| t == total));

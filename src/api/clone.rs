@@ -155,7 +155,8 @@ pub struct VMCloneStatus {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CloneDisk {
-    /// Path of the source disk.
+    /// Path of the source disk (for a shared disk that is no file, its volume or network
+    /// source).
     pub source: String,
     /// Path of the copy (or of the shared medium when it is referenced, not copied).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -163,13 +164,15 @@ pub struct CloneDisk {
     /// Pool the copy went to, and why when it is not the source's pool.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pool: Option<String>,
-    /// How the disk was copied: `Reflink`, `Copy`, or `Shared` for read-only media.
+    /// How the disk was copied: `Reflink`, `Copy`, or `Shared` for read-only and shareable
+    /// disks, which the clone uses as they are.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub strategy: Option<String>,
-    /// Bytes to copy.
+    /// Bytes to copy: the source's data extents (holes are never read), the measure
+    /// `copiedBytes` counts in.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub total_bytes: Option<u64>,
-    /// Bytes copied so far.
+    /// Bytes of `totalBytes` copied so far.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub copied_bytes: Option<u64>,
     /// Why the copy went where it did, when that was not the obvious place.

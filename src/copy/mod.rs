@@ -229,6 +229,23 @@ pub fn allocated_bytes(path: &Path) -> Result<u64, CopyError> {
     Ok(meta.blocks().saturating_mul(512))
 }
 
+/// Bytes in the data extents of the file at `path`: the `total` that [`copy_file`] reports
+/// progress against (and [`CopyReport::data_bytes`]), measured without copying.
+pub fn data_bytes(path: &Path) -> Result<u64, CopyError> {
+    let file = File::open(path).map_err(|source| CopyError::OpenSource {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let len = file
+        .metadata()
+        .map_err(|source| CopyError::Metadata {
+            path: path.to_path_buf(),
+            source,
+        })?
+        .len();
+    extents::data_bytes(&file, path, len)
+}
+
 /// Copies the image file `src` to the new file `dst`; see the [module documentation](self) for
 /// what is copied, how progress counts and what happens to `dst` on failure.
 ///

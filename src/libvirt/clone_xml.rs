@@ -18,6 +18,8 @@ pub struct CloneEdits {
     pub task_uid: String,
     /// New source path of each copied disk, by the original's path.
     pub disk_paths: HashMap<String, String>,
+    /// New `(pool, volume)` of each copied `type='volume'` disk, by the original's.
+    pub volumes: HashMap<(String, String), (String, String)>,
     /// New MAC address of each interface, in document order.
     pub macs: Vec<String>,
     /// New path of the UEFI variable store, if the source has one.
@@ -66,6 +68,8 @@ pub fn clone_xml(source: &str, e: &CloneEdits) -> Result<String, roxmltree::Erro
             }
             // libvirt generates a new UUID when none is given.
             ("domain", "uuid") => edits.push((node.range(), String::new())),
+            // An empty <genid/> makes libvirt generate a new VM generation ID.
+            ("domain", "genid") => edits.push((node.range(), "<genid/>".into())),
             ("domain", "metadata") if !metadata_done => {
                 let end = node.range().end - "</metadata>".len();
                 if node.has_children() {
@@ -75,7 +79,8 @@ pub fn clone_xml(source: &str, e: &CloneEdits) -> Result<String, roxmltree::Erro
                 }
                 metadata_done = true;
             }
-            ("system", "entry") if matches!(node.attribute("name"), Some("uuid" | "serial")) => {
+            // SMBIOS serial numbers and UUIDs identify one machine: the clone gets none.
+            ("system" | "baseBoard" | "chassis", "entry") if identifies_machine(node) => {
                 edits.push((node.range(), String::new()));
             }
             ("os", "nvram") => {
@@ -96,6 +101,15 @@ pub fn clone_xml(source: &str, e: &CloneEdits) -> Result<String, roxmltree::Erro
                     {
                         edits.push((a.range_value(), escape_attr(new)));
                     }
+                }
+                if let (Some(pool), Some(volume)) =
+                    (attr_range(node, "pool"), attr_range(node, "volume"))
+                    && let (Some(p), Some(v)) = (node.attribute("pool"), node.attribute("volume"))
+                    && let Some((new_pool, new_volume)) =
+                        e.volumes.get(&(p.to_string(), v.to_string()))
+                {
+                    edits.push((pool, escape_attr(new_pool)));
+                    edits.push((volume, escape_attr(new_volume)));
                 }
             }
             ("serial" | "console" | "parallel", "source") | ("serial" | "console", "log") => {
@@ -135,12 +149,29 @@ pub fn clone_xml(source: &str, e: &CloneEdits) -> Result<String, roxmltree::Erro
             _ => {}
         }
     }
-    edits.sort_by_key(|e| std::cmp::Reverse(e.0.start));
+    // From the end backwards, so earlier ranges stay valid. At one position a replacement goes
+    // before an insertion (the metadata after `</name>` when `<uuid>` follows without space).
+    edits.sort_by_key(|e| (std::cmp::Reverse(e.0.start), std::cmp::Reverse(e.0.end)));
     let mut out = source.to_string();
     for (range, text) in edits {
         out.replace_range(range, &text);
     }
     Ok(out)
+}
+
+/// Whether an SMBIOS `<entry>` names one machine: a serial number, a UUID, or any value that is
+/// a UUID (asset tags and SKUs are sometimes set to the machine's UUID).
+fn identifies_machine(entry: roxmltree::Node<'_, '_>) -> bool {
+    matches!(entry.attribute("name"), Some("serial" | "uuid"))
+        || entry.text().is_some_and(|t| is_uuid(t.trim()))
+}
+
+/// `xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx` or the same 32 hex digits without dashes.
+fn is_uuid(s: &str) -> bool {
+    let hex: String = s.chars().filter(|c| *c != '-').collect();
+    let dashes_ok = s.len() == 32
+        || (s.len() == 36 && [8, 13, 18, 23].iter().all(|&i| s.as_bytes()[i] == b'-'));
+    dashes_ok && hex.len() == 32 && hex.chars().all(|c| c.is_ascii_hexdigit())
 }
 
 fn inner_metadata(e: &CloneEdits) -> String {
@@ -189,6 +220,7 @@ mod tests {
             )]),
             macs: vec!["52:54:00:aa:00:01".into(), "52:54:00:aa:00:02".into()],
             nvram: Some("/var/lib/libvirt/qemu/nvram/web-clone1_VARS.fd".into()),
+            ..Default::default()
         };
         let out = clone_xml(SRC, &edits).unwrap();
         let d = super::super::domain::parse_domain(&out).unwrap();
@@ -215,5 +247,69 @@ mod tests {
         assert!(!out.contains("5901") && out.contains("autoport='yes'"));
         assert_eq!(clone_task_of(&out).as_deref(), Some("u-1"));
         assert_eq!(clone_task_of(SRC), None);
+    }
+
+    #[test]
+    fn clears_every_smbios_identity_and_regenerates_the_genid() {
+        let src = "<domain type='qemu'><name>w</name><uuid>1b4e28ba-2fa1-11d2-883f-0016d3cca427</uuid>\
+            <genid>43dc0cf8-809b-4adb-9bea-a9abb5f3d90e</genid>\
+            <sysinfo type='smbios'><bios><entry name='vendor'>BIOSCO</entry></bios>\
+            <system><entry name='manufacturer'>ACME</entry><entry name='serial'>SYS-1</entry></system>\
+            <baseBoard><entry name='product'>BRD</entry><entry name='serial'>BB-1</entry>\
+            <entry name='asset'>1B4E28BA2FA111D2883F0016D3CCA427</entry></baseBoard>\
+            <chassis><entry name='manufacturer'>CHS</entry><entry name='serial'>CH-1</entry>\
+            <entry name='sku'>1b4e28ba-2fa1-11d2-883f-0016d3cca427</entry></chassis>\
+            <oemStrings><entry>keep me</entry></oemStrings></sysinfo>\
+            <devices/></domain>";
+        let out = clone_xml(src, &CloneEdits::default()).unwrap();
+        for gone in ["SYS-1", "BB-1", "CH-1", "1B4E28BA", "1b4e28ba", "43dc0cf8"] {
+            assert!(!out.contains(gone), "{gone} left in {out}");
+        }
+        for kept in ["BIOSCO", "ACME", "BRD", "CHS", "keep me"] {
+            assert!(out.contains(kept), "{kept} missing from {out}");
+        }
+        assert!(out.contains("<genid/>"), "{out}");
+        roxmltree::Document::parse(&out).unwrap();
+
+        let no_genid = clone_xml(
+            "<domain><name>w</name><devices/></domain>",
+            &CloneEdits::default(),
+        )
+        .unwrap();
+        assert!(!no_genid.contains("genid"), "{no_genid}");
+    }
+
+    #[test]
+    fn rewrites_volume_disks_to_their_copies() {
+        let src = "<domain><name>w</name><devices>\
+            <disk type='volume' device='disk'><source pool='p1' volume='root.img'/><target dev='vda'/></disk>\
+            <disk type='volume' device='cdrom'><source pool='p1' volume='media.iso'/><target dev='sda'/><readonly/></disk>\
+            </devices></domain>";
+        let edits = CloneEdits {
+            volumes: HashMap::from([(
+                ("p1".into(), "root.img".into()),
+                ("fallback".into(), "root-clone1.img".into()),
+            )]),
+            ..Default::default()
+        };
+        let d = super::super::domain::parse_domain(&clone_xml(src, &edits).unwrap()).unwrap();
+        assert_eq!(
+            (d.disks[0].pool.as_deref(), d.disks[0].volume.as_deref()),
+            (Some("fallback"), Some("root-clone1.img"))
+        );
+        assert_eq!(
+            (d.disks[1].pool.as_deref(), d.disks[1].volume.as_deref()),
+            (Some("p1"), Some("media.iso")),
+            "media are shared"
+        );
+    }
+
+    #[test]
+    fn recognises_uuids() {
+        assert!(is_uuid("1b4e28ba-2fa1-11d2-883f-0016d3cca427"));
+        assert!(is_uuid("1B4E28BA2FA111D2883F0016D3CCA427"));
+        assert!(!is_uuid("1b4e28ba-2fa1-11d2-883f-0016d3cca42"));
+        assert!(!is_uuid("S1"));
+        assert!(!is_uuid("1b4e28ba2fa1-11d2-883f-0016d3cca4277"));
     }
 }

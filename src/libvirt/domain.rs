@@ -36,6 +36,12 @@ pub struct DiskXml {
     pub alias: Option<String>,
     /// Source file or block device path.
     pub source: Option<String>,
+    /// Storage pool of a `type='volume'` disk (`source/@pool`).
+    pub pool: Option<String>,
+    /// Volume of a `type='volume'` disk in [`DiskXml::pool`] (`source/@volume`).
+    pub volume: Option<String>,
+    /// Source of a `type='network'` disk, as `protocol://host/name` (host when given).
+    pub network: Option<String>,
     /// Disk type (`file`, `block`, `volume`, `network`).
     pub kind: String,
     /// Marked `<readonly/>`.
@@ -125,6 +131,9 @@ pub fn parse_domain(xml: &str) -> Result<DomainXml, roxmltree::Error> {
                     target: attr(child(dev, "target"), "dev"),
                     alias: attr(child(dev, "alias"), "name"),
                     source: attr(source, "file").or_else(|| attr(source, "dev")),
+                    pool: attr(source, "pool"),
+                    volume: attr(source, "volume"),
+                    network: network_source(source),
                     kind: dev.attribute("type").unwrap_or("file").to_string(),
                     readonly: child(dev, "readonly").is_some(),
                     shareable: child(dev, "shareable").is_some(),
@@ -160,6 +169,31 @@ pub fn parse_domain(xml: &str) -> Result<DomainXml, roxmltree::Error> {
         }
     }
     Ok(out)
+}
+
+/// `protocol://host/name` of a network disk's `<source>`.
+fn network_source(source: Option<roxmltree::Node<'_, '_>>) -> Option<String> {
+    let source = source?;
+    let protocol = source.attribute("protocol")?;
+    let name = source.attribute("name").unwrap_or_default();
+    Some(match attr(child(source, "host"), "name") {
+        Some(host) => format!("{protocol}://{host}/{name}"),
+        None => format!("{protocol}:{name}"),
+    })
+}
+
+impl DiskXml {
+    /// Where the disk's data is, for messages: the file or device path, `volume V of pool P`,
+    /// or the network source.
+    pub fn source_label(&self) -> Option<String> {
+        if let Some(s) = &self.source {
+            return Some(s.clone());
+        }
+        if let (Some(p), Some(v)) = (&self.pool, &self.volume) {
+            return Some(format!("volume {v} of pool {p}"));
+        }
+        self.network.clone()
+    }
 }
 
 fn child<'a, 'i>(n: roxmltree::Node<'a, 'i>, tag: &str) -> Option<roxmltree::Node<'a, 'i>> {
@@ -426,6 +460,32 @@ mod tests {
         assert_eq!(nic.host_device.as_deref(), Some("vnet3"));
         assert_eq!(nic.link_state.as_deref(), Some("down"));
         assert_eq!(nic.source.as_deref(), Some("default"));
+    }
+
+    #[test]
+    fn parses_volume_and_network_disk_sources() {
+        let d = parse_domain(
+            "<domain><devices><disk type='volume' device='disk'><source pool='p1' volume='v.img'/><target dev='vda'/></disk>\
+             <disk type='network' device='disk'><source protocol='rbd' name='rbd/img'><host name='mon1' port='6789'/></source><target dev='vdb'/></disk>\
+             <disk type='block' device='disk'><source dev='/dev/sdz'/><target dev='vdc'/></disk></devices></domain>",
+        )
+        .unwrap();
+        let (vol, net, blk) = (&d.disks[0], &d.disks[1], &d.disks[2]);
+        assert_eq!(
+            (
+                vol.kind.as_str(),
+                vol.pool.as_deref(),
+                vol.volume.as_deref(),
+                vol.source.as_deref()
+            ),
+            ("volume", Some("p1"), Some("v.img"), None)
+        );
+        assert_eq!(
+            vol.source_label().as_deref(),
+            Some("volume v.img of pool p1")
+        );
+        assert_eq!(net.source_label().as_deref(), Some("rbd://mon1/rbd/img"));
+        assert_eq!(blk.source_label().as_deref(), Some("/dev/sdz"));
     }
 
     #[test]

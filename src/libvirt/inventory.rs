@@ -97,7 +97,7 @@ fn state_name(state: Enum<DomainState, u32>) -> &'static str {
 }
 
 /// The `type` attribute and `target/path` of a storage pool's XML.
-fn pool_type_and_path(xml: &str) -> (String, Option<String>) {
+pub(super) fn pool_type_and_path(xml: &str) -> (String, Option<String>) {
     let Ok(doc) = roxmltree::Document::parse(xml) else {
         return ("unknown".into(), None);
     };

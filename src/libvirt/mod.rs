@@ -7,6 +7,7 @@ pub mod clone_xml;
 pub mod domain;
 pub mod events;
 mod inventory;
+pub mod volume;
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;

@@ -119,7 +119,7 @@ def test_default_render() -> None:
     assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert set(c["resources"]) == {"requests", "limits"}
 
-    # Agent: root without privileged mode, DAC_OVERRIDE only, exactly two host directories.
+    # Agent: root without privileged mode, DAC_OVERRIDE only, exactly three host directories.
     ds = one(objs, "DaemonSet")
     pod = ds["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == "vp-virtplane-agent"
@@ -141,10 +141,13 @@ def test_default_render() -> None:
     assert host == {
         "libvirt-run": {"path": "/run/libvirt", "type": "Directory"},
         "host-0": {"path": "/var/lib/libvirt/images", "type": "Directory"},
+        # VMClone copies a UEFI guest's variable store there.
+        "host-1": {"path": "/var/lib/libvirt/qemu/nvram", "type": "Directory"},
     }
     mounts = {m["name"]: m for m in c["volumeMounts"]}
     assert mounts["libvirt-run"] == {"name": "libvirt-run", "mountPath": "/run/libvirt", "readOnly": True}
     assert mounts["host-0"]["mountPath"] == "/var/lib/libvirt/images"
+    assert mounts["host-1"]["mountPath"] == "/var/lib/libvirt/qemu/nvram"
 
     # RBAC: exactly the rules each component needs.
     assert rules(one(objs, "ClusterRole", "-controller")) == CONTROLLER_RULES
