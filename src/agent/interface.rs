@@ -107,7 +107,7 @@ pub(super) async fn reconcile(
         Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
     let alias = alias_of(&obj);
     let lock = ctx.locks.get(&obj.spec.vm);
-    let _guard = lock.lock().await;
+    let guard = lock.clone().lock_owned().await;
     let prev = obj.status.clone().unwrap_or_default();
 
     if obj.meta().deletion_timestamp.is_some() {
@@ -132,7 +132,7 @@ pub(super) async fn reconcile(
         .await;
     }
     device::add_finalizer(&api, &*obj).await?;
-    let outcome = match apply(&api, &obj, &ctx, &alias, &prev).await {
+    let outcome = match apply(&api, &obj, &ctx, &alias, &prev, guard).await {
         Ok(o) => o,
         Err(DeviceError::Libvirt(err)) if ctx.libvirt.is_connected() => Outcome::not_ready(
             &prev,
@@ -186,6 +186,7 @@ async fn apply(
     ctx: &Context,
     alias: &str,
     prev: &VMInterfaceStatus,
+    guard: tokio::sync::OwnedMutexGuard<()>,
 ) -> Result<Outcome, DeviceError> {
     let spec = &obj.spec;
     let vm = spec.vm.as_str();
@@ -522,6 +523,8 @@ async fn apply(
     let config_now = view.config.nic(alias).filter(|_| view.persistent).cloned();
     let live_now = view.live.as_ref().and_then(|l| l.nic(alias)).cloned();
     let shown = live_now.as_ref().or(config_now.as_ref());
+    // Asking the guest may take seconds: other devices of this domain need not wait for it.
+    drop(guard);
     let guest = guest_view(ctx, vm, &mac, &view, spec.type_).await;
     let status = VMInterfaceStatus {
         mac: Some(mac.clone()),

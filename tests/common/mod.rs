@@ -331,11 +331,17 @@ pub fn virsh(args: &[&str]) -> String {
         .args(args)
         .output()
         .expect("run virsh");
-    assert!(
-        out.status.success(),
-        "virsh {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        // libvirtd down: say how to start it rather than show a bare virsh error.
+        if err.contains("Failed to connect") || err.contains("failed to connect") {
+            panic!(
+                "libvirtd at {} does not answer ({err}): {HOW_TO_START}",
+                libvirt_uri()
+            );
+        }
+        panic!("virsh {args:?} failed: {err}");
+    }
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
