@@ -495,4 +495,31 @@ async fn a_device_removed_behind_the_agents_back_is_put_back() {
             .then_some(())
     })
     .await;
+
+    // The disk's source swapped by hand: not blamed on the spec, not silently swapped back under
+    // the guest, but reported with a Warning saying what to do.
+    let other = image(&pool, "other.img", 8);
+    let xml = config_xml(&domain.name).replace(&disk, &other);
+    let file = pool.path.join("redefine.xml");
+    std::fs::write(&file, xml).unwrap();
+    virsh(&["define", file.to_str().unwrap()]);
+    let o = wait_obj::<Vms>(
+        &client,
+        &ns.name,
+        "drift",
+        "DriftDetected",
+        T,
+        has_reason("DriftDetected"),
+    )
+    .await;
+    let (_, _, msg) = cond(&o, "Ready").unwrap();
+    assert!(msg.contains(&other) && msg.contains(&disk), "{msg}");
+    eventually("a DriftDetected event", T, || async {
+        event_reasons(&client, &ns.name, "drift")
+            .await
+            .iter()
+            .any(|r| r == "DriftDetected")
+            .then_some(())
+    })
+    .await;
 }

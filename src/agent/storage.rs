@@ -37,6 +37,8 @@ pub mod reason {
     pub const TARGET_CONFLICT: &str = "TargetConflict";
     /// A disk's source cannot change.
     pub const SOURCE_IMMUTABLE: &str = "SourceImmutable";
+    /// A disk's source was changed in libvirt, outside virtplane.
+    pub const DRIFT_DETECTED: &str = "DriftDetected";
     /// The device is in the definition but could not be hot-plugged.
     pub const RESTART_REQUIRED: &str = "RestartRequired";
     /// libvirt refused the change.
@@ -498,12 +500,25 @@ async fn apply(
         && let Some(dev) = existing
         && dev.source != desired_path
     {
+        let now = dev.source.as_deref().unwrap_or("empty");
+        // The spec still names what virtplane attached: libvirt's side was changed by hand.
+        // Swapping a disk under a running guest is not a repair virtplane makes on its own.
+        if prev.current_source.is_some() && prev.current_source == desired_path {
+            return Ok(Outcome::not_ready(
+                prev,
+                reason::DRIFT_DETECTED,
+                format!(
+                    "The source of {target} on {vm} was changed outside virtplane to {now}; a disk is not swapped under the guest. Put {} back (virsh), or delete this object to detach it.",
+                    desired_path.as_deref().unwrap_or("the empty source")
+                ),
+                Action::await_change(),
+            ));
+        }
         return Ok(Outcome::not_ready(
             prev,
             reason::SOURCE_IMMUTABLE,
             format!(
-                "The source of a disk cannot change (it is {}); nothing was detached. Restore the source, or delete this object and create a new one.",
-                dev.source.as_deref().unwrap_or("empty")
+                "The source of a disk cannot change (it is {now}); nothing was detached. Restore spec.source, or delete this object and create a new one."
             ),
             Action::await_change(),
         ));
