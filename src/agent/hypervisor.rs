@@ -101,6 +101,15 @@ pub(super) async fn run(
                 format!("{err}. The inventory shown is the last one read and may be stale."),
             ),
         };
+        // After a gap in this loop's writes the controller may have marked the node unreachable:
+        // start from the conditions on the server, so Ready's transition time tells the truth.
+        let gap = written
+            .as_ref()
+            .is_some_and(|w| w.at.elapsed() > config.heartbeat_interval * 3);
+        if gap && let Ok(h) = api.get_status(&node).await {
+            conditions = h.status.map(|s| s.conditions).unwrap_or_default();
+            written = None;
+        }
         conditions = conditions::compute(&conditions, &[ready], None, Timestamp::now());
         let status = build_status(last_inventory.as_ref(), conditions.clone());
 
