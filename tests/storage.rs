@@ -108,6 +108,27 @@ async fn shut_off_domain_gets_disk_and_cdrom_in_its_definition_and_loses_them_on
     let api: Api<Vms> = Api::namespaced(client.clone(), &ns.name);
     assert_eq!(api.get("disk1").await.unwrap().resource_version(), rv);
 
+    // spec.vm is immutable: an edit is refused and the disk stays where it is, and the delete
+    // below still detaches it from the domain it is on.
+    let other = TestDomain::define("vp-st-off-other");
+    api.patch(
+        "disk1",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"vm": other.name}})),
+    )
+    .await
+    .unwrap();
+    let moved = wait_obj::<Vms>(&client, &ns.name, "disk1", "InvalidSpec", T, |o| {
+        cond(o, "Ready").is_some_and(|(_, r, m)| r == "InvalidSpec" && m.contains("spec.vm"))
+    })
+    .await;
+    assert_eq!(
+        moved.status.as_ref().unwrap().vm.as_deref(),
+        Some(domain.name.as_str())
+    );
+    assert!(config_xml(&domain.name).contains(&alias(&d)));
+    assert!(!config_xml(&other.name).contains(&alias(&d)));
+
     kubectl_delete(&ns.name, "vmstorage", "disk1");
     kubectl_delete(&ns.name, "vmstorage", "cd1");
     wait_gone::<Vms>(&client, &ns.name, "disk1", T).await;

@@ -106,7 +106,13 @@ pub(super) async fn reconcile(
     let api: Api<VMInterface> =
         Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
     let alias = alias_of(&obj);
-    let lock = ctx.locks.get(&obj.spec.vm);
+    // The domain the NIC went to, even if spec.vm was edited since.
+    let vm = obj
+        .status
+        .as_ref()
+        .and_then(|s| s.vm.clone())
+        .unwrap_or_else(|| obj.spec.vm.clone());
+    let lock = ctx.locks.get(&vm);
     let guard = lock.clone().lock_owned().await;
     let prev = obj.status.clone().unwrap_or_default();
 
@@ -121,7 +127,7 @@ pub(super) async fn reconcile(
             &api,
             &*obj,
             &ctx,
-            &obj.spec.vm,
+            &vm,
             &alias,
             &what,
             was_attached,
@@ -198,6 +204,14 @@ async fn apply(
             Action::await_change(),
         ))
     };
+    if let Some(had) = &prev.vm
+        && *had != spec.vm
+    {
+        return invalid(format!(
+            "spec.vm is immutable: the interface is attached to {had}. Set spec.vm back, or delete this object (which detaches it from {had}) and create one for {}.",
+            spec.vm
+        ));
+    }
     let spec_mac = match spec.mac.as_deref().map(valid_mac) {
         Some(Err(m)) => return invalid(m),
         Some(Ok(m)) => Some(m),
@@ -527,6 +541,7 @@ async fn apply(
     drop(guard);
     let guest = guest_view(ctx, vm, &mac, &view, spec.type_).await;
     let status = VMInterfaceStatus {
+        vm: Some(vm.to_string()),
         mac: Some(mac.clone()),
         host_device: live_now.as_ref().and_then(|d| d.host_device.clone()),
         alias: Some(alias.to_string()),

@@ -87,11 +87,17 @@ pub(super) async fn reconcile(
     let api: Api<VirtualMachineStorage> =
         Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
     let alias = alias_of(&obj);
-    let lock = ctx.locks.get(&obj.spec.vm);
+    // The domain the device went to, even if spec.vm was edited since.
+    let vm = obj
+        .status
+        .as_ref()
+        .and_then(|s| s.vm.clone())
+        .unwrap_or_else(|| obj.spec.vm.clone());
+    let lock = ctx.locks.get(&vm);
     let _guard = lock.lock().await;
 
     if obj.meta().deletion_timestamp.is_some() {
-        return cleanup(&api, &obj, &ctx, &alias).await;
+        return cleanup(&api, &obj, &ctx, &vm, &alias).await;
     }
     device::add_finalizer(&api, &*obj).await?;
     let prev = obj.status.clone().unwrap_or_default();
@@ -112,6 +118,7 @@ async fn cleanup(
     api: &Api<VirtualMachineStorage>,
     obj: &VirtualMachineStorage,
     ctx: &Context,
+    vm: &str,
     alias: &str,
 ) -> Result<Action, DeviceError> {
     let prev = obj.status.clone().unwrap_or_default();
@@ -125,7 +132,7 @@ async fn cleanup(
         api,
         obj,
         ctx,
-        &obj.spec.vm,
+        vm,
         alias,
         &what,
         was_attached,
@@ -366,6 +373,14 @@ fn not_allowed(path: &Path, allowed: &[PathBuf]) -> String {
 
 fn validate(obj: &VirtualMachineStorage, prev: &VirtualMachineStorageStatus) -> Result<(), String> {
     let spec = &obj.spec;
+    if let Some(had) = &prev.vm
+        && *had != spec.vm
+    {
+        return Err(format!(
+            "spec.vm is immutable: the device is attached to {had}. Set spec.vm back, or delete this object (which detaches it from {had}) and create one for {}.",
+            spec.vm
+        ));
+    }
     if spec.type_ == StorageType::Disk && spec.source.is_none() {
         return Err(
             "A disk needs a source (path, volume or isoDownload); only a cdrom may be empty."
@@ -728,6 +743,7 @@ async fn apply(
         config_now
     };
     let status = VirtualMachineStorageStatus {
+        vm: Some(vm.to_string()),
         target: Some(target.clone()),
         bus: Some(spec.bus),
         alias: Some(alias.to_string()),

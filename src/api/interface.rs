@@ -125,6 +125,10 @@ pub enum LinkState {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct VMInterfaceStatus {
+    /// Domain the device was attached to. `spec.vm` is immutable: a change is refused
+    /// (`InvalidSpec`) and the device stays on this domain until the object is deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<String>,
     /// MAC address of the interface: `spec.mac`, or the one allocated; never changes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mac: Option<String>,

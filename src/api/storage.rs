@@ -217,6 +217,10 @@ pub enum DiscardMode {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct VirtualMachineStorageStatus {
+    /// Domain the device was attached to. `spec.vm` is immutable: a change is refused
+    /// (`InvalidSpec`) and the device stays on this domain until the object is deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<String>,
     /// Device name the device got in the domain (for example `sdb`); stable once chosen.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target: Option<String>,
