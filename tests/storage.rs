@@ -146,6 +146,8 @@ async fn shut_off_domain_gets_disk_and_cdrom_in_its_definition_and_loses_them_on
         metric(&agent, &format!("virtplane_reconciles_total{kind}")).unwrap_or(0.0) > 0.0,
         "{agent}"
     );
+    let duration = format!("virtplane_reconcile_duration_seconds_count{kind}");
+    assert!(metric(&agent, &duration).unwrap_or(0.0) > 0.0, "{agent}");
     let attach = "virtplane_libvirt_call_duration_seconds_count{action=\"attach a device\"}";
     assert!(metric(&agent, attach).unwrap_or(0.0) > 0.0, "{agent}");
     assert!(agent.contains("virtplane_detach_pending"), "{agent}");
@@ -362,10 +364,26 @@ async fn bad_input_is_refused_with_a_reason_and_leaves_the_domain_alone() {
             &format!("  nodeName: {}\n  type: cdrom\n", op.agent.node),
         ),
     );
-    // Not a qcow2 image: libvirt takes it into the definition, QEMU refuses it on hot-plug. The
-    // definition is put back as it was (a restart would only fail to boot).
+    // A qcow2 header of a version QEMU does not know: libvirt would take it into the definition,
+    // QEMU refuses it on hot-plug. Nothing is written (a restart would only fail to boot).
     let corrupt = pool.path.join("corrupt.qcow2");
-    std::fs::write(&corrupt, vec![b'x'; 1 << 20]).unwrap();
+    let mut header = b"QFI\xfb\0\0\0\x63".to_vec();
+    header.resize(1 << 20, 0);
+    std::fs::write(&corrupt, header).unwrap();
+    // Not a qcow2 image at all: refused before libvirt sees it.
+    let notqcow = pool.path.join("notqcow.qcow2");
+    std::fs::write(&notqcow, vec![b'x'; 1 << 20]).unwrap();
+    kubectl_apply(
+        &ns.name,
+        &manifest(
+            "notqcow",
+            &guest.name,
+            &format!(
+                "  type: disk\n  format: qcow2\n  source:\n    path: {}\n",
+                notqcow.display()
+            ),
+        ),
+    );
     kubectl_apply(
         &ns.name,
         &manifest(
@@ -379,6 +397,7 @@ async fn bad_input_is_refused_with_a_reason_and_leaves_the_domain_alone() {
     );
     for (name, reason) in [
         ("corrupt", "AttachFailed"),
+        ("notqcow", "InvalidSpec"),
         ("shadow", "PathNotAllowed"),
         ("escape", "PathNotAllowed"),
         ("missing", "SourceNotFound"),
@@ -404,6 +423,10 @@ async fn bad_input_is_refused_with_a_reason_and_leaves_the_domain_alone() {
         )
         .await;
     }
+    // And each is counted on /metrics by its reason.
+    let agent = op.agent.process.http_get("/metrics");
+    let errors = "virtplane_reconcile_errors_total{kind=\"VirtualMachineStorage\",reason=\"PathNotAllowed\"}";
+    assert!(metric(&agent, errors).unwrap_or(0.0) >= 2.0, "{agent}");
     assert_eq!(
         live_xml(&guest.name),
         live_before,
@@ -458,6 +481,13 @@ async fn bad_input_is_refused_with_a_reason_and_leaves_the_domain_alone() {
     assert!(!is_ready(&o));
     assert!(config_xml(&guest.name).contains(&alias(&o)));
     assert!(!live_xml(&guest.name).contains(&alias(&o)));
+
+    // The refused images are let go first: on a shut-off domain they would go into the
+    // definition (libvirt cannot tell) and the reboot would fail.
+    kubectl_delete(&ns.name, "vmstorage", "corrupt");
+    kubectl_delete(&ns.name, "vmstorage", "notqcow");
+    wait_gone::<Vms>(&client, &ns.name, "corrupt", T).await;
+    wait_gone::<Vms>(&client, &ns.name, "notqcow", T).await;
 
     // After a reboot the drive is there; it cannot be unplugged while the guest runs, so the
     // delete waits for the shutdown and says so instead of waiting for the guest in vain.

@@ -543,7 +543,11 @@ where
         None => Desired::falsy(RESTART_REQUIRED, "NotRequired", "No restart is needed."),
     };
     let mut events = outcome.events;
-    events.extend(warnings(prev.conditions(), &outcome.ready, &restart));
+    let new_failures = warnings(prev.conditions(), &outcome.ready, &restart);
+    for (_, reason, _) in &new_failures {
+        crate::metrics::get().error(&K::kind(&()), reason);
+    }
+    events.extend(new_failures);
     write_status(api, obj, prev, outcome.status, &[outcome.ready, restart]).await?;
     for (type_, reason, note) in events {
         publish(&ctx.recorder, obj, type_, reason, note).await;

@@ -335,6 +335,16 @@ fn check_path(
             ),
         ));
     }
+    if format.as_deref() == Some("qcow2") && !is_qcow2 {
+        // libvirt takes it into the definition; the domain would then not boot.
+        return Err(refuse(
+            reason::INVALID_SPEC,
+            format!(
+                "{} is not a qcow2 image, but spec.format says qcow2; fix spec.format or the image.",
+                real.display()
+            ),
+        ));
+    }
     let format = format.unwrap_or_else(|| {
         if is_qcow2 {
             "qcow2".into()
