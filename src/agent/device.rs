@@ -589,6 +589,36 @@ pub async fn attach_live(
     }
 }
 
+/// Writes `xml` into the definition of `vm`. If libvirt refuses and the device was hot-plugged
+/// just before (`plugged`), the hot-plug is taken back: a device that is not in the definition
+/// is half-attached. `Err(message)` says what happened, for `AttachFailed`.
+pub async fn attach_config(
+    libvirt: &Libvirt,
+    vm: &str,
+    xml: &str,
+    plugged: bool,
+    what: &str,
+) -> Result<(), String> {
+    let Err(e) = change(libvirt, vm, xml.to_string(), false, true, Op::Attach).await else {
+        return Ok(());
+    };
+    if !plugged {
+        return Err(format!(
+            "libvirt refused the {what}: {e}. Nothing was changed; fix the spec."
+        ));
+    }
+    Err(
+        match change(libvirt, vm, xml.to_string(), true, false, Op::Detach).await {
+            Ok(()) => format!(
+                "libvirt refused the {what} in the definition: {e}. The hot-plug was unplugged again; fix the spec."
+            ),
+            Err(e2) => format!(
+                "libvirt refused the {what} in the definition ({e}) after it was hot-plugged, and unplugging it again failed ({e2}); detach it from {vm} by hand."
+            ),
+        },
+    )
+}
+
 /// Reasons that mean "waiting as asked", not a failure: no Warning Event for them.
 const WAITING: &[&str] = &[DETACH_PENDING, "WaitingForDownload"];
 

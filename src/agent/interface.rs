@@ -492,30 +492,9 @@ async fn apply(
         ));
     }
     if want_config && config_dev.is_none() {
-        if let Err(e) = device::change(&ctx.libvirt, vm, xml.clone(), false, true, Op::Attach).await
+        if let Err(message) =
+            device::attach_config(&ctx.libvirt, vm, &xml, plugged, "interface").await
         {
-            let mut message =
-                format!("libvirt refused the interface: {e}. Nothing was changed; fix the spec.");
-            if plugged {
-                // Take the hot-plug back: a NIC that is not in the definition is half-attached.
-                message = match device::change(
-                    &ctx.libvirt,
-                    vm,
-                    xml.clone(),
-                    true,
-                    false,
-                    Op::Detach,
-                )
-                .await
-                {
-                    Ok(()) => format!(
-                        "libvirt refused the interface in the definition: {e}. The hot-plug was unplugged again; fix the spec."
-                    ),
-                    Err(e2) => format!(
-                        "libvirt refused the interface in the definition ({e}) after it was hot-plugged, and unplugging it again failed ({e2}); detach {mac} from {vm} by hand."
-                    ),
-                };
-            }
             return Ok(Outcome::not_ready(
                 prev,
                 reason::ATTACH_FAILED,

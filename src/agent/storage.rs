@@ -672,24 +672,8 @@ async fn apply(
         }
     }
     if want_config && config_dev.is_none() {
-        if let Err(e) = device::change(&ctx.libvirt, vm, xml.clone(), false, true, Op::Attach).await
+        if let Err(message) = device::attach_config(&ctx.libvirt, vm, &xml, plugged, "device").await
         {
-            let mut message =
-                format!("libvirt refused the device: {e}. Nothing was changed; fix the spec.");
-            if plugged {
-                // Take the hot-plug back: a device that is not in the definition is half-attached.
-                if let Err(e) =
-                    device::change(&ctx.libvirt, vm, xml.clone(), true, false, Op::Detach).await
-                {
-                    message = format!(
-                        "libvirt refused the device in the definition ({e}) after it was hot-plugged, and unplugging it again failed; detach {target} from {vm} by hand."
-                    );
-                } else {
-                    message = format!(
-                        "libvirt refused the device in the definition: {e}. The hot-plug was unplugged again; fix the spec."
-                    );
-                }
-            }
             return Ok(Outcome::not_ready(
                 prev,
                 reason::ATTACH_FAILED,
