@@ -199,7 +199,13 @@ pub async fn run(
         .reconcile_on(domain_triggers(
             &libvirt,
             storage_store.clone(),
-            |s: &VirtualMachineStorage| s.spec.vm.clone(),
+            |s: &VirtualMachineStorage| {
+                s.status
+                    .as_ref()
+                    .and_then(|st| st.vm.clone())
+                    .unwrap_or_else(|| s.spec.vm.clone())
+            },
+            |s: &VirtualMachineStorage| not_ready(s.status.as_ref().map(|st| &st.conditions)),
         ))
         .graceful_shutdown_on(shutdown::wait(shutdown.clone()))
         .run(
@@ -218,7 +224,13 @@ pub async fn run(
         .reconcile_on(domain_triggers(
             &libvirt,
             nic_store.clone(),
-            |n: &VMInterface| n.spec.vm.clone(),
+            |n: &VMInterface| {
+                n.status
+                    .as_ref()
+                    .and_then(|st| st.vm.clone())
+                    .unwrap_or_else(|| n.spec.vm.clone())
+            },
+            |n: &VMInterface| not_ready(n.status.as_ref().map(|st| &st.conditions)),
         ))
         .graceful_shutdown_on(shutdown::wait(shutdown.clone()))
         .run(
@@ -237,6 +249,8 @@ pub async fn run(
             &libvirt,
             clone_store.clone(),
             |c: &VMClone| c.spec.source.clone(),
+            // A clone waits only for its source domain.
+            |_: &VMClone| false,
         ))
         .graceful_shutdown_on(shutdown::wait(shutdown.clone()))
         .run(
@@ -342,12 +356,24 @@ fn libvirt_events(libvirt: &Libvirt) -> impl Stream<Item = Event> + Send + 'stat
     })
 }
 
+/// Whether an object's `Ready` condition is anything but True.
+fn not_ready(
+    conditions: Option<&Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>>,
+) -> bool {
+    !conditions
+        .into_iter()
+        .flatten()
+        .any(|c| c.type_ == crate::api::condition::READY && c.status == "True")
+}
+
 /// Wakes the objects of a domain when libvirt reports something about it (device removed,
-/// started, stopped, undefined...), and every object after a reconnect.
+/// started, stopped, undefined...), the objects that are `waiting` when a storage pool or network
+/// changes (the one they lack may have appeared), and every object after a reconnect.
 fn domain_triggers<K>(
     libvirt: &Libvirt,
     store: Store<K>,
     vm_of: fn(&K) -> String,
+    waiting: fn(&K) -> bool,
 ) -> impl Stream<Item = ObjectRef<K>> + Send + 'static
 where
     K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
@@ -366,12 +392,18 @@ where
                 .filter(|o| vm_of(o) == name)
                 .map(|o| ObjectRef::from_obj(&**o))
                 .collect(),
+            Event::StoragePool { .. } | Event::Network { .. } => store
+                .state()
+                .iter()
+                .filter(|o| waiting(o))
+                .map(|o| ObjectRef::from_obj(&**o))
+                .collect(),
             Event::Connected => store
                 .state()
                 .iter()
                 .map(|o| ObjectRef::from_obj(&**o))
                 .collect(),
-            _ => Vec::new(),
+            Event::Closed => Vec::new(),
         };
         futures::stream::iter(refs)
     })
