@@ -29,6 +29,7 @@ const T: Duration = Duration::from_secs(120);
 /// The fixture HTTP server (Range, ETag, rate limit, a log of bytes per response).
 struct HttpServer {
     child: Child,
+    address: &'static str,
     port: u16,
     dir: tempfile::TempDir,
     log: PathBuf,
@@ -36,6 +37,11 @@ struct HttpServer {
 
 impl HttpServer {
     fn start(bytes_per_second: u64) -> Self {
+        Self::start_on("127.0.0.1", bytes_per_second)
+    }
+
+    /// Listening on `address` (any 127.x address works on Linux).
+    fn start_on(address: &'static str, bytes_per_second: u64) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let port_file = dir.path().join("port");
         let log = dir.path().join("served.log");
@@ -49,6 +55,7 @@ impl HttpServer {
                 files.to_str().unwrap(),
                 &bytes_per_second.to_string(),
                 log.to_str().unwrap(),
+                address,
             ])
             .spawn()
             .unwrap();
@@ -67,6 +74,7 @@ impl HttpServer {
             .unwrap();
         Self {
             child,
+            address,
             port,
             dir,
             log,
@@ -84,7 +92,7 @@ impl HttpServer {
     }
 
     fn url(&self, name: &str) -> String {
-        format!("http://127.0.0.1:{}/{name}", self.port)
+        format!("http://{}:{}/{name}", self.address, self.port)
     }
 
     /// (range start, bytes sent) of every GET response for `name`.
@@ -349,6 +357,55 @@ async fn refusals_leave_nothing_in_the_pool() {
     );
     assert_eq!(leftovers, 0, "nothing was written");
     assert_eq!(pool_files(&pool), ["small", "taken.iso"]);
+}
+
+#[tokio::test]
+async fn redirects_into_a_denied_network_fail() {
+    let client = client().await;
+    install_crds(&client).await;
+    let ns = TestNamespace::new(&client, "vp-iso-deny").await;
+    // The file server on 127.0.0.1 is off limits for this agent; the redirector on 127.0.0.3
+    // is not.
+    let _op = Operator::start(&ns.name, &["--download-deny-cidr", "127.0.0.1/32"]);
+    let pool = TestPool::create("vp-iso-deny");
+    let files = HttpServer::start(0);
+    files.file("f.iso", 1 << 20);
+    let redirector = HttpServer::start_on("127.0.0.3", 0);
+    redirector.file("f.iso", 1 << 20);
+    let via = |target: String| redirector.url(&format!("redirect?to={target}"));
+
+    for (name, target) in [
+        // An IP literal (no name resolution involved) and a host name resolving there.
+        ("literal", format!("http://127.0.0.1:{}/f.iso", files.port)),
+        ("byname", format!("http://localhost:{}/f.iso", files.port)),
+        ("allowed", redirector.url("f.iso")),
+    ] {
+        kubectl_apply(
+            &ns.name,
+            &manifest(
+                name,
+                &via(target),
+                &pool.name,
+                &format!("  name: {name}.iso\n"),
+            ),
+        );
+    }
+    for name in ["literal", "byname"] {
+        let o = wait_phase(&client, &ns.name, name, DownloadPhase::Failed).await;
+        let st = o.status.as_ref().unwrap();
+        let (_, reason, message) = condition_of(&st.conditions, "Ready").unwrap();
+        assert_eq!(reason, "DestinationNotAllowed", "{name}: {st:?}");
+        assert!(
+            message.contains("127.0.0.1") && message.contains("--download-deny-cidr"),
+            "{name}: {message}"
+        );
+    }
+    wait_phase(&client, &ns.name, "allowed", DownloadPhase::Completed).await;
+    assert!(
+        files.served("f.iso").is_empty(),
+        "the denied server sent nothing"
+    );
+    assert_eq!(pool_files(&pool), ["allowed.iso"]);
 }
 
 #[tokio::test]

@@ -4,7 +4,6 @@
 //! at most about once a second, and cleans up.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -39,8 +38,6 @@ pub mod reason {
     pub const NAME_CONFLICT: &str = "NameConflict";
     /// The pool lacks room for the rest of the file.
     pub const INSUFFICIENT_SPACE: &str = "InsufficientSpace";
-    /// The host resolves to an address the agent may not reach.
-    pub const DESTINATION_NOT_ALLOWED: &str = "DestinationNotAllowed";
     /// A Secret or ConfigMap the spec names is missing or lacks the key.
     pub const CREDENTIALS_NOT_FOUND: &str = "CredentialsNotFound";
     /// Waiting for a download slot.
@@ -61,7 +58,7 @@ pub struct Downloads {
     retry_at: Mutex<HashMap<String, Instant>>,
     slots: Arc<tokio::sync::Semaphore>,
     limit: usize,
-    deny: Vec<(IpAddr, u8)>,
+    deny: Vec<download::Cidr>,
     stopping: std::sync::atomic::AtomicBool,
 }
 
@@ -72,7 +69,7 @@ struct Job {
 
 impl Downloads {
     /// At most `limit` transfers at once; hosts resolving into `deny` (CIDRs) are refused.
-    pub fn new(limit: usize, deny: Vec<(IpAddr, u8)>) -> Self {
+    pub fn new(limit: usize, deny: Vec<download::Cidr>) -> Self {
         Self {
             jobs: Mutex::default(),
             retry_at: Mutex::default(),
@@ -115,45 +112,7 @@ impl Downloads {
     }
 }
 
-/// Parses `a.b.c.d/n` or `x::y/n`.
-pub fn parse_cidr(s: &str) -> Result<(IpAddr, u8), String> {
-    let (ip, len) = s
-        .split_once('/')
-        .ok_or_else(|| format!("{s} is not a CIDR (address/length)"))?;
-    let ip: IpAddr = ip
-        .parse()
-        .map_err(|_| format!("{ip} is not an IP address"))?;
-    let len: u8 = len
-        .parse()
-        .map_err(|_| format!("{len} is not a prefix length"))?;
-    let max = if ip.is_ipv4() { 32 } else { 128 };
-    if len > max {
-        return Err(format!("prefix length {len} exceeds {max}"));
-    }
-    Ok((ip, len))
-}
-
-fn in_cidr(addr: IpAddr, (net, len): (IpAddr, u8)) -> bool {
-    match (addr, net) {
-        (IpAddr::V4(a), IpAddr::V4(n)) => {
-            let mask = if len == 0 {
-                0
-            } else {
-                u32::MAX << (32 - u32::from(len))
-            };
-            u32::from(a) & mask == u32::from(n) & mask
-        }
-        (IpAddr::V6(a), IpAddr::V6(n)) => {
-            let mask = if len == 0 {
-                0
-            } else {
-                u128::MAX << (128 - u32::from(len))
-            };
-            u128::from(a) & mask == u128::from(n) & mask
-        }
-        _ => false,
-    }
-}
+pub use crate::download::parse_cidr;
 
 struct Refusal(&'static str, String);
 
@@ -510,38 +469,6 @@ async fn credentials(
     Ok((auth, tls))
 }
 
-/// Refuses hosts that resolve into the denied networks (link-local metadata services by default).
-async fn destination_allowed(url: &str, deny: &[(IpAddr, u8)]) -> Result<(), Refusal> {
-    let rest = url.split_once("://").map(|(_, r)| r).unwrap_or(url);
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
-    let hostport = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-    let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
-        let (h, p) = v6.split_once(']').unwrap_or((v6, ""));
-        (
-            h.to_string(),
-            p.trim_start_matches(':').parse().unwrap_or(0u16),
-        )
-    } else {
-        match hostport.rsplit_once(':') {
-            Some((h, p)) => (h.to_string(), p.parse().unwrap_or(0u16)),
-            None => (hostport.to_string(), 0),
-        }
-    };
-    let addrs: Vec<IpAddr> = match tokio::net::lookup_host((host.as_str(), port)).await {
-        Ok(a) => a.map(|s| s.ip()).collect(),
-        Err(_) => return Ok(()), // The download reports the resolution failure itself.
-    };
-    if let Some(bad) = addrs.iter().find(|a| deny.iter().any(|n| in_cidr(**a, *n))) {
-        return Err(Refusal(
-            reason::DESTINATION_NOT_ALLOWED,
-            format!(
-                "{host} resolves to {bad}, which this agent may not reach (--download-deny-cidr)."
-            ),
-        ));
-    }
-    Ok(())
-}
-
 /// One run of a download: queue for a slot, probe, check space, transfer, report.
 async fn run(
     api: Api<IsoDownload>,
@@ -627,7 +554,12 @@ async fn run(
             if !matches!(e, DownloadError::NameConflict { .. }) {
                 let _ = download::discard_partial(&target.dir, &target.name).await;
             }
-            let msg = format!("{e}.");
+            let msg = match e {
+                DownloadError::DestinationNotAllowed { .. } => {
+                    format!("{e} (the agent's --download-deny-cidr).")
+                }
+                _ => format!("{e}."),
+            };
             let _ = write(
                 &api,
                 &obj,
@@ -701,9 +633,6 @@ async fn transfer(
     cancel: &CancellationToken,
     status: &mut IsoDownloadStatus,
 ) -> Result<(), Result<DownloadError, Refusal>> {
-    destination_allowed(&obj.spec.url, &ctx.downloads.deny)
-        .await
-        .map_err(Err)?;
     let (auth, tls) = credentials(obj, ctx).await.map_err(Err)?;
     let mut request = DownloadRequest {
         url: obj.spec.url.clone(),
@@ -717,7 +646,10 @@ async fn transfer(
         tls,
         expected_size: None,
     };
-    let options = download::DownloadOptions::default();
+    let options = download::DownloadOptions {
+        deny: ctx.downloads.deny.clone(),
+        ..download::DownloadOptions::default()
+    };
     let info = download::probe(&request, &options).await.map_err(Ok)?;
     let kept = download::partial_len(&target.dir, &target.name)
         .await
@@ -835,21 +767,4 @@ async fn transfer(
     .await;
     device::publish(&ctx.recorder, obj, EventType::Normal, "Completed", done).await;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cidrs_match_addresses() {
-        let link_local = parse_cidr("169.254.0.0/16").unwrap();
-        assert!(in_cidr("169.254.169.254".parse().unwrap(), link_local));
-        assert!(!in_cidr("127.0.0.1".parse().unwrap(), link_local));
-        let v6 = parse_cidr("fe80::/10").unwrap();
-        assert!(in_cidr("fe80::1".parse().unwrap(), v6));
-        assert!(!in_cidr("::1".parse().unwrap(), v6));
-        assert!(parse_cidr("10.0.0.0/33").is_err());
-        assert!(parse_cidr("nonsense").is_err());
-    }
 }

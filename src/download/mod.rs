@@ -27,6 +27,7 @@
 //! [`DownloadError::Busy`].
 
 mod checksum;
+mod deny;
 mod engine;
 mod error;
 mod ftp;
@@ -46,6 +47,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 pub use checksum::{Checksum, ChecksumAlgorithm};
+pub use deny::{Cidr, parse_cidr};
 pub use error::{BoxError, DownloadError};
 pub use names::{Paths, default_name, validate_name};
 pub use progress::{Phase, Progress};
@@ -112,6 +114,10 @@ pub struct DownloadOptions {
     pub buffer_size: usize,
     /// How [`download`] retries.
     pub retry: RetryPolicy,
+    /// Networks no connection may go to (see the `deny` module): a host that is, or
+    /// resolves to, an address in one fails with [`DownloadError::DestinationNotAllowed`],
+    /// also when a redirect leads there.
+    pub deny: Vec<Cidr>,
 }
 
 impl Default for DownloadOptions {
@@ -121,6 +127,7 @@ impl Default for DownloadOptions {
             read_timeout: Duration::from_secs(60),
             buffer_size: 2 * 1024 * 1024,
             retry: RetryPolicy::default(),
+            deny: Vec::new(),
         }
     }
 }
