@@ -297,7 +297,13 @@ async fn refusals_leave_nothing_in_the_pool() {
         &ns.name,
         &manifest("missing", &server.url("missing.iso"), &pool.name, ""),
     );
+    // Passes the CRD's pattern but does not parse (port out of range).
+    kubectl_apply(
+        &ns.name,
+        &manifest("badport", "http://127.0.0.1:99999/a.iso", &pool.name, ""),
+    );
     for (name, reason) in [
+        ("badport", "InvalidURL"),
         ("taken", "NameConflict"),
         ("noname", "InvalidName"),
         ("nopool", "PoolNotFound"),

@@ -146,6 +146,26 @@ fn failed(status: &IsoDownloadStatus) -> IsoDownloadStatus {
     }
 }
 
+/// Parses `spec.url` as the downloader will; the error is a message for the user.
+fn parse_url(url: &str) -> Result<reqwest::Url, String> {
+    let parsed = reqwest::Url::parse(url).map_err(|e| {
+        format!(
+            "spec.url {url:?} is not a valid URL ({e}); use the form scheme://host[:port]/path/file.iso with a port up to 65535."
+        )
+    })?;
+    if !matches!(parsed.scheme(), "http" | "https" | "ftp" | "ftps") {
+        return Err(format!(
+            "spec.url {url:?} is not an http, https, ftp or ftps URL; use one of those schemes."
+        ));
+    }
+    if parsed.host_str().is_none_or(str::is_empty) {
+        return Err(format!(
+            "spec.url {url:?} has no host; use scheme://host/path/file.iso."
+        ));
+    }
+    Ok(parsed)
+}
+
 /// Where the file goes: the pool's directory and the volume name.
 struct Target {
     dir: PathBuf,
@@ -156,14 +176,8 @@ struct Target {
 /// Checks the URL, name and pool; nothing is written.
 async fn check(obj: &IsoDownload, ctx: &Context) -> Result<Result<Target, Refusal>, DeviceError> {
     let url = &obj.spec.url;
-    let scheme_ok = ["http://", "https://", "ftp://", "ftps://"]
-        .iter()
-        .any(|s| url.to_ascii_lowercase().starts_with(s));
-    if !scheme_ok {
-        return Ok(Err(Refusal(
-            reason::INVALID_URL,
-            format!("{url} is not an http, https, ftp or ftps URL."),
-        )));
+    if let Err(message) = parse_url(url) {
+        return Ok(Err(Refusal(reason::INVALID_URL, message)));
     }
     let name = match &obj.spec.name {
         Some(n) => n.clone(),
@@ -172,7 +186,7 @@ async fn check(obj: &IsoDownload, ctx: &Context) -> Result<Result<Target, Refusa
             Err(e) => {
                 return Ok(Err(Refusal(
                     reason::INVALID_NAME,
-                    format!("{e}. Set spec.name."),
+                    format!("No volume name can be derived from the URL: {e}. Set spec.name."),
                 )));
             }
         },
@@ -181,7 +195,8 @@ async fn check(obj: &IsoDownload, ctx: &Context) -> Result<Result<Target, Refusa
         return Ok(Err(Refusal(
             reason::INVALID_NAME,
             format!(
-                "{e}. Use letters, digits, '.', '_' and '-', no leading dot, at most 255 bytes."
+                "{e}. Use ASCII letters, digits, '.', '_' and '-', no leading dot, at most {} bytes.",
+                download::MAX_NAME_LEN
             ),
         )));
     }

@@ -9,8 +9,10 @@ use super::common::{LocalObjectReference, NODE_NAME_PATTERN, conditions_schema};
 
 /// Pattern of a download URL: http, https, ftp or ftps only.
 pub const URL_PATTERN: &str = r"^(https?|ftps?)://[^\s/?#]+([/?#]\S*)?$";
-/// Pattern of a volume name: `[A-Za-z0-9._-]`, no leading dot, at most 255 bytes.
-pub const VOLUME_NAME_PATTERN: &str = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,254}$";
+/// Pattern of a volume name: `[A-Za-z0-9._-]`, no leading dot, at most 240 bytes (the
+/// downloader's `MAX_NAME_LEN`: its partial files add a dot and `.part.json` to the name
+/// within the 255-byte limit of a file name).
+pub const VOLUME_NAME_PATTERN: &str = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,239}$";
 
 /// An ISO image downloaded into a libvirt storage pool on a node, by the agent on that node.
 /// Pause and resume with `spec.paused`; delete the object to cancel.
@@ -45,11 +47,15 @@ pub const VOLUME_NAME_PATTERN: &str = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,254}$";
 )]
 #[serde(rename_all = "camelCase")]
 pub struct IsoDownloadSpec {
-    /// URL to fetch: `http`, `https`, `ftp` or `ftps` (explicit TLS). Immutable.
+    /// URL to fetch: `http`, `https`, `ftp` or `ftps` (explicit TLS). A URL that does not
+    /// parse fails with reason `InvalidURL`. Immutable.
     #[schemars(pattern(URL_PATTERN), length(max = 4096))]
     pub url: String,
-    /// Name of the volume to create: letters, digits, `.`, `_` and `-`, no leading dot. Default:
-    /// the file name of the URL's path. Immutable.
+    /// Name of the volume to create: ASCII letters, digits, `.`, `_` and `-`, no leading dot,
+    /// at most 240 bytes. Default: the last segment of the URL's path, percent-decoded, with
+    /// every other character (and a leading dot) replaced by `_` (`Fedora%2040.iso` gives
+    /// `Fedora_40.iso`); when that is longer than 240 bytes, or the path names no file, the
+    /// download fails with reason `InvalidName` and this field must be set. Immutable.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(pattern(VOLUME_NAME_PATTERN))]
     pub name: Option<String>,

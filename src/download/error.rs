@@ -23,7 +23,8 @@ pub enum DownloadError {
         /// Why it was refused.
         reason: String,
     },
-    /// The file name is empty, a path, or starts with a dot.
+    /// The file name is empty, too long, starts with a dot or has a character other than
+    /// ASCII letters, digits, `.`, `_` and `-`.
     #[error("invalid file name {name:?}: {reason}")]
     InvalidName {
         /// The name as given.

@@ -49,7 +49,7 @@ use tokio_util::sync::CancellationToken;
 pub use checksum::{Checksum, ChecksumAlgorithm};
 pub use deny::{Cidr, parse_cidr};
 pub use error::{BoxError, DownloadError};
-pub use names::{Paths, default_name, validate_name};
+pub use names::{MAX_NAME_LEN, Paths, default_name, validate_name};
 pub use progress::{Phase, Progress};
 
 /// One file to download.
