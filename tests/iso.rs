@@ -346,6 +346,8 @@ async fn refusals_leave_nothing_in_the_pool() {
         small.to_str().unwrap(),
     ]);
     virsh(&["pool-start", &small_pool]);
+    // Partial data left by an earlier run (as after a pause): refused too, and removed.
+    std::fs::write(small.join(".big.iso.part"), vec![0u8; 1 << 20]).unwrap();
     kubectl_apply(
         &ns.name,
         &manifest("nospace", &server.url("big.iso"), &small_pool, ""),
@@ -361,7 +363,11 @@ async fn refusals_leave_nothing_in_the_pool() {
         "{:?}",
         o.status
     );
-    assert_eq!(leftovers, 0, "nothing was written");
+    let message = condition_of(&o.status.as_ref().unwrap().conditions, "Ready")
+        .unwrap()
+        .2;
+    assert!(message.contains("partial data were removed"), "{message}");
+    assert_eq!(leftovers, 0, "the partial data was removed");
     assert_eq!(pool_files(&pool), ["small", "taken.iso"]);
 }
 
@@ -524,6 +530,70 @@ async fn deleting_a_running_download_removes_its_partial_data() {
     kubectl_delete(&ns.name, "isodownload", "cancel");
     wait_gone::<IsoDownload>(&client, &ns.name, "cancel", T).await;
     assert!(pool_files(&pool).is_empty(), "{:?}", pool_files(&pool));
+}
+
+#[tokio::test]
+async fn transient_failures_are_retried_by_timer_with_back_off_and_counted() {
+    let client = client().await;
+    install_crds(&client).await;
+    let ns = TestNamespace::new(&client, "vp-iso-retry").await;
+    let _op = Operator::start(&ns.name, &[]);
+    let pool = TestPool::create("vp-iso-retry");
+    let server = HttpServer::start(0);
+    server.file("flaky.iso", 1 << 20);
+    // The first two requests (both probes) get 503: two retries, 5 s and 10 s later.
+    kubectl_apply(
+        &ns.name,
+        &manifest("flaky", &server.url("flaky.iso?fail=2"), &pool.name, ""),
+    );
+    let retrying = wait_obj::<IsoDownload>(&client, &ns.name, "flaky", "Retrying", T, |o| {
+        ready_reason(o).as_deref() == Some("Retrying")
+    })
+    .await;
+    let st = retrying.status.unwrap();
+    let (_, _, message) = condition_of(&st.conditions, "Ready").unwrap();
+    assert!(
+        message.contains("503") && message.contains("the next one starts at"),
+        "{message}"
+    );
+    assert_eq!(st.phase, Some(DownloadPhase::Pending));
+    let done = wait_phase(&client, &ns.name, "flaky", DownloadPhase::Completed).await;
+    assert_eq!(done.status.unwrap().attempts, Some(3));
+    assert_eq!(pool_files(&pool), ["flaky.iso"]);
+}
+
+#[tokio::test]
+async fn deleting_a_queued_download_reports_no_pause() {
+    let client = client().await;
+    install_crds(&client).await;
+    let ns = TestNamespace::new(&client, "vp-iso-queue").await;
+    let _op = Operator::start(&ns.name, &["--max-downloads", "1"]);
+    let pool = TestPool::create("vp-iso-queue");
+    let server = HttpServer::start(1 << 20);
+    server.file("first.iso", 32 << 20);
+    server.file("second.iso", 1 << 20);
+    kubectl_apply(
+        &ns.name,
+        &manifest("first", &server.url("first.iso"), &pool.name, ""),
+    );
+    wait_phase(&client, &ns.name, "first", DownloadPhase::Downloading).await;
+    kubectl_apply(
+        &ns.name,
+        &manifest("second", &server.url("second.iso"), &pool.name, ""),
+    );
+    wait_obj::<IsoDownload>(&client, &ns.name, "second", "Queued", T, |o| {
+        ready_reason(o).as_deref() == Some("Queued")
+    })
+    .await;
+    kubectl_delete(&ns.name, "isodownload", "second");
+    wait_gone::<IsoDownload>(&client, &ns.name, "second", T).await;
+    let reasons = event_reasons(&client, &ns.name, "second").await;
+    assert!(!reasons.iter().any(|r| r == "Paused"), "{reasons:?}");
+    assert!(
+        !pool_files(&pool).iter().any(|f| f.contains("second")),
+        "{:?}",
+        pool_files(&pool)
+    );
 }
 
 #[tokio::test]

@@ -52,18 +52,23 @@ pub mod reason {
     pub const RETRYING: &str = "Retrying";
 }
 
-/// Downloads of this node: running jobs and the times before which a failed one is not retried.
+/// Downloads of this node: their tasks, the download slots and the deny list.
 pub struct Downloads {
     jobs: Mutex<HashMap<String, Job>>,
-    retry_at: Mutex<HashMap<String, Instant>>,
     slots: Arc<tokio::sync::Semaphore>,
     limit: usize,
     deny: Vec<download::Cidr>,
     stopping: std::sync::atomic::AtomicBool,
 }
 
+/// The task of one object: it queues, attempts, waits between attempts and reports.
 struct Job {
+    /// Stops the task, keeping partial data; it then reports Paused unless `abandon` (or the
+    /// agent's shutdown) fired.
     cancel: CancellationToken,
+    /// Stops the task without a word: the object is being deleted and its data cleaned up.
+    /// Cancelling it cancels `cancel` too.
+    abandon: CancellationToken,
     handle: tokio::task::JoinHandle<()>,
 }
 
@@ -72,7 +77,6 @@ impl Downloads {
     pub fn new(limit: usize, deny: Vec<download::Cidr>) -> Self {
         Self {
             jobs: Mutex::default(),
-            retry_at: Mutex::default(),
             slots: Arc::new(tokio::sync::Semaphore::new(limit.max(1))),
             limit: limit.max(1),
             deny,
@@ -273,7 +277,7 @@ pub(super) async fn reconcile(
 
     if obj.meta().deletion_timestamp.is_some() {
         if let Some(job) = downloads.take(&uid) {
-            job.cancel.cancel();
+            job.abandon.cancel();
             let _ = job.handle.await;
         }
         cleanup(&obj, &ctx).await;
@@ -293,19 +297,6 @@ pub(super) async fn reconcile(
         }
         return Ok(Action::await_change());
     }
-    let retry_at = downloads
-        .retry_at
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .get(&uid)
-        .copied();
-    if let Some(at) = retry_at
-        && at > Instant::now()
-        && !obj.spec.paused
-    {
-        return Ok(Action::requeue(at - Instant::now()));
-    }
-
     let target = match check(&obj, &ctx).await? {
         Ok(t) => t,
         Err(Refusal(reason, message)) => {
@@ -361,13 +352,29 @@ pub(super) async fn reconcile(
         )
         .await;
     }
-    let cancel = CancellationToken::new();
-    let handle = tokio::spawn(run(api, obj.clone(), ctx.clone(), target, cancel.clone()));
+    let abandon = CancellationToken::new();
+    let cancel = abandon.child_token();
+    let task = Task {
+        api,
+        obj: obj.clone(),
+        ctx: ctx.clone(),
+        target,
+        cancel: cancel.clone(),
+        abandon: abandon.clone(),
+    };
+    let handle = tokio::spawn(task.run());
     downloads
         .jobs
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .insert(uid, Job { cancel, handle });
+        .insert(
+            uid,
+            Job {
+                cancel,
+                abandon,
+                handle,
+            },
+        );
     Ok(Action::await_change())
 }
 
@@ -484,132 +491,371 @@ async fn credentials(
     Ok((auth, tls))
 }
 
-/// One run of a download: queue for a slot, probe, check space, transfer, report.
-async fn run(
+/// The first wait after a transient failure; it doubles per failed attempt up to
+/// [`RETRY_MAX`], and starts over once an attempt received data.
+const RETRY_FIRST: Duration = Duration::from_secs(5);
+/// The longest wait between attempts.
+const RETRY_MAX: Duration = Duration::from_secs(300);
+
+/// The wait after `current`.
+fn next_backoff(current: Duration) -> Duration {
+    (current * 2).min(RETRY_MAX)
+}
+
+/// The background work of one object: queue for a slot, probe, check space, transfer, and
+/// after a transient failure wait (by its own timer, not a watch event) and try again.
+struct Task {
     api: Api<IsoDownload>,
     obj: Arc<IsoDownload>,
     ctx: Arc<Context>,
     target: Target,
     cancel: CancellationToken,
-) {
-    let uid = obj.uid().unwrap_or_default();
-    let mut status = obj.status.clone().unwrap_or_default();
-    let downloads = &ctx.downloads;
-    let permit = match downloads.slots.clone().try_acquire_owned() {
-        Ok(p) => p,
-        Err(_) => {
-            status.phase = Some(DownloadPhase::Pending);
-            let msg = format!(
-                "Queued: {} downloads already run on node {} (the limit, --max-downloads).",
-                downloads.limit, ctx.node
-            );
-            let _ = write(
-                &api,
-                &obj,
-                &status,
-                Desired::falsy(condition::READY, reason::QUEUED, msg.clone()),
-                Desired::falsy(condition::PROGRESSING, reason::QUEUED, msg),
-            )
-            .await;
-            tokio::select! {
-                p = downloads.slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-                () = cancel.cancelled() => {
-                    if !downloads.stopping.load(std::sync::atomic::Ordering::SeqCst) {
-                        paused(&api, &obj, &ctx, &target, status).await;
-                    }
+    abandon: CancellationToken,
+}
+
+/// How one attempt ended, short of success.
+enum Stop {
+    /// A downloader error.
+    Error(DownloadError),
+    /// A refusal of the agent's own (space, credentials).
+    Refused(Refusal),
+}
+
+impl Task {
+    async fn run(self) {
+        let mut status = self.obj.status.clone().unwrap_or_default();
+        let base_attempts = status.attempts.unwrap_or(0);
+        let mut attempt = 0u32;
+        let mut backoff = RETRY_FIRST;
+        let mut remote = None;
+        loop {
+            let Some(permit) = self.slot(&mut status).await else {
+                self.stopped(status).await;
+                return;
+            };
+            attempt += 1;
+            status.attempts = Some(base_attempts + attempt);
+            let mut received = false;
+            let outcome = self.attempt(&mut status, &mut remote, &mut received).await;
+            drop(permit);
+            let e = match outcome {
+                Ok(()) => return,
+                Err(Stop::Error(DownloadError::Cancelled { .. })) => {
+                    self.stopped(status).await;
                     return;
                 }
-            }
-        }
-    };
-    let outcome = transfer(&api, &obj, &ctx, &target, &cancel, &mut status).await;
-    drop(permit);
-    match outcome {
-        Ok(()) => {}
-        Err(Ok(DownloadError::Cancelled { .. }))
-            if downloads.stopping.load(std::sync::atomic::Ordering::SeqCst) =>
-        {
-            // The agent stops; the partial data stays for the next one to resume.
-        }
-        Err(Ok(DownloadError::Cancelled { .. })) if cancel.is_cancelled() => {
-            // Paused (a deletion takes the job away before it gets here).
-            if api
-                .get_opt(&obj.name_any())
-                .await
-                .ok()
-                .flatten()
-                .is_some_and(|o| o.meta().deletion_timestamp.is_none())
-            {
-                paused(&api, &obj, &ctx, &target, status).await;
-            }
-        }
-        Err(Ok(e)) if e.is_transient() => {
-            let wait = Duration::from_secs(30);
-            downloads
-                .retry_at
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(uid, Instant::now() + wait);
-            status.phase = Some(DownloadPhase::Pending);
-            status.bytes_per_second = None;
-            let msg = format!(
-                "{e}. Retrying in {}s, resuming from the data kept.",
-                wait.as_secs()
-            );
-            let _ = write(
-                &api,
-                &obj,
-                &status,
-                Desired::falsy(condition::READY, reason::RETRYING, msg.clone()),
-                Desired::truthy(condition::PROGRESSING, reason::RETRYING, msg),
-            )
-            .await;
-        }
-        Err(Ok(e)) => {
-            if !matches!(e, DownloadError::NameConflict { .. }) {
-                let _ = download::discard_partial(&target.dir, &target.name).await;
-            }
-            let msg = match e {
-                DownloadError::DestinationNotAllowed { .. } => {
-                    format!("{e} (the agent's --download-deny-cidr).")
+                Err(Stop::Error(e)) if e.is_transient() => e,
+                Err(Stop::Error(e)) => {
+                    let msg = match e {
+                        DownloadError::DestinationNotAllowed { .. } => {
+                            format!("{e} (the agent's --download-deny-cidr).")
+                        }
+                        _ => format!("{e}."),
+                    };
+                    let keep = matches!(e, DownloadError::NameConflict { .. });
+                    self.fail(&status, e.reason(), msg, keep).await;
+                    return;
                 }
-                _ => format!("{e}."),
+                Err(Stop::Refused(Refusal(reason, msg))) => {
+                    self.fail(&status, reason, msg, false).await;
+                    return;
+                }
             };
-            let _ = write(
-                &api,
-                &obj,
-                &failed(&status),
-                Desired::falsy(condition::READY, e.reason(), msg.clone()),
-                Desired::falsy(condition::PROGRESSING, e.reason(), msg.clone()),
-            )
-            .await;
+            if received {
+                backoff = RETRY_FIRST;
+            }
+            self.retrying(&mut status, &e, attempt, backoff).await;
+            tokio::select! {
+                () = self.cancel.cancelled() => {
+                    self.stopped(status).await;
+                    return;
+                }
+                () = tokio::time::sleep(backoff) => {}
+            }
+            backoff = next_backoff(backoff);
+        }
+    }
+
+    /// A download slot; `None` when cancelled while waiting in the queue.
+    async fn slot(
+        &self,
+        status: &mut IsoDownloadStatus,
+    ) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let downloads = &self.ctx.downloads;
+        if let Ok(p) = downloads.slots.clone().try_acquire_owned() {
+            return Some(p);
+        }
+        status.phase = Some(DownloadPhase::Pending);
+        status.bytes_per_second = None;
+        let msg = format!(
+            "Queued: {} downloads already run on node {} (the limit, --max-downloads).",
+            downloads.limit, self.ctx.node
+        );
+        self.write(
+            status,
+            Desired::falsy(condition::READY, reason::QUEUED, msg.clone()),
+            Desired::falsy(condition::PROGRESSING, reason::QUEUED, msg),
+        )
+        .await;
+        tokio::select! {
+            p = downloads.slots.clone().acquire_owned() => p.ok(),
+            () = self.cancel.cancelled() => None,
+        }
+    }
+
+    /// The task was cancelled: a pause is reported; a deletion (the reconciler cleans up) or
+    /// the agent stopping (the next agent resumes) is not.
+    async fn stopped(&self, status: IsoDownloadStatus) {
+        let stopping = self
+            .ctx
+            .downloads
+            .stopping
+            .load(std::sync::atomic::Ordering::SeqCst);
+        if stopping || self.abandon.is_cancelled() {
+            return;
+        }
+        paused(&self.api, &self.obj, &self.ctx, &self.target, status).await;
+    }
+
+    /// Reports a transient failure and when the next attempt is.
+    async fn retrying(
+        &self,
+        status: &mut IsoDownloadStatus,
+        e: &DownloadError,
+        attempt: u32,
+        wait: Duration,
+    ) {
+        let kept = download::partial_len(&self.target.dir, &self.target.name)
+            .await
+            .unwrap_or(0);
+        let at = Timestamp::now()
+            .checked_add(wait)
+            .unwrap_or_else(|_| Timestamp::now());
+        status.phase = Some(DownloadPhase::Pending);
+        status.bytes_per_second = None;
+        let resume = if kept > 0 {
+            format!("resuming from the {kept} bytes kept")
+        } else {
+            "from the beginning".to_string()
+        };
+        let msg = format!(
+            "{e}. Attempt {} failed; the next one starts at {} (in {}s), {resume}.",
+            status.attempts.unwrap_or(attempt),
+            at.round(k8s_openapi::jiff::Unit::Second).unwrap_or(at),
+            wait.as_secs()
+        );
+        tracing::info!(attempt, ?wait, error = %e, "download attempt failed; retrying");
+        self.write(
+            status,
+            Desired::falsy(condition::READY, reason::RETRYING, msg.clone()),
+            Desired::truthy(condition::PROGRESSING, reason::RETRYING, msg),
+        )
+        .await;
+    }
+
+    /// Fails the object for good, removing partial data unless `keep` (a name conflict: the
+    /// file there is someone else's).
+    async fn fail(
+        &self,
+        status: &IsoDownloadStatus,
+        reason: &'static str,
+        mut msg: String,
+        keep: bool,
+    ) {
+        if !keep {
+            let kept = download::partial_len(&self.target.dir, &self.target.name)
+                .await
+                .unwrap_or(0);
+            let removed = download::discard_partial(&self.target.dir, &self.target.name).await;
+            if kept > 0 && removed.is_ok() {
+                msg = format!("{msg} The {kept} bytes of partial data were removed.");
+            }
+        }
+        self.write(
+            &failed(status),
+            Desired::falsy(condition::READY, reason, msg.clone()),
+            Desired::falsy(condition::PROGRESSING, reason, msg.clone()),
+        )
+        .await;
+        device::publish(
+            &self.ctx.recorder,
+            &*self.obj,
+            EventType::Warning,
+            "DownloadFailed",
+            msg,
+        )
+        .await;
+    }
+
+    /// Writes the status; a failure is logged (the next write or reconcile catches up).
+    async fn write(
+        &self,
+        status: &IsoDownloadStatus,
+        ready: Desired<'_>,
+        progressing: Desired<'_>,
+    ) {
+        if let Err(e) = write(&self.api, &self.obj, status, ready, progressing).await {
+            tracing::warn!(error = %e, "failed to write the download status");
+        }
+    }
+
+    /// One attempt: probe (once per task), check space, then a single transfer attempt that
+    /// resumes from the partial data. `received` tells whether any data arrived.
+    async fn attempt(
+        &self,
+        status: &mut IsoDownloadStatus,
+        remote: &mut Option<download::RemoteInfo>,
+        received: &mut bool,
+    ) -> Result<(), Stop> {
+        let (obj, ctx, target) = (&*self.obj, &*self.ctx, &self.target);
+        let (auth, tls) = credentials(obj, ctx).await.map_err(Stop::Refused)?;
+        let mut request = DownloadRequest {
+            url: obj.spec.url.clone(),
+            dir: target.dir.clone(),
+            name: target.name.clone(),
+            checksum: obj.spec.checksum.as_ref().map(|c| Checksum {
+                algorithm: algorithm(c.algorithm),
+                hex: c.value.clone(),
+            }),
+            auth,
+            tls,
+            expected_size: None,
+        };
+        let options = download::DownloadOptions {
+            deny: ctx.downloads.deny.clone(),
+            ..download::DownloadOptions::default()
+        };
+        let info = match remote {
+            Some(info) => info.clone(),
+            None => {
+                let info = tokio::select! {
+                    () = self.cancel.cancelled() => {
+                        return Err(Stop::Error(DownloadError::Cancelled {
+                            url: obj.spec.url.clone(),
+                            kept: 0,
+                        }));
+                    }
+                    info = download::probe(&request, &options) => info.map_err(Stop::Error)?,
+                };
+                let kept = download::partial_len(&target.dir, &target.name)
+                    .await
+                    .unwrap_or(0);
+                if let Some(total) = info.total_bytes {
+                    let remaining = total.saturating_sub(kept);
+                    if remaining > target.available {
+                        return Err(Stop::Refused(Refusal(
+                            reason::INSUFFICIENT_SPACE,
+                            format!(
+                                "The file needs {remaining} more bytes but pool {} has {} available; free space or choose another pool.",
+                                obj.spec.pool, target.available
+                            ),
+                        )));
+                    }
+                }
+                *remote = Some(info.clone());
+                info
+            }
+        };
+        request.expected_size = info.total_bytes;
+        let kept = download::partial_len(&target.dir, &target.name)
+            .await
+            .unwrap_or(0);
+
+        let first = status.start_time.is_none();
+        status.phase = Some(DownloadPhase::Downloading);
+        status.total_bytes = info.total_bytes;
+        status.start_time.get_or_insert(Time(Timestamp::now()));
+        let msg = format!("Downloading {} into pool {}.", obj.spec.url, obj.spec.pool);
+        self.write(
+            status,
+            Desired::falsy(condition::READY, reason::DOWNLOADING, msg.clone()),
+            Desired::truthy(condition::PROGRESSING, reason::DOWNLOADING, msg.clone()),
+        )
+        .await;
+        if first {
             device::publish(
                 &ctx.recorder,
-                &*obj,
-                EventType::Warning,
-                "DownloadFailed",
-                msg,
+                obj,
+                EventType::Normal,
+                "Started",
+                msg.clone(),
             )
             .await;
         }
-        Err(Err(Refusal(reason, msg))) => {
-            let _ = write(
-                &api,
-                &obj,
-                &failed(&status),
-                Desired::falsy(condition::READY, reason, msg.clone()),
-                Desired::falsy(condition::PROGRESSING, reason, msg.clone()),
-            )
+
+        let (tx, mut rx) = tokio::sync::watch::channel(download::Progress::default());
+        let metrics = crate::metrics::get();
+        metrics.downloads_in_flight.inc();
+        let work = download::download_once(&request, &options, &self.cancel, &tx);
+        tokio::pin!(work);
+        let mut last_write = Instant::now();
+        let mut counted = kept;
+        let result = loop {
+            tokio::select! {
+                r = &mut work => break r,
+                changed = rx.changed() => {
+                    if changed.is_err() { continue; }
+                    let p = rx.borrow_and_update().clone();
+                    if p.bytes_done > p.resumed_from {
+                        *received = true;
+                    }
+                    metrics.downloaded_bytes.inc_by(p.bytes_done.saturating_sub(counted));
+                    counted = counted.max(p.bytes_done);
+                    status.downloaded_bytes = Some(p.bytes_done);
+                    status.total_bytes = p.total_bytes.or(status.total_bytes);
+                    status.progress = p.percent().map(|x| format!("{x}%"));
+                    status.bytes_per_second = Some(p.bytes_per_second);
+                    // At most about once a second per object.
+                    if last_write.elapsed() >= Duration::from_secs(1) {
+                        last_write = Instant::now();
+                        self.write(status, Desired::falsy(condition::READY, reason::DOWNLOADING, msg.clone()), Desired::truthy(condition::PROGRESSING, reason::DOWNLOADING, msg.clone())).await;
+                    }
+                }
+            }
+        };
+        metrics.downloads_in_flight.dec();
+        let outcome = result.map_err(Stop::Error)?;
+        metrics
+            .downloaded_bytes
+            .inc_by(outcome.bytes.saturating_sub(counted));
+        let pool = obj.spec.pool.clone();
+        let _ = ctx
+            .libvirt
+            .call("refresh the pool", move |c| {
+                c.lookup_storage_pool_by_name(&pool)?.refresh(0)
+            })
             .await;
-            device::publish(
-                &ctx.recorder,
-                &*obj,
-                EventType::Warning,
-                "DownloadFailed",
-                msg,
-            )
-            .await;
+        status.phase = Some(DownloadPhase::Completed);
+        status.downloaded_bytes = Some(outcome.bytes);
+        status.total_bytes = Some(outcome.bytes);
+        status.progress = Some("100%".into());
+        status.bytes_per_second = None;
+        status.checksum_verified = Some(outcome.checksum_verified);
+        status.completion_time = Some(Time(Timestamp::now()));
+        status.volume = Some(DownloadedVolume {
+            pool: obj.spec.pool.clone(),
+            name: target.name.clone(),
+            path: outcome.path.display().to_string(),
+        });
+        let mut done = format!(
+            "{} bytes are in pool {} as volume {}.",
+            outcome.bytes, obj.spec.pool, target.name
+        );
+        if let Some(note) = outcome.note() {
+            done = format!("{done} {note}");
         }
+        self.write(
+            status,
+            Desired::truthy(condition::READY, reason::COMPLETED, done.clone()),
+            Desired::falsy(
+                condition::PROGRESSING,
+                reason::COMPLETED,
+                "The download is done.",
+            ),
+        )
+        .await;
+        device::publish(&ctx.recorder, obj, EventType::Normal, "Completed", done).await;
+        Ok(())
     }
 }
 
@@ -638,148 +884,4 @@ async fn paused(
     )
     .await;
     device::publish(&ctx.recorder, obj, EventType::Normal, "Paused", msg).await;
-}
-
-async fn transfer(
-    api: &Api<IsoDownload>,
-    obj: &IsoDownload,
-    ctx: &Context,
-    target: &Target,
-    cancel: &CancellationToken,
-    status: &mut IsoDownloadStatus,
-) -> Result<(), Result<DownloadError, Refusal>> {
-    let (auth, tls) = credentials(obj, ctx).await.map_err(Err)?;
-    let mut request = DownloadRequest {
-        url: obj.spec.url.clone(),
-        dir: target.dir.clone(),
-        name: target.name.clone(),
-        checksum: obj.spec.checksum.as_ref().map(|c| Checksum {
-            algorithm: algorithm(c.algorithm),
-            hex: c.value.clone(),
-        }),
-        auth,
-        tls,
-        expected_size: None,
-    };
-    let options = download::DownloadOptions {
-        deny: ctx.downloads.deny.clone(),
-        ..download::DownloadOptions::default()
-    };
-    let info = download::probe(&request, &options).await.map_err(Ok)?;
-    let kept = download::partial_len(&target.dir, &target.name)
-        .await
-        .unwrap_or(0);
-    if let Some(total) = info.total_bytes {
-        let remaining = total.saturating_sub(kept);
-        if remaining > target.available {
-            return Err(Err(Refusal(
-                reason::INSUFFICIENT_SPACE,
-                format!(
-                    "The file needs {remaining} more bytes but pool {} has {} available; free space or choose another pool.",
-                    obj.spec.pool, target.available
-                ),
-            )));
-        }
-    }
-    request.expected_size = info.total_bytes;
-
-    let first = status.start_time.is_none();
-    status.phase = Some(DownloadPhase::Downloading);
-    status.total_bytes = info.total_bytes;
-    status.start_time.get_or_insert(Time(Timestamp::now()));
-    let msg = format!("Downloading {} into pool {}.", obj.spec.url, obj.spec.pool);
-    let _ = write(
-        api,
-        obj,
-        status,
-        Desired::falsy(condition::READY, reason::DOWNLOADING, msg.clone()),
-        Desired::truthy(condition::PROGRESSING, reason::DOWNLOADING, msg.clone()),
-    )
-    .await;
-    if first {
-        device::publish(
-            &ctx.recorder,
-            obj,
-            EventType::Normal,
-            "Started",
-            msg.clone(),
-        )
-        .await;
-    }
-
-    let (tx, mut rx) = tokio::sync::watch::channel(download::Progress::default());
-    let base_attempts = status.attempts.unwrap_or(0);
-    let metrics = crate::metrics::get();
-    metrics.downloads_in_flight.inc();
-    let work = download::download(&request, &options, cancel, &tx);
-    tokio::pin!(work);
-    let mut last_write = Instant::now();
-    let mut counted = kept;
-    let result = loop {
-        tokio::select! {
-            r = &mut work => break r,
-            changed = rx.changed() => {
-                if changed.is_err() { continue; }
-                let p = rx.borrow_and_update().clone();
-                metrics.downloaded_bytes.inc_by(p.bytes_done.saturating_sub(counted));
-                counted = counted.max(p.bytes_done);
-                status.downloaded_bytes = Some(p.bytes_done);
-                status.total_bytes = p.total_bytes.or(status.total_bytes);
-                status.progress = p.percent().map(|x| format!("{x}%"));
-                status.bytes_per_second = Some(p.bytes_per_second);
-                status.attempts = Some(base_attempts + p.attempt.max(1));
-                // At most about once a second per object.
-                if last_write.elapsed() >= Duration::from_secs(1) {
-                    last_write = Instant::now();
-                    let _ = write(api, obj, status, Desired::falsy(condition::READY, reason::DOWNLOADING, msg.clone()), Desired::truthy(condition::PROGRESSING, reason::DOWNLOADING, msg.clone())).await;
-                }
-            }
-        }
-    };
-    metrics.downloads_in_flight.dec();
-    let outcome = result.map_err(Ok)?;
-    metrics
-        .downloaded_bytes
-        .inc_by(outcome.bytes.saturating_sub(counted));
-    let pool = obj.spec.pool.clone();
-    let _ = ctx
-        .libvirt
-        .call("refresh the pool", move |c| {
-            c.lookup_storage_pool_by_name(&pool)?.refresh(0)
-        })
-        .await;
-    status.phase = Some(DownloadPhase::Completed);
-    status.downloaded_bytes = Some(outcome.bytes);
-    status.total_bytes = Some(outcome.bytes);
-    status.progress = Some("100%".into());
-    status.bytes_per_second = None;
-    status.attempts = Some(base_attempts + outcome.attempts);
-    status.checksum_verified = Some(outcome.checksum_verified);
-    status.completion_time = Some(Time(Timestamp::now()));
-    status.volume = Some(DownloadedVolume {
-        pool: obj.spec.pool.clone(),
-        name: target.name.clone(),
-        path: outcome.path.display().to_string(),
-    });
-    let mut done = format!(
-        "{} bytes are in pool {} as volume {}.",
-        outcome.bytes, obj.spec.pool, target.name
-    );
-    if let Some(note) = outcome.note() {
-        done = format!("{done} {note}");
-    }
-    let _ = write(
-        api,
-        obj,
-        status,
-        Desired::truthy(condition::READY, reason::COMPLETED, done.clone()),
-        Desired::falsy(
-            condition::PROGRESSING,
-            reason::COMPLETED,
-            "The download is done.",
-        ),
-    )
-    .await;
-    device::publish(&ctx.recorder, obj, EventType::Normal, "Completed", done).await;
-    Ok(())
 }

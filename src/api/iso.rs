@@ -212,7 +212,9 @@ pub struct IsoDownloadStatus {
     /// Whether the checksum was verified.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checksum_verified: Option<bool>,
-    /// Number of transfer attempts so far.
+    /// Number of attempts so far. A transient failure (connection, timeout, HTTP 5xx, FTP 4xx)
+    /// is retried after 5 s, doubling up to 5 min (back to 5 s after an attempt that received
+    /// data); the Ready message says when the next attempt starts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attempts: Option<u32>,
     /// When the transfer started.
