@@ -17,8 +17,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::Duration;
 
+use futures::StreamExt;
 use kube::Client;
-use kube::api::{Api, Patch, PatchParams};
+use kube::ResourceExt;
+use kube::api::{Api, Patch, PatchParams, WatchEvent, WatchParams};
 use serde_json::json;
 use virtplane::api::{DownloadPhase, IsoDownload, VirtualMachineStorage};
 
@@ -464,6 +466,30 @@ async fn pause_resume_and_agent_restart_fetch_only_missing_bytes() {
         pool_files(&pool)
     );
 
+    // Every status from here on, to see the phases a poll could miss.
+    let seen = {
+        let events = api
+            .watch(
+                &WatchParams::default().fields("metadata.name=slow"),
+                &paused.resource_version().unwrap(),
+            )
+            .await
+            .unwrap();
+        tokio::spawn(async move {
+            let mut seen = Vec::new();
+            let mut events = std::pin::pin!(events);
+            while let Ok(Some(Ok(WatchEvent::Modified(o)))) =
+                tokio::time::timeout(T, events.next()).await
+            {
+                let st = o.status.unwrap_or_default();
+                seen.push((st.phase, st.downloaded_bytes));
+                if st.phase == Some(DownloadPhase::Completed) {
+                    break;
+                }
+            }
+            seen
+        })
+    };
     api.patch(
         "slow",
         &PatchParams::default(),
@@ -484,6 +510,17 @@ async fn pause_resume_and_agent_restart_fetch_only_missing_bytes() {
     let done = wait_phase(&client, &ns.name, "slow", DownloadPhase::Completed).await;
     let st = done.status.unwrap();
     assert_eq!(sha256(Path::new(&st.volume.unwrap().path)), sum);
+    // Resuming with a checksum first checks the kept data (phase Verifying), counting it.
+    let seen = seen.await.unwrap();
+    assert!(
+        seen.iter()
+            .any(|(p, b)| *p == Some(DownloadPhase::Verifying) && *b == Some(kept)),
+        "{seen:?}"
+    );
+    assert!(
+        seen.iter().all(|(_, b)| b.is_some_and(|b| b >= kept)),
+        "the count never drops below what was kept: {seen:?}"
+    );
     let served = server.served("slow.iso");
     let total: u64 = served.iter().map(|(_, n)| n).sum();
     assert!(
@@ -505,6 +542,57 @@ async fn pause_resume_and_agent_restart_fetch_only_missing_bytes() {
         reasons.iter().any(|r| r == "Paused") && reasons.iter().any(|r| r == "Resumed"),
         "{reasons:?}"
     );
+}
+
+#[tokio::test]
+async fn a_server_ignoring_ranges_is_reported_while_downloading() {
+    let client = client().await;
+    install_crds(&client).await;
+    let ns = TestNamespace::new(&client, "vp-iso-norange").await;
+    let _op = Operator::start(&ns.name, &[]);
+    let pool = TestPool::create("vp-iso-norange");
+    let server = HttpServer::start(2 << 20);
+    server.file("whole.iso", 16 << 20);
+    let api: Api<IsoDownload> = Api::namespaced(client.clone(), &ns.name);
+    kubectl_apply(
+        &ns.name,
+        &manifest("whole", &server.url("whole.iso?norange=1"), &pool.name, ""),
+    );
+    let message =
+        |o: &IsoDownload| condition_of(&o.status.as_ref()?.conditions, "Ready").map(|c| c.2);
+    let o = wait_obj::<IsoDownload>(&client, &ns.name, "whole", "some bytes", T, |o| {
+        o.status
+            .as_ref()
+            .and_then(|s| s.downloaded_bytes)
+            .is_some_and(|b| b >= 2 << 20)
+    })
+    .await;
+    let m = message(&o).unwrap();
+    assert!(m.contains("does not announce support for resuming"), "{m}");
+
+    for paused in [true, false] {
+        api.patch(
+            "whole",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"paused": paused}})),
+        )
+        .await
+        .unwrap();
+        if paused {
+            wait_phase(&client, &ns.name, "whole", DownloadPhase::Paused).await;
+        }
+    }
+    // Resuming got the whole file again: the message says so while it downloads.
+    wait_obj::<IsoDownload>(&client, &ns.name, "whole", "restart reported", T, |o| {
+        phase(o) == Some(DownloadPhase::Downloading)
+            && message(o).is_some_and(|m| {
+                m.contains("from the beginning again because the server does not support resuming")
+            })
+    })
+    .await;
+    let done = wait_phase(&client, &ns.name, "whole", DownloadPhase::Completed).await;
+    let m = message(&done).unwrap();
+    assert!(m.contains("from the beginning again"), "{m}");
 }
 
 #[tokio::test]

@@ -44,6 +44,8 @@ pub mod reason {
     pub const QUEUED: &str = "Queued";
     /// Transferring.
     pub const DOWNLOADING: &str = "Downloading";
+    /// Checking data against the checksum: kept data before resuming, or the whole file.
+    pub const VERIFYING: &str = "Verifying";
     /// Paused by `spec.paused`.
     pub const PAUSED: &str = "Paused";
     /// The volume is in the pool.
@@ -139,6 +141,16 @@ async fn write(
 ) -> Result<(), DeviceError> {
     let prev = obj.status.clone().unwrap_or_default();
     device::write_status(api, obj, &prev, status.clone(), &[ready, progressing]).await
+}
+
+/// `status.progress` for `done` of `total` bytes, rounded down.
+fn percent(done: u64, total: Option<u64>) -> Option<String> {
+    let p = download::Progress {
+        bytes_done: done,
+        total_bytes: total,
+        ..download::Progress::default()
+    };
+    p.percent().map(|x| format!("{x}%"))
 }
 
 fn failed(status: &IsoDownloadStatus) -> IsoDownloadStatus {
@@ -513,6 +525,17 @@ struct Task {
     abandon: CancellationToken,
 }
 
+/// What a task learns across its attempts.
+#[derive(Default)]
+struct RunState {
+    /// The server's description of the file, from the task's one successful probe.
+    remote: Option<download::RemoteInfo>,
+    /// Why an attempt last started again from byte 0.
+    restarted: Option<download::RestartReason>,
+    /// Whether the current attempt received any data.
+    received: bool,
+}
+
 /// How one attempt ended, short of success.
 enum Stop {
     /// A downloader error.
@@ -527,7 +550,7 @@ impl Task {
         let base_attempts = status.attempts.unwrap_or(0);
         let mut attempt = 0u32;
         let mut backoff = RETRY_FIRST;
-        let mut remote = None;
+        let mut state = RunState::default();
         loop {
             let Some(permit) = self.slot(&mut status).await else {
                 self.stopped(status).await;
@@ -535,8 +558,8 @@ impl Task {
             };
             attempt += 1;
             status.attempts = Some(base_attempts + attempt);
-            let mut received = false;
-            let outcome = self.attempt(&mut status, &mut remote, &mut received).await;
+            state.received = false;
+            let outcome = self.attempt(&mut status, &mut state).await;
             drop(permit);
             let e = match outcome {
                 Ok(()) => return,
@@ -561,7 +584,7 @@ impl Task {
                     return;
                 }
             };
-            if received {
+            if state.received {
                 backoff = RETRY_FIRST;
             }
             self.retrying(&mut status, &e, attempt, backoff).await;
@@ -700,12 +723,11 @@ impl Task {
     }
 
     /// One attempt: probe (once per task), check space, then a single transfer attempt that
-    /// resumes from the partial data. `received` tells whether any data arrived.
+    /// resumes from the partial data.
     async fn attempt(
         &self,
         status: &mut IsoDownloadStatus,
-        remote: &mut Option<download::RemoteInfo>,
-        received: &mut bool,
+        state: &mut RunState,
     ) -> Result<(), Stop> {
         let (obj, ctx, target) = (&*self.obj, &*self.ctx, &self.target);
         let (auth, tls) = credentials(obj, ctx).await.map_err(Stop::Refused)?;
@@ -725,7 +747,7 @@ impl Task {
             deny: ctx.downloads.deny.clone(),
             ..download::DownloadOptions::default()
         };
-        let info = match remote {
+        let info = match &state.remote {
             Some(info) => info.clone(),
             None => {
                 let info = tokio::select! {
@@ -752,7 +774,7 @@ impl Task {
                         )));
                     }
                 }
-                *remote = Some(info.clone());
+                state.remote = Some(info.clone());
                 info
             }
         };
@@ -764,8 +786,23 @@ impl Task {
         let first = status.start_time.is_none();
         status.phase = Some(DownloadPhase::Downloading);
         status.total_bytes = info.total_bytes;
+        status.downloaded_bytes = Some(kept);
+        status.progress = percent(kept, info.total_bytes);
         status.start_time.get_or_insert(Time(Timestamp::now()));
-        let msg = format!("Downloading {} into pool {}.", obj.spec.url, obj.spec.pool);
+        let downloading = |restarted: Option<download::RestartReason>| {
+            let mut msg = format!("Downloading {} into pool {}.", obj.spec.url, obj.spec.pool);
+            if let Some(r) = restarted {
+                msg.push_str(&format!(
+                    " Downloading from the beginning again because {r}."
+                ));
+            } else if !info.accepts_ranges {
+                msg.push_str(
+                    " The server does not announce support for resuming: a pause or an interruption restarts from the beginning.",
+                );
+            }
+            msg
+        };
+        let msg = downloading(state.restarted);
         self.write(
             status,
             Desired::falsy(condition::READY, reason::DOWNLOADING, msg.clone()),
@@ -789,6 +826,7 @@ impl Task {
         let work = download::download_once(&request, &options, &self.cancel, &tx);
         tokio::pin!(work);
         let mut last_write = Instant::now();
+        let mut written = (DownloadPhase::Downloading, msg);
         let mut counted = kept;
         let result = loop {
             tokio::select! {
@@ -797,18 +835,45 @@ impl Task {
                     if changed.is_err() { continue; }
                     let p = rx.borrow_and_update().clone();
                     if p.bytes_done > p.resumed_from {
-                        *received = true;
+                        state.received = true;
                     }
-                    metrics.downloaded_bytes.inc_by(p.bytes_done.saturating_sub(counted));
-                    counted = counted.max(p.bytes_done);
-                    status.downloaded_bytes = Some(p.bytes_done);
-                    status.total_bytes = p.total_bytes.or(status.total_bytes);
-                    status.progress = p.percent().map(|x| format!("{x}%"));
-                    status.bytes_per_second = Some(p.bytes_per_second);
-                    // At most about once a second per object.
-                    if last_write.elapsed() >= Duration::from_secs(1) {
+                    if p.restarted.is_some() {
+                        state.restarted = p.restarted;
+                    }
+                    if p.phase == download::Phase::Completed {
+                        // Written as Completed below.
+                        continue;
+                    }
+                    let (phase, reason, msg) = match p.phase {
+                        download::Phase::VerifyingPartial => (
+                            DownloadPhase::Verifying,
+                            reason::VERIFYING,
+                            format!("Checking the {} bytes kept from an earlier run against the checksum before resuming.", p.bytes_done),
+                        ),
+                        download::Phase::Finalizing if request.checksum.is_some() => (
+                            DownloadPhase::Verifying,
+                            reason::VERIFYING,
+                            format!("Verifying the checksum of the {} bytes downloaded.", p.bytes_done),
+                        ),
+                        _ => (DownloadPhase::Downloading, reason::DOWNLOADING, downloading(state.restarted)),
+                    };
+                    // Before a transfer starts the counts are not known yet: keep the last.
+                    if !matches!(p.phase, download::Phase::Starting | download::Phase::Connecting) {
+                        metrics.downloaded_bytes.inc_by(p.bytes_done.saturating_sub(counted));
+                        counted = counted.max(p.bytes_done);
+                        status.downloaded_bytes = Some(p.bytes_done);
+                        status.total_bytes = p.total_bytes.or(status.total_bytes);
+                        status.progress = percent(p.bytes_done, status.total_bytes);
+                        status.bytes_per_second = Some(p.bytes_per_second);
+                    }
+                    status.phase = Some(phase);
+                    // At once when the phase or message changes, else at most about once a
+                    // second per object.
+                    let changed = written != (phase, msg.clone());
+                    if changed || last_write.elapsed() >= Duration::from_secs(1) {
                         last_write = Instant::now();
-                        self.write(status, Desired::falsy(condition::READY, reason::DOWNLOADING, msg.clone()), Desired::truthy(condition::PROGRESSING, reason::DOWNLOADING, msg.clone())).await;
+                        self.write(status, Desired::falsy(condition::READY, reason, msg.clone()), Desired::truthy(condition::PROGRESSING, reason, msg.clone())).await;
+                        written = (phase, msg);
                     }
                 }
             }
@@ -841,7 +906,12 @@ impl Task {
             "{} bytes are in pool {} as volume {}.",
             outcome.bytes, obj.spec.pool, target.name
         );
-        if let Some(note) = outcome.note() {
+        let note = outcome.note().or_else(|| {
+            state
+                .restarted
+                .map(|r| format!("Downloaded from the beginning again because {r}."))
+        });
+        if let Some(note) = note {
             done = format!("{done} {note}");
         }
         self.write(

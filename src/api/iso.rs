@@ -179,7 +179,8 @@ pub enum DownloadPhase {
     Downloading,
     /// Stopped by `spec.paused`; partial data kept.
     Paused,
-    /// Checking the checksum.
+    /// Checking data against the checksum: the data kept from an earlier run before resuming,
+    /// or the finished file; `downloadedBytes` counts the data being checked.
     Verifying,
     /// The volume is in the pool.
     Completed,

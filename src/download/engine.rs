@@ -259,7 +259,7 @@ impl<'a> Job<'a> {
         let mut file = file;
         if let Some(h) = hasher.take() {
             if offset > 0 {
-                reporter.phase(Phase::VerifyingPartial);
+                reporter.verifying(offset, prior.as_ref().and_then(|p| p.total_bytes));
                 let path = self.paths.partial.clone();
                 let chunk = self.options.buffer_size;
                 let token = cancel.clone();
@@ -305,6 +305,7 @@ impl<'a> Job<'a> {
             if let Some(reason) = restart.or((len > 0).then_some(RestartReason::PartialUnusable)) {
                 tracing::info!(url = %self.display, %reason, discarded = len, "restarting the download from zero");
                 stats.restarts.push(reason);
+                reporter.restarted(reason);
             }
             stats.since_restart = 0;
             hasher = self.checksum.as_ref().map(|(alg, _)| Hasher::new(*alg));
