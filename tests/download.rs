@@ -624,6 +624,65 @@ async fn bad_requests_are_refused_up_front() {
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owned_download_is_recognised_as_finished_until_cleared() {
+    let data = content(200_000, 32);
+    let server = HttpServer::start(data.clone(), None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut req = request(server.url("disk.iso"), dir.path(), "disk.iso");
+    req.checksum = Some(sha256(&data));
+    req.owner = Some("uid-1".into());
+    assert_eq!(download::finished(&req).await.unwrap(), None);
+    fetch(&req).await.unwrap();
+    assert_file(dir.path(), "disk.iso", &data);
+
+    let finished = download::finished(&req).await.unwrap().expect("recognised");
+    assert_eq!(finished.bytes, data.len() as u64);
+    assert!(finished.checksum_verified);
+    assert_eq!(finished.path, dir.path().join("disk.iso"));
+    // Only by the same owner, for the same URL and checksum.
+    for other in [
+        DownloadRequest {
+            owner: Some("uid-2".into()),
+            ..req.clone()
+        },
+        DownloadRequest {
+            owner: None,
+            ..req.clone()
+        },
+        DownloadRequest {
+            url: server.url("other.iso"),
+            ..req.clone()
+        },
+        DownloadRequest {
+            checksum: Some(sha512(&data)),
+            ..req.clone()
+        },
+    ] {
+        assert_eq!(download::finished(&other).await.unwrap(), None, "{other:?}");
+    }
+    // The downloader itself still refuses to overwrite the file.
+    let err = fetch(&req).await.unwrap_err();
+    assert!(matches!(err, DownloadError::NameConflict { .. }), "{err:?}");
+    // A file changed since is not the one that was finished.
+    std::fs::write(dir.path().join("disk.iso"), b"replaced").unwrap();
+    assert_eq!(download::finished(&req).await.unwrap(), None);
+    download::clear_finished(dir.path(), "disk.iso")
+        .await
+        .unwrap();
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, ["disk.iso"]);
+
+    // Without an owner nothing is recorded.
+    let dir = tempfile::tempdir().unwrap();
+    let req = request(server.url("disk.iso"), dir.path(), "disk.iso");
+    fetch(&req).await.unwrap();
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+}
+
 /// Options refusing connections into `cidrs`.
 fn denying(cidrs: &[&str]) -> DownloadOptions {
     DownloadOptions {

@@ -22,7 +22,8 @@ use kube::Client;
 use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams, WatchEvent, WatchParams};
 use serde_json::json;
-use virtplane::api::{DownloadPhase, IsoDownload, VirtualMachineStorage};
+use virtplane::api::{DownloadPhase, IsoDownload, IsoDownloadStatus, VirtualMachineStorage};
+use virtplane::download;
 
 use common::*;
 
@@ -142,7 +143,11 @@ fn phase(o: &IsoDownload) -> Option<DownloadPhase> {
 }
 
 fn ready_reason(o: &IsoDownload) -> Option<String> {
-    condition_of(&o.status.as_ref()?.conditions, "Ready").map(|c| c.1)
+    ready_reason_of(o.status.as_ref()?)
+}
+
+fn ready_reason_of(st: &IsoDownloadStatus) -> Option<String> {
+    condition_of(&st.conditions, "Ready").map(|c| c.1)
 }
 
 async fn wait_phase(client: &Client, ns: &str, name: &str, want: DownloadPhase) -> IsoDownload {
@@ -593,6 +598,76 @@ async fn a_server_ignoring_ranges_is_reported_while_downloading() {
     let done = wait_phase(&client, &ns.name, "whole", DownloadPhase::Completed).await;
     let m = message(&done).unwrap();
     assert!(m.contains("from the beginning again"), "{m}");
+}
+
+#[tokio::test]
+async fn a_download_finished_before_its_status_was_written_completes() {
+    let client = client().await;
+    install_crds(&client).await;
+    let ns = TestNamespace::new(&client, "vp-iso-done").await;
+    let _op = Operator::start(&ns.name, &[]);
+    let pool = TestPool::create("vp-iso-done");
+    let server = HttpServer::start(0);
+    let sum = server.file("done.iso", 2 << 20);
+    let checksum = format!("  checksum:\n    algorithm: sha256\n    value: {sum}\n");
+    kubectl_apply(
+        &ns.name,
+        &manifest(
+            "done",
+            &server.url("done.iso"),
+            &pool.name,
+            &format!("  paused: true\n{checksum}"),
+        ),
+    );
+    let paused = wait_phase(&client, &ns.name, "done", DownloadPhase::Paused).await;
+
+    // What the agent's task does up to the final rename, as if the agent then died (or its
+    // Completed status write failed): the file is in place and the status does not say so.
+    let request = download::DownloadRequest {
+        url: server.url("done.iso"),
+        dir: pool.path.clone(),
+        name: "done.iso".into(),
+        checksum: Some(download::Checksum {
+            algorithm: download::ChecksumAlgorithm::Sha256,
+            hex: sum.clone(),
+        }),
+        owner: paused.uid(),
+        ..download::DownloadRequest::default()
+    };
+    let (tx, _rx) = tokio::sync::watch::channel(download::Progress::default());
+    download::download(
+        &request,
+        &download::DownloadOptions::default(),
+        &tokio_util::sync::CancellationToken::new(),
+        &tx,
+    )
+    .await
+    .unwrap();
+
+    let api: Api<IsoDownload> = Api::namespaced(client.clone(), &ns.name);
+    api.patch(
+        "done",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"paused": false}})),
+    )
+    .await
+    .unwrap();
+    let done = wait_phase(&client, &ns.name, "done", DownloadPhase::Completed).await;
+    let st = done.status.unwrap();
+    assert_eq!(ready_reason_of(&st).as_deref(), Some("Completed"));
+    assert_eq!(st.checksum_verified, Some(true));
+    assert_eq!(st.downloaded_bytes, Some(2 << 20));
+    assert_eq!(sha256(Path::new(&st.volume.unwrap().path)), sum);
+    assert!(server.served("done.iso").len() == 1, "not downloaded again");
+    assert_eq!(pool_files(&pool), ["done.iso"], "the record is gone");
+
+    // Another object for the same name still gets a conflict.
+    kubectl_apply(
+        &ns.name,
+        &manifest("other", &server.url("done.iso"), &pool.name, &checksum),
+    );
+    let other = wait_phase(&client, &ns.name, "other", DownloadPhase::Failed).await;
+    assert_eq!(ready_reason(&other).as_deref(), Some("NameConflict"));
 }
 
 #[tokio::test]

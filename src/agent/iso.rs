@@ -187,6 +187,25 @@ struct Target {
     dir: PathBuf,
     name: String,
     available: u64,
+    /// The file is already there because this object's download finished it; only the
+    /// Completed status is missing (the agent stopped, or the write failed, after the rename).
+    finished: Option<download::Finished>,
+}
+
+/// The parts of the download request that identify it: URL, place, checksum and owner (the
+/// object's UID), without credentials.
+fn own_request(obj: &IsoDownload, dir: &std::path::Path, name: &str) -> DownloadRequest {
+    DownloadRequest {
+        url: obj.spec.url.clone(),
+        dir: dir.to_owned(),
+        name: name.to_owned(),
+        checksum: obj.spec.checksum.as_ref().map(|c| Checksum {
+            algorithm: algorithm(c.algorithm),
+            hex: c.value.clone(),
+        }),
+        owner: obj.uid(),
+        ..DownloadRequest::default()
+    }
 }
 
 /// Checks the URL, name and pool; nothing is written.
@@ -245,16 +264,27 @@ async fn check(obj: &IsoDownload, ctx: &Context) -> Result<Result<Target, Refusa
         )));
     };
     let dir = PathBuf::from(dir);
-    let taken = dir.join(&name).exists() || {
-        let (p, n) = (pool_name.clone(), name.clone());
-        ctx.libvirt
-            .call("look up the volume", move |c| {
-                Ok(c.lookup_storage_pool_by_name(&p)?
-                    .lookup_storage_vol_by_name(&n)
-                    .is_ok())
-            })
-            .await
-            .unwrap_or(false)
+    let finished = download::finished(&own_request(obj, &dir, &name))
+        .await
+        .unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "failed to look for a finished download");
+            None
+        });
+    let taken = match finished {
+        Some(_) => false,
+        None => {
+            dir.join(&name).exists() || {
+                let (p, n) = (pool_name.clone(), name.clone());
+                ctx.libvirt
+                    .call("look up the volume", move |c| {
+                        Ok(c.lookup_storage_pool_by_name(&p)?
+                            .lookup_storage_vol_by_name(&n)
+                            .is_ok())
+                    })
+                    .await
+                    .unwrap_or(false)
+            }
+        }
     };
     if taken {
         return Ok(Err(Refusal(
@@ -268,6 +298,7 @@ async fn check(obj: &IsoDownload, ctx: &Context) -> Result<Result<Target, Refusa
         dir,
         name,
         available: pool.available,
+        finished,
     }))
 }
 
@@ -331,6 +362,12 @@ pub(super) async fn reconcile(
             return Ok(Action::await_change());
         }
     };
+    if let Some(finished) = &target.finished {
+        // The file is in place but the Completed status was never written.
+        complete(&api, &obj, &ctx, &status, &target, finished, None).await?;
+        clear_finished(&target).await;
+        return Ok(Action::await_change());
+    }
     if obj.spec.paused {
         let kept = download::partial_len(&target.dir, &target.name)
             .await
@@ -393,26 +430,33 @@ pub(super) async fn reconcile(
 /// Removes partial data, and the completed volume under `reclaimPolicy: Delete`.
 async fn cleanup(obj: &IsoDownload, ctx: &Context) {
     let status = obj.status.clone().unwrap_or_default();
+    let delete = obj.spec.reclaim_policy == ReclaimPolicy::Delete;
     if status.phase == Some(DownloadPhase::Completed) {
-        if obj.spec.reclaim_policy == ReclaimPolicy::Delete
-            && let Some(vol) = status.volume
-        {
-            let (pool, name) = (vol.pool.clone(), vol.name.clone());
-            let deleted = ctx
-                .libvirt
-                .call("delete the volume", move |c| {
-                    c.lookup_storage_pool_by_name(&pool)?
-                        .lookup_storage_vol_by_name(&name)?
-                        .delete(0)
-                })
-                .await;
-            if deleted.is_err() {
-                let _ = tokio::fs::remove_file(&vol.path).await;
+        if let Some(vol) = status.volume {
+            if delete {
+                delete_volume(ctx, &vol).await;
+            }
+            // A record of the finished download left by a failed removal.
+            if let Some(dir) = std::path::Path::new(&vol.path).parent() {
+                let _ = download::clear_finished(dir, &vol.name).await;
             }
         }
         return;
     }
     if let Ok(Ok(target)) = check(obj, ctx).await.map(|r| r.map_err(|_| ())) {
+        if let Some(finished) = &target.finished {
+            // Finished, but deleted before the Completed status was written: the volume is
+            // this object's all the same.
+            if delete {
+                let vol = DownloadedVolume {
+                    pool: obj.spec.pool.clone(),
+                    name: target.name.clone(),
+                    path: finished.path.display().to_string(),
+                };
+                delete_volume(ctx, &vol).await;
+            }
+            clear_finished(&target).await;
+        }
         let _ = download::discard_partial(&target.dir, &target.name).await;
     } else if let Some(name) = obj
         .spec
@@ -436,6 +480,22 @@ async fn cleanup(obj: &IsoDownload, ctx: &Context) {
         {
             let _ = download::discard_partial(&PathBuf::from(dir), &name).await;
         }
+    }
+}
+
+/// Deletes a downloaded volume through libvirt, or its file when libvirt cannot.
+async fn delete_volume(ctx: &Context, vol: &DownloadedVolume) {
+    let (pool, name) = (vol.pool.clone(), vol.name.clone());
+    let deleted = ctx
+        .libvirt
+        .call("delete the volume", move |c| {
+            c.lookup_storage_pool_by_name(&pool)?
+                .lookup_storage_vol_by_name(&name)?
+                .delete(0)
+        })
+        .await;
+    if deleted.is_err() {
+        let _ = tokio::fs::remove_file(&vol.path).await;
     }
 }
 
@@ -732,16 +792,9 @@ impl Task {
         let (obj, ctx, target) = (&*self.obj, &*self.ctx, &self.target);
         let (auth, tls) = credentials(obj, ctx).await.map_err(Stop::Refused)?;
         let mut request = DownloadRequest {
-            url: obj.spec.url.clone(),
-            dir: target.dir.clone(),
-            name: target.name.clone(),
-            checksum: obj.spec.checksum.as_ref().map(|c| Checksum {
-                algorithm: algorithm(c.algorithm),
-                hex: c.value.clone(),
-            }),
             auth,
             tls,
-            expected_size: None,
+            ..own_request(obj, &target.dir, &target.name)
         };
         let options = download::DownloadOptions {
             deny: ctx.downloads.deny.clone(),
@@ -883,49 +936,94 @@ impl Task {
         metrics
             .downloaded_bytes
             .inc_by(outcome.bytes.saturating_sub(counted));
-        let pool = obj.spec.pool.clone();
-        let _ = ctx
-            .libvirt
-            .call("refresh the pool", move |c| {
-                c.lookup_storage_pool_by_name(&pool)?.refresh(0)
-            })
-            .await;
-        status.phase = Some(DownloadPhase::Completed);
-        status.downloaded_bytes = Some(outcome.bytes);
-        status.total_bytes = Some(outcome.bytes);
-        status.progress = Some("100%".into());
-        status.bytes_per_second = None;
-        status.checksum_verified = Some(outcome.checksum_verified);
-        status.completion_time = Some(Time(Timestamp::now()));
-        status.volume = Some(DownloadedVolume {
-            pool: obj.spec.pool.clone(),
-            name: target.name.clone(),
-            path: outcome.path.display().to_string(),
-        });
-        let mut done = format!(
-            "{} bytes are in pool {} as volume {}.",
-            outcome.bytes, obj.spec.pool, target.name
-        );
+        let finished = download::Finished {
+            path: outcome.path.clone(),
+            bytes: outcome.bytes,
+            checksum_verified: outcome.checksum_verified,
+        };
         let note = outcome.note().or_else(|| {
             state
                 .restarted
                 .map(|r| format!("Downloaded from the beginning again because {r}."))
         });
-        if let Some(note) = note {
-            done = format!("{done} {note}");
+        // The file is in place; record that until it sticks (the record next to the file
+        // lets a later reconcile finish the job should this task not get there).
+        let mut wait = Duration::from_secs(1);
+        while let Err(e) =
+            complete(&self.api, obj, ctx, status, target, &finished, note.clone()).await
+        {
+            tracing::warn!(error = %e, ?wait, "failed to record the completed download; retrying");
+            tokio::select! {
+                () = self.abandon.cancelled() => return Ok(()),
+                () = tokio::time::sleep(wait) => {}
+            }
+            wait = (wait * 2).min(Duration::from_secs(30));
         }
-        self.write(
-            status,
-            Desired::truthy(condition::READY, reason::COMPLETED, done.clone()),
-            Desired::falsy(
-                condition::PROGRESSING,
-                reason::COMPLETED,
-                "The download is done.",
-            ),
-        )
-        .await;
-        device::publish(&ctx.recorder, obj, EventType::Normal, "Completed", done).await;
+        clear_finished(target).await;
         Ok(())
+    }
+}
+
+/// Records a finished download: refreshes the pool so libvirt lists the volume, writes the
+/// Completed status and publishes the Event.
+async fn complete(
+    api: &Api<IsoDownload>,
+    obj: &IsoDownload,
+    ctx: &Context,
+    status: &IsoDownloadStatus,
+    target: &Target,
+    finished: &download::Finished,
+    note: Option<String>,
+) -> Result<(), DeviceError> {
+    let pool = obj.spec.pool.clone();
+    let _ = ctx
+        .libvirt
+        .call("refresh the pool", move |c| {
+            c.lookup_storage_pool_by_name(&pool)?.refresh(0)
+        })
+        .await;
+    let status = IsoDownloadStatus {
+        phase: Some(DownloadPhase::Completed),
+        downloaded_bytes: Some(finished.bytes),
+        total_bytes: Some(finished.bytes),
+        progress: Some("100%".into()),
+        bytes_per_second: None,
+        checksum_verified: Some(finished.checksum_verified),
+        completion_time: Some(Time(Timestamp::now())),
+        volume: Some(DownloadedVolume {
+            pool: obj.spec.pool.clone(),
+            name: target.name.clone(),
+            path: finished.path.display().to_string(),
+        }),
+        ..status.clone()
+    };
+    let mut done = format!(
+        "{} bytes are in pool {} as volume {}.",
+        finished.bytes, obj.spec.pool, target.name
+    );
+    if let Some(note) = note {
+        done = format!("{done} {note}");
+    }
+    write(
+        api,
+        obj,
+        &status,
+        Desired::truthy(condition::READY, reason::COMPLETED, done.clone()),
+        Desired::falsy(
+            condition::PROGRESSING,
+            reason::COMPLETED,
+            "The download is done.",
+        ),
+    )
+    .await?;
+    device::publish(&ctx.recorder, obj, EventType::Normal, "Completed", done).await;
+    Ok(())
+}
+
+/// Removes the record of the finished download once the status says Completed.
+async fn clear_finished(target: &Target) {
+    if let Err(e) = download::clear_finished(&target.dir, &target.name).await {
+        tracing::warn!(error = %e, "failed to remove the record of the finished download");
     }
 }
 

@@ -73,6 +73,12 @@ pub struct DownloadRequest {
     /// error page served with 200, a different file) fails with
     /// [`DownloadError::LengthMismatch`] before anything is written.
     pub expected_size: Option<u64>,
+    /// Who the download is for (say, an object's UID). When set, a finished download leaves
+    /// a record next to the file, written before the final rename, that [`finished`]
+    /// recognises and [`clear_finished`] removes once the owner has recorded the completion:
+    /// a crash between the rename and that bookkeeping then does not turn the owner's own
+    /// file into a name conflict.
+    pub owner: Option<String>,
 }
 
 /// A user name and password.
@@ -219,6 +225,62 @@ impl Outcome {
             "Downloaded from the beginning again because {last}."
         ))
     }
+}
+
+/// A download found finished by [`finished`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Finished {
+    /// The final file.
+    pub path: PathBuf,
+    /// Its length.
+    pub bytes: u64,
+    /// Whether a checksum was verified.
+    pub checksum_verified: bool,
+}
+
+/// Whether the final file of `request` exists because a download with the same owner, URL
+/// and checksum finished it (see [`DownloadRequest::owner`]): its record is there and the
+/// file has the recorded length. `None` without an owner.
+pub async fn finished(request: &DownloadRequest) -> Result<Option<Finished>, DownloadError> {
+    let Some(owner) = request.owner.clone() else {
+        return Ok(None);
+    };
+    let paths = Paths::new(&request.dir, &request.name)?;
+    let url = engine::display_url(&request.url)?;
+    let digest = match &request.checksum {
+        Some(c) => Some(format!("{}:{}", c.algorithm, c.normalized()?)),
+        None => None,
+    };
+    blocking(move || {
+        let Some(done) = state::load_done(&paths.done) else {
+            return Ok(None);
+        };
+        if done.owner != owner || done.url != url || done.digest != digest {
+            return Ok(None);
+        }
+        match std::fs::metadata(&paths.target) {
+            Ok(meta) if meta.is_file() && meta.len() == done.bytes => Ok(Some(Finished {
+                path: paths.target,
+                bytes: done.bytes,
+                checksum_verified: done.digest.is_some(),
+            })),
+            Ok(_) => Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(DownloadError::io("inspect", paths.target, e)),
+        }
+    })
+    .await
+}
+
+/// Removes the record a finished download with an owner left (nothing there is success).
+pub async fn clear_finished(dir: &Path, name: &str) -> Result<(), DownloadError> {
+    let paths = Paths::new(dir, name)?;
+    let dir = dir.to_owned();
+    blocking(move || {
+        state::remove_if_exists(&paths.done)?;
+        state::sync_dir(&dir)
+    })
+    .await
 }
 
 /// Asks the server about the file without downloading it.

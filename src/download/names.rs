@@ -80,6 +80,8 @@ pub struct Paths {
     pub partial: PathBuf,
     /// The resume state, `dir/.name.part.json`.
     pub sidecar: PathBuf,
+    /// The record of a finished download of a request with an owner, `dir/.name.done.json`.
+    pub done: PathBuf,
 }
 
 impl Paths {
@@ -90,6 +92,7 @@ impl Paths {
             target: dir.join(name),
             partial: dir.join(format!(".{name}.part")),
             sidecar: dir.join(format!(".{name}.part.json")),
+            done: dir.join(format!(".{name}.done.json")),
         })
     }
 }
@@ -165,5 +168,6 @@ mod tests {
         assert_eq!(p.target, Path::new("/pool/x.iso"));
         assert_eq!(p.partial, Path::new("/pool/.x.iso.part"));
         assert_eq!(p.sidecar, Path::new("/pool/.x.iso.part.json"));
+        assert_eq!(p.done, Path::new("/pool/.x.iso.done.json"));
     }
 }
