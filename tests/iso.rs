@@ -671,6 +671,80 @@ async fn a_download_finished_before_its_status_was_written_completes() {
 }
 
 #[tokio::test]
+async fn changing_url_name_or_pool_after_the_start_fails_and_leaves_nothing() {
+    let client = client().await;
+    install_crds(&client).await;
+    let ns = TestNamespace::new(&client, "vp-iso-immut").await;
+    let _op = Operator::start(&ns.name, &[]);
+    let pool = TestPool::create("vp-iso-immut");
+    let server = HttpServer::start(2 << 20);
+    server.file("a.iso", 32 << 20);
+    server.file("b.iso", 32 << 20);
+    let api: Api<IsoDownload> = Api::namespaced(client.clone(), &ns.name);
+    for name in ["running", "paused"] {
+        kubectl_apply(
+            &ns.name,
+            &manifest(
+                name,
+                &server.url("a.iso"),
+                &pool.name,
+                &format!("  name: {name}.iso\n"),
+            ),
+        );
+    }
+    for name in ["running", "paused"] {
+        let o = wait_obj::<IsoDownload>(&client, &ns.name, name, "some bytes", T, |o| {
+            o.status
+                .as_ref()
+                .and_then(|s| s.downloaded_bytes)
+                .is_some_and(|b| b > 0)
+        })
+        .await;
+        let target = o.status.unwrap().target.unwrap();
+        assert_eq!(
+            (target.url.as_str(), target.name.as_str()),
+            (server.url("a.iso").as_str(), format!("{name}.iso").as_str())
+        );
+    }
+    api.patch(
+        "paused",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"paused": true}})),
+    )
+    .await
+    .unwrap();
+    wait_phase(&client, &ns.name, "paused", DownloadPhase::Paused).await;
+
+    // A new URL while it runs; a new name while it is paused.
+    for (name, spec) in [
+        ("running", json!({"url": server.url("b.iso")})),
+        ("paused", json!({"name": "renamed.iso"})),
+    ] {
+        api.patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": spec })),
+        )
+        .await
+        .unwrap();
+        let o = wait_phase(&client, &ns.name, name, DownloadPhase::Failed).await;
+        let (_, reason, message) =
+            condition_of(&o.status.as_ref().unwrap().conditions, "Ready").unwrap();
+        assert_eq!(reason, "SpecChanged", "{name}: {message}");
+        assert!(
+            message.contains("partial data were removed") && message.contains("create a new one"),
+            "{name}: {message}"
+        );
+    }
+    assert!(pool_files(&pool).is_empty(), "{:?}", pool_files(&pool));
+    for name in ["running", "paused"] {
+        kubectl_delete(&ns.name, "isodownload", name);
+        wait_gone::<IsoDownload>(&client, &ns.name, name, T).await;
+    }
+    assert!(pool_files(&pool).is_empty(), "{:?}", pool_files(&pool));
+}
+
+#[tokio::test]
 async fn deleting_a_running_download_removes_its_partial_data() {
     let client = client().await;
     install_crds(&client).await;

@@ -20,8 +20,8 @@ use tokio_util::sync::CancellationToken;
 use super::Context;
 use super::device::{self, DeviceError};
 use crate::api::{
-    ChecksumAlgorithm, DownloadPhase, DownloadedVolume, IsoDownload, IsoDownloadStatus, NODE_LABEL,
-    ReclaimPolicy, condition,
+    ChecksumAlgorithm, DownloadPhase, DownloadTarget, DownloadedVolume, IsoDownload,
+    IsoDownloadStatus, NODE_LABEL, ReclaimPolicy, condition,
 };
 use crate::conditions::Desired;
 use crate::download::{self, Checksum, Credentials, DownloadError, DownloadRequest, TlsOptions};
@@ -52,6 +52,10 @@ pub mod reason {
     pub const COMPLETED: &str = "Completed";
     /// A transient failure; retried later.
     pub const RETRYING: &str = "Retrying";
+    /// Accepted; the download task starts.
+    pub const STARTING: &str = "Starting";
+    /// `spec.url`, `spec.name` or `spec.pool` changed after the download started.
+    pub const SPEC_CHANGED: &str = "SpecChanged";
 }
 
 /// Downloads of this node: their tasks, the download slots and the deny list.
@@ -334,6 +338,45 @@ pub(super) async fn reconcile(
     ) {
         return Ok(Action::await_change());
     }
+    if let Some(change) = spec_change(&obj) {
+        // Immutable fields changed: stop, remove what the download wrote under the names it
+        // started with, and fail.
+        if let Some(job) = downloads.take(&uid) {
+            job.abandon.cancel();
+            let _ = job.handle.await;
+        }
+        let removed = discard_started(&obj, &ctx).await;
+        let mut message = format!(
+            "{change} after the download started; spec.url, spec.name and spec.pool cannot change."
+        );
+        if removed > 0 {
+            message.push_str(&format!(
+                " The {removed} bytes of partial data were removed."
+            ));
+        }
+        message.push_str(" Delete this object and create a new one for the new file.");
+        write(
+            &api,
+            &obj,
+            &failed(&status),
+            Desired::falsy(condition::READY, reason::SPEC_CHANGED, message.clone()),
+            Desired::falsy(
+                condition::PROGRESSING,
+                reason::SPEC_CHANGED,
+                message.clone(),
+            ),
+        )
+        .await?;
+        device::publish(
+            &ctx.recorder,
+            &*obj,
+            EventType::Warning,
+            "DownloadFailed",
+            message,
+        )
+        .await;
+        return Ok(Action::await_change());
+    }
     if downloads.running(&uid) {
         if obj.spec.paused {
             downloads.cancel(&uid);
@@ -368,6 +411,11 @@ pub(super) async fn reconcile(
         clear_finished(&target).await;
         return Ok(Action::await_change());
     }
+    let recorded = DownloadTarget {
+        url: obj.spec.url.clone(),
+        pool: obj.spec.pool.clone(),
+        name: target.name.clone(),
+    };
     if obj.spec.paused {
         let kept = download::partial_len(&target.dir, &target.name)
             .await
@@ -376,6 +424,7 @@ pub(super) async fn reconcile(
             phase: Some(DownloadPhase::Paused),
             downloaded_bytes: Some(kept),
             bytes_per_second: None,
+            target: Some(recorded),
             ..status.clone()
         };
         let msg = format!(
@@ -400,6 +449,30 @@ pub(super) async fn reconcile(
             "Resuming the download.".into(),
         )
         .await;
+    }
+    let mut obj = obj;
+    if status.target.is_none() {
+        // Record what the download starts with before it writes anything.
+        let st = IsoDownloadStatus {
+            phase: Some(DownloadPhase::Pending),
+            target: Some(recorded),
+            ..status.clone()
+        };
+        let msg = format!(
+            "Starting the download of {} into pool {}.",
+            obj.spec.url, obj.spec.pool
+        );
+        write(
+            &api,
+            &obj,
+            &st,
+            Desired::falsy(condition::READY, reason::STARTING, msg.clone()),
+            Desired::truthy(condition::PROGRESSING, reason::STARTING, msg),
+        )
+        .await?;
+        let mut started = (*obj).clone();
+        started.status = Some(st);
+        obj = Arc::new(started);
     }
     let abandon = CancellationToken::new();
     let cancel = abandon.child_token();
@@ -427,8 +500,79 @@ pub(super) async fn reconcile(
     Ok(Action::await_change())
 }
 
-/// Removes partial data, and the completed volume under `reclaimPolicy: Delete`.
+/// Which immutable field changed since the download started, as the start of a sentence.
+fn spec_change(obj: &IsoDownload) -> Option<String> {
+    let recorded = obj.status.as_ref()?.target.as_ref()?;
+    let spec = &obj.spec;
+    if spec.url != recorded.url {
+        return Some(format!(
+            "spec.url changed from {} to {}",
+            recorded.url, spec.url
+        ));
+    }
+    if spec.pool != recorded.pool {
+        return Some(format!(
+            "spec.pool changed from {} to {}",
+            recorded.pool, spec.pool
+        ));
+    }
+    let name = spec
+        .name
+        .clone()
+        .or_else(|| download::default_name(&spec.url).ok());
+    if name.as_deref() != Some(recorded.name.as_str()) {
+        return Some(format!(
+            "The volume name changed from {} to {}",
+            recorded.name,
+            name.as_deref().unwrap_or("(none)")
+        ));
+    }
+    None
+}
+
+/// The object as the download started it: `spec.url`, `spec.pool` and `spec.name` as
+/// recorded in `status.target` (the spec itself when nothing was recorded).
+fn as_started(obj: &IsoDownload) -> IsoDownload {
+    let mut o = obj.clone();
+    if let Some(t) = obj.status.as_ref().and_then(|s| s.target.clone()) {
+        o.spec.url = t.url;
+        o.spec.pool = t.pool;
+        o.spec.name = Some(t.name);
+    }
+    o
+}
+
+/// Removes the partial data under the names the download started with; returns how many
+/// bytes it held.
+async fn discard_started(obj: &IsoDownload, ctx: &Context) -> u64 {
+    let Some(t) = obj.status.as_ref().and_then(|s| s.target.clone()) else {
+        return 0;
+    };
+    let dir = ctx
+        .libvirt
+        .call("list storage pools", crate::libvirt::collect_inventory)
+        .await
+        .ok()
+        .and_then(|i| i.storage_pools.into_iter().find(|p| p.name == t.pool))
+        .and_then(|p| p.path)
+        .map(PathBuf::from);
+    let Some(dir) = dir else {
+        return 0;
+    };
+    let kept = download::partial_len(&dir, &t.name).await.unwrap_or(0);
+    match download::discard_partial(&dir, &t.name).await {
+        Ok(()) => kept,
+        Err(e) => {
+            tracing::warn!(error = %e, "failed to remove the partial data");
+            0
+        }
+    }
+}
+
+/// Removes partial data, and the completed volume under `reclaimPolicy: Delete`, by the
+/// names the download started with.
 async fn cleanup(obj: &IsoDownload, ctx: &Context) {
+    let obj = &as_started(obj);
     let status = obj.status.clone().unwrap_or_default();
     let delete = obj.spec.reclaim_policy == ReclaimPolicy::Delete;
     if status.phase == Some(DownloadPhase::Completed) {

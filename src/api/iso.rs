@@ -48,18 +48,21 @@ pub const VOLUME_NAME_PATTERN: &str = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,239}$";
 #[serde(rename_all = "camelCase")]
 pub struct IsoDownloadSpec {
     /// URL to fetch: `http`, `https`, `ftp` or `ftps` (explicit TLS). A URL that does not
-    /// parse fails with reason `InvalidURL`. Immutable.
+    /// parse fails with reason `InvalidURL`. Immutable once the download started (a change
+    /// fails it with reason `SpecChanged`).
     #[schemars(pattern(URL_PATTERN), length(max = 4096))]
     pub url: String,
     /// Name of the volume to create: ASCII letters, digits, `.`, `_` and `-`, no leading dot,
     /// at most 240 bytes. Default: the last segment of the URL's path, percent-decoded, with
     /// every other character (and a leading dot) replaced by `_` (`Fedora%2040.iso` gives
     /// `Fedora_40.iso`); when that is longer than 240 bytes, or the path names no file, the
-    /// download fails with reason `InvalidName` and this field must be set. Immutable.
+    /// download fails with reason `InvalidName` and this field must be set. Immutable once the
+    /// download started (a change fails it with reason `SpecChanged`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(pattern(VOLUME_NAME_PATTERN))]
     pub name: Option<String>,
-    /// Storage pool to download into. Immutable.
+    /// Storage pool to download into. Immutable once the download started (a change fails it
+    /// with reason `SpecChanged`).
     #[serde(default = "default_pool")]
     #[schemars(length(min = 1, max = 255))]
     pub pool: String,
@@ -207,6 +210,11 @@ pub struct IsoDownloadStatus {
     /// Recent transfer rate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bytes_per_second: Option<u64>,
+    /// The URL, pool and volume name the agent started with. `spec.url`, `spec.name` and
+    /// `spec.pool` cannot change afterwards: a change fails the download with reason
+    /// `SpecChanged`. Cleanup uses these.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<DownloadTarget>,
     /// The volume, once completed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub volume: Option<DownloadedVolume>,
@@ -234,6 +242,18 @@ pub struct IsoDownloadStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "conditions_schema")]
     pub conditions: Vec<Condition>,
+}
+
+/// What a download started with.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DownloadTarget {
+    /// The URL.
+    pub url: String,
+    /// Storage pool.
+    pub pool: String,
+    /// Volume name (`spec.name`, or the one derived from the URL).
+    pub name: String,
 }
 
 /// A downloaded volume.
