@@ -1096,7 +1096,16 @@ impl Task {
         while let Err(e) =
             complete(&self.api, obj, ctx, status, target, &finished, note.clone()).await
         {
+            if ctx
+                .downloads
+                .stopping
+                .load(std::sync::atomic::Ordering::SeqCst)
+            {
+                // The next agent finds the record and finishes the job.
+                return Ok(());
+            }
             tracing::warn!(error = %e, ?wait, "failed to record the completed download; retrying");
+            // A pause does not stop this: the file is complete either way.
             tokio::select! {
                 () = self.abandon.cancelled() => return Ok(()),
                 () = tokio::time::sleep(wait) => {}
