@@ -66,6 +66,7 @@ fn options() -> DownloadOptions {
             initial_backoff: Duration::from_millis(20),
             max_backoff: Duration::from_millis(100),
         },
+        deny: Vec::new(),
     }
 }
 
@@ -621,6 +622,198 @@ async fn bad_requests_are_refused_up_front() {
         "{err:?}"
     );
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owned_download_is_recognised_as_finished_until_cleared() {
+    let data = content(200_000, 32);
+    let server = HttpServer::start(data.clone(), None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut req = request(server.url("disk.iso"), dir.path(), "disk.iso");
+    req.checksum = Some(sha256(&data));
+    req.owner = Some("uid-1".into());
+    assert_eq!(download::finished(&req).await.unwrap(), None);
+    fetch(&req).await.unwrap();
+    assert_file(dir.path(), "disk.iso", &data);
+
+    let finished = download::finished(&req).await.unwrap().expect("recognised");
+    assert_eq!(finished.bytes, data.len() as u64);
+    assert!(finished.checksum_verified);
+    assert_eq!(finished.path, dir.path().join("disk.iso"));
+    // Only by the same owner, for the same URL and checksum.
+    for other in [
+        DownloadRequest {
+            owner: Some("uid-2".into()),
+            ..req.clone()
+        },
+        DownloadRequest {
+            owner: None,
+            ..req.clone()
+        },
+        DownloadRequest {
+            url: server.url("other.iso"),
+            ..req.clone()
+        },
+        DownloadRequest {
+            checksum: Some(sha512(&data)),
+            ..req.clone()
+        },
+    ] {
+        assert_eq!(download::finished(&other).await.unwrap(), None, "{other:?}");
+    }
+    // The downloader itself still refuses to overwrite the file.
+    let err = fetch(&req).await.unwrap_err();
+    assert!(matches!(err, DownloadError::NameConflict { .. }), "{err:?}");
+    // A file changed since is not the one that was finished.
+    std::fs::write(dir.path().join("disk.iso"), b"replaced").unwrap();
+    assert_eq!(download::finished(&req).await.unwrap(), None);
+    download::clear_finished(dir.path(), "disk.iso")
+        .await
+        .unwrap();
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, ["disk.iso"]);
+
+    // Without an owner nothing is recorded.
+    let dir = tempfile::tempdir().unwrap();
+    let req = request(server.url("disk.iso"), dir.path(), "disk.iso");
+    fetch(&req).await.unwrap();
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+}
+
+/// Options refusing connections into `cidrs`.
+fn denying(cidrs: &[&str]) -> DownloadOptions {
+    DownloadOptions {
+        deny: cidrs
+            .iter()
+            .map(|c| download::parse_cidr(c).unwrap())
+            .collect(),
+        ..options()
+    }
+}
+
+async fn fetch_with(
+    req: &DownloadRequest,
+    opts: &DownloadOptions,
+) -> Result<Outcome, DownloadError> {
+    let (tx, _rx) = watch::channel(Progress::default());
+    download::download(req, opts, &CancellationToken::new(), &tx).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn denied_networks_are_refused_on_every_connection() {
+    let data = content(100_000, 30);
+    let server = HttpServer::start(data.clone(), None).await;
+    let port = server.addr.port();
+    let dir = tempfile::tempdir().unwrap();
+
+    // An IP-literal URL in a denied network: refused before any request.
+    let req = request(server.url("disk.iso"), dir.path(), "disk.iso");
+    let err = download::probe(&req, &denying(&["127.0.0.0/8"]))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, DownloadError::DestinationNotAllowed { .. }),
+        "{err:?}"
+    );
+    assert_eq!(err.reason(), "DestinationNotAllowed");
+    assert!(!err.is_transient());
+    // A host name resolving into one: refused by the resolver, before connecting.
+    let by_name = request(
+        format!("http://localhost:{port}/disk.iso"),
+        dir.path(),
+        "disk.iso",
+    );
+    let err = fetch_with(&by_name, &denying(&["127.0.0.0/8"]))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, DownloadError::DestinationNotAllowed { host, .. } if host == "localhost"),
+        "{err:?}"
+    );
+    assert!(server.log().is_empty(), "nothing reached the server");
+
+    // A redirect into a denied network (an IP literal, which skips the resolver) is not
+    // followed, by the probe nor by the transfer.
+    server.set_behavior(Behavior {
+        redirect: Some(format!("http://127.0.0.2:{port}/disk.iso")),
+        ..Behavior::default()
+    });
+    let opts = denying(&["127.0.0.2/32"]);
+    let err = download::probe(&req, &opts).await.unwrap_err();
+    assert!(
+        matches!(&err, DownloadError::DestinationNotAllowed { host, .. } if host == "127.0.0.2"),
+        "{err:?}"
+    );
+    let err = fetch_with(&req, &opts).await.unwrap_err();
+    assert!(
+        matches!(err, DownloadError::DestinationNotAllowed { .. }),
+        "{err:?}"
+    );
+    // Nor is one to a host name resolving into one (checked by the resolver on connect).
+    let redirector = HttpServer::start_on("127.0.0.2", Vec::new(), None).await;
+    redirector.set_behavior(Behavior {
+        redirect: Some(format!("http://localhost:{port}/disk.iso")),
+        ..Behavior::default()
+    });
+    server.clear_log();
+    let via = request(redirector.url("disk.iso"), dir.path(), "disk.iso");
+    let err = fetch_with(&via, &denying(&["127.0.0.1/32"]))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, DownloadError::DestinationNotAllowed { host, .. } if host == "localhost"),
+        "{err:?}"
+    );
+    assert!(!redirector.log().is_empty(), "the redirect was served");
+    assert!(server.log().is_empty(), "its target was never reached");
+    // Nor one to another scheme.
+    server.set_behavior(Behavior {
+        redirect: Some("file:///etc/passwd".into()),
+        ..Behavior::default()
+    });
+    let err = fetch_with(&req, &options()).await.unwrap_err();
+    assert!(matches!(err, DownloadError::Protocol { .. }), "{err:?}");
+    assert!(err.to_string().contains("file:///etc/passwd"), "{err}");
+    assert!(!err.is_transient());
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+
+    // Redirects elsewhere are still followed.
+    server.set_behavior(Behavior::default());
+    redirector.set_behavior(Behavior {
+        redirect: Some(server.url("disk.iso")),
+        ..Behavior::default()
+    });
+    let outcome = fetch_with(&via, &denying(&["169.254.0.0/16"]))
+        .await
+        .unwrap();
+    assert_eq!(outcome.bytes, data.len() as u64);
+    assert_file(dir.path(), "disk.iso", &data);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ftp_to_a_denied_network_is_refused() {
+    let data = content(1000, 31);
+    let root = ftp_root("disk.iso", &data);
+    let server = FtpServer::start(root.path(), None, None);
+    let dir = tempfile::tempdir().unwrap();
+    let mut req = request(server.url("ftp", "pub/disk.iso"), dir.path(), "disk.iso");
+    req.auth = ftp_auth();
+    let opts = denying(&["127.0.0.0/8"]);
+    let err = download::probe(&req, &opts).await.unwrap_err();
+    assert!(
+        matches!(err, DownloadError::DestinationNotAllowed { .. }),
+        "{err:?}"
+    );
+    let err = fetch_with(&req, &opts).await.unwrap_err();
+    assert!(
+        matches!(err, DownloadError::DestinationNotAllowed { .. }),
+        "{err:?}"
+    );
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    assert!(server.retrs(0).is_empty(), "nothing was transferred");
 }
 
 // --------------------------------------------------------------------------------- FTP(S)

@@ -17,10 +17,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::Duration;
 
+use futures::StreamExt;
 use kube::Client;
-use kube::api::{Api, Patch, PatchParams};
+use kube::ResourceExt;
+use kube::api::{Api, Patch, PatchParams, WatchEvent, WatchParams};
 use serde_json::json;
-use virtplane::api::{DownloadPhase, IsoDownload, VirtualMachineStorage};
+use virtplane::api::{DownloadPhase, IsoDownload, IsoDownloadStatus, VirtualMachineStorage};
+use virtplane::download;
 
 use common::*;
 
@@ -29,6 +32,7 @@ const T: Duration = Duration::from_secs(120);
 /// The fixture HTTP server (Range, ETag, rate limit, a log of bytes per response).
 struct HttpServer {
     child: Child,
+    address: &'static str,
     port: u16,
     dir: tempfile::TempDir,
     log: PathBuf,
@@ -36,6 +40,11 @@ struct HttpServer {
 
 impl HttpServer {
     fn start(bytes_per_second: u64) -> Self {
+        Self::start_on("127.0.0.1", bytes_per_second)
+    }
+
+    /// Listening on `address` (any 127.x address works on Linux).
+    fn start_on(address: &'static str, bytes_per_second: u64) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let port_file = dir.path().join("port");
         let log = dir.path().join("served.log");
@@ -49,6 +58,7 @@ impl HttpServer {
                 files.to_str().unwrap(),
                 &bytes_per_second.to_string(),
                 log.to_str().unwrap(),
+                address,
             ])
             .spawn()
             .unwrap();
@@ -67,6 +77,7 @@ impl HttpServer {
             .unwrap();
         Self {
             child,
+            address,
             port,
             dir,
             log,
@@ -84,7 +95,7 @@ impl HttpServer {
     }
 
     fn url(&self, name: &str) -> String {
-        format!("http://127.0.0.1:{}/{name}", self.port)
+        format!("http://{}:{}/{name}", self.address, self.port)
     }
 
     /// (range start, bytes sent) of every GET response for `name`.
@@ -132,7 +143,11 @@ fn phase(o: &IsoDownload) -> Option<DownloadPhase> {
 }
 
 fn ready_reason(o: &IsoDownload) -> Option<String> {
-    condition_of(&o.status.as_ref()?.conditions, "Ready").map(|c| c.1)
+    ready_reason_of(o.status.as_ref()?)
+}
+
+fn ready_reason_of(st: &IsoDownloadStatus) -> Option<String> {
+    condition_of(&st.conditions, "Ready").map(|c| c.1)
 }
 
 async fn wait_phase(client: &Client, ns: &str, name: &str, want: DownloadPhase) -> IsoDownload {
@@ -289,7 +304,13 @@ async fn refusals_leave_nothing_in_the_pool() {
         &ns.name,
         &manifest("missing", &server.url("missing.iso"), &pool.name, ""),
     );
+    // Passes the CRD's pattern but does not parse (port out of range).
+    kubectl_apply(
+        &ns.name,
+        &manifest("badport", "http://127.0.0.1:99999/a.iso", &pool.name, ""),
+    );
     for (name, reason) in [
+        ("badport", "InvalidURL"),
         ("taken", "NameConflict"),
         ("noname", "InvalidName"),
         ("nopool", "PoolNotFound"),
@@ -332,6 +353,8 @@ async fn refusals_leave_nothing_in_the_pool() {
         small.to_str().unwrap(),
     ]);
     virsh(&["pool-start", &small_pool]);
+    // Partial data left by an earlier run (as after a pause): refused too, and removed.
+    std::fs::write(small.join(".big.iso.part"), vec![0u8; 1 << 20]).unwrap();
     kubectl_apply(
         &ns.name,
         &manifest("nospace", &server.url("big.iso"), &small_pool, ""),
@@ -347,8 +370,61 @@ async fn refusals_leave_nothing_in_the_pool() {
         "{:?}",
         o.status
     );
-    assert_eq!(leftovers, 0, "nothing was written");
+    let message = condition_of(&o.status.as_ref().unwrap().conditions, "Ready")
+        .unwrap()
+        .2;
+    assert!(message.contains("partial data were removed"), "{message}");
+    assert_eq!(leftovers, 0, "the partial data was removed");
     assert_eq!(pool_files(&pool), ["small", "taken.iso"]);
+}
+
+#[tokio::test]
+async fn redirects_into_a_denied_network_fail() {
+    let client = client().await;
+    install_crds(&client).await;
+    let ns = TestNamespace::new(&client, "vp-iso-deny").await;
+    // The file server on 127.0.0.1 is off limits for this agent; the redirector on 127.0.0.3
+    // is not.
+    let _op = Operator::start(&ns.name, &["--download-deny-cidr", "127.0.0.1/32"]);
+    let pool = TestPool::create("vp-iso-deny");
+    let files = HttpServer::start(0);
+    files.file("f.iso", 1 << 20);
+    let redirector = HttpServer::start_on("127.0.0.3", 0);
+    redirector.file("f.iso", 1 << 20);
+    let via = |target: String| redirector.url(&format!("redirect?to={target}"));
+
+    for (name, target) in [
+        // An IP literal (no name resolution involved) and a host name resolving there.
+        ("literal", format!("http://127.0.0.1:{}/f.iso", files.port)),
+        ("byname", format!("http://localhost:{}/f.iso", files.port)),
+        ("allowed", redirector.url("f.iso")),
+    ] {
+        kubectl_apply(
+            &ns.name,
+            &manifest(
+                name,
+                &via(target),
+                &pool.name,
+                &format!("  name: {name}.iso\n"),
+            ),
+        );
+    }
+    for name in ["literal", "byname"] {
+        let o = wait_phase(&client, &ns.name, name, DownloadPhase::Failed).await;
+        let st = o.status.as_ref().unwrap();
+        let (_, reason, message) = condition_of(&st.conditions, "Ready").unwrap();
+        assert_eq!(reason, "DestinationNotAllowed", "{name}: {st:?}");
+        assert!(
+            message.contains("127.0.0.1") && message.contains("--download-deny-cidr"),
+            "{name}: {message}"
+        );
+    }
+    wait_phase(&client, &ns.name, "allowed", DownloadPhase::Completed).await;
+    assert!(
+        files.served("f.iso").is_empty(),
+        "the denied server sent nothing"
+    );
+    assert_eq!(pool_files(&pool), ["allowed.iso"]);
 }
 
 #[tokio::test]
@@ -395,6 +471,30 @@ async fn pause_resume_and_agent_restart_fetch_only_missing_bytes() {
         pool_files(&pool)
     );
 
+    // Every status from here on, to see the phases a poll could miss.
+    let seen = {
+        let events = api
+            .watch(
+                &WatchParams::default().fields("metadata.name=slow"),
+                &paused.resource_version().unwrap(),
+            )
+            .await
+            .unwrap();
+        tokio::spawn(async move {
+            let mut seen = Vec::new();
+            let mut events = std::pin::pin!(events);
+            while let Ok(Some(Ok(WatchEvent::Modified(o)))) =
+                tokio::time::timeout(T, events.next()).await
+            {
+                let st = o.status.unwrap_or_default();
+                seen.push((st.phase, st.downloaded_bytes));
+                if st.phase == Some(DownloadPhase::Completed) {
+                    break;
+                }
+            }
+            seen
+        })
+    };
     api.patch(
         "slow",
         &PatchParams::default(),
@@ -415,6 +515,17 @@ async fn pause_resume_and_agent_restart_fetch_only_missing_bytes() {
     let done = wait_phase(&client, &ns.name, "slow", DownloadPhase::Completed).await;
     let st = done.status.unwrap();
     assert_eq!(sha256(Path::new(&st.volume.unwrap().path)), sum);
+    // Resuming with a checksum first checks the kept data (phase Verifying), counting it.
+    let seen = seen.await.unwrap();
+    assert!(
+        seen.iter()
+            .any(|(p, b)| *p == Some(DownloadPhase::Verifying) && *b == Some(kept)),
+        "{seen:?}"
+    );
+    assert!(
+        seen.iter().all(|(_, b)| b.is_some_and(|b| b >= kept)),
+        "the count never drops below what was kept: {seen:?}"
+    );
     let served = server.served("slow.iso");
     let total: u64 = served.iter().map(|(_, n)| n).sum();
     assert!(
@@ -436,6 +547,201 @@ async fn pause_resume_and_agent_restart_fetch_only_missing_bytes() {
         reasons.iter().any(|r| r == "Paused") && reasons.iter().any(|r| r == "Resumed"),
         "{reasons:?}"
     );
+}
+
+#[tokio::test]
+async fn a_server_ignoring_ranges_is_reported_while_downloading() {
+    let client = client().await;
+    install_crds(&client).await;
+    let ns = TestNamespace::new(&client, "vp-iso-norange").await;
+    let _op = Operator::start(&ns.name, &[]);
+    let pool = TestPool::create("vp-iso-norange");
+    let server = HttpServer::start(2 << 20);
+    server.file("whole.iso", 16 << 20);
+    let api: Api<IsoDownload> = Api::namespaced(client.clone(), &ns.name);
+    kubectl_apply(
+        &ns.name,
+        &manifest("whole", &server.url("whole.iso?norange=1"), &pool.name, ""),
+    );
+    let message =
+        |o: &IsoDownload| condition_of(&o.status.as_ref()?.conditions, "Ready").map(|c| c.2);
+    let o = wait_obj::<IsoDownload>(&client, &ns.name, "whole", "some bytes", T, |o| {
+        o.status
+            .as_ref()
+            .and_then(|s| s.downloaded_bytes)
+            .is_some_and(|b| b >= 2 << 20)
+    })
+    .await;
+    let m = message(&o).unwrap();
+    assert!(m.contains("does not announce support for resuming"), "{m}");
+
+    for paused in [true, false] {
+        api.patch(
+            "whole",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"paused": paused}})),
+        )
+        .await
+        .unwrap();
+        if paused {
+            wait_phase(&client, &ns.name, "whole", DownloadPhase::Paused).await;
+        }
+    }
+    // Resuming got the whole file again: the message says so while it downloads.
+    wait_obj::<IsoDownload>(&client, &ns.name, "whole", "restart reported", T, |o| {
+        phase(o) == Some(DownloadPhase::Downloading)
+            && message(o).is_some_and(|m| {
+                m.contains("from the beginning again because the server does not support resuming")
+            })
+    })
+    .await;
+    let done = wait_phase(&client, &ns.name, "whole", DownloadPhase::Completed).await;
+    let m = message(&done).unwrap();
+    assert!(m.contains("from the beginning again"), "{m}");
+}
+
+#[tokio::test]
+async fn a_download_finished_before_its_status_was_written_completes() {
+    let client = client().await;
+    install_crds(&client).await;
+    let ns = TestNamespace::new(&client, "vp-iso-done").await;
+    let _op = Operator::start(&ns.name, &[]);
+    let pool = TestPool::create("vp-iso-done");
+    let server = HttpServer::start(0);
+    let sum = server.file("done.iso", 2 << 20);
+    let checksum = format!("  checksum:\n    algorithm: sha256\n    value: {sum}\n");
+    kubectl_apply(
+        &ns.name,
+        &manifest(
+            "done",
+            &server.url("done.iso"),
+            &pool.name,
+            &format!("  paused: true\n{checksum}"),
+        ),
+    );
+    let paused = wait_phase(&client, &ns.name, "done", DownloadPhase::Paused).await;
+
+    // What the agent's task does up to the final rename, as if the agent then died (or its
+    // Completed status write failed): the file is in place and the status does not say so.
+    let request = download::DownloadRequest {
+        url: server.url("done.iso"),
+        dir: pool.path.clone(),
+        name: "done.iso".into(),
+        checksum: Some(download::Checksum {
+            algorithm: download::ChecksumAlgorithm::Sha256,
+            hex: sum.clone(),
+        }),
+        owner: paused.uid(),
+        ..download::DownloadRequest::default()
+    };
+    let (tx, _rx) = tokio::sync::watch::channel(download::Progress::default());
+    download::download(
+        &request,
+        &download::DownloadOptions::default(),
+        &tokio_util::sync::CancellationToken::new(),
+        &tx,
+    )
+    .await
+    .unwrap();
+
+    let api: Api<IsoDownload> = Api::namespaced(client.clone(), &ns.name);
+    api.patch(
+        "done",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"paused": false}})),
+    )
+    .await
+    .unwrap();
+    let done = wait_phase(&client, &ns.name, "done", DownloadPhase::Completed).await;
+    let st = done.status.unwrap();
+    assert_eq!(ready_reason_of(&st).as_deref(), Some("Completed"));
+    assert_eq!(st.checksum_verified, Some(true));
+    assert_eq!(st.downloaded_bytes, Some(2 << 20));
+    assert_eq!(sha256(Path::new(&st.volume.unwrap().path)), sum);
+    assert!(server.served("done.iso").len() == 1, "not downloaded again");
+    assert_eq!(pool_files(&pool), ["done.iso"], "the record is gone");
+
+    // Another object for the same name still gets a conflict.
+    kubectl_apply(
+        &ns.name,
+        &manifest("other", &server.url("done.iso"), &pool.name, &checksum),
+    );
+    let other = wait_phase(&client, &ns.name, "other", DownloadPhase::Failed).await;
+    assert_eq!(ready_reason(&other).as_deref(), Some("NameConflict"));
+}
+
+#[tokio::test]
+async fn changing_url_name_or_pool_after_the_start_fails_and_leaves_nothing() {
+    let client = client().await;
+    install_crds(&client).await;
+    let ns = TestNamespace::new(&client, "vp-iso-immut").await;
+    let _op = Operator::start(&ns.name, &[]);
+    let pool = TestPool::create("vp-iso-immut");
+    let server = HttpServer::start(2 << 20);
+    server.file("a.iso", 32 << 20);
+    server.file("b.iso", 32 << 20);
+    let api: Api<IsoDownload> = Api::namespaced(client.clone(), &ns.name);
+    for name in ["running", "paused"] {
+        kubectl_apply(
+            &ns.name,
+            &manifest(
+                name,
+                &server.url("a.iso"),
+                &pool.name,
+                &format!("  name: {name}.iso\n"),
+            ),
+        );
+    }
+    for name in ["running", "paused"] {
+        let o = wait_obj::<IsoDownload>(&client, &ns.name, name, "some bytes", T, |o| {
+            o.status
+                .as_ref()
+                .and_then(|s| s.downloaded_bytes)
+                .is_some_and(|b| b > 0)
+        })
+        .await;
+        let target = o.status.unwrap().target.unwrap();
+        assert_eq!(
+            (target.url.as_str(), target.name.as_str()),
+            (server.url("a.iso").as_str(), format!("{name}.iso").as_str())
+        );
+    }
+    api.patch(
+        "paused",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"paused": true}})),
+    )
+    .await
+    .unwrap();
+    wait_phase(&client, &ns.name, "paused", DownloadPhase::Paused).await;
+
+    // A new URL while it runs; a new name while it is paused.
+    for (name, spec) in [
+        ("running", json!({"url": server.url("b.iso")})),
+        ("paused", json!({"name": "renamed.iso"})),
+    ] {
+        api.patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": spec })),
+        )
+        .await
+        .unwrap();
+        let o = wait_phase(&client, &ns.name, name, DownloadPhase::Failed).await;
+        let (_, reason, message) =
+            condition_of(&o.status.as_ref().unwrap().conditions, "Ready").unwrap();
+        assert_eq!(reason, "SpecChanged", "{name}: {message}");
+        assert!(
+            message.contains("partial data were removed") && message.contains("create a new one"),
+            "{name}: {message}"
+        );
+    }
+    assert!(pool_files(&pool).is_empty(), "{:?}", pool_files(&pool));
+    for name in ["running", "paused"] {
+        kubectl_delete(&ns.name, "isodownload", name);
+        wait_gone::<IsoDownload>(&client, &ns.name, name, T).await;
+    }
+    assert!(pool_files(&pool).is_empty(), "{:?}", pool_files(&pool));
 }
 
 #[tokio::test]
@@ -461,6 +767,70 @@ async fn deleting_a_running_download_removes_its_partial_data() {
     kubectl_delete(&ns.name, "isodownload", "cancel");
     wait_gone::<IsoDownload>(&client, &ns.name, "cancel", T).await;
     assert!(pool_files(&pool).is_empty(), "{:?}", pool_files(&pool));
+}
+
+#[tokio::test]
+async fn transient_failures_are_retried_by_timer_with_back_off_and_counted() {
+    let client = client().await;
+    install_crds(&client).await;
+    let ns = TestNamespace::new(&client, "vp-iso-retry").await;
+    let _op = Operator::start(&ns.name, &[]);
+    let pool = TestPool::create("vp-iso-retry");
+    let server = HttpServer::start(0);
+    server.file("flaky.iso", 1 << 20);
+    // The first two requests (both probes) get 503: two retries, 5 s and 10 s later.
+    kubectl_apply(
+        &ns.name,
+        &manifest("flaky", &server.url("flaky.iso?fail=2"), &pool.name, ""),
+    );
+    let retrying = wait_obj::<IsoDownload>(&client, &ns.name, "flaky", "Retrying", T, |o| {
+        ready_reason(o).as_deref() == Some("Retrying")
+    })
+    .await;
+    let st = retrying.status.unwrap();
+    let (_, _, message) = condition_of(&st.conditions, "Ready").unwrap();
+    assert!(
+        message.contains("503") && message.contains("the next one starts at"),
+        "{message}"
+    );
+    assert_eq!(st.phase, Some(DownloadPhase::Pending));
+    let done = wait_phase(&client, &ns.name, "flaky", DownloadPhase::Completed).await;
+    assert_eq!(done.status.unwrap().attempts, Some(3));
+    assert_eq!(pool_files(&pool), ["flaky.iso"]);
+}
+
+#[tokio::test]
+async fn deleting_a_queued_download_reports_no_pause() {
+    let client = client().await;
+    install_crds(&client).await;
+    let ns = TestNamespace::new(&client, "vp-iso-queue").await;
+    let _op = Operator::start(&ns.name, &["--max-downloads", "1"]);
+    let pool = TestPool::create("vp-iso-queue");
+    let server = HttpServer::start(1 << 20);
+    server.file("first.iso", 32 << 20);
+    server.file("second.iso", 1 << 20);
+    kubectl_apply(
+        &ns.name,
+        &manifest("first", &server.url("first.iso"), &pool.name, ""),
+    );
+    wait_phase(&client, &ns.name, "first", DownloadPhase::Downloading).await;
+    kubectl_apply(
+        &ns.name,
+        &manifest("second", &server.url("second.iso"), &pool.name, ""),
+    );
+    wait_obj::<IsoDownload>(&client, &ns.name, "second", "Queued", T, |o| {
+        ready_reason(o).as_deref() == Some("Queued")
+    })
+    .await;
+    kubectl_delete(&ns.name, "isodownload", "second");
+    wait_gone::<IsoDownload>(&client, &ns.name, "second", T).await;
+    let reasons = event_reasons(&client, &ns.name, "second").await;
+    assert!(!reasons.iter().any(|r| r == "Paused"), "{reasons:?}");
+    assert!(
+        !pool_files(&pool).iter().any(|f| f.contains("second")),
+        "{:?}",
+        pool_files(&pool)
+    );
 }
 
 #[tokio::test]

@@ -4,7 +4,6 @@
 //! at most about once a second, and cleans up.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -21,8 +20,8 @@ use tokio_util::sync::CancellationToken;
 use super::Context;
 use super::device::{self, DeviceError};
 use crate::api::{
-    ChecksumAlgorithm, DownloadPhase, DownloadedVolume, IsoDownload, IsoDownloadStatus, NODE_LABEL,
-    ReclaimPolicy, condition,
+    ChecksumAlgorithm, DownloadPhase, DownloadTarget, DownloadedVolume, IsoDownload,
+    IsoDownloadStatus, NODE_LABEL, ReclaimPolicy, condition,
 };
 use crate::conditions::Desired;
 use crate::download::{self, Checksum, Credentials, DownloadError, DownloadRequest, TlsOptions};
@@ -39,43 +38,51 @@ pub mod reason {
     pub const NAME_CONFLICT: &str = "NameConflict";
     /// The pool lacks room for the rest of the file.
     pub const INSUFFICIENT_SPACE: &str = "InsufficientSpace";
-    /// The host resolves to an address the agent may not reach.
-    pub const DESTINATION_NOT_ALLOWED: &str = "DestinationNotAllowed";
     /// A Secret or ConfigMap the spec names is missing or lacks the key.
     pub const CREDENTIALS_NOT_FOUND: &str = "CredentialsNotFound";
     /// Waiting for a download slot.
     pub const QUEUED: &str = "Queued";
     /// Transferring.
     pub const DOWNLOADING: &str = "Downloading";
+    /// Checking data against the checksum: kept data before resuming, or the whole file.
+    pub const VERIFYING: &str = "Verifying";
     /// Paused by `spec.paused`.
     pub const PAUSED: &str = "Paused";
     /// The volume is in the pool.
     pub const COMPLETED: &str = "Completed";
     /// A transient failure; retried later.
     pub const RETRYING: &str = "Retrying";
+    /// Accepted; the download task starts.
+    pub const STARTING: &str = "Starting";
+    /// `spec.url`, `spec.name` or `spec.pool` changed after the download started.
+    pub const SPEC_CHANGED: &str = "SpecChanged";
 }
 
-/// Downloads of this node: running jobs and the times before which a failed one is not retried.
+/// Downloads of this node: their tasks, the download slots and the deny list.
 pub struct Downloads {
     jobs: Mutex<HashMap<String, Job>>,
-    retry_at: Mutex<HashMap<String, Instant>>,
     slots: Arc<tokio::sync::Semaphore>,
     limit: usize,
-    deny: Vec<(IpAddr, u8)>,
+    deny: Vec<download::Cidr>,
     stopping: std::sync::atomic::AtomicBool,
 }
 
+/// The task of one object: it queues, attempts, waits between attempts and reports.
 struct Job {
+    /// Stops the task, keeping partial data; it then reports Paused unless `abandon` (or the
+    /// agent's shutdown) fired.
     cancel: CancellationToken,
+    /// Stops the task without a word: the object is being deleted and its data cleaned up.
+    /// Cancelling it cancels `cancel` too.
+    abandon: CancellationToken,
     handle: tokio::task::JoinHandle<()>,
 }
 
 impl Downloads {
     /// At most `limit` transfers at once; hosts resolving into `deny` (CIDRs) are refused.
-    pub fn new(limit: usize, deny: Vec<(IpAddr, u8)>) -> Self {
+    pub fn new(limit: usize, deny: Vec<download::Cidr>) -> Self {
         Self {
             jobs: Mutex::default(),
-            retry_at: Mutex::default(),
             slots: Arc::new(tokio::sync::Semaphore::new(limit.max(1))),
             limit: limit.max(1),
             deny,
@@ -115,45 +122,7 @@ impl Downloads {
     }
 }
 
-/// Parses `a.b.c.d/n` or `x::y/n`.
-pub fn parse_cidr(s: &str) -> Result<(IpAddr, u8), String> {
-    let (ip, len) = s
-        .split_once('/')
-        .ok_or_else(|| format!("{s} is not a CIDR (address/length)"))?;
-    let ip: IpAddr = ip
-        .parse()
-        .map_err(|_| format!("{ip} is not an IP address"))?;
-    let len: u8 = len
-        .parse()
-        .map_err(|_| format!("{len} is not a prefix length"))?;
-    let max = if ip.is_ipv4() { 32 } else { 128 };
-    if len > max {
-        return Err(format!("prefix length {len} exceeds {max}"));
-    }
-    Ok((ip, len))
-}
-
-fn in_cidr(addr: IpAddr, (net, len): (IpAddr, u8)) -> bool {
-    match (addr, net) {
-        (IpAddr::V4(a), IpAddr::V4(n)) => {
-            let mask = if len == 0 {
-                0
-            } else {
-                u32::MAX << (32 - u32::from(len))
-            };
-            u32::from(a) & mask == u32::from(n) & mask
-        }
-        (IpAddr::V6(a), IpAddr::V6(n)) => {
-            let mask = if len == 0 {
-                0
-            } else {
-                u128::MAX << (128 - u32::from(len))
-            };
-            u128::from(a) & mask == u128::from(n) & mask
-        }
-        _ => false,
-    }
-}
+pub use crate::download::parse_cidr;
 
 struct Refusal(&'static str, String);
 
@@ -178,6 +147,16 @@ async fn write(
     device::write_status(api, obj, &prev, status.clone(), &[ready, progressing]).await
 }
 
+/// `status.progress` for `done` of `total` bytes, rounded down.
+fn percent(done: u64, total: Option<u64>) -> Option<String> {
+    let p = download::Progress {
+        bytes_done: done,
+        total_bytes: total,
+        ..download::Progress::default()
+    };
+    p.percent().map(|x| format!("{x}%"))
+}
+
 fn failed(status: &IsoDownloadStatus) -> IsoDownloadStatus {
     IsoDownloadStatus {
         phase: Some(DownloadPhase::Failed),
@@ -187,24 +166,57 @@ fn failed(status: &IsoDownloadStatus) -> IsoDownloadStatus {
     }
 }
 
+/// Parses `spec.url` as the downloader will; the error is a message for the user.
+fn parse_url(url: &str) -> Result<reqwest::Url, String> {
+    let parsed = reqwest::Url::parse(url).map_err(|e| {
+        format!(
+            "spec.url {url:?} is not a valid URL ({e}); use the form scheme://host[:port]/path/file.iso with a port up to 65535."
+        )
+    })?;
+    if !matches!(parsed.scheme(), "http" | "https" | "ftp" | "ftps") {
+        return Err(format!(
+            "spec.url {url:?} is not an http, https, ftp or ftps URL; use one of those schemes."
+        ));
+    }
+    if parsed.host_str().is_none_or(str::is_empty) {
+        return Err(format!(
+            "spec.url {url:?} has no host; use scheme://host/path/file.iso."
+        ));
+    }
+    Ok(parsed)
+}
+
 /// Where the file goes: the pool's directory and the volume name.
 struct Target {
     dir: PathBuf,
     name: String,
     available: u64,
+    /// The file is already there because this object's download finished it; only the
+    /// Completed status is missing (the agent stopped, or the write failed, after the rename).
+    finished: Option<download::Finished>,
+}
+
+/// The parts of the download request that identify it: URL, place, checksum and owner (the
+/// object's UID), without credentials.
+fn own_request(obj: &IsoDownload, dir: &std::path::Path, name: &str) -> DownloadRequest {
+    DownloadRequest {
+        url: obj.spec.url.clone(),
+        dir: dir.to_owned(),
+        name: name.to_owned(),
+        checksum: obj.spec.checksum.as_ref().map(|c| Checksum {
+            algorithm: algorithm(c.algorithm),
+            hex: c.value.clone(),
+        }),
+        owner: obj.uid(),
+        ..DownloadRequest::default()
+    }
 }
 
 /// Checks the URL, name and pool; nothing is written.
 async fn check(obj: &IsoDownload, ctx: &Context) -> Result<Result<Target, Refusal>, DeviceError> {
     let url = &obj.spec.url;
-    let scheme_ok = ["http://", "https://", "ftp://", "ftps://"]
-        .iter()
-        .any(|s| url.to_ascii_lowercase().starts_with(s));
-    if !scheme_ok {
-        return Ok(Err(Refusal(
-            reason::INVALID_URL,
-            format!("{url} is not an http, https, ftp or ftps URL."),
-        )));
+    if let Err(message) = parse_url(url) {
+        return Ok(Err(Refusal(reason::INVALID_URL, message)));
     }
     let name = match &obj.spec.name {
         Some(n) => n.clone(),
@@ -213,7 +225,7 @@ async fn check(obj: &IsoDownload, ctx: &Context) -> Result<Result<Target, Refusa
             Err(e) => {
                 return Ok(Err(Refusal(
                     reason::INVALID_NAME,
-                    format!("{e}. Set spec.name."),
+                    format!("No volume name can be derived from the URL: {e}. Set spec.name."),
                 )));
             }
         },
@@ -222,7 +234,8 @@ async fn check(obj: &IsoDownload, ctx: &Context) -> Result<Result<Target, Refusa
         return Ok(Err(Refusal(
             reason::INVALID_NAME,
             format!(
-                "{e}. Use letters, digits, '.', '_' and '-', no leading dot, at most 255 bytes."
+                "{e}. Use ASCII letters, digits, '.', '_' and '-', no leading dot, at most {} bytes.",
+                download::MAX_NAME_LEN
             ),
         )));
     }
@@ -255,16 +268,27 @@ async fn check(obj: &IsoDownload, ctx: &Context) -> Result<Result<Target, Refusa
         )));
     };
     let dir = PathBuf::from(dir);
-    let taken = dir.join(&name).exists() || {
-        let (p, n) = (pool_name.clone(), name.clone());
-        ctx.libvirt
-            .call("look up the volume", move |c| {
-                Ok(c.lookup_storage_pool_by_name(&p)?
-                    .lookup_storage_vol_by_name(&n)
-                    .is_ok())
-            })
-            .await
-            .unwrap_or(false)
+    let finished = download::finished(&own_request(obj, &dir, &name))
+        .await
+        .unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "failed to look for a finished download");
+            None
+        });
+    let taken = match finished {
+        Some(_) => false,
+        None => {
+            dir.join(&name).exists() || {
+                let (p, n) = (pool_name.clone(), name.clone());
+                ctx.libvirt
+                    .call("look up the volume", move |c| {
+                        Ok(c.lookup_storage_pool_by_name(&p)?
+                            .lookup_storage_vol_by_name(&n)
+                            .is_ok())
+                    })
+                    .await
+                    .unwrap_or(false)
+            }
+        }
     };
     if taken {
         return Ok(Err(Refusal(
@@ -278,6 +302,7 @@ async fn check(obj: &IsoDownload, ctx: &Context) -> Result<Result<Target, Refusa
         dir,
         name,
         available: pool.available,
+        finished,
     }))
 }
 
@@ -299,7 +324,7 @@ pub(super) async fn reconcile(
 
     if obj.meta().deletion_timestamp.is_some() {
         if let Some(job) = downloads.take(&uid) {
-            job.cancel.cancel();
+            job.abandon.cancel();
             let _ = job.handle.await;
         }
         cleanup(&obj, &ctx).await;
@@ -313,25 +338,51 @@ pub(super) async fn reconcile(
     ) {
         return Ok(Action::await_change());
     }
+    if let Some(change) = spec_change(&obj) {
+        // Immutable fields changed: stop, remove what the download wrote under the names it
+        // started with, and fail.
+        if let Some(job) = downloads.take(&uid) {
+            job.abandon.cancel();
+            let _ = job.handle.await;
+        }
+        let removed = discard_started(&obj, &ctx).await;
+        let mut message = format!(
+            "{change} after the download started; spec.url, spec.name and spec.pool cannot change."
+        );
+        if removed > 0 {
+            message.push_str(&format!(
+                " The {removed} bytes of partial data were removed."
+            ));
+        }
+        message.push_str(" Delete this object and create a new one for the new file.");
+        write(
+            &api,
+            &obj,
+            &failed(&status),
+            Desired::falsy(condition::READY, reason::SPEC_CHANGED, message.clone()),
+            Desired::falsy(
+                condition::PROGRESSING,
+                reason::SPEC_CHANGED,
+                message.clone(),
+            ),
+        )
+        .await?;
+        device::publish(
+            &ctx.recorder,
+            &*obj,
+            EventType::Warning,
+            "DownloadFailed",
+            message,
+        )
+        .await;
+        return Ok(Action::await_change());
+    }
     if downloads.running(&uid) {
         if obj.spec.paused {
             downloads.cancel(&uid);
         }
         return Ok(Action::await_change());
     }
-    let retry_at = downloads
-        .retry_at
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .get(&uid)
-        .copied();
-    if let Some(at) = retry_at
-        && at > Instant::now()
-        && !obj.spec.paused
-    {
-        return Ok(Action::requeue(at - Instant::now()));
-    }
-
     let target = match check(&obj, &ctx).await? {
         Ok(t) => t,
         Err(Refusal(reason, message)) => {
@@ -354,6 +405,17 @@ pub(super) async fn reconcile(
             return Ok(Action::await_change());
         }
     };
+    if let Some(finished) = &target.finished {
+        // The file is in place but the Completed status was never written.
+        complete(&api, &obj, &ctx, &status, &target, finished, None).await?;
+        clear_finished(&target).await;
+        return Ok(Action::await_change());
+    }
+    let recorded = DownloadTarget {
+        url: obj.spec.url.clone(),
+        pool: obj.spec.pool.clone(),
+        name: target.name.clone(),
+    };
     if obj.spec.paused {
         let kept = download::partial_len(&target.dir, &target.name)
             .await
@@ -362,6 +424,7 @@ pub(super) async fn reconcile(
             phase: Some(DownloadPhase::Paused),
             downloaded_bytes: Some(kept),
             bytes_per_second: None,
+            target: Some(recorded),
             ..status.clone()
         };
         let msg = format!(
@@ -387,39 +450,157 @@ pub(super) async fn reconcile(
         )
         .await;
     }
-    let cancel = CancellationToken::new();
-    let handle = tokio::spawn(run(api, obj.clone(), ctx.clone(), target, cancel.clone()));
+    let mut obj = obj;
+    if status.target.is_none() {
+        // Record what the download starts with before it writes anything.
+        let st = IsoDownloadStatus {
+            phase: Some(DownloadPhase::Pending),
+            target: Some(recorded),
+            ..status.clone()
+        };
+        let msg = format!(
+            "Starting the download of {} into pool {}.",
+            obj.spec.url, obj.spec.pool
+        );
+        write(
+            &api,
+            &obj,
+            &st,
+            Desired::falsy(condition::READY, reason::STARTING, msg.clone()),
+            Desired::truthy(condition::PROGRESSING, reason::STARTING, msg),
+        )
+        .await?;
+        let mut started = (*obj).clone();
+        started.status = Some(st);
+        obj = Arc::new(started);
+    }
+    let abandon = CancellationToken::new();
+    let cancel = abandon.child_token();
+    let task = Task {
+        api,
+        obj: obj.clone(),
+        ctx: ctx.clone(),
+        target,
+        cancel: cancel.clone(),
+        abandon: abandon.clone(),
+    };
+    let handle = tokio::spawn(task.run());
     downloads
         .jobs
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .insert(uid, Job { cancel, handle });
+        .insert(
+            uid,
+            Job {
+                cancel,
+                abandon,
+                handle,
+            },
+        );
     Ok(Action::await_change())
 }
 
-/// Removes partial data, and the completed volume under `reclaimPolicy: Delete`.
+/// Which immutable field changed since the download started, as the start of a sentence.
+fn spec_change(obj: &IsoDownload) -> Option<String> {
+    let recorded = obj.status.as_ref()?.target.as_ref()?;
+    let spec = &obj.spec;
+    if spec.url != recorded.url {
+        return Some(format!(
+            "spec.url changed from {} to {}",
+            recorded.url, spec.url
+        ));
+    }
+    if spec.pool != recorded.pool {
+        return Some(format!(
+            "spec.pool changed from {} to {}",
+            recorded.pool, spec.pool
+        ));
+    }
+    let name = spec
+        .name
+        .clone()
+        .or_else(|| download::default_name(&spec.url).ok());
+    if name.as_deref() != Some(recorded.name.as_str()) {
+        return Some(format!(
+            "The volume name changed from {} to {}",
+            recorded.name,
+            name.as_deref().unwrap_or("(none)")
+        ));
+    }
+    None
+}
+
+/// The object as the download started it: `spec.url`, `spec.pool` and `spec.name` as
+/// recorded in `status.target` (the spec itself when nothing was recorded).
+fn as_started(obj: &IsoDownload) -> IsoDownload {
+    let mut o = obj.clone();
+    if let Some(t) = obj.status.as_ref().and_then(|s| s.target.clone()) {
+        o.spec.url = t.url;
+        o.spec.pool = t.pool;
+        o.spec.name = Some(t.name);
+    }
+    o
+}
+
+/// Removes the partial data under the names the download started with; returns how many
+/// bytes it held.
+async fn discard_started(obj: &IsoDownload, ctx: &Context) -> u64 {
+    let Some(t) = obj.status.as_ref().and_then(|s| s.target.clone()) else {
+        return 0;
+    };
+    let dir = ctx
+        .libvirt
+        .call("list storage pools", crate::libvirt::collect_inventory)
+        .await
+        .ok()
+        .and_then(|i| i.storage_pools.into_iter().find(|p| p.name == t.pool))
+        .and_then(|p| p.path)
+        .map(PathBuf::from);
+    let Some(dir) = dir else {
+        return 0;
+    };
+    let kept = download::partial_len(&dir, &t.name).await.unwrap_or(0);
+    match download::discard_partial(&dir, &t.name).await {
+        Ok(()) => kept,
+        Err(e) => {
+            tracing::warn!(error = %e, "failed to remove the partial data");
+            0
+        }
+    }
+}
+
+/// Removes partial data, and the completed volume under `reclaimPolicy: Delete`, by the
+/// names the download started with.
 async fn cleanup(obj: &IsoDownload, ctx: &Context) {
+    let obj = &as_started(obj);
     let status = obj.status.clone().unwrap_or_default();
+    let delete = obj.spec.reclaim_policy == ReclaimPolicy::Delete;
     if status.phase == Some(DownloadPhase::Completed) {
-        if obj.spec.reclaim_policy == ReclaimPolicy::Delete
-            && let Some(vol) = status.volume
-        {
-            let (pool, name) = (vol.pool.clone(), vol.name.clone());
-            let deleted = ctx
-                .libvirt
-                .call("delete the volume", move |c| {
-                    c.lookup_storage_pool_by_name(&pool)?
-                        .lookup_storage_vol_by_name(&name)?
-                        .delete(0)
-                })
-                .await;
-            if deleted.is_err() {
-                let _ = tokio::fs::remove_file(&vol.path).await;
+        if let Some(vol) = status.volume {
+            if delete {
+                delete_volume(ctx, &vol).await;
+            }
+            // A record of the finished download left by a failed removal.
+            if let Some(dir) = std::path::Path::new(&vol.path).parent() {
+                let _ = download::clear_finished(dir, &vol.name).await;
             }
         }
         return;
     }
     if let Ok(Ok(target)) = check(obj, ctx).await.map(|r| r.map_err(|_| ())) {
+        if let Some(finished) = &target.finished {
+            // Finished, but deleted before the Completed status was written: the volume is
+            // this object's all the same.
+            if delete {
+                let vol = DownloadedVolume {
+                    pool: obj.spec.pool.clone(),
+                    name: target.name.clone(),
+                    path: finished.path.display().to_string(),
+                };
+                delete_volume(ctx, &vol).await;
+            }
+            clear_finished(&target).await;
+        }
         let _ = download::discard_partial(&target.dir, &target.name).await;
     } else if let Some(name) = obj
         .spec
@@ -443,6 +624,22 @@ async fn cleanup(obj: &IsoDownload, ctx: &Context) {
         {
             let _ = download::discard_partial(&PathBuf::from(dir), &name).await;
         }
+    }
+}
+
+/// Deletes a downloaded volume through libvirt, or its file when libvirt cannot.
+async fn delete_volume(ctx: &Context, vol: &DownloadedVolume) {
+    let (pool, name) = (vol.pool.clone(), vol.name.clone());
+    let deleted = ctx
+        .libvirt
+        .call("delete the volume", move |c| {
+            c.lookup_storage_pool_by_name(&pool)?
+                .lookup_storage_vol_by_name(&name)?
+                .delete(0)
+        })
+        .await;
+    if deleted.is_err() {
+        let _ = tokio::fs::remove_file(&vol.path).await;
     }
 }
 
@@ -510,159 +707,476 @@ async fn credentials(
     Ok((auth, tls))
 }
 
-/// Refuses hosts that resolve into the denied networks (link-local metadata services by default).
-async fn destination_allowed(url: &str, deny: &[(IpAddr, u8)]) -> Result<(), Refusal> {
-    let rest = url.split_once("://").map(|(_, r)| r).unwrap_or(url);
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
-    let hostport = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-    let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
-        let (h, p) = v6.split_once(']').unwrap_or((v6, ""));
-        (
-            h.to_string(),
-            p.trim_start_matches(':').parse().unwrap_or(0u16),
-        )
-    } else {
-        match hostport.rsplit_once(':') {
-            Some((h, p)) => (h.to_string(), p.parse().unwrap_or(0u16)),
-            None => (hostport.to_string(), 0),
-        }
-    };
-    let addrs: Vec<IpAddr> = match tokio::net::lookup_host((host.as_str(), port)).await {
-        Ok(a) => a.map(|s| s.ip()).collect(),
-        Err(_) => return Ok(()), // The download reports the resolution failure itself.
-    };
-    if let Some(bad) = addrs.iter().find(|a| deny.iter().any(|n| in_cidr(**a, *n))) {
-        return Err(Refusal(
-            reason::DESTINATION_NOT_ALLOWED,
-            format!(
-                "{host} resolves to {bad}, which this agent may not reach (--download-deny-cidr)."
-            ),
-        ));
-    }
-    Ok(())
+/// The first wait after a transient failure; it doubles per failed attempt up to
+/// [`RETRY_MAX`], and starts over once an attempt received data.
+const RETRY_FIRST: Duration = Duration::from_secs(5);
+/// The longest wait between attempts.
+const RETRY_MAX: Duration = Duration::from_secs(300);
+
+/// The wait after `current`.
+fn next_backoff(current: Duration) -> Duration {
+    (current * 2).min(RETRY_MAX)
 }
 
-/// One run of a download: queue for a slot, probe, check space, transfer, report.
-async fn run(
+/// The background work of one object: queue for a slot, probe, check space, transfer, and
+/// after a transient failure wait (by its own timer, not a watch event) and try again.
+struct Task {
     api: Api<IsoDownload>,
     obj: Arc<IsoDownload>,
     ctx: Arc<Context>,
     target: Target,
     cancel: CancellationToken,
-) {
-    let uid = obj.uid().unwrap_or_default();
-    let mut status = obj.status.clone().unwrap_or_default();
-    let downloads = &ctx.downloads;
-    let permit = match downloads.slots.clone().try_acquire_owned() {
-        Ok(p) => p,
-        Err(_) => {
-            status.phase = Some(DownloadPhase::Pending);
-            let msg = format!(
-                "Queued: {} downloads already run on node {} (the limit, --max-downloads).",
-                downloads.limit, ctx.node
-            );
-            let _ = write(
-                &api,
-                &obj,
-                &status,
-                Desired::falsy(condition::READY, reason::QUEUED, msg.clone()),
-                Desired::falsy(condition::PROGRESSING, reason::QUEUED, msg),
-            )
-            .await;
-            tokio::select! {
-                p = downloads.slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-                () = cancel.cancelled() => {
-                    if !downloads.stopping.load(std::sync::atomic::Ordering::SeqCst) {
-                        paused(&api, &obj, &ctx, &target, status).await;
-                    }
+    abandon: CancellationToken,
+}
+
+/// What a task learns across its attempts.
+#[derive(Default)]
+struct RunState {
+    /// The server's description of the file, from the task's one successful probe.
+    remote: Option<download::RemoteInfo>,
+    /// Why an attempt last started again from byte 0.
+    restarted: Option<download::RestartReason>,
+    /// Whether the current attempt received any data.
+    received: bool,
+}
+
+/// How one attempt ended, short of success.
+enum Stop {
+    /// A downloader error.
+    Error(DownloadError),
+    /// A refusal of the agent's own (space, credentials).
+    Refused(Refusal),
+}
+
+impl Task {
+    async fn run(self) {
+        let mut status = self.obj.status.clone().unwrap_or_default();
+        let base_attempts = status.attempts.unwrap_or(0);
+        let mut attempt = 0u32;
+        let mut backoff = RETRY_FIRST;
+        let mut state = RunState::default();
+        loop {
+            let Some(permit) = self.slot(&mut status).await else {
+                self.stopped(status).await;
+                return;
+            };
+            attempt += 1;
+            status.attempts = Some(base_attempts + attempt);
+            state.received = false;
+            let outcome = self.attempt(&mut status, &mut state).await;
+            drop(permit);
+            let e = match outcome {
+                Ok(()) => return,
+                Err(Stop::Error(DownloadError::Cancelled { .. })) => {
+                    self.stopped(status).await;
                     return;
                 }
+                Err(Stop::Error(e)) if e.is_transient() => e,
+                Err(Stop::Error(e)) => {
+                    let msg = match e {
+                        DownloadError::DestinationNotAllowed { .. } => {
+                            format!("{e} (the agent's --download-deny-cidr).")
+                        }
+                        _ => format!("{e}."),
+                    };
+                    let keep = matches!(e, DownloadError::NameConflict { .. });
+                    self.fail(&status, e.reason(), msg, keep).await;
+                    return;
+                }
+                Err(Stop::Refused(Refusal(reason, msg))) => {
+                    self.fail(&status, reason, msg, false).await;
+                    return;
+                }
+            };
+            if state.received {
+                backoff = RETRY_FIRST;
             }
+            self.retrying(&mut status, &e, attempt, backoff).await;
+            tokio::select! {
+                () = self.cancel.cancelled() => {
+                    self.stopped(status).await;
+                    return;
+                }
+                () = tokio::time::sleep(backoff) => {}
+            }
+            backoff = next_backoff(backoff);
         }
-    };
-    let outcome = transfer(&api, &obj, &ctx, &target, &cancel, &mut status).await;
-    drop(permit);
-    match outcome {
-        Ok(()) => {}
-        Err(Ok(DownloadError::Cancelled { .. }))
-            if downloads.stopping.load(std::sync::atomic::Ordering::SeqCst) =>
-        {
-            // The agent stops; the partial data stays for the next one to resume.
+    }
+
+    /// A download slot; `None` when cancelled while waiting in the queue.
+    async fn slot(
+        &self,
+        status: &mut IsoDownloadStatus,
+    ) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let downloads = &self.ctx.downloads;
+        if let Ok(p) = downloads.slots.clone().try_acquire_owned() {
+            return Some(p);
         }
-        Err(Ok(DownloadError::Cancelled { .. })) if cancel.is_cancelled() => {
-            // Paused (a deletion takes the job away before it gets here).
-            if api
-                .get_opt(&obj.name_any())
+        status.phase = Some(DownloadPhase::Pending);
+        status.bytes_per_second = None;
+        let msg = format!(
+            "Queued: {} downloads already run on node {} (the limit, --max-downloads).",
+            downloads.limit, self.ctx.node
+        );
+        self.write(
+            status,
+            Desired::falsy(condition::READY, reason::QUEUED, msg.clone()),
+            Desired::falsy(condition::PROGRESSING, reason::QUEUED, msg),
+        )
+        .await;
+        tokio::select! {
+            p = downloads.slots.clone().acquire_owned() => p.ok(),
+            () = self.cancel.cancelled() => None,
+        }
+    }
+
+    /// The task was cancelled: a pause is reported; a deletion (the reconciler cleans up) or
+    /// the agent stopping (the next agent resumes) is not.
+    async fn stopped(&self, status: IsoDownloadStatus) {
+        let stopping = self
+            .ctx
+            .downloads
+            .stopping
+            .load(std::sync::atomic::Ordering::SeqCst);
+        if stopping || self.abandon.is_cancelled() {
+            return;
+        }
+        paused(&self.api, &self.obj, &self.ctx, &self.target, status).await;
+    }
+
+    /// Reports a transient failure and when the next attempt is.
+    async fn retrying(
+        &self,
+        status: &mut IsoDownloadStatus,
+        e: &DownloadError,
+        attempt: u32,
+        wait: Duration,
+    ) {
+        let kept = download::partial_len(&self.target.dir, &self.target.name)
+            .await
+            .unwrap_or(0);
+        let at = Timestamp::now()
+            .checked_add(wait)
+            .unwrap_or_else(|_| Timestamp::now());
+        status.phase = Some(DownloadPhase::Pending);
+        status.bytes_per_second = None;
+        let resume = if kept > 0 {
+            format!("resuming from the {kept} bytes kept")
+        } else {
+            "from the beginning".to_string()
+        };
+        let msg = format!(
+            "{e}. Attempt {} failed; the next one starts at {} (in {}s), {resume}.",
+            status.attempts.unwrap_or(attempt),
+            at.round(k8s_openapi::jiff::Unit::Second).unwrap_or(at),
+            wait.as_secs()
+        );
+        tracing::info!(attempt, ?wait, error = %e, "download attempt failed; retrying");
+        self.write(
+            status,
+            Desired::falsy(condition::READY, reason::RETRYING, msg.clone()),
+            Desired::truthy(condition::PROGRESSING, reason::RETRYING, msg),
+        )
+        .await;
+    }
+
+    /// Fails the object for good, removing partial data unless `keep` (a name conflict: the
+    /// file there is someone else's).
+    async fn fail(
+        &self,
+        status: &IsoDownloadStatus,
+        reason: &'static str,
+        mut msg: String,
+        keep: bool,
+    ) {
+        if !keep {
+            let kept = download::partial_len(&self.target.dir, &self.target.name)
                 .await
-                .ok()
-                .flatten()
-                .is_some_and(|o| o.meta().deletion_timestamp.is_none())
+                .unwrap_or(0);
+            let removed = download::discard_partial(&self.target.dir, &self.target.name).await;
+            if kept > 0 && removed.is_ok() {
+                msg = format!("{msg} The {kept} bytes of partial data were removed.");
+            }
+        }
+        self.write(
+            &failed(status),
+            Desired::falsy(condition::READY, reason, msg.clone()),
+            Desired::falsy(condition::PROGRESSING, reason, msg.clone()),
+        )
+        .await;
+        device::publish(
+            &self.ctx.recorder,
+            &*self.obj,
+            EventType::Warning,
+            "DownloadFailed",
+            msg,
+        )
+        .await;
+    }
+
+    /// Writes the status; a failure is logged (the next write or reconcile catches up).
+    async fn write(
+        &self,
+        status: &IsoDownloadStatus,
+        ready: Desired<'_>,
+        progressing: Desired<'_>,
+    ) {
+        if let Err(e) = write(&self.api, &self.obj, status, ready, progressing).await {
+            tracing::warn!(error = %e, "failed to write the download status");
+        }
+    }
+
+    /// One attempt: probe (once per task), check space, then a single transfer attempt that
+    /// resumes from the partial data.
+    async fn attempt(
+        &self,
+        status: &mut IsoDownloadStatus,
+        state: &mut RunState,
+    ) -> Result<(), Stop> {
+        let (obj, ctx, target) = (&*self.obj, &*self.ctx, &self.target);
+        let (auth, tls) = credentials(obj, ctx).await.map_err(Stop::Refused)?;
+        let mut request = DownloadRequest {
+            auth,
+            tls,
+            ..own_request(obj, &target.dir, &target.name)
+        };
+        let options = download::DownloadOptions {
+            deny: ctx.downloads.deny.clone(),
+            ..download::DownloadOptions::default()
+        };
+        let info = match &state.remote {
+            Some(info) => info.clone(),
+            None => {
+                let info = tokio::select! {
+                    () = self.cancel.cancelled() => {
+                        return Err(Stop::Error(DownloadError::Cancelled {
+                            url: obj.spec.url.clone(),
+                            kept: 0,
+                        }));
+                    }
+                    info = download::probe(&request, &options) => info.map_err(Stop::Error)?,
+                };
+                let kept = download::partial_len(&target.dir, &target.name)
+                    .await
+                    .unwrap_or(0);
+                if let Some(total) = info.total_bytes {
+                    let remaining = total.saturating_sub(kept);
+                    if remaining > target.available {
+                        return Err(Stop::Refused(Refusal(
+                            reason::INSUFFICIENT_SPACE,
+                            format!(
+                                "The file needs {remaining} more bytes but pool {} has {} available; free space or choose another pool.",
+                                obj.spec.pool, target.available
+                            ),
+                        )));
+                    }
+                }
+                state.remote = Some(info.clone());
+                info
+            }
+        };
+        request.expected_size = info.total_bytes;
+        let kept = download::partial_len(&target.dir, &target.name)
+            .await
+            .unwrap_or(0);
+
+        let first = status.start_time.is_none();
+        status.phase = Some(DownloadPhase::Downloading);
+        status.total_bytes = info.total_bytes;
+        status.downloaded_bytes = Some(kept);
+        status.progress = percent(kept, info.total_bytes);
+        status.start_time.get_or_insert(Time(Timestamp::now()));
+        let downloading = |restarted: Option<download::RestartReason>| {
+            let mut msg = format!("Downloading {} into pool {}.", obj.spec.url, obj.spec.pool);
+            if let Some(r) = restarted {
+                msg.push_str(&format!(
+                    " Downloading from the beginning again because {r}."
+                ));
+            } else if !info.accepts_ranges {
+                msg.push_str(
+                    " The server does not announce support for resuming: a pause or an interruption restarts from the beginning.",
+                );
+            }
+            msg
+        };
+        let msg = downloading(state.restarted);
+        self.write(
+            status,
+            Desired::falsy(condition::READY, reason::DOWNLOADING, msg.clone()),
+            Desired::truthy(condition::PROGRESSING, reason::DOWNLOADING, msg.clone()),
+        )
+        .await;
+        if first {
+            device::publish(
+                &ctx.recorder,
+                obj,
+                EventType::Normal,
+                "Started",
+                msg.clone(),
+            )
+            .await;
+        }
+
+        let (tx, mut rx) = tokio::sync::watch::channel(download::Progress::default());
+        let metrics = crate::metrics::get();
+        metrics.downloads_in_flight.inc();
+        let work = download::download_once(&request, &options, &self.cancel, &tx);
+        tokio::pin!(work);
+        let mut last_write = Instant::now();
+        let mut written = (DownloadPhase::Downloading, msg);
+        let mut counted = kept;
+        let result = loop {
+            tokio::select! {
+                r = &mut work => break r,
+                changed = rx.changed() => {
+                    if changed.is_err() { continue; }
+                    let p = rx.borrow_and_update().clone();
+                    if p.bytes_done > p.resumed_from {
+                        state.received = true;
+                    }
+                    if p.restarted.is_some() {
+                        state.restarted = p.restarted;
+                    }
+                    if p.phase == download::Phase::Completed {
+                        // Written as Completed below.
+                        continue;
+                    }
+                    let (phase, reason, msg) = match p.phase {
+                        download::Phase::VerifyingPartial => (
+                            DownloadPhase::Verifying,
+                            reason::VERIFYING,
+                            format!("Checking the {} bytes kept from an earlier run against the checksum before resuming.", p.bytes_done),
+                        ),
+                        download::Phase::Finalizing if request.checksum.is_some() => (
+                            DownloadPhase::Verifying,
+                            reason::VERIFYING,
+                            format!("Verifying the checksum of the {} bytes downloaded.", p.bytes_done),
+                        ),
+                        _ => (DownloadPhase::Downloading, reason::DOWNLOADING, downloading(state.restarted)),
+                    };
+                    // Before a transfer starts the counts are not known yet: keep the last.
+                    if !matches!(p.phase, download::Phase::Starting | download::Phase::Connecting) {
+                        metrics.downloaded_bytes.inc_by(p.bytes_done.saturating_sub(counted));
+                        counted = counted.max(p.bytes_done);
+                        status.downloaded_bytes = Some(p.bytes_done);
+                        status.total_bytes = p.total_bytes.or(status.total_bytes);
+                        status.progress = percent(p.bytes_done, status.total_bytes);
+                        status.bytes_per_second = Some(p.bytes_per_second);
+                    }
+                    status.phase = Some(phase);
+                    // At once when the phase or message changes, else at most about once a
+                    // second per object.
+                    let changed = written != (phase, msg.clone());
+                    if changed || last_write.elapsed() >= Duration::from_secs(1) {
+                        last_write = Instant::now();
+                        self.write(status, Desired::falsy(condition::READY, reason, msg.clone()), Desired::truthy(condition::PROGRESSING, reason, msg.clone())).await;
+                        written = (phase, msg);
+                    }
+                }
+            }
+        };
+        metrics.downloads_in_flight.dec();
+        let outcome = result.map_err(Stop::Error)?;
+        metrics
+            .downloaded_bytes
+            .inc_by(outcome.bytes.saturating_sub(counted));
+        let finished = download::Finished {
+            path: outcome.path.clone(),
+            bytes: outcome.bytes,
+            checksum_verified: outcome.checksum_verified,
+        };
+        let note = outcome.note().or_else(|| {
+            state
+                .restarted
+                .map(|r| format!("Downloaded from the beginning again because {r}."))
+        });
+        // The file is in place; record that until it sticks (the record next to the file
+        // lets a later reconcile finish the job should this task not get there).
+        let mut wait = Duration::from_secs(1);
+        while let Err(e) =
+            complete(&self.api, obj, ctx, status, target, &finished, note.clone()).await
+        {
+            if ctx
+                .downloads
+                .stopping
+                .load(std::sync::atomic::Ordering::SeqCst)
             {
-                paused(&api, &obj, &ctx, &target, status).await;
+                // The next agent finds the record and finishes the job.
+                return Ok(());
             }
-        }
-        Err(Ok(e)) if e.is_transient() => {
-            let wait = Duration::from_secs(30);
-            downloads
-                .retry_at
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(uid, Instant::now() + wait);
-            status.phase = Some(DownloadPhase::Pending);
-            status.bytes_per_second = None;
-            let msg = format!(
-                "{e}. Retrying in {}s, resuming from the data kept.",
-                wait.as_secs()
-            );
-            let _ = write(
-                &api,
-                &obj,
-                &status,
-                Desired::falsy(condition::READY, reason::RETRYING, msg.clone()),
-                Desired::truthy(condition::PROGRESSING, reason::RETRYING, msg),
-            )
-            .await;
-        }
-        Err(Ok(e)) => {
-            if !matches!(e, DownloadError::NameConflict { .. }) {
-                let _ = download::discard_partial(&target.dir, &target.name).await;
+            tracing::warn!(error = %e, ?wait, "failed to record the completed download; retrying");
+            // A pause does not stop this: the file is complete either way.
+            tokio::select! {
+                () = self.abandon.cancelled() => return Ok(()),
+                () = tokio::time::sleep(wait) => {}
             }
-            let msg = format!("{e}.");
-            let _ = write(
-                &api,
-                &obj,
-                &failed(&status),
-                Desired::falsy(condition::READY, e.reason(), msg.clone()),
-                Desired::falsy(condition::PROGRESSING, e.reason(), msg.clone()),
-            )
-            .await;
-            device::publish(
-                &ctx.recorder,
-                &*obj,
-                EventType::Warning,
-                "DownloadFailed",
-                msg,
-            )
-            .await;
+            wait = (wait * 2).min(Duration::from_secs(30));
         }
-        Err(Err(Refusal(reason, msg))) => {
-            let _ = write(
-                &api,
-                &obj,
-                &failed(&status),
-                Desired::falsy(condition::READY, reason, msg.clone()),
-                Desired::falsy(condition::PROGRESSING, reason, msg.clone()),
-            )
-            .await;
-            device::publish(
-                &ctx.recorder,
-                &*obj,
-                EventType::Warning,
-                "DownloadFailed",
-                msg,
-            )
-            .await;
-        }
+        clear_finished(target).await;
+        Ok(())
+    }
+}
+
+/// Records a finished download: refreshes the pool so libvirt lists the volume, writes the
+/// Completed status and publishes the Event.
+async fn complete(
+    api: &Api<IsoDownload>,
+    obj: &IsoDownload,
+    ctx: &Context,
+    status: &IsoDownloadStatus,
+    target: &Target,
+    finished: &download::Finished,
+    note: Option<String>,
+) -> Result<(), DeviceError> {
+    let pool = obj.spec.pool.clone();
+    let _ = ctx
+        .libvirt
+        .call("refresh the pool", move |c| {
+            c.lookup_storage_pool_by_name(&pool)?.refresh(0)
+        })
+        .await;
+    let status = IsoDownloadStatus {
+        phase: Some(DownloadPhase::Completed),
+        downloaded_bytes: Some(finished.bytes),
+        total_bytes: Some(finished.bytes),
+        progress: Some("100%".into()),
+        bytes_per_second: None,
+        checksum_verified: Some(finished.checksum_verified),
+        completion_time: Some(Time(Timestamp::now())),
+        volume: Some(DownloadedVolume {
+            pool: obj.spec.pool.clone(),
+            name: target.name.clone(),
+            path: finished.path.display().to_string(),
+        }),
+        ..status.clone()
+    };
+    let mut done = format!(
+        "{} bytes are in pool {} as volume {}.",
+        finished.bytes, obj.spec.pool, target.name
+    );
+    if let Some(note) = note {
+        done = format!("{done} {note}");
+    }
+    write(
+        api,
+        obj,
+        &status,
+        Desired::truthy(condition::READY, reason::COMPLETED, done.clone()),
+        Desired::falsy(
+            condition::PROGRESSING,
+            reason::COMPLETED,
+            "The download is done.",
+        ),
+    )
+    .await?;
+    device::publish(&ctx.recorder, obj, EventType::Normal, "Completed", done).await;
+    Ok(())
+}
+
+/// Removes the record of the finished download once the status says Completed.
+async fn clear_finished(target: &Target) {
+    if let Err(e) = download::clear_finished(&target.dir, &target.name).await {
+        tracing::warn!(error = %e, "failed to remove the record of the finished download");
     }
 }
 
@@ -691,165 +1205,4 @@ async fn paused(
     )
     .await;
     device::publish(&ctx.recorder, obj, EventType::Normal, "Paused", msg).await;
-}
-
-async fn transfer(
-    api: &Api<IsoDownload>,
-    obj: &IsoDownload,
-    ctx: &Context,
-    target: &Target,
-    cancel: &CancellationToken,
-    status: &mut IsoDownloadStatus,
-) -> Result<(), Result<DownloadError, Refusal>> {
-    destination_allowed(&obj.spec.url, &ctx.downloads.deny)
-        .await
-        .map_err(Err)?;
-    let (auth, tls) = credentials(obj, ctx).await.map_err(Err)?;
-    let mut request = DownloadRequest {
-        url: obj.spec.url.clone(),
-        dir: target.dir.clone(),
-        name: target.name.clone(),
-        checksum: obj.spec.checksum.as_ref().map(|c| Checksum {
-            algorithm: algorithm(c.algorithm),
-            hex: c.value.clone(),
-        }),
-        auth,
-        tls,
-        expected_size: None,
-    };
-    let options = download::DownloadOptions::default();
-    let info = download::probe(&request, &options).await.map_err(Ok)?;
-    let kept = download::partial_len(&target.dir, &target.name)
-        .await
-        .unwrap_or(0);
-    if let Some(total) = info.total_bytes {
-        let remaining = total.saturating_sub(kept);
-        if remaining > target.available {
-            return Err(Err(Refusal(
-                reason::INSUFFICIENT_SPACE,
-                format!(
-                    "The file needs {remaining} more bytes but pool {} has {} available; free space or choose another pool.",
-                    obj.spec.pool, target.available
-                ),
-            )));
-        }
-    }
-    request.expected_size = info.total_bytes;
-
-    let first = status.start_time.is_none();
-    status.phase = Some(DownloadPhase::Downloading);
-    status.total_bytes = info.total_bytes;
-    status.start_time.get_or_insert(Time(Timestamp::now()));
-    let msg = format!("Downloading {} into pool {}.", obj.spec.url, obj.spec.pool);
-    let _ = write(
-        api,
-        obj,
-        status,
-        Desired::falsy(condition::READY, reason::DOWNLOADING, msg.clone()),
-        Desired::truthy(condition::PROGRESSING, reason::DOWNLOADING, msg.clone()),
-    )
-    .await;
-    if first {
-        device::publish(
-            &ctx.recorder,
-            obj,
-            EventType::Normal,
-            "Started",
-            msg.clone(),
-        )
-        .await;
-    }
-
-    let (tx, mut rx) = tokio::sync::watch::channel(download::Progress::default());
-    let base_attempts = status.attempts.unwrap_or(0);
-    let metrics = crate::metrics::get();
-    metrics.downloads_in_flight.inc();
-    let work = download::download(&request, &options, cancel, &tx);
-    tokio::pin!(work);
-    let mut last_write = Instant::now();
-    let mut counted = kept;
-    let result = loop {
-        tokio::select! {
-            r = &mut work => break r,
-            changed = rx.changed() => {
-                if changed.is_err() { continue; }
-                let p = rx.borrow_and_update().clone();
-                metrics.downloaded_bytes.inc_by(p.bytes_done.saturating_sub(counted));
-                counted = counted.max(p.bytes_done);
-                status.downloaded_bytes = Some(p.bytes_done);
-                status.total_bytes = p.total_bytes.or(status.total_bytes);
-                status.progress = p.percent().map(|x| format!("{x}%"));
-                status.bytes_per_second = Some(p.bytes_per_second);
-                status.attempts = Some(base_attempts + p.attempt.max(1));
-                // At most about once a second per object.
-                if last_write.elapsed() >= Duration::from_secs(1) {
-                    last_write = Instant::now();
-                    let _ = write(api, obj, status, Desired::falsy(condition::READY, reason::DOWNLOADING, msg.clone()), Desired::truthy(condition::PROGRESSING, reason::DOWNLOADING, msg.clone())).await;
-                }
-            }
-        }
-    };
-    metrics.downloads_in_flight.dec();
-    let outcome = result.map_err(Ok)?;
-    metrics
-        .downloaded_bytes
-        .inc_by(outcome.bytes.saturating_sub(counted));
-    let pool = obj.spec.pool.clone();
-    let _ = ctx
-        .libvirt
-        .call("refresh the pool", move |c| {
-            c.lookup_storage_pool_by_name(&pool)?.refresh(0)
-        })
-        .await;
-    status.phase = Some(DownloadPhase::Completed);
-    status.downloaded_bytes = Some(outcome.bytes);
-    status.total_bytes = Some(outcome.bytes);
-    status.progress = Some("100%".into());
-    status.bytes_per_second = None;
-    status.attempts = Some(base_attempts + outcome.attempts);
-    status.checksum_verified = Some(outcome.checksum_verified);
-    status.completion_time = Some(Time(Timestamp::now()));
-    status.volume = Some(DownloadedVolume {
-        pool: obj.spec.pool.clone(),
-        name: target.name.clone(),
-        path: outcome.path.display().to_string(),
-    });
-    let mut done = format!(
-        "{} bytes are in pool {} as volume {}.",
-        outcome.bytes, obj.spec.pool, target.name
-    );
-    if let Some(note) = outcome.note() {
-        done = format!("{done} {note}");
-    }
-    let _ = write(
-        api,
-        obj,
-        status,
-        Desired::truthy(condition::READY, reason::COMPLETED, done.clone()),
-        Desired::falsy(
-            condition::PROGRESSING,
-            reason::COMPLETED,
-            "The download is done.",
-        ),
-    )
-    .await;
-    device::publish(&ctx.recorder, obj, EventType::Normal, "Completed", done).await;
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cidrs_match_addresses() {
-        let link_local = parse_cidr("169.254.0.0/16").unwrap();
-        assert!(in_cidr("169.254.169.254".parse().unwrap(), link_local));
-        assert!(!in_cidr("127.0.0.1".parse().unwrap(), link_local));
-        let v6 = parse_cidr("fe80::/10").unwrap();
-        assert!(in_cidr("fe80::1".parse().unwrap(), v6));
-        assert!(!in_cidr("::1".parse().unwrap(), v6));
-        assert!(parse_cidr("10.0.0.0/33").is_err());
-        assert!(parse_cidr("nonsense").is_err());
-    }
 }

@@ -9,8 +9,10 @@ use super::common::{LocalObjectReference, NODE_NAME_PATTERN, conditions_schema};
 
 /// Pattern of a download URL: http, https, ftp or ftps only.
 pub const URL_PATTERN: &str = r"^(https?|ftps?)://[^\s/?#]+([/?#]\S*)?$";
-/// Pattern of a volume name: `[A-Za-z0-9._-]`, no leading dot, at most 255 bytes.
-pub const VOLUME_NAME_PATTERN: &str = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,254}$";
+/// Pattern of a volume name: `[A-Za-z0-9._-]`, no leading dot, at most 240 bytes (the
+/// downloader's `MAX_NAME_LEN`: its partial files add a dot and `.part.json` to the name
+/// within the 255-byte limit of a file name).
+pub const VOLUME_NAME_PATTERN: &str = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,239}$";
 
 /// An ISO image downloaded into a libvirt storage pool on a node, by the agent on that node.
 /// Pause and resume with `spec.paused`; delete the object to cancel.
@@ -45,15 +47,22 @@ pub const VOLUME_NAME_PATTERN: &str = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,254}$";
 )]
 #[serde(rename_all = "camelCase")]
 pub struct IsoDownloadSpec {
-    /// URL to fetch: `http`, `https`, `ftp` or `ftps` (explicit TLS). Immutable.
+    /// URL to fetch: `http`, `https`, `ftp` or `ftps` (explicit TLS). A URL that does not
+    /// parse fails with reason `InvalidURL`. Immutable once the download started (a change
+    /// fails it with reason `SpecChanged`).
     #[schemars(pattern(URL_PATTERN), length(max = 4096))]
     pub url: String,
-    /// Name of the volume to create: letters, digits, `.`, `_` and `-`, no leading dot. Default:
-    /// the file name of the URL's path. Immutable.
+    /// Name of the volume to create: ASCII letters, digits, `.`, `_` and `-`, no leading dot,
+    /// at most 240 bytes. Default: the last segment of the URL's path, percent-decoded, with
+    /// every other character (and a leading dot) replaced by `_` (`Fedora%2040.iso` gives
+    /// `Fedora_40.iso`); when that is longer than 240 bytes, or the path names no file, the
+    /// download fails with reason `InvalidName` and this field must be set. Immutable once the
+    /// download started (a change fails it with reason `SpecChanged`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(pattern(VOLUME_NAME_PATTERN))]
     pub name: Option<String>,
-    /// Storage pool to download into. Immutable.
+    /// Storage pool to download into. Immutable once the download started (a change fails it
+    /// with reason `SpecChanged`).
     #[serde(default = "default_pool")]
     #[schemars(length(min = 1, max = 255))]
     pub pool: String,
@@ -173,7 +182,8 @@ pub enum DownloadPhase {
     Downloading,
     /// Stopped by `spec.paused`; partial data kept.
     Paused,
-    /// Checking the checksum.
+    /// Checking data against the checksum: the data kept from an earlier run before resuming,
+    /// or the finished file; `downloadedBytes` counts the data being checked.
     Verifying,
     /// The volume is in the pool.
     Completed,
@@ -200,13 +210,20 @@ pub struct IsoDownloadStatus {
     /// Recent transfer rate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bytes_per_second: Option<u64>,
+    /// The URL, pool and volume name the agent started with. `spec.url`, `spec.name` and
+    /// `spec.pool` cannot change afterwards: a change fails the download with reason
+    /// `SpecChanged`. Cleanup uses these.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<DownloadTarget>,
     /// The volume, once completed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub volume: Option<DownloadedVolume>,
     /// Whether the checksum was verified.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checksum_verified: Option<bool>,
-    /// Number of transfer attempts so far.
+    /// Number of attempts so far. A transient failure (connection, timeout, HTTP 5xx, FTP 4xx)
+    /// is retried after 5 s, doubling up to 5 min (back to 5 s after an attempt that received
+    /// data); the Ready message says when the next attempt starts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attempts: Option<u32>,
     /// When the transfer started.
@@ -225,6 +242,18 @@ pub struct IsoDownloadStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "conditions_schema")]
     pub conditions: Vec<Condition>,
+}
+
+/// What a download started with.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DownloadTarget {
+    /// The URL.
+    pub url: String,
+    /// Storage pool.
+    pub pool: String,
+    /// Volume name (`spec.name`, or the one derived from the URL).
+    pub name: String,
 }
 
 /// A downloaded volume.

@@ -13,11 +13,33 @@ use super::http::{HttpBody, HttpSource};
 use super::names::Paths;
 use super::progress::{PUBLISH_EVERY, Reporter};
 use super::sink::{Sink, SinkDone, SinkStart};
-use super::state::{self, SIDECAR_VERSION, Sidecar};
+use super::state::{self, DONE_VERSION, DoneRecord, SIDECAR_VERSION, Sidecar};
 use super::{
     ChecksumAlgorithm, DownloadError, DownloadOptions, DownloadRequest, Outcome, Phase, Progress,
     RemoteInfo, RestartReason, blocking,
 };
+
+/// Parses a request's URL.
+fn parse_url(url: &str) -> Result<Url, DownloadError> {
+    Url::parse(url).map_err(|e| DownloadError::InvalidUrl {
+        url: url.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
+/// The URL without credentials, for messages and the state files.
+fn display(url: &Url) -> String {
+    let mut url = url.clone();
+    // Both only fail for URLs that cannot have credentials, which then have none.
+    let _ = url.set_password(None);
+    let _ = url.set_username("");
+    url.to_string()
+}
+
+/// [`display`] of a URL string.
+pub(crate) fn display_url(url: &str) -> Result<String, DownloadError> {
+    parse_url(url).map(|u| display(&u))
+}
 
 /// What the server says about the file in the response being used.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -90,6 +112,7 @@ pub(crate) struct Job<'a> {
     display: String,
     paths: Paths,
     checksum: Option<(ChecksumAlgorithm, String)>,
+    owner: Option<String>,
     source: Source,
 }
 
@@ -113,15 +136,8 @@ impl<'a> Job<'a> {
         request: &'a DownloadRequest,
         options: &'a DownloadOptions,
     ) -> Result<Self, DownloadError> {
-        let url = Url::parse(&request.url).map_err(|e| DownloadError::InvalidUrl {
-            url: request.url.clone(),
-            reason: e.to_string(),
-        })?;
-        let mut display_url = url.clone();
-        // Both only fail for URLs that cannot have credentials, which then have none.
-        let _ = display_url.set_password(None);
-        let _ = display_url.set_username("");
-        let display = display_url.to_string();
+        let url = parse_url(&request.url)?;
+        let display = display(&url);
         let paths = Paths::new(&request.dir, &request.name)?;
         let checksum = match &request.checksum {
             Some(c) => Some((c.algorithm, c.normalized()?)),
@@ -145,6 +161,7 @@ impl<'a> Job<'a> {
             display,
             paths,
             checksum,
+            owner: request.owner.clone(),
             source,
         })
     }
@@ -259,7 +276,7 @@ impl<'a> Job<'a> {
         let mut file = file;
         if let Some(h) = hasher.take() {
             if offset > 0 {
-                reporter.phase(Phase::VerifyingPartial);
+                reporter.verifying(offset, prior.as_ref().and_then(|p| p.total_bytes));
                 let path = self.paths.partial.clone();
                 let chunk = self.options.buffer_size;
                 let token = cancel.clone();
@@ -305,6 +322,7 @@ impl<'a> Job<'a> {
             if let Some(reason) = restart.or((len > 0).then_some(RestartReason::PartialUnusable)) {
                 tracing::info!(url = %self.display, %reason, discarded = len, "restarting the download from zero");
                 stats.restarts.push(reason);
+                reporter.restarted(reason);
             }
             stats.since_restart = 0;
             hasher = self.checksum.as_ref().map(|(alg, _)| Hasher::new(*alg));
@@ -387,7 +405,7 @@ impl<'a> Job<'a> {
             return Err(e);
         }
         let bytes = done.len;
-        self.finalize(done.file).await?;
+        self.finalize(done.file, bytes).await?;
         reporter.phase(Phase::Completed);
         Ok((bytes, self.checksum.is_some()))
     }
@@ -503,14 +521,28 @@ impl<'a> Job<'a> {
         .await
     }
 
-    /// Renames the synced partial file to its final name and removes the sidecar.
-    async fn finalize(&self, file: File) -> Result<(), DownloadError> {
+    /// Renames the synced partial file to its final name and removes the sidecar; with an
+    /// owner, records the finished download first (see [`super::finished`]).
+    async fn finalize(&self, file: File, bytes: u64) -> Result<(), DownloadError> {
         let paths = self.paths.clone();
+        let done = self.owner.clone().map(|owner| DoneRecord {
+            version: DONE_VERSION,
+            owner,
+            url: self.display.clone(),
+            bytes,
+            digest: self
+                .checksum
+                .as_ref()
+                .map(|(alg, hex)| format!("{alg}:{hex}")),
+        });
         blocking(move || {
             if paths.target.exists() {
                 return Err(DownloadError::NameConflict {
                     path: paths.target.clone(),
                 });
+            }
+            if let Some(done) = &done {
+                state::save_done(&paths.done, done)?;
             }
             std::fs::rename(&paths.partial, &paths.target)
                 .map_err(|e| DownloadError::io("rename", &paths.partial, e))?;

@@ -23,7 +23,8 @@ pub enum DownloadError {
         /// Why it was refused.
         reason: String,
     },
-    /// The file name is empty, a path, or starts with a dot.
+    /// The file name is empty, too long, starts with a dot or has a character other than
+    /// ASCII letters, digits, `.`, `_` and `-`.
     #[error("invalid file name {name:?}: {reason}")]
     InvalidName {
         /// The name as given.
@@ -107,6 +108,21 @@ pub enum DownloadError {
     NameConflict {
         /// The final path.
         path: PathBuf,
+    },
+    /// The host is, or resolves to, an address in a network downloads may not reach
+    /// ([`super::DownloadOptions::deny`]); checked on every connection, redirects included.
+    #[error(
+        "failed to download {url}: {host} is at {addr}, in the network {network} that downloads may not reach"
+    )]
+    DestinationNotAllowed {
+        /// The URL (without credentials).
+        url: String,
+        /// The host that was refused (after a redirect, the redirect's).
+        host: String,
+        /// The refused address.
+        addr: std::net::IpAddr,
+        /// The denied network it is in, `address/length`.
+        network: String,
     },
     /// Another download of the same file holds the lock on its partial file.
     #[error("failed to lock {path}: another download of this file is running")]
@@ -209,7 +225,7 @@ impl DownloadError {
     /// A CamelCase condition reason for this error.
     pub fn reason(&self) -> &'static str {
         match self {
-            Self::InvalidUrl { .. } => "InvalidUrl",
+            Self::InvalidUrl { .. } => "InvalidURL",
             Self::InvalidName { .. } => "InvalidName",
             Self::InvalidChecksum { .. } => "InvalidChecksum",
             Self::InvalidCa { .. } => "InvalidCa",
@@ -219,6 +235,7 @@ impl DownloadError {
             Self::ChecksumMismatch { .. } => "ChecksumMismatch",
             Self::LengthMismatch { .. } => "LengthMismatch",
             Self::NameConflict { .. } => "NameConflict",
+            Self::DestinationNotAllowed { .. } => "DestinationNotAllowed",
             Self::Busy { .. } => "DownloadBusy",
             Self::Network { .. } => "NetworkError",
             Self::Timeout { .. } => "Timeout",
@@ -228,6 +245,15 @@ impl DownloadError {
             Self::Protocol { .. } => "ProtocolError",
             Self::Io { .. } => "StorageError",
             Self::Cancelled { .. } => "Cancelled",
+        }
+    }
+
+    pub(crate) fn denied(url: &str, denied: &super::deny::Denied) -> Self {
+        Self::DestinationNotAllowed {
+            url: url.to_owned(),
+            host: denied.host.clone(),
+            addr: denied.addr,
+            network: format!("{}/{}", denied.network.0, denied.network.1),
         }
     }
 

@@ -15,6 +15,7 @@ use suppaftp::types::FileType;
 use suppaftp::{FtpError, Mode};
 use tokio::io::AsyncReadExt;
 
+use super::deny::{self, Cidr};
 use super::engine::{Body, Opened, RemoteFile};
 use super::state::Sidecar;
 use super::{DownloadError, DownloadOptions, DownloadRequest, RemoteInfo, RestartReason};
@@ -32,6 +33,7 @@ pub(crate) struct FtpSource {
     tls: Option<Arc<ClientConfig>>,
     connect_timeout: Duration,
     read_timeout: Duration,
+    deny: Vec<Cidr>,
     display: String,
 }
 
@@ -92,6 +94,7 @@ impl FtpSource {
             tls,
             connect_timeout: options.connect_timeout,
             read_timeout: options.read_timeout,
+            deny: options.deny.clone(),
             display,
         })
     }
@@ -181,6 +184,9 @@ impl FtpSource {
                 });
             }
         };
+        // Connect only to the addresses checked here; data connections go to the same peer.
+        deny::check(&self.deny, &self.host, addrs.iter().map(SocketAddr::ip))
+            .map_err(|d| DownloadError::denied(&self.display, &d))?;
         let mut last = None;
         let mut connected = None;
         for addr in addrs {

@@ -1,11 +1,13 @@
 //! HTTP and HTTPS through reqwest, with a rustls config built here (ring provider).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use reqwest::header::{self, HeaderMap};
 use reqwest::{Method, StatusCode, Url};
 
+use super::deny::{self, Cidr, Denied, DenyingResolver, RedirectRefused};
 use super::engine::{Body, Opened, RemoteFile};
 use super::error::find_cause;
 use super::range::{ContentRange, is_strong_etag, parse_content_range, range_from};
@@ -31,10 +33,14 @@ impl HttpSource {
         request: &DownloadRequest,
         options: &DownloadOptions,
     ) -> Result<Self, DownloadError> {
+        let deny: Arc<[Cidr]> = options.deny.clone().into();
+        deny::check_url(&deny, &url).map_err(|d| DownloadError::denied(&display, &d))?;
         let tls = super::tls::client_config(&request.tls, &[b"http/1.1"])?;
         let client = reqwest::Client::builder()
             .use_preconfigured_tls(tls)
             .connect_timeout(options.connect_timeout)
+            .dns_resolver(DenyingResolver::new(Arc::clone(&deny)))
+            .redirect(deny::redirect_policy(deny))
             .user_agent(concat!("virtplane/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| DownloadError::Protocol {
@@ -67,13 +73,37 @@ impl HttpSource {
                 after: self.response_timeout,
             }),
             Ok(Err(e)) => Err(self.error(e, "connecting")),
+            // reqwest hands back a redirect it does not follow itself (a Location with
+            // another scheme, or none); the policy reports the ones it refuses as errors.
+            Ok(Ok(resp)) if resp.status().is_redirection() => {
+                let location = header_str(resp.headers(), header::LOCATION)
+                    .unwrap_or("(no Location)")
+                    .to_owned();
+                Err(DownloadError::Protocol {
+                    url: self.display.clone(),
+                    detail: format!(
+                        "refused to follow a redirect (HTTP {}) to {location}: only http and https redirects are followed",
+                        resp.status()
+                    ),
+                })
+            }
             Ok(Ok(resp)) => Ok(resp),
         }
     }
 
-    /// Maps a reqwest error: TLS failures, timeouts, everything else as a network error.
+    /// Maps a reqwest error: a denied destination, a refused redirect, TLS failures,
+    /// timeouts, everything else as a network error.
     fn error(&self, e: reqwest::Error, phase: &'static str) -> DownloadError {
         let e = e.without_url();
+        if let Some(denied) = find_cause::<Denied>(&e) {
+            return DownloadError::denied(&self.display, denied);
+        }
+        if let Some(refused) = find_cause::<RedirectRefused>(&e) {
+            return DownloadError::Protocol {
+                url: self.display.clone(),
+                detail: refused.to_string(),
+            };
+        }
         if let Some(tls) = find_cause::<rustls::Error>(&e) {
             return DownloadError::Tls {
                 host: self.host.clone(),

@@ -27,6 +27,7 @@
 //! [`DownloadError::Busy`].
 
 mod checksum;
+mod deny;
 mod engine;
 mod error;
 mod ftp;
@@ -46,8 +47,9 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 pub use checksum::{Checksum, ChecksumAlgorithm};
+pub use deny::{Cidr, parse_cidr};
 pub use error::{BoxError, DownloadError};
-pub use names::{Paths, default_name, validate_name};
+pub use names::{MAX_NAME_LEN, Paths, default_name, validate_name};
 pub use progress::{Phase, Progress};
 
 /// One file to download.
@@ -71,6 +73,12 @@ pub struct DownloadRequest {
     /// error page served with 200, a different file) fails with
     /// [`DownloadError::LengthMismatch`] before anything is written.
     pub expected_size: Option<u64>,
+    /// Who the download is for (say, an object's UID). When set, a finished download leaves
+    /// a record next to the file, written before the final rename, that [`finished`]
+    /// recognises and [`clear_finished`] removes once the owner has recorded the completion:
+    /// a crash between the rename and that bookkeeping then does not turn the owner's own
+    /// file into a name conflict.
+    pub owner: Option<String>,
 }
 
 /// A user name and password.
@@ -112,6 +120,10 @@ pub struct DownloadOptions {
     pub buffer_size: usize,
     /// How [`download`] retries.
     pub retry: RetryPolicy,
+    /// Networks no connection may go to (see the `deny` module): a host that is, or
+    /// resolves to, an address in one fails with [`DownloadError::DestinationNotAllowed`],
+    /// also when a redirect leads there.
+    pub deny: Vec<Cidr>,
 }
 
 impl Default for DownloadOptions {
@@ -121,6 +133,7 @@ impl Default for DownloadOptions {
             read_timeout: Duration::from_secs(60),
             buffer_size: 2 * 1024 * 1024,
             retry: RetryPolicy::default(),
+            deny: Vec::new(),
         }
     }
 }
@@ -212,6 +225,62 @@ impl Outcome {
             "Downloaded from the beginning again because {last}."
         ))
     }
+}
+
+/// A download found finished by [`finished`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Finished {
+    /// The final file.
+    pub path: PathBuf,
+    /// Its length.
+    pub bytes: u64,
+    /// Whether a checksum was verified.
+    pub checksum_verified: bool,
+}
+
+/// Whether the final file of `request` exists because a download with the same owner, URL
+/// and checksum finished it (see [`DownloadRequest::owner`]): its record is there and the
+/// file has the recorded length. `None` without an owner.
+pub async fn finished(request: &DownloadRequest) -> Result<Option<Finished>, DownloadError> {
+    let Some(owner) = request.owner.clone() else {
+        return Ok(None);
+    };
+    let paths = Paths::new(&request.dir, &request.name)?;
+    let url = engine::display_url(&request.url)?;
+    let digest = match &request.checksum {
+        Some(c) => Some(format!("{}:{}", c.algorithm, c.normalized()?)),
+        None => None,
+    };
+    blocking(move || {
+        let Some(done) = state::load_done(&paths.done) else {
+            return Ok(None);
+        };
+        if done.owner != owner || done.url != url || done.digest != digest {
+            return Ok(None);
+        }
+        match std::fs::metadata(&paths.target) {
+            Ok(meta) if meta.is_file() && meta.len() == done.bytes => Ok(Some(Finished {
+                path: paths.target,
+                bytes: done.bytes,
+                checksum_verified: done.digest.is_some(),
+            })),
+            Ok(_) => Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(DownloadError::io("inspect", paths.target, e)),
+        }
+    })
+    .await
+}
+
+/// Removes the record a finished download with an owner left (nothing there is success).
+pub async fn clear_finished(dir: &Path, name: &str) -> Result<(), DownloadError> {
+    let paths = Paths::new(dir, name)?;
+    let dir = dir.to_owned();
+    blocking(move || {
+        state::remove_if_exists(&paths.done)?;
+        state::sync_dir(&dir)
+    })
+    .await
 }
 
 /// Asks the server about the file without downloading it.

@@ -5,6 +5,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
+use super::RestartReason;
+
 /// Where a download is.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Phase {
@@ -44,6 +46,9 @@ pub struct Progress {
     pub resumed_from: u64,
     /// The error that ended the previous attempt, while [`Phase::WaitingToRetry`].
     pub last_error: Option<String>,
+    /// Why the current attempt started again from byte 0, throwing away the data kept from
+    /// an earlier one (a server ignoring ranges, a changed remote file).
+    pub restarted: Option<RestartReason>,
 }
 
 impl Progress {
@@ -144,6 +149,7 @@ impl<'a> Reporter<'a> {
     pub(crate) fn start_attempt(&mut self, attempt: u32) {
         self.state.attempt = attempt;
         self.state.last_error = None;
+        self.state.restarted = None;
         self.state.bytes_per_second = 0;
         self.meter.reset();
         self.phase(Phase::Connecting);
@@ -155,6 +161,19 @@ impl<'a> Reporter<'a> {
         self.state.bytes_done = resumed_from;
         self.state.total_bytes = total;
         self.meter.record(Instant::now(), resumed_from);
+    }
+
+    /// Hashing the `kept` bytes of an earlier run (of `total`) before resuming: they count
+    /// as done.
+    pub(crate) fn verifying(&mut self, kept: u64, total: Option<u64>) {
+        self.state.bytes_done = kept;
+        self.state.total_bytes = total;
+        self.phase(Phase::VerifyingPartial);
+    }
+
+    /// The attempt starts from byte 0 again, for `reason`; published with the next update.
+    pub(crate) fn restarted(&mut self, reason: RestartReason) {
+        self.state.restarted = Some(reason);
     }
 
     pub(crate) fn phase(&mut self, phase: Phase) {
@@ -259,5 +278,22 @@ mod tests {
         r.tick(Instant::now() + Duration::from_secs(1));
         assert_eq!(rx.borrow().bytes_done, 200);
         assert!(rx.borrow().bytes_per_second > 0);
+    }
+
+    #[test]
+    fn reporter_counts_kept_bytes_while_verifying_and_tells_restarts() {
+        let (tx, rx) = watch::channel(Progress::default());
+        let mut r = Reporter::new(&tx);
+        r.start_attempt(1);
+        r.verifying(400, Some(1000));
+        let seen = rx.borrow().clone();
+        assert_eq!(seen.phase, Phase::VerifyingPartial);
+        assert_eq!((seen.bytes_done, seen.percent()), (400, Some(40)));
+        r.restarted(RestartReason::RangeIgnored);
+        r.begin(0, Some(1000));
+        r.phase(Phase::Transferring);
+        assert_eq!(rx.borrow().restarted, Some(RestartReason::RangeIgnored));
+        r.start_attempt(2);
+        assert_eq!(rx.borrow().restarted, None);
     }
 }

@@ -55,12 +55,51 @@ impl Sidecar {
 
 /// Reads the sidecar; `None` when it is missing or unreadable (the partial is then unusable).
 pub(crate) fn load_sidecar(path: &Path) -> Option<Sidecar> {
-    let data = std::fs::read(path).ok()?;
-    serde_json::from_slice(&data).ok()
+    load(path)
 }
 
 /// Writes the sidecar atomically (temporary file, fsync, rename).
 pub(crate) fn save_sidecar(path: &Path, sidecar: &Sidecar) -> Result<(), DownloadError> {
+    save(path, sidecar)
+}
+
+/// What a download with an owner leaves next to the file it finished, written before the
+/// final rename and kept until the owner has recorded the completion, so that after a crash
+/// (or a failed status write) in between the owner recognises the file as its own.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct DoneRecord {
+    /// Format version.
+    pub version: u32,
+    /// [`super::DownloadRequest::owner`].
+    pub owner: String,
+    /// The URL, without credentials.
+    pub url: String,
+    /// The file's length.
+    pub bytes: u64,
+    /// The verified digest, as `algorithm:hex`, when a checksum was given.
+    pub digest: Option<String>,
+}
+
+pub(crate) const DONE_VERSION: u32 = 1;
+
+/// Reads the record of a finished download; `None` when missing or unreadable.
+pub(crate) fn load_done(path: &Path) -> Option<DoneRecord> {
+    load(path).filter(|d: &DoneRecord| d.version == DONE_VERSION)
+}
+
+/// Writes the record of a finished download atomically.
+pub(crate) fn save_done(path: &Path, done: &DoneRecord) -> Result<(), DownloadError> {
+    save(path, done)
+}
+
+fn load<T: serde::de::DeserializeOwned>(path: &Path) -> Option<T> {
+    let data = std::fs::read(path).ok()?;
+    serde_json::from_slice(&data).ok()
+}
+
+/// Writes JSON atomically (temporary file, fsync, rename).
+fn save<T: Serialize>(path: &Path, sidecar: &T) -> Result<(), DownloadError> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = std::path::PathBuf::from(tmp);

@@ -38,6 +38,8 @@ pub struct Behavior {
     pub error_page: bool,
     /// Each body frame is at most this long (default 64 KiB).
     pub frame: Option<usize>,
+    /// Every request gets `302 Found` to this URL.
+    pub redirect: Option<String>,
 }
 
 /// One request as the server saw it.
@@ -94,7 +96,16 @@ impl Drop for HttpServer {
 impl HttpServer {
     /// Serves `content` at every path, over TLS when `tls` is given.
     pub async fn start(content: Vec<u8>, tls: Option<Arc<rustls::ServerConfig>>) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on("127.0.0.1", content, tls).await
+    }
+
+    /// Like [`HttpServer::start`], listening on `ip` (any loopback address works on Linux).
+    pub async fn start_on(
+        ip: &str,
+        content: Vec<u8>,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> Self {
+        let listener = TcpListener::bind((ip, 0)).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(State {
             file: Mutex::new(File {
@@ -217,6 +228,12 @@ fn respond(
     served: &Arc<AtomicU64>,
 ) -> Response<Body> {
     let mut behavior = state.behavior.lock().unwrap();
+    if let Some(to) = &behavior.redirect {
+        let mut resp = text(StatusCode::FOUND, "moved\n");
+        resp.headers_mut()
+            .insert(header::LOCATION, HeaderValue::from_str(to).unwrap());
+        return resp;
+    }
     if let Some(status) = behavior.status {
         return text(StatusCode::from_u16(status).unwrap(), "no\n");
     }
