@@ -82,23 +82,38 @@ struct DetachState {
 
 /// A removal the guest refused (DEVICE_REMOVAL_FAILED), keyed by alias.
 #[derive(Default)]
-pub struct RemovalFailures(Mutex<HashMap<String, String>>);
+pub struct RemovalFailures(Mutex<HashMap<String, Refusal>>);
+
+/// A guest's refusal to release a device, and whether its Event was published.
+struct Refusal {
+    announced: bool,
+}
 
 impl RemovalFailures {
-    /// Records that the guest refused to release `alias` in `domain`.
-    pub fn record(&self, alias: &str, domain: &str) {
+    /// Records that the guest refused to release `alias`.
+    pub fn record(&self, alias: &str) {
         self.0
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(alias.to_string(), domain.to_string());
+            .insert(alias.to_string(), Refusal { announced: false });
     }
 
-    /// Takes the refusal recorded for `alias`, if any.
-    pub fn take(&self, alias: &str) -> Option<String> {
+    /// Whether the guest refused to release `alias` (it stays said until the detach ends), and
+    /// whether that is news (not announced before; it is from now on).
+    fn check(&self, alias: &str) -> Option<bool> {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let refusal = map.get_mut(alias)?;
+        let news = !refusal.announced;
+        refusal.announced = true;
+        Some(news)
+    }
+
+    /// Forgets `alias` once its detach ended.
+    fn clear(&self, alias: &str) {
         self.0
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(alias)
+            .remove(alias);
     }
 }
 
@@ -671,6 +686,7 @@ where
 {
     match detach(&ctx.libvirt, &ctx.detaches, vm, alias, find).await? {
         Detach::Done => {
+            ctx.removal_failures.clear(alias);
             if was_attached {
                 publish(
                     &ctx.recorder,
@@ -708,15 +724,17 @@ where
                 "The guest has not acknowledged the unplug of {what} from {vm}; it was removed from the definition and the agent asks the guest again until it releases the device, or until the domain is shut off."
             );
             let mut events = Vec::new();
-            if ctx.removal_failures.take(alias).is_some() {
+            if let Some(news) = ctx.removal_failures.check(alias) {
                 message = format!(
                     "The guest refused to release {what} (DEVICE_REMOVAL_FAILED). {message}"
                 );
-                events.push((
-                    EventType::Warning,
-                    "DetachRefused",
-                    format!("The guest refused to release {what}."),
-                ));
+                if news {
+                    events.push((
+                        EventType::Warning,
+                        "DetachRefused",
+                        format!("The guest refused to release {what}."),
+                    ));
+                }
             }
             let outcome = Outcome {
                 status: pending,
@@ -745,6 +763,17 @@ mod tests {
             ),
             observed_generation: None,
         }
+    }
+
+    #[test]
+    fn a_refused_detach_stays_said_and_is_announced_once() {
+        let r = RemovalFailures::default();
+        assert_eq!(r.check("ua-x"), None);
+        r.record("ua-x");
+        assert_eq!(r.check("ua-x"), Some(true), "news the first time");
+        assert_eq!(r.check("ua-x"), Some(false), "still refused, not news");
+        r.clear("ua-x");
+        assert_eq!(r.check("ua-x"), None);
     }
 
     #[test]

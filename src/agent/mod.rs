@@ -420,7 +420,7 @@ async fn record_removal_failures(ctx: Arc<Context>, shutdown: Shutdown) {
         } = ev
         {
             tracing::warn!(domain = %name, %alias, "guest refused to release a device");
-            ctx.removal_failures.record(&alias, &name);
+            ctx.removal_failures.record(&alias);
         }
     }
 }
