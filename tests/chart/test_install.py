@@ -374,6 +374,8 @@ def test_binaries_work_with_the_chart_rbac(release: Release, virtplane_bin: str,
     identity = unique("vp-chart-ctl")
     domain = unique("vp-chart-vm")
     vms = "chart-cdrom"
+    nic = "chart-nic"
+    clone_name = f"{domain}-c"
     lease = "virtplane-controller"
     log_dir = Path(os.environ.get("VIRTPLANE_CHART_LOGS") or tmp_path)
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -472,6 +474,36 @@ def test_binaries_work_with_the_chart_rbac(release: Release, virtplane_bin: str,
         events = eventually("an Event from this agent", 30, lambda: agent.must_run() or agent_events())
         assert all(e["involvedObject"]["kind"] == "VirtualMachineStorage" for e in events), events
 
+        # A NIC (the agent lists the VMInterfaces of every namespace to keep MACs unique) and a
+        # clone of the domain (status, Events, the source's definition), with the same tokens.
+        kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump({
+            "apiVersion": "virtplane.io/v1alpha1",
+            "kind": "VMInterface",
+            "metadata": {"name": nic},
+            "spec": {"vm": domain, "nodeName": node, "type": "user"},
+        }))
+        kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump({
+            "apiVersion": "virtplane.io/v1alpha1",
+            "kind": "VMClone",
+            "metadata": {"name": "chart-clone"},
+            "spec": {"source": domain, "nodeName": node, "targetName": clone_name},
+        }))
+        attached = eventually(f"the agent to make {nic} Ready", 90, lambda: agent.must_run() or (
+            lambda o: o if (condition(o, "Ready") or {}).get("status") == "True" else None)(
+            kget("vminterface.virtplane.io", nic, ns)))
+        mac = attached["status"]["mac"]
+        cloned = eventually("the clone to complete", 120, lambda: agent.must_run() or (
+            lambda o: o if (o or {}).get("status", {}).get("phase") in ("Completed", "Failed") else None)(
+            kget("vmclone.virtplane.io", "chart-clone", ns)))
+        assert cloned["status"]["phase"] == "Completed", cloned["status"]
+        clone_xml = subprocess.run(["virsh", "-c", "qemu:///system", "dumpxml", "--inactive", clone_name],
+                                   capture_output=True, text=True, check=True).stdout
+        assert f"<name>{clone_name}</name>" in clone_xml, clone_xml
+        assert mac not in clone_xml, "the clone has a MAC of its own"
+        kubectl("delete", "vminterface.virtplane.io", nic, "-n", ns, "--wait=false")
+        eventually(f"{nic} to be gone", 90, lambda: agent.must_run() or
+                   kget("vminterface.virtplane.io", nic, ns) is None)
+
         # The agent keeps its Hypervisor current.
         eventually(f"a newer heartbeat on Hypervisor {node}", 30,
                    lambda: agent.must_run() or (beat(kget("hypervisor.virtplane.io", node)) or first_beat) > first_beat)
@@ -498,10 +530,15 @@ def test_binaries_work_with_the_chart_rbac(release: Release, virtplane_bin: str,
             if p is not None:
                 code = p.stop()
                 logs[p.name] = (code, p.text())
-        stuck = kget("virtualmachinestorage.virtplane.io", vms, ns)
-        if stuck and stuck["metadata"].get("finalizers"):
-            kubectl("patch", "virtualmachinestorage.virtplane.io", vms, "-n", ns, "--type=merge",
-                    "-p", '{"metadata":{"finalizers":null}}', check=False)
+        for kind, name in (("virtualmachinestorage.virtplane.io", vms),
+                           ("vminterface.virtplane.io", nic),
+                           ("vmclone.virtplane.io", "chart-clone")):
+            stuck = kget(kind, name, ns)
+            if stuck and stuck["metadata"].get("finalizers"):
+                kubectl("patch", kind, name, "-n", ns, "--type=merge",
+                        "-p", '{"metadata":{"finalizers":null}}', check=False)
+        subprocess.run(["virsh", "-q", "-c", "qemu:///system", "undefine", clone_name],
+                       capture_output=True)
         kubectl("delete", "hypervisor.virtplane.io", node, "--ignore-not-found", check=False)
         if ctl_dir is not None:
             shutil.rmtree(ctl_dir, ignore_errors=True)
