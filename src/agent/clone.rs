@@ -436,11 +436,10 @@ async fn plan(
         }
     };
 
-    let inventory = ctx
+    let pools = ctx
         .libvirt
-        .call("list storage pools", crate::libvirt::collect_inventory)
+        .call("list storage pools", crate::libvirt::collect_storage_pools)
         .await?;
-    let pools = inventory.storage_pools;
     // The fallback pool, or why it cannot take copies.
     let fallback = match pools
         .iter()

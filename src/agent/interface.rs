@@ -334,17 +334,23 @@ async fn apply(
     }
 
     // The MAC: the recorded one, else the requested one, else a new one; unique on the node and
-    // among every VMInterface of the cluster.
-    let others: Vec<(String, Option<String>)> = node_macs(ctx).await?;
-    let all: Vec<VMInterface> = Api::<VMInterface>::all(ctx.client.clone())
-        .list(&ListParams::default())
-        .await
-        .map_err(|source| DeviceError::Api {
-            action: "list",
-            object: "VMInterfaces".into(),
-            source,
-        })?
-        .items;
+    // among every VMInterface of the cluster. Checked until the NIC is in the domain; after that
+    // the steady-state reconciles (the guest view refreshes every 20 s) list nothing.
+    let settled = prev.mac.is_some() && (config_dev.is_some() || live_dev.is_some());
+    let (others, all): (Vec<(String, Option<String>)>, Vec<VMInterface>) = if settled {
+        (Vec::new(), Vec::new())
+    } else {
+        let all = Api::<VMInterface>::all(ctx.client.clone())
+            .list(&ListParams::default())
+            .await
+            .map_err(|source| DeviceError::Api {
+                action: "list",
+                object: "VMInterfaces".into(),
+                source,
+            })?
+            .items;
+        (node_macs(ctx).await?, all)
+    };
     let cluster_macs: Vec<String> = all
         .iter()
         .filter(|o| o.uid() != obj.uid())

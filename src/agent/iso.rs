@@ -157,6 +157,35 @@ fn percent(done: u64, total: Option<u64>) -> Option<String> {
     p.percent().map(|x| format!("{x}%"))
 }
 
+/// Fails the object for good: phase Failed, Ready and Progressing False with `reason`, and a
+/// Warning Event.
+async fn fail(
+    api: &Api<IsoDownload>,
+    obj: &IsoDownload,
+    ctx: &Context,
+    status: &IsoDownloadStatus,
+    reason: &str,
+    message: String,
+) -> Result<(), DeviceError> {
+    write(
+        api,
+        obj,
+        &failed(status),
+        Desired::falsy(condition::READY, reason, message.clone()),
+        Desired::falsy(condition::PROGRESSING, reason, message.clone()),
+    )
+    .await?;
+    device::publish(
+        &ctx.recorder,
+        obj,
+        EventType::Warning,
+        "DownloadFailed",
+        message,
+    )
+    .await;
+    Ok(())
+}
+
 fn failed(status: &IsoDownloadStatus) -> IsoDownloadStatus {
     IsoDownloadStatus {
         phase: Some(DownloadPhase::Failed),
@@ -242,9 +271,8 @@ async fn check(obj: &IsoDownload, ctx: &Context) -> Result<Result<Target, Refusa
     let pool_name = obj.spec.pool.clone();
     let pools = ctx
         .libvirt
-        .call("list storage pools", crate::libvirt::collect_inventory)
-        .await?
-        .storage_pools;
+        .call("list storage pools", crate::libvirt::collect_storage_pools)
+        .await?;
     let Some(pool) = pools.into_iter().find(|p| p.name == pool_name) else {
         return Ok(Err(Refusal(
             reason::POOL_NOT_FOUND,
@@ -355,26 +383,7 @@ pub(super) async fn reconcile(
             ));
         }
         message.push_str(" Delete this object and create a new one for the new file.");
-        write(
-            &api,
-            &obj,
-            &failed(&status),
-            Desired::falsy(condition::READY, reason::SPEC_CHANGED, message.clone()),
-            Desired::falsy(
-                condition::PROGRESSING,
-                reason::SPEC_CHANGED,
-                message.clone(),
-            ),
-        )
-        .await?;
-        device::publish(
-            &ctx.recorder,
-            &*obj,
-            EventType::Warning,
-            "DownloadFailed",
-            message,
-        )
-        .await;
+        fail(&api, &obj, &ctx, &status, reason::SPEC_CHANGED, message).await?;
         return Ok(Action::await_change());
     }
     if downloads.running(&uid) {
@@ -386,22 +395,7 @@ pub(super) async fn reconcile(
     let target = match check(&obj, &ctx).await? {
         Ok(t) => t,
         Err(Refusal(reason, message)) => {
-            write(
-                &api,
-                &obj,
-                &failed(&status),
-                Desired::falsy(condition::READY, reason, message.clone()),
-                Desired::falsy(condition::PROGRESSING, reason, message.clone()),
-            )
-            .await?;
-            device::publish(
-                &ctx.recorder,
-                &*obj,
-                EventType::Warning,
-                "DownloadFailed",
-                message,
-            )
-            .await;
+            fail(&api, &obj, &ctx, &status, reason, message).await?;
             return Ok(Action::await_change());
         }
     };
@@ -550,10 +544,10 @@ async fn discard_started(obj: &IsoDownload, ctx: &Context) -> u64 {
     };
     let dir = ctx
         .libvirt
-        .call("list storage pools", crate::libvirt::collect_inventory)
+        .call("list storage pools", crate::libvirt::collect_storage_pools)
         .await
         .ok()
-        .and_then(|i| i.storage_pools.into_iter().find(|p| p.name == t.pool))
+        .and_then(|pools| pools.into_iter().find(|p| p.name == t.pool))
         .and_then(|p| p.path)
         .map(PathBuf::from);
     let Some(dir) = dir else {
@@ -611,15 +605,11 @@ async fn cleanup(obj: &IsoDownload, ctx: &Context) {
         // The pool may be gone or the name taken by now; discard by what can still be found.
         let pools = ctx
             .libvirt
-            .call("list storage pools", crate::libvirt::collect_inventory)
+            .call("list storage pools", crate::libvirt::collect_storage_pools)
             .await;
         if let Some(dir) = pools
             .ok()
-            .and_then(|i| {
-                i.storage_pools
-                    .into_iter()
-                    .find(|p| p.name == obj.spec.pool)
-            })
+            .and_then(|pools| pools.into_iter().find(|p| p.name == obj.spec.pool))
             .and_then(|p| p.path)
         {
             let _ = download::discard_partial(&PathBuf::from(dir), &name).await;
@@ -898,20 +888,9 @@ impl Task {
                 msg = format!("{msg} The {kept} bytes of partial data were removed.");
             }
         }
-        self.write(
-            &failed(status),
-            Desired::falsy(condition::READY, reason, msg.clone()),
-            Desired::falsy(condition::PROGRESSING, reason, msg.clone()),
-        )
-        .await;
-        device::publish(
-            &self.ctx.recorder,
-            &*self.obj,
-            EventType::Warning,
-            "DownloadFailed",
-            msg,
-        )
-        .await;
+        if let Err(e) = fail(&self.api, &self.obj, &self.ctx, status, reason, msg).await {
+            tracing::warn!(error = %e, "failed to write the download status");
+        }
     }
 
     /// Writes the status; a failure is logged (the next write or reconcile catches up).

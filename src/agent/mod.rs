@@ -96,9 +96,8 @@ impl Context {
     async fn allowed_dirs(&self) -> Result<Vec<PathBuf>, LibvirtError> {
         let pools = self
             .libvirt
-            .call("list storage pools", crate::libvirt::collect_inventory)
-            .await?
-            .storage_pools;
+            .call("list storage pools", crate::libvirt::collect_storage_pools)
+            .await?;
         let mut dirs: Vec<PathBuf> = self.allowed_paths.clone();
         dirs.extend(
             pools

@@ -45,23 +45,7 @@ pub fn collect_inventory(conn: &Connect) -> Result<Inventory, virt::error::Error
     }
     domains.sort_by(|a, b| a.name.cmp(&b.name));
 
-    let mut storage_pools = Vec::new();
-    for pool in conn.list_all_storage_pools(0)? {
-        let (Ok(name), Ok(info), Ok(xml)) = (pool.name(), pool.info(), pool.xml_desc(0)) else {
-            continue;
-        };
-        let (type_, path) = pool_type_and_path(&xml);
-        storage_pools.push(StoragePoolSummary {
-            name,
-            type_,
-            path,
-            capacity: info.capacity,
-            allocation: info.allocation,
-            available: info.available,
-            active: pool.is_active().unwrap_or(false),
-        });
-    }
-    storage_pools.sort_by(|a, b| a.name.cmp(&b.name));
+    let storage_pools = collect_storage_pools(conn)?;
 
     let mut networks = Vec::new();
     for net in conn.list_all_networks(0)? {
@@ -81,6 +65,31 @@ pub fn collect_inventory(conn: &Connect) -> Result<Inventory, virt::error::Error
         storage_pools,
         networks,
     })
+}
+
+/// Reads the storage pools, sorted by name (all a caller that places files needs, without
+/// listing domains and networks).
+pub fn collect_storage_pools(
+    conn: &Connect,
+) -> Result<Vec<StoragePoolSummary>, virt::error::Error> {
+    let mut storage_pools = Vec::new();
+    for pool in conn.list_all_storage_pools(0)? {
+        let (Ok(name), Ok(info), Ok(xml)) = (pool.name(), pool.info(), pool.xml_desc(0)) else {
+            continue;
+        };
+        let (type_, path) = pool_type_and_path(&xml);
+        storage_pools.push(StoragePoolSummary {
+            name,
+            type_,
+            path,
+            capacity: info.capacity,
+            allocation: info.allocation,
+            available: info.available,
+            active: pool.is_active().unwrap_or(false),
+        });
+    }
+    storage_pools.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(storage_pools)
 }
 
 fn state_name(state: Enum<DomainState, u32>) -> &'static str {

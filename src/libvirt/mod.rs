@@ -16,7 +16,7 @@ use tokio::sync::{Semaphore, broadcast};
 use virt::connect::Connect;
 
 pub use events::{DomainEvent, Event, Lifecycle};
-pub use inventory::{Inventory, collect_inventory, format_version};
+pub use inventory::{Inventory, collect_inventory, collect_storage_pools, format_version};
 
 /// Upper bound of libvirt calls in flight at once.
 pub const MAX_CONCURRENT_CALLS: usize = 8;
