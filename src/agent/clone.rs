@@ -17,8 +17,8 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
 
-use super::Context;
-use super::device::{self, DeviceError};
+use super::context::{Context, ReconcileError};
+use super::{finalizer, status};
 use crate::api::{
     CloneDisk, ClonePhase, CopyStrategy, NODE_LABEL, VMClone, VMCloneStatus, condition,
 };
@@ -26,6 +26,7 @@ use crate::conditions::Desired;
 use crate::copy::{self, Strategy, StrategyUsed};
 use crate::libvirt::clone_xml::{self, CloneEdits};
 use crate::libvirt::domain::{self, DiskXml, DomainXml};
+use crate::libvirt::facade::{Domains, Storage};
 use crate::libvirt::volume;
 
 /// Reasons of the `Ready` and `Progressing` conditions.
@@ -110,9 +111,9 @@ async fn write(
     status: &VMCloneStatus,
     ready: Desired<'_>,
     progressing: Desired<'_>,
-) -> Result<(), DeviceError> {
+) -> Result<(), ReconcileError> {
     let prev = obj.status.clone().unwrap_or_default();
-    device::write_status(api, obj, &prev, status.clone(), &[ready, progressing]).await
+    status::write_status(api, obj, &prev, status.clone(), &[ready, progressing]).await
 }
 
 fn idle(type_: &'static str, reason: &'static str, message: impl Into<String>) -> Desired<'static> {
@@ -121,7 +122,10 @@ fn idle(type_: &'static str, reason: &'static str, message: impl Into<String>) -
 
 /// Reconciles one VMClone.
 #[tracing::instrument(skip_all, fields(object = %format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any())))]
-pub(super) async fn reconcile(obj: Arc<VMClone>, ctx: Arc<Context>) -> Result<Action, DeviceError> {
+pub(super) async fn reconcile(
+    obj: Arc<VMClone>,
+    ctx: Arc<Context>,
+) -> Result<Action, ReconcileError> {
     if obj.labels().get(NODE_LABEL) != Some(&ctx.node) {
         return Ok(Action::await_change());
     }
@@ -142,10 +146,10 @@ pub(super) async fn reconcile(obj: Arc<VMClone>, ctx: Arc<Context>) -> Result<Ac
             // A task that did not complete leaves nothing behind.
             remove_leftovers(&ctx, &uid, &status).await?;
         }
-        device::remove_finalizer(&api, &*obj).await?;
+        finalizer::remove(&api, &*obj).await?;
         return Ok(Action::await_change());
     }
-    device::add_finalizer(&api, &*obj).await?;
+    finalizer::add(&api, &*obj).await?;
     if matches!(
         status.phase,
         Some(ClonePhase::Completed | ClonePhase::Failed)
@@ -155,7 +159,7 @@ pub(super) async fn reconcile(obj: Arc<VMClone>, ctx: Arc<Context>) -> Result<Ac
     }
 
     let source = obj.spec.source.clone();
-    let Some(view) = device::read(&ctx.libvirt, &source).await? else {
+    let Some(view) = ctx.libvirt.domain(&source).await? else {
         let st = VMCloneStatus {
             phase: Some(ClonePhase::Pending),
             ..status
@@ -220,7 +224,7 @@ pub(super) async fn reconcile(obj: Arc<VMClone>, ctx: Arc<Context>) -> Result<Ac
             )
             .await?;
             crate::metrics::get().error("VMClone", reason);
-            device::publish(&ctx.recorder, &*obj, EventType::Warning, reason, message).await;
+            status::publish(&ctx.recorder, &*obj, EventType::Warning, reason, message).await;
             return Ok(Action::await_change());
         }
     };
@@ -240,7 +244,7 @@ pub(super) async fn reconcile(obj: Arc<VMClone>, ctx: Arc<Context>) -> Result<Ac
         .and_then(|s| s.start_time.as_ref())
         .is_none()
     {
-        device::publish(
+        status::publish(
             &ctx.recorder,
             &*obj,
             EventType::Normal,
@@ -330,7 +334,7 @@ async fn resolve_volume(
     ctx: &Context,
     pool: &str,
     vol: &str,
-) -> Result<Result<volume::VolumeSource, String>, DeviceError> {
+) -> Result<Result<volume::VolumeSource, String>, ReconcileError> {
     let (p, v) = (pool.to_string(), vol.to_string());
     Ok(ctx
         .libvirt
@@ -364,7 +368,7 @@ async fn plan(
     ctx: &Context,
     source_xml: &DomainXml,
     prev: VMCloneStatus,
-) -> Result<Result<VMCloneStatus, (&'static str, String)>, DeviceError> {
+) -> Result<Result<VMCloneStatus, (&'static str, String)>, ReconcileError> {
     let source = &obj.spec.source;
 
     // Every disk first: a disk that cannot be copied refuses the whole task.
@@ -631,7 +635,7 @@ fn free_copy_name(dir: &Path, src: &Path, from: u32, planned: &[CloneDisk]) -> P
 }
 
 /// The task UID recorded in a domain's metadata, if virtplane made it.
-async fn owner_of(ctx: &Context, name: &str) -> Result<Option<String>, DeviceError> {
+async fn owner_of(ctx: &Context, name: &str) -> Result<Option<String>, ReconcileError> {
     let name = name.to_string();
     Ok(ctx
         .libvirt
@@ -652,7 +656,7 @@ async fn remove_leftovers(
     ctx: &Context,
     uid: &str,
     status: &VMCloneStatus,
-) -> Result<(), DeviceError> {
+) -> Result<(), ReconcileError> {
     if let Some(target) = status.target_name.clone()
         && !uid.is_empty()
     {
@@ -771,7 +775,7 @@ async fn run_job(
                 ),
             )
             .await;
-            device::publish(&ctx.recorder, &*obj, EventType::Normal, "Completed", msg).await;
+            status::publish(&ctx.recorder, &*obj, EventType::Normal, "Completed", msg).await;
         }
         Err((reason, message)) => {
             let uid = obj.uid().unwrap_or_default();
@@ -789,7 +793,7 @@ async fn run_job(
                 idle(condition::PROGRESSING, reason, message.clone()),
             )
             .await;
-            device::publish(&ctx.recorder, &*obj, EventType::Warning, reason, message).await;
+            status::publish(&ctx.recorder, &*obj, EventType::Warning, reason, message).await;
         }
     }
 }

@@ -13,14 +13,16 @@ use serde_json::json;
 use virt::enumutil::Enum;
 use virt::error::ErrorNumber;
 
-use super::Context;
-use super::device::{self, DeviceError, Op};
+use super::context::{Context, ReconcileError};
+use super::device::{self, HotPlug};
+use super::{finalizer, status};
 use crate::api::{
     AttachMode, GuestInfoSource, GuestInterface, InterfaceType, LinkState, NODE_LABEL, VMInterface,
     VMInterfaceStatus, condition,
 };
 use crate::conditions::Desired;
 use crate::libvirt::domain::{self, DomainXml, NicSpec};
+use crate::libvirt::facade::{Affect, DeviceChange, Domains};
 
 /// Reasons of the `Ready` condition.
 pub mod reason {
@@ -91,14 +93,14 @@ pub(super) fn allocate_mac(used: &[String]) -> String {
     unreachable!("an unbounded range always yields")
 }
 
-type Outcome = device::Outcome<VMInterfaceStatus>;
+type Outcome = status::Outcome<VMInterfaceStatus>;
 
 /// Reconciles one VMInterface.
 #[tracing::instrument(skip_all, fields(object = %format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any())))]
 pub(super) async fn reconcile(
     obj: Arc<VMInterface>,
     ctx: Arc<Context>,
-) -> Result<Action, DeviceError> {
+) -> Result<Action, ReconcileError> {
     if obj.labels().get(NODE_LABEL) != Some(&ctx.node) {
         return Ok(Action::await_change());
     }
@@ -123,7 +125,7 @@ pub(super) async fn reconcile(
             persistent: Some(false),
             ..prev.clone()
         };
-        return device::finish_detach(
+        return match device::finish_detach(
             &api,
             &*obj,
             &ctx,
@@ -135,12 +137,19 @@ pub(super) async fn reconcile(
             &prev,
             pending,
         )
-        .await;
+        .await?
+        {
+            finalizer::Cleanup::Done => {
+                finalizer::remove(&api, &*obj).await?;
+                Ok(Action::await_change())
+            }
+            finalizer::Cleanup::Pending(action) => Ok(action),
+        };
     }
-    device::add_finalizer(&api, &*obj).await?;
+    finalizer::add(&api, &*obj).await?;
     let outcome = match apply(&api, &obj, &ctx, &alias, &prev, guard).await {
         Ok(o) => o,
-        Err(DeviceError::Libvirt(err)) if ctx.libvirt.is_connected() => Outcome::not_ready(
+        Err(ReconcileError::Libvirt(err)) if ctx.libvirt.is_connected() => Outcome::not_ready(
             &prev,
             reason::ATTACH_FAILED,
             format!("{err}. The agent retries; check the domain and the spec."),
@@ -148,7 +157,7 @@ pub(super) async fn reconcile(
         ),
         Err(e) => return Err(e),
     };
-    device::write_outcome(&api, &*obj, &ctx, &prev, outcome).await
+    status::write_outcome(&api, &*obj, &ctx, &prev, outcome).await
 }
 
 fn type_name(t: InterfaceType) -> &'static str {
@@ -161,7 +170,9 @@ fn type_name(t: InterfaceType) -> &'static str {
 }
 
 /// Every MAC of every domain on the node (live and persistent), with the alias that has it.
-pub(super) async fn node_macs(ctx: &Context) -> Result<Vec<(String, Option<String>)>, DeviceError> {
+pub(super) async fn node_macs(
+    ctx: &Context,
+) -> Result<Vec<(String, Option<String>)>, ReconcileError> {
     Ok(ctx
         .libvirt
         .call("list the domains' interfaces", |c| {
@@ -193,7 +204,7 @@ async fn apply(
     alias: &str,
     prev: &VMInterfaceStatus,
     guard: tokio::sync::OwnedMutexGuard<()>,
-) -> Result<Outcome, DeviceError> {
+) -> Result<Outcome, ReconcileError> {
     let spec = &obj.spec;
     let vm = spec.vm.as_str();
     let invalid = |m: String| {
@@ -243,7 +254,7 @@ async fn apply(
         }
         (_, Some(s)) => Some(s),
     };
-    let Some(view) = device::read(&ctx.libvirt, vm).await? else {
+    let Some(view) = ctx.libvirt.domain(vm).await? else {
         return Ok(Outcome::not_ready(
             prev,
             reason::DOMAIN_NOT_FOUND,
@@ -343,7 +354,7 @@ async fn apply(
         let all = Api::<VMInterface>::all(ctx.client.clone())
             .list(&ListParams::default())
             .await
-            .map_err(|source| DeviceError::Api {
+            .map_err(|source| ReconcileError::Api {
                 action: "list",
                 object: "VMInterfaces".into(),
                 source,
@@ -389,7 +400,7 @@ async fn apply(
     }
     if prev.mac.is_none() {
         // Record the MAC before attaching, so a restart never picks another one.
-        device::apply_status(api, obj, json!({ "mac": mac })).await?;
+        status::apply_status(api, obj, json!({ "mac": mac })).await?;
     }
 
     let link_down = match spec.link_state {
@@ -423,7 +434,9 @@ async fn apply(
     if let Some(dev) = &config_dev
         && dev.mac.as_deref() != Some(mac.as_str())
     {
-        device::change(&ctx.libvirt, vm, dev.xml.clone(), false, true, Op::Detach).await?;
+        ctx.libvirt
+            .change_device(vm, &dev.xml, DeviceChange::Detach, Affect::Config)
+            .await?;
         config_dev = None;
         events.push((
             EventType::Warning,
@@ -434,7 +447,9 @@ async fn apply(
     if let Some(dev) = &live_dev
         && dev.mac.as_deref() != Some(mac.as_str())
     {
-        device::change(&ctx.libvirt, vm, dev.xml.clone(), true, false, Op::Detach).await?;
+        ctx.libvirt
+            .change_device(vm, &dev.xml, DeviceChange::Detach, Affect::Live)
+            .await?;
         return Ok(Outcome::not_ready(
             prev,
             reason::ATTACH_FAILED,
@@ -450,7 +465,7 @@ async fn apply(
     let mut plugged = false;
     if want_live && live_dev.is_none() {
         match device::attach_live(&ctx.libvirt, vm, &xml).await? {
-            Err(e) => {
+            HotPlug::Refused(e) => {
                 return Ok(Outcome::not_ready(
                     prev,
                     reason::ATTACH_FAILED,
@@ -460,12 +475,12 @@ async fn apply(
                     Action::requeue(Duration::from_secs(300)),
                 ));
             }
-            Ok(Some(e)) => {
+            HotPlug::Limit(e) => {
                 restart = Some(format!(
                     "Hot-plugging into the running {vm} failed ({e}); the interface is in the definition and appears at the next boot."
                 ))
             }
-            Ok(None) => {
+            HotPlug::Plugged => {
                 plugged = true;
                 events.push(if prev.live == Some(true) {
                     (
@@ -487,7 +502,9 @@ async fn apply(
     } else if let Some(dev) = &live_dev
         && (dev.link_state.as_deref() == Some("down")) != link_down
     {
-        device::change(&ctx.libvirt, vm, xml.clone(), true, false, Op::Update).await?;
+        ctx.libvirt
+            .change_device(vm, &xml, DeviceChange::Update, Affect::Live)
+            .await?;
         events.push((
             EventType::Normal,
             "LinkChanged",
@@ -515,10 +532,12 @@ async fn apply(
     if let Some(dev) = &config_dev
         && (dev.link_state.as_deref() == Some("down")) != link_down
     {
-        device::change(&ctx.libvirt, vm, xml.clone(), false, true, Op::Update).await?;
+        ctx.libvirt
+            .change_device(vm, &xml, DeviceChange::Update, Affect::Config)
+            .await?;
     }
 
-    let view = device::read(&ctx.libvirt, vm).await?.unwrap_or_default();
+    let view = ctx.libvirt.domain(vm).await?.unwrap_or_default();
     let config_now = view.config.nic(alias).filter(|_| view.persistent).cloned();
     let live_now = view.live.as_ref().and_then(|l| l.nic(alias)).cloned();
     let shown = live_now.as_ref().or(config_now.as_ref());

@@ -17,14 +17,15 @@ use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
 use tokio_util::sync::CancellationToken;
 
-use super::Context;
-use super::device::{self, DeviceError};
+use super::context::{Context, ReconcileError};
+use super::{finalizer, status};
 use crate::api::{
     ChecksumAlgorithm, DownloadPhase, DownloadTarget, DownloadedVolume, IsoDownload,
     IsoDownloadStatus, NODE_LABEL, ReclaimPolicy, condition,
 };
 use crate::conditions::Desired;
 use crate::download::{self, Checksum, Credentials, DownloadError, DownloadRequest, TlsOptions};
+use crate::libvirt::facade::Storage;
 
 /// Reasons of the `Ready` and `Progressing` conditions (besides the downloader's own).
 pub mod reason {
@@ -142,9 +143,9 @@ async fn write(
     status: &IsoDownloadStatus,
     ready: Desired<'_>,
     progressing: Desired<'_>,
-) -> Result<(), DeviceError> {
+) -> Result<(), ReconcileError> {
     let prev = obj.status.clone().unwrap_or_default();
-    device::write_status(api, obj, &prev, status.clone(), &[ready, progressing]).await
+    status::write_status(api, obj, &prev, status.clone(), &[ready, progressing]).await
 }
 
 /// `status.progress` for `done` of `total` bytes, rounded down.
@@ -166,7 +167,7 @@ async fn fail(
     status: &IsoDownloadStatus,
     reason: &str,
     message: String,
-) -> Result<(), DeviceError> {
+) -> Result<(), ReconcileError> {
     write(
         api,
         obj,
@@ -175,7 +176,7 @@ async fn fail(
         Desired::falsy(condition::PROGRESSING, reason, message.clone()),
     )
     .await?;
-    device::publish(
+    status::publish(
         &ctx.recorder,
         obj,
         EventType::Warning,
@@ -242,7 +243,10 @@ fn own_request(obj: &IsoDownload, dir: &std::path::Path, name: &str) -> Download
 }
 
 /// Checks the URL, name and pool; nothing is written.
-async fn check(obj: &IsoDownload, ctx: &Context) -> Result<Result<Target, Refusal>, DeviceError> {
+async fn check(
+    obj: &IsoDownload,
+    ctx: &Context,
+) -> Result<Result<Target, Refusal>, ReconcileError> {
     let url = &obj.spec.url;
     if let Err(message) = parse_url(url) {
         return Ok(Err(Refusal(reason::INVALID_URL, message)));
@@ -339,7 +343,7 @@ async fn check(obj: &IsoDownload, ctx: &Context) -> Result<Result<Target, Refusa
 pub(super) async fn reconcile(
     obj: Arc<IsoDownload>,
     ctx: Arc<Context>,
-) -> Result<Action, DeviceError> {
+) -> Result<Action, ReconcileError> {
     if obj.labels().get(NODE_LABEL) != Some(&ctx.node) {
         return Ok(Action::await_change());
     }
@@ -356,10 +360,10 @@ pub(super) async fn reconcile(
             let _ = job.handle.await;
         }
         cleanup(&obj, &ctx).await;
-        device::remove_finalizer(&api, &*obj).await?;
+        finalizer::remove(&api, &*obj).await?;
         return Ok(Action::await_change());
     }
-    device::add_finalizer(&api, &*obj).await?;
+    finalizer::add(&api, &*obj).await?;
     if matches!(
         status.phase,
         Some(DownloadPhase::Completed | DownloadPhase::Failed)
@@ -435,7 +439,7 @@ pub(super) async fn reconcile(
         return Ok(Action::await_change());
     }
     if status.phase == Some(DownloadPhase::Paused) {
-        device::publish(
+        status::publish(
             &ctx.recorder,
             &*obj,
             EventType::Normal,
@@ -986,7 +990,7 @@ impl Task {
         )
         .await;
         if first {
-            device::publish(
+            status::publish(
                 &ctx.recorder,
                 obj,
                 EventType::Normal,
@@ -1106,7 +1110,7 @@ async fn complete(
     target: &Target,
     finished: &download::Finished,
     note: Option<String>,
-) -> Result<(), DeviceError> {
+) -> Result<(), ReconcileError> {
     let pool = obj.spec.pool.clone();
     let _ = ctx
         .libvirt
@@ -1148,7 +1152,7 @@ async fn complete(
         ),
     )
     .await?;
-    device::publish(&ctx.recorder, obj, EventType::Normal, "Completed", done).await;
+    status::publish(&ctx.recorder, obj, EventType::Normal, "Completed", done).await;
     Ok(())
 }
 
@@ -1183,5 +1187,5 @@ async fn paused(
         Desired::falsy(condition::PROGRESSING, reason::PAUSED, msg.clone()),
     )
     .await;
-    device::publish(&ctx.recorder, obj, EventType::Normal, "Paused", msg).await;
+    status::publish(&ctx.recorder, obj, EventType::Normal, "Paused", msg).await;
 }

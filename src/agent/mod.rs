@@ -3,10 +3,15 @@
 //! local libvirt.
 
 mod clone;
+mod context;
 mod device;
+mod finalizer;
 mod hypervisor;
 mod interface;
 mod iso;
+mod jobs;
+mod refusal;
+mod status;
 mod storage;
 
 use std::fmt::Debug;
@@ -31,8 +36,8 @@ use crate::http::{self, Readiness};
 use crate::libvirt::{DomainEvent, Event, Libvirt, LibvirtError};
 use crate::shutdown::{self, Shutdown};
 
-/// Field manager of everything the agent writes.
-pub const FIELD_MANAGER: &str = "virtplane-agent";
+pub use context::FIELD_MANAGER;
+use context::{Context, ReconcileError};
 
 /// Settings of the agent.
 #[derive(Clone, Debug)]
@@ -73,43 +78,6 @@ pub enum AgentError {
         #[source]
         source: kube::Error,
     },
-}
-
-/// What every reconciler of the agent shares.
-pub(crate) struct Context {
-    client: Client,
-    libvirt: Libvirt,
-    node: String,
-    recorder: Recorder,
-    allowed_paths: Vec<PathBuf>,
-    locks: device::DomainLocks,
-    detaches: device::Detaches,
-    removal_failures: device::RemovalFailures,
-    clones: clone::CloneJobs,
-    downloads: iso::Downloads,
-    backoff: Backoff,
-}
-
-impl Context {
-    /// Directories whose files may back devices: the configured ones and the target paths of the
-    /// active storage pools, with symlinks resolved.
-    async fn allowed_dirs(&self) -> Result<Vec<PathBuf>, LibvirtError> {
-        let pools = self
-            .libvirt
-            .call("list storage pools", crate::libvirt::collect_storage_pools)
-            .await?;
-        let mut dirs: Vec<PathBuf> = self.allowed_paths.clone();
-        dirs.extend(
-            pools
-                .into_iter()
-                .filter(|p| p.active)
-                .filter_map(|p| p.path.map(PathBuf::from)),
-        );
-        Ok(dirs
-            .into_iter()
-            .filter_map(|d| std::fs::canonicalize(d).ok())
-            .collect())
-    }
 }
 
 /// Runs the agent until `shutdown` fires.
@@ -305,7 +273,7 @@ pub async fn run(
 
 fn error_policy<K: Resource<DynamicType = ()>>(
     obj: Arc<K>,
-    err: &device::DeviceError,
+    err: &ReconcileError,
     ctx: Arc<Context>,
 ) -> Action {
     let after = ctx.backoff.failed(&*obj);
@@ -318,10 +286,10 @@ async fn measured<K, F>(
     obj: Arc<K>,
     ctx: Arc<Context>,
     reconcile: fn(Arc<K>, Arc<Context>) -> F,
-) -> Result<Action, device::DeviceError>
+) -> Result<Action, ReconcileError>
 where
     K: Resource<DynamicType = ()>,
-    F: std::future::Future<Output = Result<Action, device::DeviceError>>,
+    F: std::future::Future<Output = Result<Action, ReconcileError>>,
 {
     // Logged before anything else looks at the object: what an agent receives is visible.
     tracing::debug!(
@@ -334,7 +302,7 @@ where
     crate::metrics::get().reconciled(
         &K::kind(&()),
         start,
-        result.as_ref().err().map(device::DeviceError::class),
+        result.as_ref().err().map(ReconcileError::class),
     );
     if result.is_ok() {
         ctx.backoff.succeeded(&*obj);

@@ -5,19 +5,21 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use kube::ResourceExt;
 use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
-use kube::{Resource, ResourceExt};
 
-use super::Context;
-use super::device::{self, DeviceError, Op};
+use super::context::{Context, ReconcileError};
+use super::device::{self, HotPlug};
+use super::{finalizer, status};
 use crate::api::{
     AttachMode, Bus, DownloadPhase, IsoDownload, NODE_LABEL, StorageSource, StorageType,
     VirtualMachineStorage, VirtualMachineStorageStatus, condition,
 };
 use crate::conditions::Desired;
 use crate::libvirt::domain::{self, DiskSpec, DomainView, DomainXml};
+use crate::libvirt::facade::{Affect, DeviceChange, Domains, Storage};
 
 /// Reasons of the `Ready` and `RestartRequired` conditions.
 pub mod reason {
@@ -71,14 +73,14 @@ fn target_prefix(bus: Bus) -> &'static str {
     }
 }
 
-type Outcome = device::Outcome<VirtualMachineStorageStatus>;
+type Outcome = status::Outcome<VirtualMachineStorageStatus>;
 
 /// Reconciles one VirtualMachineStorage.
 #[tracing::instrument(skip_all, fields(object = %format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any())))]
 pub(super) async fn reconcile(
     obj: Arc<VirtualMachineStorage>,
     ctx: Arc<Context>,
-) -> Result<Action, DeviceError> {
+) -> Result<Action, ReconcileError> {
     if obj.labels().get(NODE_LABEL) != Some(&ctx.node) {
         // The watch selects this node's objects; an object rebound elsewhere is not ours.
         return Ok(Action::await_change());
@@ -96,22 +98,32 @@ pub(super) async fn reconcile(
     let lock = ctx.locks.get(&vm);
     let _guard = lock.lock().await;
 
-    if obj.meta().deletion_timestamp.is_some() {
-        return cleanup(&api, &obj, &ctx, &vm, &alias).await;
-    }
-    device::add_finalizer(&api, &*obj).await?;
-    let prev = obj.status.clone().unwrap_or_default();
-    let outcome = match apply(&obj, &ctx, &alias, &prev).await {
-        Ok(o) => o,
-        Err(DeviceError::Libvirt(err)) if ctx.libvirt.is_connected() => Outcome::not_ready(
-            &prev,
-            reason::ATTACH_FAILED,
-            format!("{err}. The agent retries; check the domain and the spec."),
-            Action::requeue(Duration::from_secs(30)),
-        ),
-        Err(e) => return Err(e),
-    };
-    device::write_outcome(&api, &*obj, &ctx, &prev, outcome).await
+    finalizer::finalizer(&api, obj, |event| async {
+        match event {
+            finalizer::Event::Cleanup(obj) => Ok(finalizer::Step::Cleanup(
+                cleanup(&api, &obj, &ctx, &vm, &alias).await?,
+            )),
+            finalizer::Event::Apply(obj) => {
+                let prev = obj.status.clone().unwrap_or_default();
+                let outcome = match apply(&obj, &ctx, &alias, &prev).await {
+                    Ok(o) => o,
+                    Err(ReconcileError::Libvirt(err)) if ctx.libvirt.is_connected() => {
+                        Outcome::not_ready(
+                            &prev,
+                            reason::ATTACH_FAILED,
+                            format!("{err}. The agent retries; check the domain and the spec."),
+                            Action::requeue(Duration::from_secs(30)),
+                        )
+                    }
+                    Err(e) => return Err(e),
+                };
+                Ok(finalizer::Step::Applied(
+                    status::write_outcome(&api, &*obj, &ctx, &prev, outcome).await?,
+                ))
+            }
+        }
+    })
+    .await
 }
 
 async fn cleanup(
@@ -120,7 +132,7 @@ async fn cleanup(
     ctx: &Context,
     vm: &str,
     alias: &str,
-) -> Result<Action, DeviceError> {
+) -> Result<finalizer::Cleanup, ReconcileError> {
     let prev = obj.status.clone().unwrap_or_default();
     let what = prev.target.clone().unwrap_or_else(|| alias.to_string());
     let was_attached = prev.live == Some(true) || prev.persistent == Some(true);
@@ -160,7 +172,7 @@ fn refuse(reason: &'static str, message: String) -> Refusal {
 async fn resolve(
     obj: &VirtualMachineStorage,
     ctx: &Context,
-) -> Result<Option<Resolved>, Result<Refusal, DeviceError>> {
+) -> Result<Option<Resolved>, Result<Refusal, ReconcileError>> {
     let Some(source) = &obj.spec.source else {
         return Ok(None);
     };
@@ -213,7 +225,7 @@ async fn resolve(
             let isos: Api<IsoDownload> =
                 Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
             let iso = isos.get_opt(name).await.map_err(|source| {
-                Err(DeviceError::Api {
+                Err(ReconcileError::Api {
                     action: "read",
                     object: format!("IsoDownload/{name}"),
                     source,
@@ -435,7 +447,7 @@ async fn apply(
     ctx: &Context,
     alias: &str,
     prev: &VirtualMachineStorageStatus,
-) -> Result<Outcome, DeviceError> {
+) -> Result<Outcome, ReconcileError> {
     let spec = &obj.spec;
     let vm = spec.vm.as_str();
     let retry_later = Action::requeue(Duration::from_secs(300));
@@ -447,7 +459,7 @@ async fn apply(
             Action::await_change(),
         ));
     }
-    let Some(view) = device::read(&ctx.libvirt, vm).await? else {
+    let Some(view) = ctx.libvirt.domain(vm).await? else {
         return Ok(Outcome::not_ready(
             prev,
             reason::DOMAIN_NOT_FOUND,
@@ -592,15 +604,16 @@ async fn apply(
     // A scsi device needs a SCSI controller.
     if spec.bus == Bus::Scsi && existing.is_none() && !view.config.has_controller("scsi", None) {
         let ctrl = "<controller type='scsi' model='virtio-scsi'/>".to_string();
-        if let Err(e) = device::change(
-            &ctx.libvirt,
-            vm,
-            ctrl.clone(),
-            false,
-            want_config,
-            Op::Attach,
-        )
-        .await
+        // A transient domain has no definition: its controller goes to the running guest.
+        let affect = if want_config {
+            Affect::Config
+        } else {
+            Affect::Live
+        };
+        if let Err(e) = ctx
+            .libvirt
+            .change_device(vm, &ctrl, DeviceChange::Attach, affect)
+            .await
         {
             return Ok(Outcome::not_ready(
                 prev,
@@ -614,7 +627,10 @@ async fn apply(
                 .live
                 .as_ref()
                 .is_some_and(|l| l.has_controller("scsi", None))
-            && let Err(e) = device::change(&ctx.libvirt, vm, ctrl, true, false, Op::Attach).await
+            && let Err(e) = ctx
+                .libvirt
+                .change_device(vm, &ctrl, DeviceChange::Attach, Affect::Live)
+                .await
         {
             restart = Some(format!(
                 "{vm} had no SCSI controller and hot-plugging one failed ({e}); the controller and the device are in the definition and appear at the next boot."
@@ -635,7 +651,7 @@ async fn apply(
             ));
         } else {
             match device::attach_live(&ctx.libvirt, vm, &xml).await? {
-                Err(e) => {
+                HotPlug::Refused(e) => {
                     return Ok(Outcome::not_ready(
                         prev,
                         reason::ATTACH_FAILED,
@@ -645,12 +661,12 @@ async fn apply(
                         retry_later,
                     ));
                 }
-                Ok(Some(e)) => {
+                HotPlug::Limit(e) => {
                     restart = Some(format!(
                         "Hot-plugging into the running {vm} failed ({e}); the device is in the definition and appears at the next boot. A scsi bus hot-plugs without needing a free PCI slot."
                     ));
                 }
-                Ok(None) => {
+                HotPlug::Plugged => {
                     plugged = true;
                     events.push(if drift(prev.live) {
                         (
@@ -699,14 +715,18 @@ async fn apply(
         if let Some(dev) = &config_dev
             && dev.source != desired_path
         {
-            device::change(&ctx.libvirt, vm, xml.clone(), false, true, Op::Update).await?;
+            ctx.libvirt
+                .change_device(vm, &xml, DeviceChange::Update, Affect::Config)
+                .await?;
             changed = true;
         }
         if want_live
             && let Some(dev) = &live_dev
             && dev.source != desired_path
         {
-            device::change(&ctx.libvirt, vm, xml.clone(), true, false, Op::Update).await?;
+            ctx.libvirt
+                .change_device(vm, &xml, DeviceChange::Update, Affect::Live)
+                .await?;
             changed = true;
         }
         if changed {
@@ -726,7 +746,9 @@ async fn apply(
     }
 
     // Report what libvirt now has, not what was asked for.
-    let view = device::read(&ctx.libvirt, vm)
+    let view = ctx
+        .libvirt
+        .domain(vm)
         .await?
         .unwrap_or_else(DomainView::default);
     let config_now = view.config.disk(alias).filter(|_| view.persistent);

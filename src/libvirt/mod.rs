@@ -5,8 +5,13 @@
 
 pub mod clone_xml;
 pub mod domain;
+mod error;
 pub mod events;
+pub mod facade;
+#[cfg(test)]
+pub mod fake;
 mod inventory;
+mod real;
 pub mod volume;
 
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -15,59 +20,12 @@ use std::time::Duration;
 use tokio::sync::{Semaphore, broadcast};
 use virt::connect::Connect;
 
+pub use error::{ErrorKind, LibvirtError};
 pub use events::{DomainEvent, Event, Lifecycle};
 pub use inventory::{Inventory, collect_inventory, collect_storage_pools, format_version};
 
 /// Upper bound of libvirt calls in flight at once.
 pub const MAX_CONCURRENT_CALLS: usize = 8;
-
-/// Errors of the libvirt layer.
-#[derive(Debug, thiserror::Error)]
-pub enum LibvirtError {
-    /// Opening the connection failed.
-    #[error("failed to connect to libvirt at {uri}: {source}")]
-    Connect {
-        /// Connection URI.
-        uri: String,
-        /// libvirt's error.
-        #[source]
-        source: virt::error::Error,
-    },
-    /// There is no live connection right now.
-    #[error("libvirt at {uri} is not reachable; the agent reconnects when libvirtd is back")]
-    NotConnected {
-        /// Connection URI.
-        uri: String,
-    },
-    /// A libvirt call failed.
-    #[error("failed to {action}: {source}")]
-    Call {
-        /// What was being done, for example "list domains".
-        action: String,
-        /// libvirt's error.
-        #[source]
-        source: virt::error::Error,
-    },
-    /// The event loop could not be started.
-    #[error("failed to start the libvirt event loop: {0}")]
-    EventLoop(#[source] virt::error::Error),
-    /// A blocking task panicked or was cancelled.
-    #[error("libvirt worker task failed: {0}")]
-    Worker(#[from] tokio::task::JoinError),
-}
-
-impl LibvirtError {
-    /// The libvirt error code behind this error, if any.
-    pub fn code(&self) -> Option<virt::error::ErrorNumber> {
-        match self {
-            Self::Connect { source, .. } | Self::Call { source, .. } => match source.code() {
-                virt::enumutil::Enum::Known(code) => Some(code),
-                virt::enumutil::Enum::Unknown(_) => None,
-            },
-            _ => None,
-        }
-    }
-}
 
 /// A live connection and its event callbacks. Field order matters: callbacks are deregistered
 /// before the connection is released.

@@ -1,0 +1,308 @@
+//! An in-memory stand-in for libvirt behind the facade's traits, for unit tests of the agent's
+//! apply steps. It keeps domains as typed XML, applies device changes the way libvirt does
+//! (attach adds, update replaces by alias, detach removes by alias) and fails on request.
+//! Integration tests use the real libvirtd.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Mutex;
+
+use super::domain::{DomainView, DomainXml, parse_domain};
+use super::facade::{Affect, DeviceChange, Domains, Storage, VolumeLookup};
+use super::volume::VolumeSource;
+use super::{ErrorKind, LibvirtError};
+use crate::api::StoragePoolSummary;
+
+/// One fake domain.
+#[derive(Clone, Debug, Default)]
+pub struct FakeDomain {
+    /// Running.
+    pub active: bool,
+    /// Has a persistent definition.
+    pub persistent: bool,
+    /// The running guest's devices.
+    pub live: DomainXml,
+    /// The definition's devices.
+    pub config: DomainXml,
+    /// Whether the guest releases devices when asked (a booting guest does not).
+    pub releases: bool,
+}
+
+/// A canned failure for the next matching call.
+#[derive(Clone, Debug)]
+struct Failure {
+    action: &'static str,
+    affect: Option<Affect>,
+    kind: ErrorKind,
+}
+
+/// State of the stand-in.
+#[derive(Default)]
+struct State {
+    domains: BTreeMap<String, FakeDomain>,
+    pools: Vec<StoragePoolSummary>,
+    volumes: BTreeMap<(String, String), VolumeSource>,
+    failures: VecDeque<Failure>,
+    calls: Vec<String>,
+}
+
+/// In-memory libvirt.
+#[derive(Default)]
+pub struct FakeLibvirt {
+    state: Mutex<State>,
+}
+
+impl FakeLibvirt {
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds a defined domain, running or not, with the devices of `devices_xml` (the inside of
+    /// `<devices>`) both live and persistent.
+    pub fn with_domain(self, name: &str, active: bool, devices_xml: &str) -> Self {
+        let xml = format!(
+            "<domain><os><type machine='pc-q35-10.0'>hvm</type></os><devices>{devices_xml}</devices></domain>"
+        );
+        let parsed = parse_domain(&xml).unwrap_or_default();
+        self.state().domains.insert(
+            name.to_string(),
+            FakeDomain {
+                active,
+                persistent: true,
+                live: parsed.clone(),
+                config: parsed,
+                releases: true,
+            },
+        );
+        self
+    }
+
+    /// Adds a storage pool.
+    pub fn with_pool(self, pool: StoragePoolSummary) -> Self {
+        self.state().pools.push(pool);
+        self
+    }
+
+    /// Adds a volume.
+    pub fn with_volume(self, pool: &str, name: &str, source: VolumeSource) -> Self {
+        self.state()
+            .volumes
+            .insert((pool.to_string(), name.to_string()), source);
+        self
+    }
+
+    /// Makes the next call whose action is `action` (and, for device changes, whose affect is
+    /// `affect`) fail with `kind`.
+    pub fn fail_next(&self, action: &'static str, affect: Option<Affect>, kind: ErrorKind) {
+        self.state().failures.push_back(Failure {
+            action,
+            affect,
+            kind,
+        });
+    }
+
+    /// Makes the guest of `vm` ignore unplug requests (or honour them again).
+    pub fn set_releases(&self, vm: &str, releases: bool) {
+        if let Some(d) = self.state().domains.get_mut(vm) {
+            d.releases = releases;
+        }
+    }
+
+    /// A copy of domain `vm`.
+    pub fn domain_state(&self, vm: &str) -> Option<FakeDomain> {
+        self.state().domains.get(vm).cloned()
+    }
+
+    /// Every call made so far, as `action affect`.
+    pub fn calls(&self) -> Vec<String> {
+        self.state().calls.clone()
+    }
+
+    fn enter(&self, action: &'static str, affect: Option<Affect>) -> Result<(), LibvirtError> {
+        let mut st = self.state();
+        st.calls.push(match affect {
+            Some(a) => format!("{action} {a:?}"),
+            None => action.to_string(),
+        });
+        let hit = st
+            .failures
+            .iter()
+            .position(|f| f.action == action && (f.affect.is_none() || f.affect == affect));
+        match hit.and_then(|i| st.failures.remove(i)) {
+            Some(f) => Err(LibvirtError::Fake {
+                action: action.to_string(),
+                kind: f.kind,
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
+fn not_found(action: &str) -> LibvirtError {
+    LibvirtError::Fake {
+        action: action.to_string(),
+        kind: ErrorKind::NotFound,
+    }
+}
+
+/// Applies a device change to one side of a fake domain.
+fn apply_change(side: &mut DomainXml, device: &DomainXml, change: DeviceChange) {
+    let same_disk = |a: &Option<String>| device.disks.iter().any(|d| d.alias == *a);
+    let same_nic = |a: &Option<String>| device.interfaces.iter().any(|d| d.alias == *a);
+    match change {
+        DeviceChange::Attach => {
+            side.disks.extend(device.disks.iter().cloned());
+            side.interfaces.extend(device.interfaces.iter().cloned());
+            side.controllers.extend(device.controllers.iter().cloned());
+        }
+        DeviceChange::Update => {
+            for d in &device.disks {
+                if let Some(have) = side.disks.iter_mut().find(|x| x.alias == d.alias) {
+                    *have = d.clone();
+                }
+            }
+            for n in &device.interfaces {
+                if let Some(have) = side.interfaces.iter_mut().find(|x| x.alias == n.alias) {
+                    *have = n.clone();
+                }
+            }
+        }
+        DeviceChange::Detach => {
+            side.disks.retain(|d| !same_disk(&d.alias));
+            side.interfaces.retain(|n| !same_nic(&n.alias));
+        }
+    }
+}
+
+impl Domains for FakeLibvirt {
+    async fn domain(&self, name: &str) -> Result<Option<DomainView>, LibvirtError> {
+        self.enter("read the domain", None)?;
+        Ok(self.state().domains.get(name).map(|d| DomainView {
+            active: d.active,
+            persistent: d.persistent,
+            live: d.active.then(|| d.live.clone()),
+            config: d.config.clone(),
+        }))
+    }
+
+    async fn domain_names(&self) -> Result<Vec<String>, LibvirtError> {
+        self.enter("list domains", None)?;
+        Ok(self.state().domains.keys().cloned().collect())
+    }
+
+    async fn change_device(
+        &self,
+        vm: &str,
+        xml: &str,
+        change: DeviceChange,
+        affect: Affect,
+    ) -> Result<(), LibvirtError> {
+        let action = change.action(affect);
+        self.enter(action, Some(affect))?;
+        let device = parse_domain(&format!("<domain><devices>{xml}</devices></domain>")).map_err(
+            |source| LibvirtError::Xml {
+                action: action.to_string(),
+                source,
+            },
+        )?;
+        let mut st = self.state();
+        let dom = st.domains.get_mut(vm).ok_or_else(|| not_found(action))?;
+        if affect.live() {
+            if !dom.active {
+                return Err(LibvirtError::Fake {
+                    action: action.to_string(),
+                    kind: ErrorKind::Inactive,
+                });
+            }
+            if change != DeviceChange::Detach || dom.releases {
+                apply_change(&mut dom.live, &device, change);
+            }
+        }
+        if affect.config() {
+            apply_change(&mut dom.config, &device, change);
+        }
+        Ok(())
+    }
+}
+
+impl Storage for FakeLibvirt {
+    async fn storage_pools(&self) -> Result<Vec<StoragePoolSummary>, LibvirtError> {
+        self.enter("list storage pools", None)?;
+        Ok(self.state().pools.clone())
+    }
+
+    async fn volume(&self, pool: &str, volume: &str) -> Result<VolumeLookup, LibvirtError> {
+        self.enter("look up a storage volume", None)?;
+        let st = self.state();
+        let Some(p) = st.pools.iter().find(|p| p.name == pool) else {
+            return Ok(VolumeLookup::NoPool);
+        };
+        if !p.active {
+            return Ok(VolumeLookup::PoolInactive);
+        }
+        Ok(st
+            .volumes
+            .get(&(pool.to_string(), volume.to_string()))
+            .cloned()
+            .map_or(VolumeLookup::NoVolume, VolumeLookup::Found))
+    }
+
+    async fn refresh_pool(&self, _pool: &str) -> Result<(), LibvirtError> {
+        self.enter("refresh a storage pool", None)
+    }
+
+    async fn delete_volume(&self, pool: &str, volume: &str) -> Result<(), LibvirtError> {
+        self.enter("delete a storage volume", None)?;
+        self.state()
+            .volumes
+            .remove(&(pool.to_string(), volume.to_string()));
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DISK: &str = "<disk type='file' device='disk'><source file='/p/a.img'/><target dev='sda' bus='scsi'/><alias name='ua-vps-1'/></disk>";
+
+    #[tokio::test]
+    async fn device_changes_follow_libvirt() {
+        let fake = FakeLibvirt::default().with_domain("vm", true, "");
+        fake.change_device("vm", DISK, DeviceChange::Attach, Affect::Both)
+            .await
+            .unwrap();
+        let view = fake.domain("vm").await.unwrap().unwrap();
+        assert!(view.config.disk("ua-vps-1").is_some());
+        assert!(view.live.unwrap().disk("ua-vps-1").is_some());
+        fake.set_releases("vm", false);
+        fake.change_device("vm", DISK, DeviceChange::Detach, Affect::Both)
+            .await
+            .unwrap();
+        let d = fake.domain_state("vm").unwrap();
+        assert!(
+            d.config.disk("ua-vps-1").is_none(),
+            "gone from the definition"
+        );
+        assert!(
+            d.live.disk("ua-vps-1").is_some(),
+            "the guest did not release it"
+        );
+    }
+
+    #[tokio::test]
+    async fn canned_failures_hit_once() {
+        let fake = FakeLibvirt::default().with_domain("vm", true, "");
+        fake.fail_next("attach a device", Some(Affect::Live), ErrorKind::NoFreeSlot);
+        let err = fake
+            .change_device("vm", DISK, DeviceChange::Attach, Affect::Live)
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::NoFreeSlot);
+        assert!(
+            fake.change_device("vm", DISK, DeviceChange::Attach, Affect::Live)
+                .await
+                .is_ok()
+        );
+        assert!(fake.domain("nope").await.unwrap().is_none());
+    }
+}
