@@ -13,7 +13,7 @@ use super::{AgentConfig, AgentError, FIELD_MANAGER};
 use crate::api::{Hypervisor, HypervisorStatus, condition};
 use crate::conditions::{self, Desired};
 use crate::http::Gate;
-use crate::libvirt::{Event, Inventory, Libvirt, collect_inventory};
+use crate::libvirt::{Event, Inventory, Libvirt};
 use crate::shutdown::Shutdown;
 
 /// Reasons of the Hypervisor `Ready` condition.
@@ -79,7 +79,7 @@ pub(super) async fn run(
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     loop {
-        let ready = match libvirt.call("read the inventory", collect_inventory).await {
+        let ready = match libvirt.inventory().await {
             Ok(inventory) => {
                 last_inventory = Some(inventory);
                 Desired::truthy(

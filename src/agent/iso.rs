@@ -123,8 +123,6 @@ impl Downloads {
     }
 }
 
-pub use crate::download::parse_cidr;
-
 struct Refusal(&'static str, String);
 
 fn algorithm(a: ChecksumAlgorithm) -> download::ChecksumAlgorithm {

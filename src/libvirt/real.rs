@@ -111,3 +111,11 @@ impl Storage for Libvirt {
         }
     }
 }
+
+impl Libvirt {
+    /// The node's inventory: versions, domains, storage pools and networks.
+    pub async fn inventory(&self) -> Result<super::Inventory, LibvirtError> {
+        self.call("read the inventory", super::collect_inventory)
+            .await
+    }
+}

@@ -1,0 +1,47 @@
+//! The agent's settings and the errors that stop it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::http;
+use crate::libvirt::LibvirtError;
+
+/// Settings of the agent.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// Name of this node; the agent's `Hypervisor` object has this name.
+    pub node_name: String,
+    /// libvirt connection URI.
+    pub libvirt_uri: String,
+    /// Address of the health/readiness endpoint.
+    pub http_addr: SocketAddr,
+    /// How often the inventory is re-read and the heartbeat written, events or not.
+    pub heartbeat_interval: Duration,
+    /// Directories whose files may back devices, besides the active storage pools.
+    pub allowed_paths: Vec<PathBuf>,
+    /// Downloads that may transfer at once on this node.
+    pub max_downloads: usize,
+    /// Networks (CIDRs) that downloads may not connect to.
+    pub download_deny: Vec<(std::net::IpAddr, u8)>,
+}
+
+/// Errors that stop the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// libvirt could not be set up.
+    #[error("failed to set up libvirt: {0}")]
+    Libvirt(#[from] LibvirtError),
+    /// The HTTP endpoint failed.
+    #[error(transparent)]
+    Http(#[from] http::HttpError),
+    /// The Hypervisor object could not be maintained.
+    #[error("failed to maintain Hypervisor {node}: {source}")]
+    Hypervisor {
+        /// Node name.
+        node: String,
+        /// The API error.
+        #[source]
+        source: kube::Error,
+    },
+}

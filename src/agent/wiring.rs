@@ -1,0 +1,227 @@
+//! Generic wiring of the agent's controllers: one watch per kind (selected by this node's label,
+//! trimmed of managedFields, feeding the kind's domain index), libvirt events and job progress as
+//! triggers, per-object back-off, metrics, and readiness once the watch has synced.
+
+use std::fmt::Debug;
+use std::future::Future;
+use std::sync::Arc;
+
+use futures::{Stream, StreamExt, TryStreamExt};
+use k8s_openapi::NamespaceResourceScope;
+use kube::api::Api;
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+
+use super::context::{Context, ReconcileError};
+use super::index::Index;
+use crate::api::{NODE_LABEL, condition};
+use crate::http::Gate;
+use crate::libvirt::{DomainEvent, Event, Libvirt};
+use crate::shutdown::{self, Shutdown};
+
+/// A kind the agent reconciles.
+pub trait AgentKind:
+    Resource<DynamicType = (), Scope = NamespaceResourceScope>
+    + Clone
+    + DeserializeOwned
+    + Debug
+    + Send
+    + Sync
+    + 'static
+{
+    /// The domains whose libvirt events concern this object.
+    fn domains(&self) -> Vec<String>;
+
+    /// Whether the object waits for something a storage pool or network event may bring.
+    fn waiting(&self) -> bool;
+}
+
+/// Whether a `Ready` condition is anything but True.
+pub fn not_ready(conditions: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition]) -> bool {
+    !conditions
+        .iter()
+        .any(|c| c.type_ == condition::READY && c.status == "True")
+}
+
+/// The controller of kind `K` on this node, with its domain index. The caller adds triggers of
+/// its own and then [`drive`]s it.
+pub fn controller<K: AgentKind>(
+    client: &kube::Client,
+    node: &str,
+) -> (Controller<K>, reflector::Store<K>, Arc<Index<K>>) {
+    let selector = format!("{NODE_LABEL}={node}");
+    let (reader, writer) = reflector::store();
+    let index = Index::new(K::domains);
+    let stream = {
+        let index = index.clone();
+        watcher(
+            Api::<K>::all(client.clone()),
+            watcher::Config::default().labels(&selector),
+        )
+        .default_backoff()
+        // Only the agent's own view matters: the field ownership records are dead weight.
+        .modify(|o: &mut K| o.managed_fields_mut().clear())
+        .inspect_ok(move |ev| index.apply(ev))
+        .reflect(writer)
+        .applied_objects()
+    };
+    (
+        Controller::for_stream(stream, reader.clone()),
+        reader,
+        index,
+    )
+}
+
+/// Runs `ctrl` with `reconcile` until shutdown: libvirt events wake the objects of a domain (and
+/// the waiting ones on pool and network events, and all after a reconnect); the gate opens once
+/// the watch has synced.
+#[allow(clippy::too_many_arguments)]
+pub async fn drive<K, Fut>(
+    ctrl: Controller<K>,
+    store: reflector::Store<K>,
+    index: Arc<Index<K>>,
+    libvirt: &Libvirt,
+    reconcile: fn(Arc<K>, Arc<Context>) -> Fut,
+    ctx: Arc<Context>,
+    synced: Gate,
+    shutdown: Shutdown,
+) where
+    K: AgentKind,
+    Fut: Future<Output = Result<Action, ReconcileError>> + Send + 'static,
+{
+    let triggers = domain_triggers(libvirt, store.clone(), index);
+    let run = ctrl
+        .reconcile_on(triggers)
+        .graceful_shutdown_on(shutdown::wait(shutdown))
+        .run(move |o, c| measured(o, c, reconcile), error_policy, ctx)
+        .for_each(|_| futures::future::ready(()));
+    let ready = async move {
+        if store.wait_until_ready().await.is_ok() {
+            synced.open();
+        }
+    };
+    tokio::join!(run, ready);
+}
+
+fn error_policy<K: Resource<DynamicType = ()>>(
+    obj: Arc<K>,
+    err: &ReconcileError,
+    ctx: Arc<Context>,
+) -> Action {
+    let after = ctx.backoff.failed(&*obj);
+    tracing::warn!(object = %obj.name_any(), error = %err, retry_in = ?after, "reconcile failed");
+    Action::requeue(after)
+}
+
+/// Runs a reconcile, records it in the metrics and resets the object's back-off on success.
+fn measured<K, Fut>(
+    obj: Arc<K>,
+    ctx: Arc<Context>,
+    reconcile: fn(Arc<K>, Arc<Context>) -> Fut,
+) -> impl Future<Output = Result<Action, ReconcileError>> + Send + 'static
+where
+    K: Resource<DynamicType = ()> + Send + Sync + 'static,
+    Fut: Future<Output = Result<Action, ReconcileError>> + Send + 'static,
+{
+    // Logged before anything else looks at the object: what an agent receives is visible.
+    tracing::debug!(
+        kind = %K::kind(&()),
+        object = %format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any()),
+        "received",
+    );
+    let fut = reconcile(obj.clone(), ctx.clone());
+    async move {
+        let start = std::time::Instant::now();
+        let result = fut.await;
+        crate::metrics::get().reconciled(
+            &K::kind(&()),
+            start,
+            result.as_ref().err().map(ReconcileError::class),
+        );
+        if result.is_ok() {
+            ctx.backoff.succeeded(&*obj);
+        }
+        result
+    }
+}
+
+/// libvirt's events as a stream; a lagging receiver yields `Connected` (resync everything).
+pub fn libvirt_events(libvirt: &Libvirt) -> impl Stream<Item = Event> + Send + 'static {
+    futures::stream::unfold(libvirt.subscribe(), |mut rx| async move {
+        match rx.recv().await {
+            Ok(ev) => Some((ev, rx)),
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                Some((Event::Connected, rx))
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => None,
+        }
+    })
+}
+
+/// Wakes the objects of a domain when libvirt reports something about it (device removed,
+/// started, stopped, undefined...), the objects that are waiting when a storage pool or network
+/// changes (the one they lack may have appeared), and every object after a reconnect.
+fn domain_triggers<K: AgentKind>(
+    libvirt: &Libvirt,
+    store: reflector::Store<K>,
+    index: Arc<Index<K>>,
+) -> impl Stream<Item = ObjectRef<K>> + Send + 'static {
+    libvirt_events(libvirt).flat_map(move |ev| {
+        let refs: Vec<ObjectRef<K>> = match ev {
+            Event::Domain { name, .. } => index.get(&name),
+            Event::StoragePool { .. } | Event::Network { .. } => store
+                .state()
+                .iter()
+                .filter(|o| o.waiting())
+                .map(|o| ObjectRef::from_obj(&**o))
+                .collect(),
+            Event::Connected => index.all(),
+            Event::Closed => Vec::new(),
+        };
+        futures::stream::iter(refs)
+    })
+}
+
+/// Remembers DEVICE_REMOVAL_FAILED events so the detach reports them.
+pub async fn record_removal_failures(ctx: Arc<Context>, shutdown: Shutdown) {
+    let events = libvirt_events(&ctx.libvirt).take_until(shutdown::wait(shutdown));
+    futures::pin_mut!(events);
+    while let Some(ev) = events.next().await {
+        if let Event::Domain {
+            name,
+            kind: DomainEvent::DeviceRemovalFailed(alias),
+        } = ev
+        {
+            tracing::warn!(domain = %name, %alias, "guest refused to release a device");
+            ctx.removal_failures.record(&alias);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+    fn cond(status: &str) -> Condition {
+        Condition {
+            type_: condition::READY.into(),
+            status: status.into(),
+            reason: "R".into(),
+            message: String::new(),
+            last_transition_time: Time(k8s_openapi::jiff::Timestamp::now()),
+            observed_generation: None,
+        }
+    }
+
+    #[test]
+    fn only_ready_true_is_ready() {
+        assert!(not_ready(&[]));
+        assert!(not_ready(&[cond("False")]));
+        assert!(not_ready(&[cond("Unknown")]));
+        assert!(!not_ready(&[cond("True")]));
+    }
+}
