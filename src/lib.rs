@@ -13,3 +13,4 @@ pub mod http;
 pub mod libvirt;
 pub mod metrics;
 pub mod shutdown;
+pub mod tenancy;
