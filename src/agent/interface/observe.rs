@@ -189,7 +189,7 @@ mod tests {
     #[tokio::test]
     async fn a_new_nic_looks_up_its_network_and_the_macs_in_use() {
         let fake = FakeLibvirt::default()
-            .with_domain("vm", false, OTHER)
+            .with_domain("vm", true, OTHER)
             .with_network("default", false);
         let s = spec(serde_json::json!({"vm": "vm"}));
         let o = observe(
