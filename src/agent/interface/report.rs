@@ -146,3 +146,234 @@ pub fn report(
         action,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::agent::interface::observe::{AgentAnswer, GuestSeen};
+    use crate::agent::interface::plan::{Plan, plan};
+    use crate::agent::interface::reason::Reason;
+    use crate::agent::interface::report;
+    use crate::agent::interface::tests::{ALIAS, ID, M, nic, observed, recorded, spec, view};
+    use crate::api::GuestInfoSource;
+    use crate::api::VMInterfaceStatus;
+    use crate::libvirt::domain::DomainView;
+    use crate::libvirt::networks::GuestNic;
+
+    fn plan_for(v: &DomainView, s: serde_json::Value) -> Plan {
+        let mut o = observed(Some(v.clone()));
+        o.macs = None;
+        plan(&ID, &spec(s), &recorded(M), &o).unwrap()
+    }
+
+    #[test]
+    fn report_sets_ready_and_restart_for_every_path() {
+        let placed = nic(M, "up");
+        let restart_msg =
+            || Some("Hot-plugging into the running vm failed (x); next boot".to_string());
+        type Case = (
+            &'static str,
+            DomainView,
+            serde_json::Value,
+            Option<String>,
+            bool,
+            &'static str,
+            &'static str,
+        );
+        let cases: Vec<Case> = vec![
+            (
+                "live and persistent",
+                view(true, &placed, &placed),
+                serde_json::json!({}),
+                None,
+                true,
+                "Attached",
+                "live and persistent",
+            ),
+            (
+                "shut off",
+                view(false, "", &placed),
+                serde_json::json!({}),
+                None,
+                true,
+                "Attached",
+                "the domain is not running",
+            ),
+            (
+                "attach: Persistent on a running guest",
+                view(true, "", &placed),
+                serde_json::json!({"attach": "Persistent"}),
+                None,
+                true,
+                "Attached",
+                "next boot (attach: Persistent)",
+            ),
+            (
+                "hot-plug not possible: restart required",
+                view(true, "", &placed),
+                serde_json::json!({}),
+                restart_msg(),
+                false,
+                "AttachFailed",
+                "next boot",
+            ),
+            (
+                "not there yet",
+                view(true, "", ""),
+                serde_json::json!({}),
+                None,
+                false,
+                "AttachFailed",
+                "the agent retries",
+            ),
+        ];
+        for (name, v, s, restart, ready, reason, says) in cases {
+            // The plan as it was before the apply: the NIC belongs live when the guest runs.
+            let p = plan_for(&view(v.active, "", ""), s);
+            let out = report::report(
+                &recorded(M),
+                &p,
+                &v,
+                &GuestSeen::NotRunning,
+                Vec::new(),
+                restart.clone(),
+            );
+            assert_eq!(out.ready.status, ready, "{name}");
+            assert_eq!(out.ready.reason, reason, "{name}");
+            assert!(
+                out.ready.message.contains(says),
+                "{name}: {}",
+                out.ready.message
+            );
+            assert_eq!(out.restart, restart, "{name}");
+            let every = if v.active { 20 } else { 600 };
+            assert_eq!(
+                out.action,
+                Action::requeue(Duration::from_secs(every)),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn report_fills_the_status() {
+        let live = "<interface type='user'><mac address='52:54:00:00:00:07'/><target dev='vnet3'/><link state='down'/><alias name='ua-vpn-u1'/></interface>";
+        let v = view(true, live, &nic(M, "down"));
+        let p = plan_for(&v, serde_json::json!({}));
+        let out = report::report(
+            &VMInterfaceStatus {
+                node_name: Some("n1".into()),
+                ..Default::default()
+            },
+            &p,
+            &v,
+            &GuestSeen::NotRunning,
+            Vec::new(),
+            None,
+        );
+        let s = out.status;
+        assert_eq!(s.vm.as_deref(), Some("vm"));
+        assert_eq!(s.mac.as_deref(), Some(M));
+        assert_eq!(s.alias.as_deref(), Some(ALIAS));
+        assert_eq!(s.host_device.as_deref(), Some("vnet3"));
+        assert_eq!(s.link_state, Some(LinkState::Down));
+        assert_eq!((s.live, s.persistent), (Some(true), Some(true)));
+        assert_eq!(
+            s.node_name.as_deref(),
+            Some("n1"),
+            "the controller's field is kept"
+        );
+        assert!(s.guest.is_some());
+    }
+
+    #[test]
+    fn refusals_and_failures_keep_the_status() {
+        let prev = recorded(M);
+        let out = report::refused(
+            &prev,
+            Refusal::wait(Reason::MacConflict, "taken", Duration::from_secs(60)),
+        );
+        assert_eq!(out.status, prev);
+        assert_eq!((out.ready.status, out.ready.reason), (false, "MACConflict"));
+        assert_eq!(out.action, Action::requeue(Duration::from_secs(60)));
+        assert_eq!(out.restart, None);
+        let out = report::failed(&prev, &"failed to attach a device: boom");
+        assert_eq!(out.ready.reason, "AttachFailed");
+        assert!(
+            out.ready
+                .message
+                .starts_with("failed to attach a device: boom. The agent retries")
+        );
+        assert_eq!(out.action, Action::requeue(Duration::from_secs(30)));
+    }
+
+    #[test]
+    fn the_guest_view_says_where_it_comes_from() {
+        let eth0 = GuestNic {
+            name: "eth0".into(),
+            addresses: vec!["10.0.0.5/24".into()],
+        };
+        let running = |agent, lease| GuestSeen::Running { agent, lease };
+        type Case = (
+            GuestSeen,
+            GuestInfoSource,
+            Option<&'static str>,
+            &'static str,
+        );
+        let cases: Vec<Case> = vec![
+            (
+                GuestSeen::NotRunning,
+                GuestInfoSource::None,
+                None,
+                "vm is not running.",
+            ),
+            (
+                running(AgentAnswer::Found(eth0.clone()), None),
+                GuestInfoSource::Agent,
+                Some("eth0"),
+                "",
+            ),
+            (
+                running(AgentAnswer::NoChannel, None),
+                GuestInfoSource::None,
+                None,
+                "no QEMU guest agent channel",
+            ),
+            (
+                running(AgentAnswer::NotListed, Some(eth0.clone())),
+                GuestInfoSource::Lease,
+                None,
+                "does not list this MAC yet",
+            ),
+            (
+                running(AgentAnswer::TimedOut, None),
+                GuestInfoSource::None,
+                None,
+                "within 3s",
+            ),
+            (
+                running(
+                    AgentAnswer::Failed("boom".into()),
+                    Some(GuestNic {
+                        name: "x".into(),
+                        addresses: vec![],
+                    }),
+                ),
+                GuestInfoSource::None,
+                None,
+                "does not answer (boom)",
+            ),
+        ];
+        for (seen, source, name, says) in cases {
+            let g = guest_interface("vm", &seen);
+            assert_eq!(g.source, Some(source), "{seen:?}");
+            assert_eq!(g.name.as_deref(), name, "{seen:?}");
+            assert!(g.message.unwrap_or_default().contains(says), "{seen:?}");
+            if source != GuestInfoSource::None {
+                assert_eq!(g.ip_addresses, ["10.0.0.5/24"]);
+            }
+        }
+    }
+}

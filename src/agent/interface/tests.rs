@@ -1,35 +1,26 @@
-//! Table tests of plan and report, and apply against the in-memory libvirt.
+//! Table tests of plan, and the fixtures the apply and report tests share.
 
 use std::time::Duration;
 
-use kube::runtime::controller::Action;
-use kube::runtime::events::EventType;
-
-use super::apply::{Applied, apply};
 use super::index::Claim;
-use super::observe::{AgentAnswer, GuestSeen, MacsInUse, Observed};
+use super::observe::{MacsInUse, Observed};
 use super::plan::{Identity, Plan, Step, plan};
-use super::reason::Reason;
-use super::report::{self, guest_interface};
 use crate::agent::refusal::{Reason as _, Retry};
-use crate::api::{GuestInfoSource, LinkState, VMInterfaceSpec, VMInterfaceStatus};
-use crate::libvirt::ErrorKind;
+use crate::api::{VMInterfaceSpec, VMInterfaceStatus};
 use crate::libvirt::domain::{DomainView, parse_domain};
-use crate::libvirt::facade::{Affect, Domains};
-use crate::libvirt::fake::FakeLibvirt;
-use crate::libvirt::networks::{GuestNic, HostInterface, NetworkState, NodeMac};
+use crate::libvirt::networks::{HostInterface, NetworkState, NodeMac};
 
-const ALIAS: &str = "ua-vpn-u1";
-const M: &str = "52:54:00:00:00:07";
+pub(super) const ALIAS: &str = "ua-vpn-u1";
+pub(super) const M: &str = "52:54:00:00:00:07";
 const FRESH: &str = "52:54:00:00:00:99";
 
-fn nic(mac: &str, link: &str) -> String {
+pub(super) fn nic(mac: &str, link: &str) -> String {
     format!(
         "<interface type='user'><mac address='{mac}'/><model type='virtio'/><link state='{link}'/><alias name='{ALIAS}'/></interface>"
     )
 }
 
-fn devices(xml: &str) -> crate::libvirt::domain::DomainXml {
+pub(super) fn devices(xml: &str) -> crate::libvirt::domain::DomainXml {
     parse_domain(&format!(
         "<domain><os><type machine='pc-q35-10.0'>hvm</type></os><devices>{xml}</devices></domain>"
     ))
@@ -37,7 +28,7 @@ fn devices(xml: &str) -> crate::libvirt::domain::DomainXml {
 }
 
 /// A domain, running or not, with `live` and `config` devices.
-fn view(active: bool, live: &str, config: &str) -> DomainView {
+pub(super) fn view(active: bool, live: &str, config: &str) -> DomainView {
     DomainView {
         active,
         persistent: true,
@@ -46,7 +37,7 @@ fn view(active: bool, live: &str, config: &str) -> DomainView {
     }
 }
 
-fn spec(json: serde_json::Value) -> VMInterfaceSpec {
+pub(super) fn spec(json: serde_json::Value) -> VMInterfaceSpec {
     let mut v = serde_json::json!({"vm": "vm", "type": "user"});
     if let (Some(base), Some(extra)) = (v.as_object_mut(), json.as_object()) {
         base.extend(extra.clone());
@@ -54,7 +45,7 @@ fn spec(json: serde_json::Value) -> VMInterfaceSpec {
     serde_json::from_value(v).unwrap()
 }
 
-fn observed(domain: Option<DomainView>) -> Observed {
+pub(super) fn observed(domain: Option<DomainView>) -> Observed {
     Observed {
         node: "n1".into(),
         domain,
@@ -68,14 +59,14 @@ fn observed(domain: Option<DomainView>) -> Observed {
     }
 }
 
-fn recorded(mac: &str) -> VMInterfaceStatus {
+pub(super) fn recorded(mac: &str) -> VMInterfaceStatus {
     VMInterfaceStatus {
         mac: Some(mac.into()),
         ..Default::default()
     }
 }
 
-const ID: Identity<'static> = Identity {
+pub(super) const ID: Identity<'static> = Identity {
     alias: ALIAS,
     uid: "u1",
     created: None,
@@ -448,382 +439,4 @@ fn the_plans_xml_carries_the_spec() {
     assert_eq!(x.link_state.as_deref(), Some("down"));
     assert_eq!(x.alias.as_deref(), Some(ALIAS));
     assert!(p.xml.contains("<mtu size='1400'/>") && p.xml.contains("<boot order='2'/>"));
-}
-
-// --- apply against the in-memory libvirt ---
-
-fn planned(fake: &FakeLibvirt, s: serde_json::Value, prev: &VMInterfaceStatus) -> Plan {
-    let v = futures::executor::block_on(fake.domain("vm")).unwrap();
-    let mut o = observed(v);
-    o.macs = None;
-    plan(&ID, &spec(s), prev, &o).unwrap()
-}
-
-fn reasons(events: &[super::apply::Event]) -> Vec<&'static str> {
-    events.iter().map(|(_, r, _)| *r).collect()
-}
-
-#[tokio::test]
-async fn apply_hot_plugs_and_writes_the_definition() {
-    let fake = FakeLibvirt::default().with_domain("vm", true, "");
-    let p = planned(&fake, serde_json::json!({}), &recorded(M));
-    let Applied::Done { events, restart } = apply(&fake, &p).await.unwrap() else {
-        panic!("done");
-    };
-    assert_eq!(reasons(&events), ["Attached"]);
-    assert_eq!(restart, None);
-    let d = fake.domain_state("vm").unwrap();
-    assert!(d.live.nic(ALIAS).is_some() && d.config.nic(ALIAS).is_some());
-}
-
-#[tokio::test]
-async fn a_nic_that_cannot_be_hot_plugged_waits_for_the_next_boot() {
-    let fake = FakeLibvirt::default().with_domain("vm", true, "");
-    fake.fail_next("attach a device", Some(Affect::Live), ErrorKind::NoFreeSlot);
-    let p = planned(&fake, serde_json::json!({}), &recorded(M));
-    let Applied::Done { events, restart } = apply(&fake, &p).await.unwrap() else {
-        panic!("done");
-    };
-    assert!(events.is_empty());
-    assert!(restart.unwrap().contains("next boot"));
-    let d = fake.domain_state("vm").unwrap();
-    assert!(d.live.nic(ALIAS).is_none() && d.config.nic(ALIAS).is_some());
-}
-
-#[tokio::test]
-async fn a_nic_qemu_refuses_changes_nothing() {
-    let fake = FakeLibvirt::default().with_domain("vm", true, "");
-    fake.fail_next("attach a device", Some(Affect::Live), ErrorKind::Refused);
-    let p = planned(&fake, serde_json::json!({}), &recorded(M));
-    let Applied::Stopped(r) = apply(&fake, &p).await.unwrap() else {
-        panic!("stopped");
-    };
-    assert_eq!(r.reason, Reason::AttachFailed);
-    assert_eq!(r.retry, Retry::After(Duration::from_secs(300)));
-    assert!(fake.domain_state("vm").unwrap().config.nic(ALIAS).is_none());
-}
-
-#[tokio::test]
-async fn a_definition_libvirt_refuses_takes_the_hot_plug_back() {
-    let fake = FakeLibvirt::default().with_domain("vm", true, "");
-    fake.fail_next(
-        "add a device to the definition",
-        Some(Affect::Config),
-        ErrorKind::Refused,
-    );
-    let p = planned(&fake, serde_json::json!({}), &recorded(M));
-    let Applied::Stopped(r) = apply(&fake, &p).await.unwrap() else {
-        panic!("stopped");
-    };
-    assert_eq!((r.reason, r.retry), (Reason::AttachFailed, Retry::OnChange));
-    assert!(r.message.contains("unplugged again"), "{}", r.message);
-    assert!(fake.domain_state("vm").unwrap().live.nic(ALIAS).is_none());
-}
-
-#[tokio::test]
-async fn a_lost_connection_is_an_error_not_an_answer() {
-    let fake = FakeLibvirt::default().with_domain("vm", true, "");
-    fake.fail_next(
-        "attach a device",
-        Some(Affect::Live),
-        ErrorKind::Unreachable,
-    );
-    let p = planned(&fake, serde_json::json!({}), &recorded(M));
-    assert_eq!(
-        apply(&fake, &p).await.unwrap_err().kind(),
-        ErrorKind::Unreachable
-    );
-}
-
-#[tokio::test]
-async fn apply_sets_the_link_in_place() {
-    let fake = FakeLibvirt::default().with_domain("vm", true, &nic(M, "up"));
-    let prev = VMInterfaceStatus {
-        live: Some(true),
-        persistent: Some(true),
-        ..recorded(M)
-    };
-    let p = planned(&fake, serde_json::json!({"linkState": "down"}), &prev);
-    let Applied::Done { events, .. } = apply(&fake, &p).await.unwrap() else {
-        panic!("done");
-    };
-    assert_eq!(reasons(&events), ["LinkChanged"]);
-    assert!(events[0].2.contains("down"));
-    let d = fake.domain_state("vm").unwrap();
-    assert_eq!(
-        d.live.nic(ALIAS).unwrap().link_state.as_deref(),
-        Some("down")
-    );
-    assert_eq!(
-        d.config.nic(ALIAS).unwrap().link_state.as_deref(),
-        Some("down")
-    );
-    assert_eq!(
-        fake.calls()
-            .iter()
-            .filter(|c| c.starts_with("attach") || c.starts_with("ask"))
-            .count(),
-        0,
-        "no detach, no attach"
-    );
-}
-
-#[tokio::test]
-async fn apply_puts_back_what_was_removed_and_says_so() {
-    let fake = FakeLibvirt::default().with_domain("vm", false, "");
-    let prev = VMInterfaceStatus {
-        persistent: Some(true),
-        ..recorded(M)
-    };
-    let p = planned(&fake, serde_json::json!({}), &prev);
-    let Applied::Done { events, .. } = apply(&fake, &p).await.unwrap() else {
-        panic!("done");
-    };
-    assert_eq!(reasons(&events), ["DriftCorrected"]);
-    assert_eq!(events[0].0, EventType::Warning);
-    assert!(fake.domain_state("vm").unwrap().config.nic(ALIAS).is_some());
-}
-
-#[tokio::test]
-async fn apply_replaces_a_nic_whose_mac_was_changed() {
-    let fake = FakeLibvirt::default().with_domain("vm", false, &nic("52:54:00:00:00:08", "up"));
-    let prev = VMInterfaceStatus {
-        persistent: Some(true),
-        ..recorded(M)
-    };
-    let p = planned(&fake, serde_json::json!({}), &prev);
-    let Applied::Done { events, .. } = apply(&fake, &p).await.unwrap() else {
-        panic!("done");
-    };
-    assert_eq!(reasons(&events), ["DriftCorrected"], "one event, not two");
-    let d = fake.domain_state("vm").unwrap();
-    assert_eq!(d.config.interfaces.len(), 1);
-    assert_eq!(d.config.nic(ALIAS).unwrap().mac.as_deref(), Some(M));
-}
-
-#[tokio::test]
-async fn a_changed_live_mac_is_unplugged_and_looked_at_again_soon() {
-    let fake = FakeLibvirt::default().with_domain("vm", true, &nic("52:54:00:00:00:08", "up"));
-    let p = planned(&fake, serde_json::json!({}), &recorded(M));
-    let Applied::Stopped(r) = apply(&fake, &p).await.unwrap() else {
-        panic!("stopped");
-    };
-    assert_eq!(r.retry, Retry::After(Duration::from_secs(2)));
-    assert!(fake.domain_state("vm").unwrap().live.interfaces.is_empty());
-}
-
-// --- report ---
-
-fn plan_for(v: &DomainView, s: serde_json::Value) -> Plan {
-    let mut o = observed(Some(v.clone()));
-    o.macs = None;
-    plan(&ID, &spec(s), &recorded(M), &o).unwrap()
-}
-
-#[test]
-fn report_sets_ready_and_restart_for_every_path() {
-    let placed = nic(M, "up");
-    let restart_msg = || Some("Hot-plugging into the running vm failed (x); next boot".to_string());
-    type Case = (
-        &'static str,
-        DomainView,
-        serde_json::Value,
-        Option<String>,
-        bool,
-        &'static str,
-        &'static str,
-    );
-    let cases: Vec<Case> = vec![
-        (
-            "live and persistent",
-            view(true, &placed, &placed),
-            serde_json::json!({}),
-            None,
-            true,
-            "Attached",
-            "live and persistent",
-        ),
-        (
-            "shut off",
-            view(false, "", &placed),
-            serde_json::json!({}),
-            None,
-            true,
-            "Attached",
-            "the domain is not running",
-        ),
-        (
-            "attach: Persistent on a running guest",
-            view(true, "", &placed),
-            serde_json::json!({"attach": "Persistent"}),
-            None,
-            true,
-            "Attached",
-            "next boot (attach: Persistent)",
-        ),
-        (
-            "hot-plug not possible: restart required",
-            view(true, "", &placed),
-            serde_json::json!({}),
-            restart_msg(),
-            false,
-            "AttachFailed",
-            "next boot",
-        ),
-        (
-            "not there yet",
-            view(true, "", ""),
-            serde_json::json!({}),
-            None,
-            false,
-            "AttachFailed",
-            "the agent retries",
-        ),
-    ];
-    for (name, v, s, restart, ready, reason, says) in cases {
-        // The plan as it was before the apply: the NIC belongs live when the guest runs.
-        let p = plan_for(&view(v.active, "", ""), s);
-        let out = report::report(
-            &recorded(M),
-            &p,
-            &v,
-            &GuestSeen::NotRunning,
-            Vec::new(),
-            restart.clone(),
-        );
-        assert_eq!(out.ready.status, ready, "{name}");
-        assert_eq!(out.ready.reason, reason, "{name}");
-        assert!(
-            out.ready.message.contains(says),
-            "{name}: {}",
-            out.ready.message
-        );
-        assert_eq!(out.restart, restart, "{name}");
-        let every = if v.active { 20 } else { 600 };
-        assert_eq!(
-            out.action,
-            Action::requeue(Duration::from_secs(every)),
-            "{name}"
-        );
-    }
-}
-
-#[test]
-fn report_fills_the_status() {
-    let live = "<interface type='user'><mac address='52:54:00:00:00:07'/><target dev='vnet3'/><link state='down'/><alias name='ua-vpn-u1'/></interface>";
-    let v = view(true, live, &nic(M, "down"));
-    let p = plan_for(&v, serde_json::json!({}));
-    let out = report::report(
-        &VMInterfaceStatus {
-            node_name: Some("n1".into()),
-            ..Default::default()
-        },
-        &p,
-        &v,
-        &GuestSeen::NotRunning,
-        Vec::new(),
-        None,
-    );
-    let s = out.status;
-    assert_eq!(s.vm.as_deref(), Some("vm"));
-    assert_eq!(s.mac.as_deref(), Some(M));
-    assert_eq!(s.alias.as_deref(), Some(ALIAS));
-    assert_eq!(s.host_device.as_deref(), Some("vnet3"));
-    assert_eq!(s.link_state, Some(LinkState::Down));
-    assert_eq!((s.live, s.persistent), (Some(true), Some(true)));
-    assert_eq!(
-        s.node_name.as_deref(),
-        Some("n1"),
-        "the controller's field is kept"
-    );
-    assert!(s.guest.is_some());
-}
-
-#[test]
-fn refusals_and_failures_keep_the_status() {
-    let prev = recorded(M);
-    let out = report::refused(
-        &prev,
-        super::reason::Refusal::wait(Reason::MacConflict, "taken", Duration::from_secs(60)),
-    );
-    assert_eq!(out.status, prev);
-    assert_eq!((out.ready.status, out.ready.reason), (false, "MACConflict"));
-    assert_eq!(out.action, Action::requeue(Duration::from_secs(60)));
-    assert_eq!(out.restart, None);
-    let out = report::failed(&prev, &"failed to attach a device: boom");
-    assert_eq!(out.ready.reason, "AttachFailed");
-    assert!(
-        out.ready
-            .message
-            .starts_with("failed to attach a device: boom. The agent retries")
-    );
-    assert_eq!(out.action, Action::requeue(Duration::from_secs(30)));
-}
-
-#[test]
-fn the_guest_view_says_where_it_comes_from() {
-    let eth0 = GuestNic {
-        name: "eth0".into(),
-        addresses: vec!["10.0.0.5/24".into()],
-    };
-    let running = |agent, lease| GuestSeen::Running { agent, lease };
-    type Case = (
-        GuestSeen,
-        GuestInfoSource,
-        Option<&'static str>,
-        &'static str,
-    );
-    let cases: Vec<Case> = vec![
-        (
-            GuestSeen::NotRunning,
-            GuestInfoSource::None,
-            None,
-            "vm is not running.",
-        ),
-        (
-            running(AgentAnswer::Found(eth0.clone()), None),
-            GuestInfoSource::Agent,
-            Some("eth0"),
-            "",
-        ),
-        (
-            running(AgentAnswer::NoChannel, None),
-            GuestInfoSource::None,
-            None,
-            "no QEMU guest agent channel",
-        ),
-        (
-            running(AgentAnswer::NotListed, Some(eth0.clone())),
-            GuestInfoSource::Lease,
-            None,
-            "does not list this MAC yet",
-        ),
-        (
-            running(AgentAnswer::TimedOut, None),
-            GuestInfoSource::None,
-            None,
-            "within 3s",
-        ),
-        (
-            running(
-                AgentAnswer::Failed("boom".into()),
-                Some(GuestNic {
-                    name: "x".into(),
-                    addresses: vec![],
-                }),
-            ),
-            GuestInfoSource::None,
-            None,
-            "does not answer (boom)",
-        ),
-    ];
-    for (seen, source, name, says) in cases {
-        let g = guest_interface("vm", &seen);
-        assert_eq!(g.source, Some(source), "{seen:?}");
-        assert_eq!(g.name.as_deref(), name, "{seen:?}");
-        assert!(g.message.unwrap_or_default().contains(says), "{seen:?}");
-        if source != GuestInfoSource::None {
-            assert_eq!(g.ip_addresses, ["10.0.0.5/24"]);
-        }
-    }
 }
