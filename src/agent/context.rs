@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use kube::runtime::events::Recorder;
 use kube::{Client, Resource, ResourceExt};
 
-use super::{clone, device, iso};
+use super::{clone, device, interface, iso};
 use crate::backoff::Backoff;
 use crate::libvirt::facade::Storage;
 use crate::libvirt::{Libvirt, LibvirtError};
@@ -80,6 +80,8 @@ pub struct Context {
     pub downloads: iso::Downloads,
     /// Per-object back-off of failed reconciles.
     pub backoff: Backoff,
+    /// Which VMInterfaces claim which MAC, cluster-wide (fed by [`interface::index::watch`]).
+    pub macs: interface::index::MacIndex,
 }
 
 impl Context {

@@ -126,7 +126,9 @@ pub async fn run(
         removal_failures: Default::default(),
         clones: Default::default(),
         downloads: iso::Downloads::new(config.max_downloads, config.download_deny.clone()),
+        macs: Default::default(),
     });
+    let mac_index = interface::index::watch(client.clone(), ctx.macs.clone(), shutdown.clone());
     let failures = wiring::record_removal_failures(ctx.clone(), shutdown.clone());
     // On shutdown, stop copies and transfers at once (their tasks resume in the next agent):
     // a blocking copy would otherwise hold the process until it finished.
@@ -221,8 +223,8 @@ pub async fn run(
         registered,
         shutdown.clone(),
     );
-    let (result, (), (), (), (), (), ()) = tokio::join!(
-        inventory, storage, interfaces, clones, downloads, failures, stop_jobs
+    let (result, (), (), (), (), (), (), ()) = tokio::join!(
+        inventory, storage, interfaces, clones, downloads, failures, stop_jobs, mac_index
     );
 
     let _ = supervisor.await;

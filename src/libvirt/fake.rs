@@ -8,6 +8,7 @@ use std::sync::Mutex;
 
 use super::domain::{DomainView, DomainXml, parse_domain};
 use super::facade::{Affect, DeviceChange, Domains, Storage, VolumeLookup};
+use super::networks::{AddressSource, GuestNic, HostInterface, NetworkState, Networks, NodeMac};
 use super::volume::VolumeSource;
 use super::{ErrorKind, LibvirtError};
 use crate::api::StoragePoolSummary;
@@ -43,6 +44,7 @@ struct State {
     volumes: BTreeMap<(String, String), VolumeSource>,
     failures: VecDeque<Failure>,
     calls: Vec<String>,
+    nets: FakeNets,
 }
 
 /// In-memory libvirt.
@@ -256,6 +258,118 @@ impl Storage for FakeLibvirt {
             .volumes
             .remove(&(pool.to_string(), volume.to_string()));
         Ok(())
+    }
+}
+
+// --- Networks (VMInterface) ---
+
+/// Networks, host interfaces and guest answers of the stand-in.
+#[derive(Default)]
+struct FakeNets {
+    networks: BTreeMap<String, bool>,
+    host_interfaces: BTreeMap<String, HostInterface>,
+    no_interface_driver: bool,
+    guest: BTreeMap<(String, AddressSource, String), GuestNic>,
+}
+
+impl FakeLibvirt {
+    /// Adds a libvirt network, running or not.
+    pub fn with_network(self, name: &str, active: bool) -> Self {
+        self.state().nets.networks.insert(name.to_string(), active);
+        self
+    }
+
+    /// Adds a host interface.
+    pub fn with_host_interface(self, name: &str, bridge: bool) -> Self {
+        self.state()
+            .nets
+            .host_interfaces
+            .insert(name.to_string(), HostInterface::Present { bridge });
+        self
+    }
+
+    /// Makes host interfaces unknowable (a libvirtd without interface driver).
+    pub fn without_interface_driver(self) -> Self {
+        self.state().nets.no_interface_driver = true;
+        self
+    }
+
+    /// Makes `source` report `nic` for the interface of `vm` with `mac`.
+    pub fn with_guest_nic(self, vm: &str, source: AddressSource, mac: &str, nic: GuestNic) -> Self {
+        self.state()
+            .nets
+            .guest
+            .insert((vm.to_string(), source, mac.to_string()), nic);
+        self
+    }
+}
+
+impl Networks for FakeLibvirt {
+    async fn network(&self, name: &str) -> Result<NetworkState, LibvirtError> {
+        self.enter("look up the network", None)?;
+        Ok(match self.state().nets.networks.get(name) {
+            None => NetworkState::Missing,
+            Some(false) => NetworkState::Inactive,
+            Some(true) => NetworkState::Active,
+        })
+    }
+
+    async fn host_interface(&self, name: &str) -> Result<HostInterface, LibvirtError> {
+        self.enter("look up the host interface", None)?;
+        let st = self.state();
+        if st.nets.no_interface_driver {
+            return Ok(HostInterface::Unknown);
+        }
+        Ok(st
+            .nets
+            .host_interfaces
+            .get(name)
+            .copied()
+            .unwrap_or(HostInterface::Missing))
+    }
+
+    async fn guest_addresses(
+        &self,
+        vm: &str,
+        mac: &str,
+        source: AddressSource,
+    ) -> Result<Option<GuestNic>, LibvirtError> {
+        self.enter("ask for the guest's interfaces", None)?;
+        let st = self.state();
+        if !st.domains.get(vm).is_some_and(|d| d.active) {
+            return Err(LibvirtError::Fake {
+                action: "ask for the guest's interfaces".into(),
+                kind: ErrorKind::Inactive,
+            });
+        }
+        Ok(st
+            .nets
+            .guest
+            .get(&(vm.to_string(), source, mac.to_string()))
+            .cloned())
+    }
+
+    async fn node_macs(&self) -> Result<Vec<NodeMac>, LibvirtError> {
+        self.enter("list the domains' interfaces", None)?;
+        let st = self.state();
+        Ok(st
+            .domains
+            .values()
+            .flat_map(|d| {
+                d.config.interfaces.iter().chain(
+                    d.active
+                        .then_some(&d.live)
+                        .into_iter()
+                        .flat_map(|l| l.interfaces.iter()),
+                )
+            })
+            .filter_map(|n| {
+                n.mac.clone().map(|mac| NodeMac {
+                    mac,
+                    alias: n.alias.clone(),
+                })
+            })
+            .collect())
     }
 }
 

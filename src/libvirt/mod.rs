@@ -11,6 +11,7 @@ pub mod facade;
 #[cfg(test)]
 pub mod fake;
 mod inventory;
+pub mod networks;
 mod real;
 pub mod volume;
 

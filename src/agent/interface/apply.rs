@@ -1,0 +1,308 @@
+//! Apply: runs a [`Plan`]'s steps through the libvirt facade and says what happened.
+
+use std::time::Duration;
+
+use kube::runtime::events::EventType;
+
+use super::plan::{Plan, Step};
+use super::reason::{Reason, Refusal};
+use crate::agent::device::{self, HotPlug};
+use crate::libvirt::LibvirtError;
+use crate::libvirt::facade::{Affect, DeviceChange, Domains};
+
+/// An Event to publish.
+pub type Event = (EventType, &'static str, String);
+
+/// What applying a plan did.
+#[derive(Debug)]
+pub enum Applied {
+    /// Every step ran; the Events to publish, and why a restart is needed if one is.
+    Done {
+        /// Events.
+        events: Vec<Event>,
+        /// Why the NIC waits for the next boot.
+        restart: Option<String>,
+    },
+    /// A step could not go ahead; nothing after it ran.
+    Stopped(Refusal),
+}
+
+/// Runs `plan`.
+pub async fn apply<V: Domains>(virt: &V, plan: &Plan) -> Result<Applied, LibvirtError> {
+    let (vm, mac, xml) = (plan.vm.as_str(), plan.mac.as_str(), plan.xml.as_str());
+    let mut events = Vec::new();
+    let mut restart = None;
+    let mut plugged = false;
+    for step in &plan.steps {
+        match step {
+            Step::RemoveDriftedConfig { xml: old } => {
+                virt.change_device(vm, old, DeviceChange::Detach, Affect::Config)
+                    .await?;
+                events.push((
+                    EventType::Warning,
+                    "DriftCorrected",
+                    format!(
+                        "The MAC of {} on {vm} was changed outside virtplane; it is {mac} again.",
+                        plan.alias
+                    ),
+                ));
+            }
+            Step::UnplugDriftedLive { xml: old } => {
+                virt.change_device(vm, old, DeviceChange::Detach, Affect::Live)
+                    .await?;
+                return Ok(Applied::Stopped(Refusal::wait(
+                    Reason::AttachFailed,
+                    format!(
+                        "The live MAC of the interface was changed outside virtplane; the guest is asked to release it and {mac} is plugged back after."
+                    ),
+                    Duration::from_secs(2),
+                )));
+            }
+            Step::PlugLive { drift } => match device::attach_live(virt, vm, xml).await? {
+                HotPlug::Refused(e) => {
+                    return Ok(Applied::Stopped(Refusal::wait(
+                        Reason::AttachFailed,
+                        format!(
+                            "The running {vm} refused the interface: {e}. Nothing was changed; fix the spec."
+                        ),
+                        Duration::from_secs(300),
+                    )));
+                }
+                HotPlug::Limit(e) => {
+                    restart = Some(format!(
+                        "Hot-plugging into the running {vm} failed ({e}); the interface is in the definition and appears at the next boot."
+                    ));
+                }
+                HotPlug::Plugged => {
+                    plugged = true;
+                    events.push(if *drift {
+                        (
+                            EventType::Warning,
+                            "DriftCorrected",
+                            format!(
+                                "{mac} was removed from the running {vm} outside virtplane; it was put back."
+                            ),
+                        )
+                    } else {
+                        (
+                            EventType::Normal,
+                            "Attached",
+                            format!("Hot-plugged {mac} into {vm}."),
+                        )
+                    });
+                }
+            },
+            Step::UpdateLinkLive => {
+                virt.change_device(vm, xml, DeviceChange::Update, Affect::Live)
+                    .await?;
+                events.push((
+                    EventType::Normal,
+                    "LinkChanged",
+                    format!(
+                        "Link of {mac} set {}.",
+                        if plan.link_down { "down" } else { "up" }
+                    ),
+                ));
+            }
+            Step::AddConfig { drift } => {
+                if let Err(message) =
+                    device::attach_config(virt, vm, xml, plugged, "interface").await
+                {
+                    return Ok(Applied::Stopped(Refusal::fix(
+                        Reason::AttachFailed,
+                        message,
+                    )));
+                }
+                if *drift {
+                    events.push((
+                        EventType::Warning,
+                        "DriftCorrected",
+                        format!(
+                            "{mac} was removed from the definition of {vm} outside virtplane; it was put back."
+                        ),
+                    ));
+                }
+            }
+            Step::UpdateLinkConfig => {
+                virt.change_device(vm, xml, DeviceChange::Update, Affect::Config)
+                    .await?;
+            }
+        }
+    }
+    Ok(Applied::Done { events, restart })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::agent::interface::plan::{Plan, plan};
+    use crate::agent::interface::reason::Reason;
+    use crate::agent::interface::tests::{ALIAS, ID, M, nic, observed, recorded, spec};
+    use crate::agent::refusal::Retry;
+    use crate::api::VMInterfaceStatus;
+    use crate::libvirt::ErrorKind;
+    use crate::libvirt::facade::Domains;
+    use crate::libvirt::fake::FakeLibvirt;
+
+    fn planned(fake: &FakeLibvirt, s: serde_json::Value, prev: &VMInterfaceStatus) -> Plan {
+        let v = futures::executor::block_on(fake.domain("vm")).unwrap();
+        let mut o = observed(v);
+        o.macs = None;
+        plan(&ID, &spec(s), prev, &o).unwrap()
+    }
+
+    fn reasons(events: &[Event]) -> Vec<&'static str> {
+        events.iter().map(|(_, r, _)| *r).collect()
+    }
+
+    #[tokio::test]
+    async fn apply_hot_plugs_and_writes_the_definition() {
+        let fake = FakeLibvirt::default().with_domain("vm", true, "");
+        let p = planned(&fake, serde_json::json!({}), &recorded(M));
+        let Applied::Done { events, restart } = apply(&fake, &p).await.unwrap() else {
+            panic!("done");
+        };
+        assert_eq!(reasons(&events), ["Attached"]);
+        assert_eq!(restart, None);
+        let d = fake.domain_state("vm").unwrap();
+        assert!(d.live.nic(ALIAS).is_some() && d.config.nic(ALIAS).is_some());
+    }
+
+    #[tokio::test]
+    async fn a_nic_that_cannot_be_hot_plugged_waits_for_the_next_boot() {
+        let fake = FakeLibvirt::default().with_domain("vm", true, "");
+        fake.fail_next("attach a device", Some(Affect::Live), ErrorKind::NoFreeSlot);
+        let p = planned(&fake, serde_json::json!({}), &recorded(M));
+        let Applied::Done { events, restart } = apply(&fake, &p).await.unwrap() else {
+            panic!("done");
+        };
+        assert!(events.is_empty());
+        assert!(restart.unwrap().contains("next boot"));
+        let d = fake.domain_state("vm").unwrap();
+        assert!(d.live.nic(ALIAS).is_none() && d.config.nic(ALIAS).is_some());
+    }
+
+    #[tokio::test]
+    async fn a_nic_qemu_refuses_changes_nothing() {
+        let fake = FakeLibvirt::default().with_domain("vm", true, "");
+        fake.fail_next("attach a device", Some(Affect::Live), ErrorKind::Refused);
+        let p = planned(&fake, serde_json::json!({}), &recorded(M));
+        let Applied::Stopped(r) = apply(&fake, &p).await.unwrap() else {
+            panic!("stopped");
+        };
+        assert_eq!(r.reason, Reason::AttachFailed);
+        assert_eq!(r.retry, Retry::After(Duration::from_secs(300)));
+        assert!(fake.domain_state("vm").unwrap().config.nic(ALIAS).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_definition_libvirt_refuses_takes_the_hot_plug_back() {
+        let fake = FakeLibvirt::default().with_domain("vm", true, "");
+        fake.fail_next(
+            "add a device to the definition",
+            Some(Affect::Config),
+            ErrorKind::Refused,
+        );
+        let p = planned(&fake, serde_json::json!({}), &recorded(M));
+        let Applied::Stopped(r) = apply(&fake, &p).await.unwrap() else {
+            panic!("stopped");
+        };
+        assert_eq!((r.reason, r.retry), (Reason::AttachFailed, Retry::OnChange));
+        assert!(r.message.contains("unplugged again"), "{}", r.message);
+        assert!(fake.domain_state("vm").unwrap().live.nic(ALIAS).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_lost_connection_is_an_error_not_an_answer() {
+        let fake = FakeLibvirt::default().with_domain("vm", true, "");
+        fake.fail_next(
+            "attach a device",
+            Some(Affect::Live),
+            ErrorKind::Unreachable,
+        );
+        let p = planned(&fake, serde_json::json!({}), &recorded(M));
+        assert_eq!(
+            apply(&fake, &p).await.unwrap_err().kind(),
+            ErrorKind::Unreachable
+        );
+    }
+
+    #[tokio::test]
+    async fn apply_sets_the_link_in_place() {
+        let fake = FakeLibvirt::default().with_domain("vm", true, &nic(M, "up"));
+        let prev = VMInterfaceStatus {
+            live: Some(true),
+            persistent: Some(true),
+            ..recorded(M)
+        };
+        let p = planned(&fake, serde_json::json!({"linkState": "down"}), &prev);
+        let Applied::Done { events, .. } = apply(&fake, &p).await.unwrap() else {
+            panic!("done");
+        };
+        assert_eq!(reasons(&events), ["LinkChanged"]);
+        assert!(events[0].2.contains("down"));
+        let d = fake.domain_state("vm").unwrap();
+        assert_eq!(
+            d.live.nic(ALIAS).unwrap().link_state.as_deref(),
+            Some("down")
+        );
+        assert_eq!(
+            d.config.nic(ALIAS).unwrap().link_state.as_deref(),
+            Some("down")
+        );
+        assert_eq!(
+            fake.calls()
+                .iter()
+                .filter(|c| c.starts_with("attach") || c.starts_with("ask"))
+                .count(),
+            0,
+            "no detach, no attach"
+        );
+    }
+
+    #[tokio::test]
+    async fn apply_puts_back_what_was_removed_and_says_so() {
+        let fake = FakeLibvirt::default().with_domain("vm", false, "");
+        let prev = VMInterfaceStatus {
+            persistent: Some(true),
+            ..recorded(M)
+        };
+        let p = planned(&fake, serde_json::json!({}), &prev);
+        let Applied::Done { events, .. } = apply(&fake, &p).await.unwrap() else {
+            panic!("done");
+        };
+        assert_eq!(reasons(&events), ["DriftCorrected"]);
+        assert_eq!(events[0].0, EventType::Warning);
+        assert!(fake.domain_state("vm").unwrap().config.nic(ALIAS).is_some());
+    }
+
+    #[tokio::test]
+    async fn apply_replaces_a_nic_whose_mac_was_changed() {
+        let fake = FakeLibvirt::default().with_domain("vm", false, &nic("52:54:00:00:00:08", "up"));
+        let prev = VMInterfaceStatus {
+            persistent: Some(true),
+            ..recorded(M)
+        };
+        let p = planned(&fake, serde_json::json!({}), &prev);
+        let Applied::Done { events, .. } = apply(&fake, &p).await.unwrap() else {
+            panic!("done");
+        };
+        assert_eq!(reasons(&events), ["DriftCorrected"], "one event, not two");
+        let d = fake.domain_state("vm").unwrap();
+        assert_eq!(d.config.interfaces.len(), 1);
+        assert_eq!(d.config.nic(ALIAS).unwrap().mac.as_deref(), Some(M));
+    }
+
+    #[tokio::test]
+    async fn a_changed_live_mac_is_unplugged_and_looked_at_again_soon() {
+        let fake = FakeLibvirt::default().with_domain("vm", true, &nic("52:54:00:00:00:08", "up"));
+        let p = planned(&fake, serde_json::json!({}), &recorded(M));
+        let Applied::Stopped(r) = apply(&fake, &p).await.unwrap() else {
+            panic!("stopped");
+        };
+        assert_eq!(r.retry, Retry::After(Duration::from_secs(2)));
+        assert!(fake.domain_state("vm").unwrap().live.interfaces.is_empty());
+    }
+}

@@ -1,0 +1,186 @@
+//! `VMInterface`: network interfaces identified by their MAC: hot-plug, link state in place, the
+//! guest's own view (name and addresses), confirmed detach, drift repair.
+//!
+//! One reconcile is a pipeline: [`observe`] reads libvirt and the cluster-wide MAC [`index`],
+//! [`plan`] decides (pure), [`apply`] runs the steps through the libvirt facade, [`report`]
+//! turns what happened into the status, conditions and Events (pure), written once here.
+
+mod apply;
+pub mod index;
+mod mac;
+mod observe;
+mod plan;
+mod reason;
+mod report;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kube::api::Api;
+use kube::runtime::controller::Action;
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+
+use super::context::{Context, ReconcileError};
+use super::{device, finalizer, status};
+use crate::api::{NODE_LABEL, VMInterface, VMInterfaceStatus};
+use crate::libvirt::domain::DomainXml;
+use crate::libvirt::networks::Networks;
+
+pub use mac::allocate_mac;
+
+/// How long a reconcile that must check MACs waits for the index's first full list.
+const INDEX_WAIT: Duration = Duration::from_secs(30);
+
+fn alias_of(obj: &VMInterface) -> String {
+    format!("ua-vpn-{}", obj.uid().unwrap_or_default())
+}
+
+fn find_nic(d: &DomainXml, alias: &str) -> Option<String> {
+    d.nic(alias).map(|x| x.xml.clone())
+}
+
+/// Every MAC of every domain on the node (live and persistent), with the alias that has it.
+pub(super) async fn node_macs(
+    ctx: &Context,
+) -> Result<Vec<(String, Option<String>)>, ReconcileError> {
+    Ok(ctx
+        .libvirt
+        .node_macs()
+        .await?
+        .into_iter()
+        .map(|n| (n.mac, n.alias))
+        .collect())
+}
+
+/// Reconciles one VMInterface.
+#[tracing::instrument(skip_all, fields(object = %format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any())))]
+pub(super) async fn reconcile(
+    obj: Arc<VMInterface>,
+    ctx: Arc<Context>,
+) -> Result<Action, ReconcileError> {
+    if obj.labels().get(NODE_LABEL) != Some(&ctx.node) {
+        // The watch selects this node's objects; an object rebound elsewhere is not ours.
+        return Ok(Action::await_change());
+    }
+    tracing::debug!("reconciling");
+    let api: Api<VMInterface> =
+        Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
+    let alias = alias_of(&obj);
+    // The domain the NIC went to, even if spec.vm was edited since.
+    let vm = obj
+        .status
+        .as_ref()
+        .and_then(|s| s.vm.clone())
+        .unwrap_or_else(|| obj.spec.vm.clone());
+    let guard = ctx.locks.get(&vm).lock_owned().await;
+    let (api, ctx, alias, vm) = (&api, &ctx, alias.as_str(), vm.as_str());
+    finalizer::finalizer(api, obj, |event| async move {
+        match event {
+            finalizer::Event::Cleanup(obj) => Ok(finalizer::Step::Cleanup(
+                cleanup(api, &obj, ctx, vm, alias).await?,
+            )),
+            finalizer::Event::Apply(obj) => Ok(finalizer::Step::Applied(
+                reconcile_apply(api, &obj, ctx, alias, guard).await?,
+            )),
+        }
+    })
+    .await
+}
+
+/// Detaches the NIC and lets the object go once the guest released it.
+async fn cleanup(
+    api: &Api<VMInterface>,
+    obj: &VMInterface,
+    ctx: &Context,
+    vm: &str,
+    alias: &str,
+) -> Result<finalizer::Cleanup, ReconcileError> {
+    let prev = obj.status.clone().unwrap_or_default();
+    let what = prev.mac.clone().unwrap_or_else(|| alias.to_string());
+    let was_attached = prev.live == Some(true) || prev.persistent == Some(true);
+    let pending = VMInterfaceStatus {
+        persistent: Some(false),
+        ..prev.clone()
+    };
+    device::finish_detach(
+        api,
+        obj,
+        ctx,
+        vm,
+        alias,
+        &what,
+        was_attached,
+        find_nic,
+        &prev,
+        pending,
+    )
+    .await
+}
+
+/// observe -> plan -> apply -> report, and the one status write.
+async fn reconcile_apply(
+    api: &Api<VMInterface>,
+    obj: &VMInterface,
+    ctx: &Context,
+    alias: &str,
+    guard: tokio::sync::OwnedMutexGuard<()>,
+) -> Result<Action, ReconcileError> {
+    let prev = obj.status.clone().unwrap_or_default();
+    let outcome = match pipeline(api, obj, ctx, alias, &prev, guard).await {
+        Ok(Some(o)) => o,
+        // The MAC index has not seen the cluster yet: look again shortly, nothing decided.
+        Ok(None) => return Ok(Action::requeue(Duration::from_secs(5))),
+        Err(ReconcileError::Libvirt(err)) if ctx.libvirt.is_connected() => {
+            report::failed(&prev, &err)
+        }
+        Err(e) => return Err(e),
+    };
+    status::write_outcome(api, obj, ctx, &prev, outcome).await
+}
+
+async fn pipeline(
+    api: &Api<VMInterface>,
+    obj: &VMInterface,
+    ctx: &Context,
+    alias: &str,
+    prev: &VMInterfaceStatus,
+    guard: tokio::sync::OwnedMutexGuard<()>,
+) -> Result<Option<report::Outcome>, ReconcileError> {
+    // Only right after start: the MAC claims are answered from a complete list.
+    if !ctx.macs.synced(INDEX_WAIT).await {
+        tracing::warn!("the VMInterface MAC index has not synced yet; waiting");
+        return Ok(None);
+    }
+    let uid = obj.uid().unwrap_or_default();
+    let me = observe::Me { uid: &uid, alias };
+    let observed =
+        observe::observe(&ctx.libvirt, &ctx.macs, &ctx.node, &me, &obj.spec, prev).await?;
+    let id = plan::Identity {
+        alias,
+        uid: &uid,
+        created: obj.meta().creation_timestamp.as_ref(),
+    };
+    let plan = match plan::plan(&id, &obj.spec, prev, &observed) {
+        Ok(p) => p,
+        Err(refusal) => return Ok(Some(report::refused(prev, refusal))),
+    };
+    if plan.record_mac {
+        // Recorded before anything is attached, so a restart never picks another one.
+        status::apply_status(api, obj, json!({ "mac": plan.mac })).await?;
+    }
+    let (events, restart) = match apply::apply(&ctx.libvirt, &plan).await? {
+        apply::Applied::Done { events, restart } => (events, restart),
+        apply::Applied::Stopped(refusal) => return Ok(Some(report::refused(prev, refusal))),
+    };
+    let view = observe::placed(&ctx.libvirt, &plan.vm).await?;
+    // Asking the guest may take seconds: other devices of this domain need not wait for it.
+    drop(guard);
+    let guest = observe::guest(&ctx.libvirt, &plan.vm, &plan.mac, &view, obj.spec.type_).await;
+    Ok(Some(report::report(
+        prev, &plan, &view, &guest, events, restart,
+    )))
+}
+
+#[cfg(test)]
+mod tests;
