@@ -8,6 +8,7 @@
 #
 # Like the integration tests of hack/test.sh, run it alone on an environment: its agent sees
 # every domain of the shared libvirtd, and other tests' controllers bind objects cluster-wide.
+# For the same reason it stops the operator of hack/run-local.sh (`hack/run-local.sh --stop`).
 #
 # An environment that was already up is reused and left up; one this script started is torn
 # down at the end (VIRTPLANE_KEEP_ENV=1 keeps it). Binary logs: $VIRTPLANE_CHART_LOGS (default
@@ -31,6 +32,12 @@ fi
 eval "$(VIRTPLANE_SKIP_INSTALL=1 hack/env-up.sh)"
 if [[ $was_up -eq 0 && ${VIRTPLANE_KEEP_ENV:-0} != 1 ]]; then
   trap 'hack/env-down.sh >&2 || true' EXIT
+fi
+# The operator of hack/run-local.sh would bind the release's objects and see its domains.
+if hack/run-local.sh --status >/dev/null; then
+  log "stopping the local operator started by hack/run-local.sh and deleting its Hypervisor and Lease;"
+  log "restart it afterwards with: eval \"\$(hack/run-local.sh)\""
+  hack/run-local.sh --stop
 fi
 
 log "cargo build --bin virtplane"

@@ -6,6 +6,11 @@
 #
 # An environment that was already up is reused and left up; one this script
 # started is torn down at the end (set VIRTPLANE_KEEP_ENV=1 to keep it).
+# The operator `hack/run-local.sh` runs is stopped first, and its Hypervisor
+# and Lease deleted (`hack/run-local.sh --stop`): its controller would bind the
+# tests' objects and its agent, which sees every domain of the one libvirtd,
+# would make their domains ambiguous. It stays stopped; start it again with
+# `eval "$(hack/run-local.sh)"`.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -21,9 +26,24 @@ if [[ -f $STATE/env.sh ]] && (. "$STATE/env.sh" && kubectl get --raw /readyz >/d
   was_up=1
 fi
 eval "$(VIRTPLANE_SKIP_INSTALL=1 hack/env-up.sh)"
-if [[ $was_up -eq 0 && ${VIRTPLANE_KEEP_ENV:-0} != 1 ]]; then
-  # --libvirt stops libvirtd/virtlogd only if env-up.sh started them.
-  trap 'hack/env-down.sh --libvirt >&2 || true' EXIT
+stopped_local=0
+on_exit() {
+  if [[ $was_up -eq 0 && ${VIRTPLANE_KEEP_ENV:-0} != 1 ]]; then
+    # --libvirt stops libvirtd/virtlogd only if env-up.sh started them.
+    hack/env-down.sh --libvirt >&2 || true
+  fi
+  if [[ $stopped_local -eq 1 ]]; then
+    log "the local operator of hack/run-local.sh stays stopped; restart it with: eval \"\$(hack/run-local.sh)\""
+  fi
+}
+trap on_exit EXIT
+
+if hack/run-local.sh --status >/dev/null; then
+  log "stopping the local operator started by hack/run-local.sh and deleting its Hypervisor and Lease"
+  log "(its controller would bind the tests' objects, its agent make their domains ambiguous);"
+  log "restart it afterwards with: eval \"\$(hack/run-local.sh)\""
+  stopped_local=1
+  hack/run-local.sh --stop
 fi
 
 log "cargo fmt --check"
