@@ -128,7 +128,7 @@ pub async fn run(
         let shutdown = shutdown.clone();
         async move {
             shutdown::wait(shutdown).await;
-            ctx.clones.cancel_all();
+            ctx.clones.stop_all();
             ctx.downloads.stop_all();
         }
     };
@@ -212,6 +212,7 @@ pub async fn run(
     );
     let clone_store = clone_ctrl.store();
     let clones = clone_ctrl
+        .reconcile_on(ctx.clones.wakeups())
         .reconcile_on(domain_triggers(
             &libvirt,
             clone_store.clone(),
