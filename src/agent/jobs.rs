@@ -68,6 +68,17 @@ struct Entry<P, R> {
     handle: tokio::task::JoinHandle<()>,
 }
 
+impl<P, R> Entry<P, R> {
+    fn running(&self) -> bool {
+        !self.handle.is_finished()
+            && self
+                .result
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_none()
+    }
+}
+
 /// The jobs of one kind, by object UID.
 pub struct Jobs<K: Resource, P, R> {
     entries: Mutex<HashMap<String, Entry<P, R>>>,
@@ -131,7 +142,7 @@ where
         Fut: Future<Output = R> + Send + 'static,
     {
         let mut entries = self.entries();
-        if entries.get(uid).is_some_and(|e| !e.handle.is_finished()) {
+        if entries.get(uid).is_some_and(Entry::running) {
             return false;
         }
         let cancel = CancellationToken::new();
@@ -174,11 +185,9 @@ where
         true
     }
 
-    /// Whether a job for `uid` is running.
+    /// Whether a job for `uid` is running (its result is not in yet).
     pub fn running(&self, uid: &str) -> bool {
-        self.entries()
-            .get(uid)
-            .is_some_and(|e| !e.handle.is_finished())
+        self.entries().get(uid).is_some_and(Entry::running)
     }
 
     /// The latest progress of `uid`'s job, running or ended.
@@ -222,7 +231,7 @@ where
     pub fn count(&self) -> usize {
         self.entries()
             .values()
-            .filter(|e| !e.handle.is_finished())
+            .filter(|e| e.running())
             .count()
     }
 }

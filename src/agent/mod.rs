@@ -137,7 +137,7 @@ pub async fn run(
         let shutdown = shutdown.clone();
         async move {
             shutdown::wait(shutdown).await;
-            ctx.clones.cancel_all();
+            ctx.clones.stop_all();
             ctx.downloads.stop_all();
         }
     };
@@ -193,6 +193,8 @@ pub async fn run(
     );
 
     let (clone_ctrl, clone_store, clone_index) = wiring::controller::<VMClone>(&client, node);
+    // A copy's progress and its end wake the task's reconciler, its only status writer.
+    let clone_ctrl = clone_ctrl.reconcile_on(ctx.clones.wakeups());
     let clones = wiring::drive(
         clone_ctrl,
         clone_store,

@@ -6,6 +6,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Mutex;
 
+use super::clones::{CloneDomain, Clones, Copies, Defined};
 use super::domain::{DomainView, DomainXml, parse_domain};
 use super::facade::{Affect, DeviceChange, Domains, Storage, VolumeLookup};
 use super::networks::{AddressSource, GuestNic, HostInterface, NetworkState, Networks, NodeMac};
@@ -45,6 +46,9 @@ struct State {
     failures: VecDeque<Failure>,
     calls: Vec<String>,
     nets: FakeNets,
+    /// Clones: the full XML and the task that made each domain that has them.
+    xml: BTreeMap<String, String>,
+    tasks: BTreeMap<String, String>,
 }
 
 /// In-memory libvirt.
@@ -370,6 +374,130 @@ impl Networks for FakeLibvirt {
                 })
             })
             .collect())
+/// Clones: a domain's definition is its full XML; the task that made it is read from the
+/// metadata of the XML it was defined with.
+impl FakeLibvirt {
+    /// Adds a shut-off domain defined by the full `xml` (a clone's source, or a clone when its
+    /// metadata names a task).
+    pub fn with_domain_xml(self, name: &str, xml: &str) -> Self {
+        self.insert_xml(name, xml);
+        self
+    }
+
+    fn insert_xml(&self, name: &str, xml: &str) {
+        let parsed = parse_domain(xml).unwrap_or_default();
+        let mut st = self.state();
+        st.domains.insert(
+            name.to_string(),
+            FakeDomain {
+                active: false,
+                persistent: true,
+                live: parsed.clone(),
+                config: parsed,
+                releases: true,
+            },
+        );
+        st.xml.insert(name.to_string(), xml.to_string());
+        match super::clone_xml::clone_task_of(xml) {
+            Some(task) => st.tasks.insert(name.to_string(), task),
+            None => st.tasks.remove(name),
+        };
+    }
+
+    /// The full XML of domain `name`, as defined.
+    pub fn domain_xml(&self, name: &str) -> Option<String> {
+        self.state().xml.get(name).cloned()
+    }
+
+    /// Starts or stops domain `name`.
+    pub fn set_active(&self, name: &str, active: bool) {
+        if let Some(d) = self.state().domains.get_mut(name) {
+            d.active = active;
+        }
+    }
+}
+
+impl Clones for FakeLibvirt {
+    async fn clone_domain(&self, name: &str) -> Result<Option<CloneDomain>, LibvirtError> {
+        self.enter("read the domain", None)?;
+        let st = self.state();
+        Ok(st.domains.get(name).map(|_| CloneDomain {
+            task: st.tasks.get(name).cloned(),
+            uuid: format!("uuid-{name}"),
+        }))
+    }
+
+    async fn source_xml(&self, source: &str) -> Result<String, LibvirtError> {
+        self.enter("read the source's definition", None)?;
+        self.state()
+            .xml
+            .get(source)
+            .cloned()
+            .ok_or_else(|| not_found("read the source's definition"))
+    }
+
+    async fn define_clone(
+        &self,
+        name: &str,
+        task: &str,
+        xml: &str,
+    ) -> Result<Defined, LibvirtError> {
+        self.enter("define the clone", None)?;
+        if self.state().domains.contains_key(name) {
+            let ours = self.state().tasks.get(name).map(String::as_str) == Some(task);
+            return Ok(if ours {
+                Defined::Clone(format!("uuid-{name}"))
+            } else {
+                Defined::NameConflict
+            });
+        }
+        self.insert_xml(name, xml);
+        Ok(Defined::Clone(format!("uuid-{name}")))
+    }
+
+    async fn start_domain(&self, name: &str) -> Result<(), LibvirtError> {
+        self.enter("start the clone", None)?;
+        let mut st = self.state();
+        let d = st
+            .domains
+            .get_mut(name)
+            .ok_or_else(|| not_found("start the clone"))?;
+        d.active = true;
+        Ok(())
+    }
+
+    async fn undefine_owned_clone(&self, name: &str, task: &str) -> Result<bool, LibvirtError> {
+        self.enter("remove the unfinished clone", None)?;
+        let mut st = self.state();
+        if task.is_empty() || st.tasks.get(name).map(String::as_str) != Some(task) {
+            return Ok(false);
+        }
+        st.domains.remove(name);
+        st.xml.remove(name);
+        st.tasks.remove(name);
+        Ok(true)
+    }
+
+    async fn refresh_active_pools(&self) -> Result<(), LibvirtError> {
+        self.enter("refresh storage pools", None)
+    }
+
+    async fn copy_volume(
+        &self,
+        pool: &str,
+        volume: &str,
+        copies: &Copies,
+    ) -> Result<Option<(String, String)>, LibvirtError> {
+        self.enter("look up the copy of a volume", None)?;
+        let st = self.state();
+        let Some(found) = st.volumes.get(&(pool.to_string(), volume.to_string())) else {
+            return Ok(None);
+        };
+        let Some((copy, Some(dest_pool))) = copies.get(&found.path) else {
+            return Ok(None);
+        };
+        let name = copy.rsplit('/').next().unwrap_or(copy).to_string();
+        Ok(Some((dest_pool.clone(), name)))
     }
 }
 

@@ -4,6 +4,7 @@
 //! libvirt call on tokio's blocking pool, at most [`MAX_CONCURRENT_CALLS`] at a time.
 
 pub mod clone_xml;
+pub mod clones;
 pub mod domain;
 mod error;
 pub mod events;

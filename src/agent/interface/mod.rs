@@ -7,7 +7,7 @@
 
 mod apply;
 pub mod index;
-mod mac;
+pub(super) mod mac;
 mod observe;
 mod plan;
 mod reason;

@@ -1,0 +1,442 @@
+//! The task's work, run by the job runner: copy the disks, define the clone, start it if asked;
+//! and undo an unfinished task. It reports progress and its end and never writes status.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use super::plan::{DiskUse, SHARED, disk_use};
+use super::reason::CloneReason;
+use crate::agent::jobs::{JobCtx, Stop};
+use crate::agent::refusal::Refusal;
+use crate::api::{CloneDisk, ClonePhase, CopyStrategy, VMCloneStatus};
+use crate::copy::{self, Strategy, StrategyUsed};
+use crate::libvirt::clone_xml::{self, CloneEdits};
+use crate::libvirt::clones::{Clones, Copies, Defined};
+use crate::libvirt::domain::{self, DomainXml};
+use crate::libvirt::facade::Domains;
+
+/// What a job gets: the task as planned and recorded in its status.
+#[derive(Clone, Debug)]
+pub struct Job {
+    /// UID of the VMClone: recorded in the clone's metadata.
+    pub uid: String,
+    /// The source domain.
+    pub source: String,
+    /// Start the clone once defined.
+    pub start: bool,
+    /// How disks are copied.
+    pub strategy: CopyStrategy,
+    /// The source's definition as observed (its interfaces and UEFI variable store).
+    pub config: DomainXml,
+    /// The status with the plan (target name and disks).
+    pub status: VMCloneStatus,
+}
+
+/// How a job ended.
+#[derive(Debug)]
+pub enum JobEnd {
+    /// The clone is defined (`started`: whether starting it, when asked, worked).
+    Completed {
+        /// The job's view of the status.
+        status: VMCloneStatus,
+        /// The start, when asked.
+        started: Option<Result<(), String>>,
+    },
+    /// The task failed; what it made is removed.
+    Failed {
+        /// The job's view of the status.
+        status: VMCloneStatus,
+        /// Why.
+        why: Refusal<CloneReason>,
+    },
+    /// Stopped on request (shutdown: the next agent resumes; deletion: cleanup follows).
+    Stopped,
+}
+
+/// The progress a job reports: its view of the status.
+pub type Progress = Option<VMCloneStatus>;
+
+fn strategy_of(s: CopyStrategy) -> Strategy {
+    match s {
+        CopyStrategy::Auto => Strategy::Auto,
+        CopyStrategy::Copy => Strategy::Copy,
+        CopyStrategy::Reflink => Strategy::Reflink,
+    }
+}
+
+/// How a step of the job failed.
+enum Halt {
+    Stopped,
+    Failed(Refusal<CloneReason>),
+}
+
+fn fail(reason: CloneReason, message: String) -> Halt {
+    Halt::Failed(Refusal::fix(reason, message))
+}
+
+/// Runs a task: copies, definition, start; on failure (or when the task is abandoned) removes
+/// everything it made.
+pub async fn run<V: Clones + Domains>(v: &V, job: Job, ctx: &JobCtx<Progress>) -> JobEnd {
+    let stop = Arc::new(AtomicBool::new(false));
+    let watch = {
+        let (stop, cancel) = (stop.clone(), ctx.cancel.clone());
+        tokio::spawn(async move {
+            cancel.cancelled().await;
+            stop.store(true, Ordering::SeqCst);
+        })
+    };
+    let mut status = job.status.clone();
+    let result = match copy_all(&job, &mut status, ctx, &stop).await {
+        Ok(()) => {
+            let _ = v.refresh_active_pools().await;
+            define(v, &job, &mut status, ctx, &stop).await
+        }
+        Err(h) => Err(h),
+    };
+    watch.abort();
+    let target = status.target_name.clone().unwrap_or_default();
+    match result {
+        Ok(started) => JobEnd::Completed { status, started },
+        Err(Halt::Stopped) => {
+            if ctx.stop_reason() == Some(Stop::Abandon) {
+                // Deleted: what this run made goes (the cleanup removes the rest).
+                if let Err(error) = remove_leftovers(v, &job.uid, &target, &status.disks).await {
+                    tracing::warn!(%error, "failed to remove what the stopped task made");
+                }
+            }
+            JobEnd::Stopped
+        }
+        Err(Halt::Failed(why)) => {
+            if let Err(error) = remove_leftovers(v, &job.uid, &target, &status.disks).await {
+                tracing::warn!(%error, "failed to remove what the failed task made");
+            }
+            JobEnd::Failed { status, why }
+        }
+    }
+}
+
+/// Copies every disk not copied yet.
+async fn copy_all(
+    job: &Job,
+    status: &mut VMCloneStatus,
+    ctx: &JobCtx<Progress>,
+    stop: &Arc<AtomicBool>,
+) -> Result<(), Halt> {
+    let strategy = strategy_of(job.strategy);
+    ctx.report(Some(status.clone()));
+    for i in 0..status.disks.len() {
+        let d = status.disks[i].clone();
+        if d.strategy.as_deref() == Some(SHARED) {
+            continue;
+        }
+        let (Some(dst), total) = (d.target.clone(), d.total_bytes.unwrap_or(0)) else {
+            continue;
+        };
+        if d.strategy.is_some() && Path::new(&dst).exists() {
+            continue; // Copied before an agent restart.
+        }
+        if stop.load(Ordering::SeqCst) {
+            return Err(Halt::Stopped);
+        }
+        // A partial copy from before a restart is started over.
+        let _ = tokio::fs::remove_file(&dst).await;
+        // Progress as the copier counts it: bytes of data extents done, of their total.
+        let done = Arc::new(AtomicU64::new(0));
+        let of = Arc::new(AtomicU64::new(total));
+        let (src, dst2, done2, of2, stop2) = (
+            PathBuf::from(&d.source),
+            PathBuf::from(&dst),
+            done.clone(),
+            of.clone(),
+            stop.clone(),
+        );
+        let mut task = tokio::task::spawn_blocking(move || {
+            copy::copy_file(
+                &src,
+                &dst2,
+                strategy,
+                |n, t| {
+                    of2.store(t, Ordering::Relaxed);
+                    done2.store(n, Ordering::Relaxed);
+                },
+                &stop2,
+            )
+        });
+        let mut last = 0;
+        let copied = loop {
+            tokio::select! {
+                r = &mut task => break r,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {
+                    let (n, t) = (done.load(Ordering::Relaxed), of.load(Ordering::Relaxed));
+                    crate::metrics::get().clone_copied_bytes.inc_by(n.saturating_sub(last));
+                    last = n;
+                    status.disks[i].total_bytes = Some(t);
+                    status.disks[i].copied_bytes = Some(n.min(t));
+                    ctx.report(Some(status.clone()));
+                }
+            }
+        };
+        if stop.load(Ordering::SeqCst) {
+            return Err(Halt::Stopped);
+        }
+        let copied = match copied {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                return Err(fail(
+                    CloneReason::CopyFailed,
+                    format!("Copying {} failed: {e}.", d.source),
+                ));
+            }
+            Err(e) => {
+                return Err(fail(
+                    CloneReason::CopyFailed,
+                    format!("Copying {} failed: {e}.", d.source),
+                ));
+            }
+        };
+        crate::metrics::get()
+            .clone_copied_bytes
+            .inc_by(copied.data_bytes.saturating_sub(last));
+        let disk = &mut status.disks[i];
+        disk.strategy = Some(match copied.strategy_used {
+            StrategyUsed::Reflink => "Reflink".into(),
+            StrategyUsed::Copy => "Copy".into(),
+        });
+        disk.total_bytes = Some(copied.data_bytes);
+        disk.copied_bytes = Some(copied.data_bytes);
+        ctx.report(Some(status.clone()));
+        ctx.wake_now();
+    }
+    Ok(())
+}
+
+/// MAC addresses of every interface of every domain on the node, live and persistent.
+async fn macs_in_use<V: Domains>(v: &V) -> Result<Vec<String>, crate::libvirt::LibvirtError> {
+    let mut out = Vec::new();
+    for name in v.domain_names().await? {
+        let Some(view) = v.domain(&name).await? else {
+            continue;
+        };
+        for nic in view
+            .config
+            .interfaces
+            .iter()
+            .chain(view.live.iter().flat_map(|l| l.interfaces.iter()))
+        {
+            if let Some(mac) = &nic.mac {
+                out.push(mac.clone());
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Defines the clone (and starts it when asked); returns how the start went, when asked.
+///
+/// Checks `stop` before each step that makes something (the UEFI variable store, the
+/// definition, the start): a task deleted meanwhile stops there, and its cleanup removes what
+/// was made, including a domain this task defined.
+async fn define<V: Clones + Domains>(
+    v: &V,
+    job: &Job,
+    status: &mut VMCloneStatus,
+    ctx: &JobCtx<Progress>,
+    stop: &Arc<AtomicBool>,
+) -> Result<Option<Result<(), String>>, Halt> {
+    let target = status.target_name.clone().unwrap_or_default();
+    let libvirt = |e: crate::libvirt::LibvirtError| fail(CloneReason::DefineFailed, e.to_string());
+    if stop.load(Ordering::SeqCst) {
+        return Err(Halt::Stopped);
+    }
+    status.phase = Some(ClonePhase::Defining);
+    ctx.report(Some(status.clone()));
+    ctx.wake_now();
+
+    let uuid = match v.clone_domain(&target).await.map_err(libvirt)? {
+        // After an agent restart the clone may already be defined by this very task.
+        Some(d) if d.task.as_deref() == Some(job.uid.as_str()) => d.uuid,
+        Some(_) => {
+            return Err(fail(
+                CloneReason::NameConflict,
+                format!("A domain named {target} appeared while the disks were copied."),
+            ));
+        }
+        None => {
+            let xml = clone_definition(v, job, status, ctx, stop).await?;
+            if stop.load(Ordering::SeqCst) {
+                return Err(Halt::Stopped);
+            }
+            match v
+                .define_clone(&target, &job.uid, &xml)
+                .await
+                .map_err(libvirt)?
+            {
+                Defined::Clone(uuid) => uuid,
+                Defined::NameConflict => {
+                    return Err(fail(
+                        CloneReason::NameConflict,
+                        format!("A domain named {target} appeared while the disks were copied."),
+                    ));
+                }
+            }
+        }
+    };
+    status.target_uuid = Some(uuid);
+    ctx.report(Some(status.clone()));
+    // Deleted just now: the cleanup undefines the clone; never start it.
+    if !job.start || stop.load(Ordering::SeqCst) {
+        return Ok(None);
+    }
+    Ok(Some(
+        v.start_domain(&target).await.map_err(|e| e.to_string()),
+    ))
+}
+
+/// The clone's XML: new MACs, its own UEFI variable store, every writable disk on its copy.
+async fn clone_definition<V: Clones + Domains>(
+    v: &V,
+    job: &Job,
+    status: &mut VMCloneStatus,
+    ctx: &JobCtx<Progress>,
+    stop: &Arc<AtomicBool>,
+) -> Result<String, Halt> {
+    let target = status.target_name.clone().unwrap_or_default();
+    let source = &job.source;
+    let libvirt = |e: crate::libvirt::LibvirtError| fail(CloneReason::DefineFailed, e.to_string());
+    // New MACs, unique on the node.
+    let mut used = macs_in_use(v).await.map_err(libvirt)?;
+    let mut macs = Vec::new();
+    for _ in &job.config.interfaces {
+        let mac = crate::agent::interface::mac::allocate_mac(&used);
+        used.push(mac.clone());
+        macs.push(mac);
+    }
+    // A UEFI variable store of its own, recorded in the progress before the definition so that
+    // a cleanup finds it.
+    let nvram = match &job.config.nvram {
+        Some(src) => {
+            let dst = clone_xml::per_guest_path(src, &target);
+            let (s, d, stop) = (PathBuf::from(src), PathBuf::from(&dst), stop.clone());
+            let _ = std::fs::remove_file(&d);
+            tokio::task::spawn_blocking(move || {
+                copy::copy_file(&s, &d, Strategy::Copy, |_, _| {}, &stop)
+            })
+            .await
+            .map_err(|e| fail(CloneReason::DefineFailed, e.to_string()))?
+            .map_err(|e| {
+                fail(
+                    CloneReason::DefineFailed,
+                    format!("Copying the UEFI variable store failed: {e}."),
+                )
+            })?;
+            if !status.disks.iter().any(|d| d.target.as_ref() == Some(&dst)) {
+                status.disks.push(CloneDisk {
+                    source: src.clone(),
+                    target: Some(dst.clone()),
+                    strategy: Some("Copy".into()),
+                    message: Some("UEFI variable store".into()),
+                    ..Default::default()
+                });
+            }
+            ctx.report(Some(status.clone()));
+            ctx.wake_now();
+            Some(dst)
+        }
+        None => None,
+    };
+    // Copies by source path, with the pool each went to.
+    let copies: Copies = status
+        .disks
+        .iter()
+        .filter(|d| d.strategy.as_deref() != Some(SHARED))
+        .filter_map(|d| {
+            d.target
+                .clone()
+                .map(|t| (d.source.clone(), (t, d.pool.clone())))
+        })
+        .collect();
+    let mut edits = CloneEdits {
+        name: target.clone(),
+        task_uid: job.uid.clone(),
+        disk_paths: copies
+            .iter()
+            .map(|(s, (t, _))| (s.clone(), t.clone()))
+            .collect::<HashMap<_, _>>(),
+        macs,
+        nvram,
+        ..Default::default()
+    };
+    let xml = v.source_xml(source).await.map_err(libvirt)?;
+    let unreadable = |e: roxmltree::Error| {
+        fail(
+            CloneReason::DefineFailed,
+            format!("The source's XML could not be read: {e}."),
+        )
+    };
+    let parsed = domain::parse_domain(&xml).map_err(unreadable)?;
+    // Every writable disk must point at its copy: never share one by mistake.
+    for d in &parsed.disks {
+        let missing = match disk_use(d, source) {
+            DiskUse::File(path) => !copies.contains_key(&path),
+            DiskUse::Volume { pool, volume } => {
+                match v
+                    .copy_volume(&pool, &volume, &copies)
+                    .await
+                    .map_err(libvirt)?
+                {
+                    Some(new) => {
+                        edits.volumes.insert((pool, volume), new);
+                        false
+                    }
+                    None => true,
+                }
+            }
+            DiskUse::Unsupported(m) => return Err(fail(CloneReason::UnsupportedDisk, m)),
+            DiskUse::Empty | DiskUse::Shared(_) => false,
+        };
+        if missing {
+            return Err(fail(
+                CloneReason::DefineFailed,
+                format!(
+                    "Disk {} ({}) of {source} has no copy: the source changed while it was cloned. Delete this VMClone and create it again.",
+                    d.target.as_deref().unwrap_or("without target"),
+                    d.source_label().unwrap_or_default()
+                ),
+            ));
+        }
+    }
+    clone_xml::clone_xml(&xml, &edits).map_err(unreadable)
+}
+
+/// Undoes a task that did not complete: undefines the clone if this task defined it (the
+/// domain's metadata names the task), then removes the copies (never shared media, never the
+/// sources). What is already gone is fine.
+pub async fn remove_leftovers<V: Clones>(
+    v: &V,
+    uid: &str,
+    target: &str,
+    disks: &[CloneDisk],
+) -> Result<(), crate::libvirt::LibvirtError> {
+    if !target.is_empty() && !uid.is_empty() {
+        v.undefine_owned_clone(target, uid).await?;
+    }
+    for d in disks {
+        if d.strategy.as_deref() == Some(SHARED) {
+            continue;
+        }
+        if let Some(t) = &d.target
+            && t != &d.source
+        {
+            let _ = tokio::fs::remove_file(t).await;
+        }
+    }
+    let _ = v.refresh_active_pools().await;
+    Ok(())
+}
+
+#[cfg(test)]
+#[path = "apply_tests.rs"]
+mod tests;

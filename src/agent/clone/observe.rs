@@ -1,0 +1,124 @@
+//! The only step of a clone task's reconcile that reads: the task's latest status from the API,
+//! the source domain, and (for a task about to be planned) the pools, volumes, files and free
+//! space the plan weighs.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use kube::ResourceExt;
+use kube::api::Api;
+
+use super::plan::{self, FileFacts, Observed, Source};
+use crate::agent::context::{Context, ReconcileError, object_name};
+use crate::api::{VMClone, VMCloneStatus};
+use crate::copy;
+use crate::libvirt::clones::Clones;
+use crate::libvirt::facade::{Domains, Storage, VolumeLookup};
+
+/// The task's status as the API server has it now: the cache may not hold the last write yet,
+/// and a task must never be started twice.
+pub async fn fresh_status(
+    api: &Api<VMClone>,
+    obj: &VMClone,
+) -> Result<VMCloneStatus, ReconcileError> {
+    let fresh = api
+        .get_opt(&obj.name_any())
+        .await
+        .map_err(|source| ReconcileError::Api {
+            action: "read",
+            object: object_name(obj),
+            source,
+        })?;
+    Ok(fresh
+        .and_then(|o| o.status)
+        .or_else(|| obj.status.clone())
+        .unwrap_or_default())
+}
+
+/// Reads what the plan of `obj` needs; a task that resumes needs only its source.
+pub async fn observe(
+    obj: &VMClone,
+    ctx: &Context,
+    status: &VMCloneStatus,
+) -> Result<Observed, ReconcileError> {
+    let v = &ctx.libvirt;
+    let spec = &obj.spec;
+    let source = match v.domain(&spec.source).await? {
+        None => Source::Missing,
+        Some(view) if view.active => Source::Running,
+        Some(view) => Source::ShutOff(view.config),
+    };
+    let mut obs = Observed {
+        source,
+        ..Default::default()
+    };
+    let Source::ShutOff(config) = &obs.source else {
+        return Ok(obs);
+    };
+    if plan::resumes(status) {
+        return Ok(obs);
+    }
+    let config = config.clone();
+    let mut paths = plan::file_disks(&config, &spec.source);
+    for (pool, volume) in plan::volume_disks(&config, &spec.source) {
+        let found = v.volume(&pool, &volume).await?;
+        if let VolumeLookup::Found(f) = &found {
+            paths.push(f.path.clone());
+        }
+        obs.volumes.insert((pool, volume), found);
+    }
+    obs.names = v.domain_names().await?;
+    if let Some(t) = &spec.target_name {
+        obs.target_task = v.clone_domain(t).await?.and_then(|d| d.task);
+    }
+    obs.pools = v.storage_pools().await?;
+    obs.pool_dirs = obs
+        .pools
+        .iter()
+        .filter_map(|p| {
+            let dir = std::fs::canonicalize(p.path.as_ref()?).ok()?;
+            Some((p.name.clone(), dir))
+        })
+        .collect();
+    obs.allowed = ctx.allowed_dirs().await?;
+    for p in paths {
+        let path = PathBuf::from(&p);
+        let dir = path
+            .parent()
+            .and_then(|d| std::fs::canonicalize(d).ok())
+            .unwrap_or_default();
+        let allocated = copy::allocated_bytes(&path).unwrap_or(0);
+        let data = copy::data_bytes(&path).unwrap_or(allocated);
+        obs.free
+            .entry(dir.clone())
+            .or_insert_with(|| available(&dir));
+        obs.files.insert(
+            p,
+            FileFacts {
+                dir,
+                allocated,
+                data,
+            },
+        );
+    }
+    obs.existing = plan::destination_dirs(spec, &obs)
+        .iter()
+        .flat_map(|d| files_in(d))
+        .collect();
+    Ok(obs)
+}
+
+fn available(dir: &Path) -> u64 {
+    rustix::fs::statvfs(dir)
+        .map(|s| s.f_bavail.saturating_mul(s.f_frsize))
+        .unwrap_or(0)
+}
+
+fn files_in(dir: &Path) -> HashSet<PathBuf> {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+        .map(|e| dir.join(e.file_name()))
+        .collect()
+}

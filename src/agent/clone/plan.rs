@@ -1,0 +1,497 @@
+//! The pure part of a clone task: what to do with each disk of the source, the clone's name,
+//! where each copy goes and whether there is room. No client, no libvirt, no filesystem.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::reason::CloneReason;
+use crate::agent::refusal::Refusal;
+use crate::api::{CloneDisk, ClonePhase, StoragePoolSummary, VMCloneSpec, VMCloneStatus};
+use crate::libvirt::domain::{DiskXml, DomainXml};
+use crate::libvirt::facade::VolumeLookup;
+use crate::libvirt::volume;
+
+/// `strategy` of a disk the clone shares with its source.
+pub const SHARED: &str = "Shared";
+
+/// The source domain as observed.
+#[derive(Clone, Debug, Default)]
+pub enum Source {
+    /// Not defined on this node.
+    #[default]
+    Missing,
+    /// Running.
+    Running,
+    /// Shut off, with its persistent definition.
+    ShutOff(DomainXml),
+}
+
+/// What the agent knows of a file a copy is made from.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FileFacts {
+    /// Its directory, symlinks resolved (empty when it does not exist).
+    pub dir: PathBuf,
+    /// The space it occupies (what the space check counts).
+    pub allocated: u64,
+    /// Its data extents (what progress counts).
+    pub data: u64,
+}
+
+/// Everything the plan reads, gathered by `observe`.
+#[derive(Clone, Debug, Default)]
+pub struct Observed {
+    /// The source domain.
+    pub source: Source,
+    /// Names of every domain on the node.
+    pub names: Vec<String>,
+    /// The task that made the domain named `spec.targetName`, if one exists and a task made it.
+    pub target_task: Option<String>,
+    /// Every storage pool of the node.
+    pub pools: Vec<StoragePoolSummary>,
+    /// Each pool's target directory, symlinks resolved.
+    pub pool_dirs: HashMap<String, PathBuf>,
+    /// The agent's allowed directories (configured ones and active pools'), symlinks resolved.
+    pub allowed: Vec<PathBuf>,
+    /// The `type='volume'` disks' volumes, by (pool, volume).
+    pub volumes: HashMap<(String, String), VolumeLookup>,
+    /// The files to copy, by path.
+    pub files: HashMap<String, FileFacts>,
+    /// Available bytes of directories outside pools, by directory.
+    pub free: HashMap<PathBuf, u64>,
+    /// Files that exist in the directories copies may go to.
+    pub existing: HashSet<PathBuf>,
+}
+
+/// The task's plan: the clone's name and one entry per disk of the source.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Plan {
+    /// Name of the clone.
+    pub target: String,
+    /// Shared disks and planned copies.
+    pub disks: Vec<CloneDisk>,
+}
+
+/// What the reconcile does with a task that is not running.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Wait (phase Pending) for the source to appear or to shut off.
+    Wait(Refusal<CloneReason>),
+    /// Fail the task before anything is made.
+    Refuse(Refusal<CloneReason>),
+    /// The task started before (the agent restarted): its plan is in the status.
+    Resume,
+    /// Start the task with this plan.
+    Start(Plan),
+}
+
+/// Whether the task is over (Completed or Failed): nothing more to do.
+pub fn settled(status: &VMCloneStatus) -> bool {
+    matches!(
+        status.phase,
+        Some(ClonePhase::Completed | ClonePhase::Failed)
+    )
+}
+
+/// Whether the task started before, its plan recorded in the status (even when it copies
+/// nothing).
+pub fn resumes(status: &VMCloneStatus) -> bool {
+    matches!(
+        status.phase,
+        Some(ClonePhase::Copying | ClonePhase::Defining)
+    ) && status.target_name.is_some()
+}
+
+/// What a clone does with one disk of the source.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DiskUse {
+    /// No medium (an empty CD-ROM tray): nothing to do.
+    Empty,
+    /// Read-only or shareable: the clone refers to the same source, labelled so.
+    Shared(String),
+    /// A writable file, copied.
+    File(String),
+    /// A writable `type='volume'` disk: copied when it is a file in a directory pool.
+    Volume {
+        /// The pool.
+        pool: String,
+        /// The volume.
+        volume: String,
+    },
+    /// A writable disk that is no file: the task is refused with this message.
+    Unsupported(String),
+}
+
+/// Decides from the XML alone what the clone does with disk `d` of domain `source`.
+pub fn disk_use(d: &DiskXml, source: &str) -> DiskUse {
+    let Some(label) = d.source_label() else {
+        return DiskUse::Empty;
+    };
+    if d.readonly || d.shareable || d.device == "cdrom" {
+        return DiskUse::Shared(label);
+    }
+    match (d.kind.as_str(), &d.source, &d.pool, &d.volume) {
+        ("file", Some(path), _, _) => DiskUse::File(path.clone()),
+        ("volume", _, Some(pool), Some(volume)) => DiskUse::Volume {
+            pool: pool.clone(),
+            volume: volume.clone(),
+        },
+        (kind, _, _, _) => {
+            let what = match kind {
+                "block" => "block device",
+                "network" => "network disk",
+                _ => kind,
+            };
+            DiskUse::Unsupported(unsupported(d, &format!("{what} {label}"), source))
+        }
+    }
+}
+
+/// The refusal message of a writable disk the clone cannot copy.
+fn unsupported(d: &DiskXml, what: &str, source: &str) -> String {
+    format!(
+        "Disk {} ({what}) of {source} is writable and not a file that can be copied, so the clone \
+         would write to the same storage as {source}: mark it <readonly/> or <shareable/> in \
+         {source} to share it with the clone, or convert it to a file in a dir, fs or netfs pool.",
+        target_of(d),
+    )
+}
+
+fn target_of(d: &DiskXml) -> &str {
+    d.target.as_deref().unwrap_or("without target")
+}
+
+/// A disk as planned: shared, or copied from a file (of a known pool, for a volume disk).
+enum Step {
+    Shared(String),
+    Copy { path: String, pool: Option<String> },
+}
+
+fn storage(message: String) -> Refusal<CloneReason> {
+    Refusal::fix(CloneReason::StorageNotUsable, message)
+}
+
+/// Decides what happens to a task that is neither settled nor running.
+pub fn decide(
+    spec: &VMCloneSpec,
+    uid: &str,
+    node: &str,
+    status: &VMCloneStatus,
+    observed: &Observed,
+) -> Decision {
+    let source = &spec.source;
+    let config = match &observed.source {
+        Source::Missing => {
+            return Decision::Wait(Refusal::wait(
+                CloneReason::SourceNotFound,
+                format!(
+                    "Domain {source} is not defined on node {node}; the task starts once it is."
+                ),
+                Duration::from_secs(300),
+            ));
+        }
+        // The domain's stop event wakes the task.
+        Source::Running => {
+            return Decision::Wait(Refusal::wait(
+                CloneReason::SourceRunning,
+                format!("{source} is running; the clone starts by itself once it is shut off."),
+                Duration::from_secs(600),
+            ));
+        }
+        Source::ShutOff(config) => config,
+    };
+    if resumes(status) {
+        return Decision::Resume;
+    }
+    match plan(spec, uid, node, config, observed) {
+        Ok(p) => Decision::Start(p),
+        Err(r) => Decision::Refuse(r),
+    }
+}
+
+/// Chooses the clone's name and where each disk goes; checks that every writable disk can be
+/// copied and that there is space. A refusal is permanent, with nothing created.
+pub fn plan(
+    spec: &VMCloneSpec,
+    uid: &str,
+    node: &str,
+    config: &DomainXml,
+    obs: &Observed,
+) -> Result<Plan, Refusal<CloneReason>> {
+    let source = &spec.source;
+
+    // Every disk first: a disk that cannot be copied refuses the whole task.
+    let mut steps = Vec::new();
+    let mut refused = Vec::new();
+    for d in &config.disks {
+        match disk_use(d, source) {
+            DiskUse::Empty => {}
+            DiskUse::Shared(label) => steps.push(Step::Shared(label)),
+            DiskUse::File(path) => steps.push(Step::Copy { path, pool: None }),
+            DiskUse::Unsupported(message) => refused.push(message),
+            DiskUse::Volume { pool, volume } => {
+                let why = match obs.volumes.get(&(pool.clone(), volume.clone())) {
+                    Some(VolumeLookup::Found(v))
+                        if v.is_file && volume::holds_files(&v.pool_type) =>
+                    {
+                        steps.push(Step::Copy {
+                            path: v.path.clone(),
+                            pool: Some(pool),
+                        });
+                        continue;
+                    }
+                    Some(VolumeLookup::Found(v)) => {
+                        refused.push(unsupported(
+                            d,
+                            &format!(
+                                "volume {volume} of the {} pool {pool}, at {}",
+                                v.pool_type, v.path
+                            ),
+                            source,
+                        ));
+                        continue;
+                    }
+                    Some(VolumeLookup::NoPool) => "no such pool",
+                    Some(VolumeLookup::PoolInactive) => "the pool is not running",
+                    Some(VolumeLookup::NoVolume) | None => "no such volume",
+                };
+                return Err(storage(format!(
+                    "Disk {} of {source} is volume {volume} of pool {pool}, which libvirt cannot resolve ({why}); start the pool or fix the disk.",
+                    target_of(d)
+                )));
+            }
+        }
+    }
+    if !refused.is_empty() {
+        return Err(Refusal::fix(
+            CloneReason::UnsupportedDisk,
+            refused.join(" "),
+        ));
+    }
+
+    let names = &obs.names;
+    let (target, number) = match &spec.target_name {
+        Some(t) => {
+            if names.contains(t) && obs.target_task.as_deref() != Some(uid) {
+                return Err(Refusal::fix(
+                    CloneReason::NameConflict,
+                    format!(
+                        "A domain named {t} already exists on node {node}; choose another spec.targetName."
+                    ),
+                ));
+            }
+            (t.clone(), 1)
+        }
+        None => {
+            let n = (1u32..)
+                .find(|n| !names.contains(&format!("{source}-clone{n}")))
+                .unwrap_or(1);
+            (format!("{source}-clone{n}"), n)
+        }
+    };
+
+    // The fallback pool, or why it cannot take copies.
+    let fallback = match obs
+        .pools
+        .iter()
+        .find(|p| p.name == spec.storage.pool && p.active)
+    {
+        Some(f) if volume::holds_files(&f.type_) && f.path.is_some() => Ok(Some(f)),
+        Some(f) => Err(format!(
+            "the fallback pool {} is a {} pool, which cannot hold file copies; set spec.storage.pool to an active dir, fs or netfs pool",
+            f.name, f.type_
+        )),
+        None => Ok(None),
+    };
+    let mut disks = Vec::new();
+    // Bytes each destination directory must hold, with its available bytes.
+    let mut need: HashMap<PathBuf, (u64, u64, String)> = HashMap::new();
+    for step in steps {
+        let (src, vol_pool) = match step {
+            Step::Shared(label) => {
+                disks.push(CloneDisk {
+                    source: label.clone(),
+                    target: Some(label),
+                    strategy: Some(SHARED.into()),
+                    ..Default::default()
+                });
+                continue;
+            }
+            Step::Copy { path, pool } => (path, pool),
+        };
+        let facts = obs.files.get(&src).cloned().unwrap_or_default();
+        let dir = facts.dir.clone();
+        let pool = obs.pools.iter().find(|p| {
+            p.active
+                && match &vol_pool {
+                    // A volume's own pool, even when another pool shares its directory.
+                    Some(name) => &p.name == name,
+                    None => obs.pool_dirs.get(&p.name) == Some(&dir),
+                }
+        });
+        let allocated = facts.allocated;
+        let (mut dest_dir, mut pool_name, mut message, mut available) = match pool {
+            Some(p) if volume::holds_files(&p.type_) => {
+                (dir.clone(), Some(p.name.clone()), None, p.available)
+            }
+            Some(p) => match &fallback {
+                Ok(Some(f)) => (
+                    PathBuf::from(f.path.clone().unwrap_or_default()),
+                    Some(f.name.clone()),
+                    Some(format!(
+                        "Pool {} ({}) cannot take a file copy; the copy went to the fallback pool {}.",
+                        p.name, p.type_, f.name
+                    )),
+                    f.available,
+                ),
+                Ok(None) => {
+                    return Err(storage(format!(
+                        "Pool {} ({}) cannot take a file copy and the fallback pool {} is not an active pool on this node.",
+                        p.name, p.type_, spec.storage.pool
+                    )));
+                }
+                Err(why) => {
+                    return Err(storage(format!(
+                        "Pool {} ({}) cannot take a file copy of {src}, and {why}.",
+                        p.name, p.type_
+                    )));
+                }
+            },
+            None if obs.allowed.iter().any(|a| dir.starts_with(a)) => (
+                dir.clone(),
+                None,
+                None,
+                obs.free.get(&dir).copied().unwrap_or(0),
+            ),
+            None => {
+                return Err(storage(format!(
+                    "{src} lies outside the storage pools and allowed directories of this agent; it cannot be copied."
+                )));
+            }
+        };
+        let already = need.get(&dest_dir).map_or(0, |n| n.0);
+        if already + allocated > available {
+            let here = pool_name
+                .clone()
+                .unwrap_or_else(|| dir.display().to_string());
+            match &fallback {
+                Ok(Some(f)) if Some(&f.name) != pool_name.as_ref() => {
+                    let f_dir = PathBuf::from(f.path.clone().unwrap_or_default());
+                    let f_already = need.get(&f_dir).map_or(0, |n| n.0);
+                    if f_already + allocated <= f.available {
+                        message = Some(format!(
+                            "{here} lacks room for {allocated} bytes; the copy went to the fallback pool {}.",
+                            f.name
+                        ));
+                        dest_dir = f_dir;
+                        pool_name = Some(f.name.clone());
+                        available = f.available;
+                    }
+                }
+                Err(why) => {
+                    return Err(storage(format!(
+                        "{here} lacks room for a copy of {src} ({allocated} bytes), and {why}."
+                    )));
+                }
+                _ => {}
+            }
+        }
+        let entry = need.entry(dest_dir.clone()).or_insert((
+            0,
+            available,
+            pool_name
+                .clone()
+                .unwrap_or_else(|| dest_dir.display().to_string()),
+        ));
+        entry.0 += allocated;
+        let dest = free_copy_name(&dest_dir, Path::new(&src), number, &disks, &obs.existing);
+        disks.push(CloneDisk {
+            source: src,
+            target: Some(dest.display().to_string()),
+            pool: pool_name,
+            strategy: None,
+            total_bytes: Some(facts.data),
+            copied_bytes: Some(0),
+            message,
+        });
+    }
+    let mut over: Vec<_> = need.iter().filter(|(_, n)| n.0 > n.1).collect();
+    over.sort_by(|a, b| a.0.cmp(b.0));
+    if let Some((dir, (bytes, available, name))) = over.first() {
+        return Err(Refusal::fix(
+            CloneReason::InsufficientSpace,
+            format!(
+                "The copies need {bytes} bytes (the sources' allocated size) in {name} ({}), which has {available} available, and no fallback pool has room. Free space or set spec.storage.pool.",
+                dir.display()
+            ),
+        ));
+    }
+    Ok(Plan { target, disks })
+}
+
+/// `disk.img` -> `disk-clone<N>.img` in `dir`, with the lowest N from `from` that names no
+/// existing file and no copy planned so far.
+pub fn free_copy_name(
+    dir: &Path,
+    src: &Path,
+    from: u32,
+    planned: &[CloneDisk],
+    existing: &HashSet<PathBuf>,
+) -> PathBuf {
+    let file = src
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let (stem, ext) = match file.rsplit_once('.') {
+        Some((s, e)) if !s.is_empty() => (s.to_string(), format!(".{e}")),
+        _ => (file.clone(), String::new()),
+    };
+    (from..)
+        .map(|n| dir.join(format!("{stem}-clone{n}{ext}")))
+        .find(|p| {
+            !existing.contains(p) && !planned.iter().any(|d| d.target.as_deref() == p.to_str())
+        })
+        .unwrap_or_else(|| dir.join(format!("{stem}-clone{ext}")))
+}
+
+/// The copies' destination directories a plan may use: each file's own directory and the
+/// fallback pool's (what `observe` lists for [`Observed::existing`]).
+pub fn destination_dirs(spec: &VMCloneSpec, obs: &Observed) -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = obs.files.values().map(|f| f.dir.clone()).collect();
+    if let Some(p) = obs.pools.iter().find(|p| p.name == spec.storage.pool)
+        && let Some(path) = &p.path
+    {
+        dirs.push(PathBuf::from(path));
+    }
+    dirs.sort();
+    dirs.dedup();
+    dirs
+}
+
+/// The paths of the files a source's disks copy from, before volumes are resolved.
+pub fn file_disks(config: &DomainXml, source: &str) -> Vec<String> {
+    config
+        .disks
+        .iter()
+        .filter_map(|d| match disk_use(d, source) {
+            DiskUse::File(p) => Some(p),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The `(pool, volume)` of each writable volume disk of a source.
+pub fn volume_disks(config: &DomainXml, source: &str) -> Vec<(String, String)> {
+    config
+        .disks
+        .iter()
+        .filter_map(|d| match disk_use(d, source) {
+            DiskUse::Volume { pool, volume } => Some((pool, volume)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[cfg(test)]
+#[path = "plan_tests.rs"]
+mod tests;
