@@ -232,6 +232,7 @@ pub async fn run(
     );
     let iso_store = iso_ctrl.store();
     let downloads = iso_ctrl
+        .reconcile_on(ctx.downloads.wakeups())
         .graceful_shutdown_on(shutdown::wait(shutdown.clone()))
         .run(
             |o, c| measured(o, c, iso::reconcile),
