@@ -150,11 +150,11 @@ pub async fn clear_record(at: &At) {
 /// Runs a cleanup: the volume (through libvirt, or its file when libvirt cannot), the record,
 /// the partial data. Everything already gone is fine.
 pub async fn cleanup<V: Storage>(virt: &V, plan: &Cleanup) {
-    if let Some(vol) = &plan.delete {
-        if let Err(e) = virt.delete_volume(&vol.pool, &vol.name).await {
-            tracing::warn!(error = %e, volume = %vol.name, "failed to delete the volume through libvirt; removing its file");
-            let _ = tokio::fs::remove_file(&vol.path).await;
-        }
+    if let Some(vol) = &plan.delete
+        && let Err(e) = virt.delete_volume(&vol.pool, &vol.name).await
+    {
+        tracing::warn!(error = %e, volume = %vol.name, "failed to delete the volume through libvirt; removing its file");
+        let _ = tokio::fs::remove_file(&vol.path).await;
     }
     if let Some(at) = &plan.clear_record {
         clear_record(at).await;

@@ -1,4 +1,4 @@
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use super::*;
@@ -74,11 +74,20 @@ async fn completion_refreshes_the_pool_even_when_that_fails() {
         at: at(dir.path()),
     };
     let out = apply(&virt, &downloads, "u", plan(), never).await;
-    assert!(matches!(out, Outcome::Completed { attempts: Some(1), .. }));
+    assert!(matches!(
+        out,
+        Outcome::Completed {
+            attempts: Some(1),
+            ..
+        }
+    ));
     assert_eq!(virt.calls(), ["refresh a storage pool"]);
     virt.fail_next("refresh a storage pool", None, ErrorKind::Unreachable);
     let out = apply(&virt, &downloads, "u", plan(), never).await;
-    assert!(matches!(out, Outcome::Completed { .. }), "the file is in place either way");
+    assert!(
+        matches!(out, Outcome::Completed { .. }),
+        "the file is in place either way"
+    );
 }
 
 #[tokio::test]
@@ -108,20 +117,34 @@ async fn a_failure_removes_partial_data_only_when_asked() {
         discard: Some(at(dir.path())),
     };
     let out = apply(&virt, &downloads, "u", discard, never).await;
-    assert_eq!(out, Outcome::Failed { refusal, removed: 7 });
+    assert_eq!(
+        out,
+        Outcome::Failed {
+            refusal,
+            removed: 7
+        }
+    );
     assert!(!dir.path().join(".a.iso.part").exists());
-    assert!(virt.calls().is_empty(), "no libvirt call: {:?}", virt.calls());
+    assert!(
+        virt.calls().is_empty(),
+        "no libvirt call: {:?}",
+        virt.calls()
+    );
 }
 
 /// Starts a job that waits to be stopped and tells why it was.
 fn waiting_job(downloads: &Downloads) -> Arc<Mutex<Option<Stop>>> {
     let why = Arc::new(Mutex::new(None));
     let seen = why.clone();
-    assert!(downloads.jobs.start("u", ObjectRef::new("d").within("ns"), |job| async move {
-        job.cancel.cancelled().await;
-        *seen.lock().unwrap() = job.stop_reason();
-        super::super::job::JobResult::Stopped
-    }));
+    assert!(
+        downloads
+            .jobs
+            .start("u", ObjectRef::new("d").within("ns"), |job| async move {
+                job.cancel.cancelled().await;
+                *seen.lock().unwrap() = job.stop_reason();
+                super::super::job::JobResult::Stopped
+            })
+    );
     why
 }
 
@@ -169,7 +192,13 @@ async fn a_spec_change_abandons_the_job_then_removes_its_data() {
         discard: Some(at(dir.path())),
     };
     let out = apply(&virt, &downloads, "u", plan, never).await;
-    assert_eq!(out, Outcome::Failed { refusal, removed: 9 });
+    assert_eq!(
+        out,
+        Outcome::Failed {
+            refusal,
+            removed: 9
+        }
+    );
     assert_eq!(*why.lock().unwrap(), Some(Stop::Abandon));
 }
 
@@ -239,5 +268,5 @@ async fn cleanup_removes_the_file_when_libvirt_cannot() {
     // Retain: the volume stays.
     std::fs::write(dir.path().join("a.iso"), b"iso").unwrap();
     cleanup(&virt, &Cleanup::default()).await;
-    assert!(PathBuf::from(dir.path().join("a.iso")).exists());
+    assert!(dir.path().join("a.iso").exists());
 }

@@ -251,7 +251,13 @@ mod tests {
             pool("off", "dir", false),
             pool("lv", "logical", true),
         ];
-        let cases: &[(&str, Option<&str>, &str, Result<&str, IsoReason>)] = &[
+        type Case<'a> = (
+            &'a str,
+            Option<&'a str>,
+            &'a str,
+            Result<&'a str, IsoReason>,
+        );
+        let cases: &[Case] = &[
             ("http://h/a.iso", None, "p", Ok("a.iso")),
             ("ftps://h/d/b.iso", Some("c.iso"), "p", Ok("c.iso")),
             (

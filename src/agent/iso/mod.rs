@@ -81,11 +81,11 @@ async fn apply_pass(
     })
     .await;
     let report = report::report(obj, &ctx.node, &outcome, Timestamp::now());
-    if let Some(seq) = report.progress {
-        if let Some(wait) = ctx.downloads.due(&uid, seq) {
-            // Progress only, written less than a second ago: the next one comes by then.
-            return Ok(Action::requeue(wait));
-        }
+    if let Some(seq) = report.progress
+        && let Some(wait) = ctx.downloads.due(&uid, seq)
+    {
+        // Progress only, written less than a second ago: the next one comes by then.
+        return Ok(Action::requeue(wait));
     }
     if let Some(w) = report.write {
         let prev = obj.status.clone().unwrap_or_default();

@@ -240,7 +240,10 @@ fn finished_and_stopping_objects_are_left_alone() {
         let o = obj(serde_json::json!({"url": "http://h/b.iso"}), started(phase));
         assert_eq!(plan(&o, &seen(JobState::None, None)), Plan::Nothing);
     }
-    let o = obj(serde_json::json!({"url": URL}), started(DownloadPhase::Pending));
+    let o = obj(
+        serde_json::json!({"url": URL}),
+        started(DownloadPhase::Pending),
+    );
     let mut observed = seen(JobState::None, Some(files(0)));
     observed.stopping = true;
     assert_eq!(plan(&o, &observed), Plan::Nothing);
@@ -248,10 +251,16 @@ fn finished_and_stopping_objects_are_left_alone() {
 
 #[test]
 fn a_new_download_records_its_target_then_starts() {
-    let o = obj(serde_json::json!({"url": URL}), IsoDownloadStatus::default());
+    let o = obj(
+        serde_json::json!({"url": URL}),
+        IsoDownloadStatus::default(),
+    );
     let observed = seen(JobState::None, Some(files(0)));
     assert_eq!(plan(&o, &observed), Plan::Record(target(URL, "a.iso")));
-    let o = obj(serde_json::json!({"url": URL}), started(DownloadPhase::Pending));
+    let o = obj(
+        serde_json::json!({"url": URL}),
+        started(DownloadPhase::Pending),
+    );
     let Plan::Start { place, resumed } = plan(&o, &observed) else {
         panic!()
     };
@@ -282,13 +291,19 @@ fn pause_and_resume() {
         }
     );
     // Unpaused: a new job, announced as resumed.
-    let o = obj(serde_json::json!({"url": URL}), started(DownloadPhase::Paused));
+    let o = obj(
+        serde_json::json!({"url": URL}),
+        started(DownloadPhase::Paused),
+    );
     let Plan::Start { resumed, .. } = plan(&o, &seen(JobState::None, Some(files(7)))) else {
         panic!()
     };
     assert!(resumed);
     // A job stopped by the agent's shutdown is started again by the next agent.
-    let o = obj(serde_json::json!({"url": URL}), started(DownloadPhase::Downloading));
+    let o = obj(
+        serde_json::json!({"url": URL}),
+        started(DownloadPhase::Downloading),
+    );
     let stopped = JobState::Ended(JobResult::Stopped, JobProgress::default());
     assert!(matches!(
         plan(&o, &seen(stopped, Some(files(7)))),
@@ -298,7 +313,10 @@ fn pause_and_resume() {
 
 #[test]
 fn a_running_job_reports_its_progress() {
-    let o = obj(serde_json::json!({"url": URL}), started(DownloadPhase::Downloading));
+    let o = obj(
+        serde_json::json!({"url": URL}),
+        started(DownloadPhase::Downloading),
+    );
     let JobState::Running(p) = running() else {
         unreachable!()
     };
@@ -307,7 +325,10 @@ fn a_running_job_reports_its_progress() {
 
 #[test]
 fn completion_from_the_job_and_from_the_record_alone() {
-    let o = obj(serde_json::json!({"url": URL}), started(DownloadPhase::Downloading));
+    let o = obj(
+        serde_json::json!({"url": URL}),
+        started(DownloadPhase::Downloading),
+    );
     let done = JobState::Ended(
         JobResult::Completed {
             finished: finished(),
@@ -329,7 +350,11 @@ fn completion_from_the_job_and_from_the_record_alone() {
         panic!()
     };
     assert_eq!(
-        (volume.pool.as_str(), volume.name.as_str(), volume.path.as_str()),
+        (
+            volume.pool.as_str(),
+            volume.name.as_str(),
+            volume.path.as_str()
+        ),
         ("p", "a.iso", "/pools/p/a.iso")
     );
     assert_eq!((note.as_deref(), attempts), (Some("again"), Some(3)));
@@ -403,5 +428,8 @@ fn cleanup_removes_partial_data_and_deleted_volumes_only() {
         }
     );
     // Nothing found (the pool is gone): nothing to do.
-    assert_eq!(cleanup(&running, &seen(JobState::None, None)), Cleanup::default());
+    assert_eq!(
+        cleanup(&running, &seen(JobState::None, None)),
+        Cleanup::default()
+    );
 }

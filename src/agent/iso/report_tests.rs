@@ -66,10 +66,30 @@ fn job_progress_table() {
         kept: 0,
     };
     let table = [
-        (JobPhase::Queued { limit: 1 }, DownloadPhase::Pending, "Queued", false),
-        (JobPhase::Downloading, DownloadPhase::Downloading, "Downloading", true),
-        (JobPhase::VerifyingPartial, DownloadPhase::Verifying, "Verifying", true),
-        (JobPhase::VerifyingFile, DownloadPhase::Verifying, "Verifying", true),
+        (
+            JobPhase::Queued { limit: 1 },
+            DownloadPhase::Pending,
+            "Queued",
+            false,
+        ),
+        (
+            JobPhase::Downloading,
+            DownloadPhase::Downloading,
+            "Downloading",
+            true,
+        ),
+        (
+            JobPhase::VerifyingPartial,
+            DownloadPhase::Verifying,
+            "Verifying",
+            true,
+        ),
+        (
+            JobPhase::VerifyingFile,
+            DownloadPhase::Verifying,
+            "Verifying",
+            true,
+        ),
         (retry, DownloadPhase::Pending, "Retrying", true),
     ];
     let prev = IsoDownloadStatus {
@@ -78,7 +98,12 @@ fn job_progress_table() {
         ..IsoDownloadStatus::default()
     };
     for (phase, want, reason, progressing) in table {
-        let r = report(&obj(prev.clone()), "n1", &Outcome::Progress(progress(phase.clone())), now());
+        let r = report(
+            &obj(prev.clone()),
+            "n1",
+            &Outcome::Progress(progress(phase.clone())),
+            now(),
+        );
         assert_eq!(conds(&r), (false, reason, progressing, reason), "{phase:?}");
         let st = &r.write.as_ref().unwrap().status;
         assert_eq!(st.phase, Some(want), "{phase:?}");
@@ -99,7 +124,12 @@ fn downloading_counts_and_announces_the_start_once() {
     );
     let st = &r.write.as_ref().unwrap().status;
     assert_eq!(
-        (st.downloaded_bytes, st.total_bytes, st.progress.as_deref(), st.bytes_per_second),
+        (
+            st.downloaded_bytes,
+            st.total_bytes,
+            st.progress.as_deref(),
+            st.bytes_per_second
+        ),
         (Some(50), Some(200), Some("25%"), Some(10))
     );
     assert_eq!(st.start_time, Some(Time(now())));
@@ -116,7 +146,12 @@ fn downloading_counts_and_announces_the_start_once() {
 #[test]
 fn download_messages_explain_resuming() {
     let msg = |p: JobProgress| {
-        let r = report(&obj(IsoDownloadStatus::default()), "n1", &Outcome::Progress(p), now());
+        let r = report(
+            &obj(IsoDownloadStatus::default()),
+            "n1",
+            &Outcome::Progress(p),
+            now(),
+        );
         r.write.unwrap().ready.message
     };
     let p = progress(JobPhase::Downloading);
@@ -161,7 +196,16 @@ fn a_job_with_nothing_to_say_writes_nothing() {
     );
     assert_eq!(r.write, None);
     assert_eq!(r.progress, None);
-    assert_eq!(report(&obj(IsoDownloadStatus::default()), "n1", &Outcome::Nothing, now()).write, None);
+    assert_eq!(
+        report(
+            &obj(IsoDownloadStatus::default()),
+            "n1",
+            &Outcome::Nothing,
+            now()
+        )
+        .write,
+        None
+    );
 }
 
 #[test]
@@ -174,7 +218,10 @@ fn starting_records_the_target() {
     );
     assert_eq!(conds(&r), (false, "Starting", true, "Starting"));
     let st = &r.write.as_ref().unwrap().status;
-    assert_eq!((st.phase, st.target.clone()), (Some(DownloadPhase::Pending), Some(target())));
+    assert_eq!(
+        (st.phase, st.target.clone()),
+        (Some(DownloadPhase::Pending), Some(target()))
+    );
 }
 
 #[test]
@@ -196,10 +243,27 @@ fn pause_and_resume_events() {
         (Some(DownloadPhase::Paused), Some(42), None)
     );
     assert_eq!(event_reasons(&r), ["Paused"]);
-    assert!(report(&obj(prev.clone()), "n1", &paused(false), now()).events.is_empty());
-    let resumed = report(&obj(prev.clone()), "n1", &Outcome::Started { resumed: true }, now());
-    assert_eq!((resumed.write.is_none(), event_reasons(&resumed)), (true, vec!["Resumed"]));
-    let fresh = report(&obj(prev), "n1", &Outcome::Started { resumed: false }, now());
+    assert!(
+        report(&obj(prev.clone()), "n1", &paused(false), now())
+            .events
+            .is_empty()
+    );
+    let resumed = report(
+        &obj(prev.clone()),
+        "n1",
+        &Outcome::Started { resumed: true },
+        now(),
+    );
+    assert_eq!(
+        (resumed.write.is_none(), event_reasons(&resumed)),
+        (true, vec!["Resumed"])
+    );
+    let fresh = report(
+        &obj(prev),
+        "n1",
+        &Outcome::Started { resumed: false },
+        now(),
+    );
     assert!(fresh.events.is_empty() && fresh.write.is_none());
 }
 
@@ -237,8 +301,18 @@ fn completion_is_ready_and_clears_the_record_after_the_write() {
     );
     let st = &w.status;
     assert_eq!(
-        (st.phase, st.downloaded_bytes, st.total_bytes, st.progress.as_deref()),
-        (Some(DownloadPhase::Completed), Some(200), Some(200), Some("100%"))
+        (
+            st.phase,
+            st.downloaded_bytes,
+            st.total_bytes,
+            st.progress.as_deref()
+        ),
+        (
+            Some(DownloadPhase::Completed),
+            Some(200),
+            Some(200),
+            Some("100%")
+        )
     );
     assert_eq!((st.checksum_verified, st.attempts), (Some(true), Some(3)));
     assert_eq!(st.completion_time, Some(Time(now())));
@@ -261,7 +335,11 @@ fn every_failure_reason() {
         IsoReason::Retrying,
         IsoReason::Starting,
     ];
-    for reason in IsoReason::ALL.iter().copied().filter(|r| !waiting.contains(r)) {
+    for reason in IsoReason::ALL
+        .iter()
+        .copied()
+        .filter(|r| !waiting.contains(r))
+    {
         assert!(!reason.waiting(), "{reason:?}");
         for removed in [0, 1024] {
             let out = Outcome::Failed {
@@ -275,17 +353,24 @@ fn every_failure_reason() {
             assert_eq!(w.status.phase, Some(DownloadPhase::Failed));
             assert_eq!(w.status.completion_time, Some(Time(now())));
             assert_eq!(
-                w.ready.message.contains("The 1024 bytes of partial data were removed."),
+                w.ready
+                    .message
+                    .contains("The 1024 bytes of partial data were removed."),
                 removed > 0,
                 "{}",
                 w.ready.message
             );
             assert_eq!(
-                w.ready.message.ends_with("create a new one for the new file."),
+                w.ready
+                    .message
+                    .ends_with("create a new one for the new file."),
                 reason == IsoReason::SpecChanged
             );
             assert_eq!(r.events.len(), 1);
-            assert_eq!((r.events[0].0, r.events[0].1), (EventType::Warning, "DownloadFailed"));
+            assert_eq!(
+                (r.events[0].0, r.events[0].1),
+                (EventType::Warning, "DownloadFailed")
+            );
             assert_eq!(r.action, Action::await_change());
         }
     }
