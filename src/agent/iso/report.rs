@@ -130,7 +130,12 @@ fn progress(obj: &IsoDownload, node: &str, p: &JobProgress, now: Timestamp) -> R
     };
     let mut events = Vec::new();
     let w = match &p.phase {
-        JobPhase::Starting => return Report::new(None),
+        JobPhase::Starting => {
+            return Report {
+                action: Action::requeue(super::downloads::PROGRESS_EVERY),
+                ..Report::new(None)
+            };
+        }
         JobPhase::Queued { limit } => {
             st.phase = Some(DownloadPhase::Pending);
             st.bytes_per_second = None;
@@ -187,6 +192,8 @@ fn progress(obj: &IsoDownload, node: &str, p: &JobProgress, now: Timestamp) -> R
     Report {
         events,
         progress: Some(p.seq),
+        // A safety net: the job's wakeups drive the writes, and its end wakes the object once.
+        action: Action::requeue(super::downloads::PROGRESS_EVERY),
         ..Report::new(Some(w))
     }
 }

@@ -110,7 +110,7 @@ fn job_progress_table() {
         assert_eq!(st.attempts, Some(2), "{phase:?}");
         assert_eq!(st.target, Some(target()), "the target stays");
         assert_eq!(r.progress, Some(4), "{phase:?}: throttled and acknowledged");
-        assert_eq!(r.action, Action::await_change());
+        assert_eq!(r.action, Action::requeue(Duration::from_secs(1)));
     }
 }
 
