@@ -207,6 +207,8 @@ pub async fn run(
     );
 
     let (iso_ctrl, iso_store, iso_index) = wiring::controller::<IsoDownload>(&client, node);
+    // A transfer's progress and its end wake the download's reconciler, its only status writer.
+    let iso_ctrl = iso_ctrl.reconcile_on(ctx.downloads.wakeups());
     let downloads = wiring::drive(
         iso_ctrl,
         iso_store,

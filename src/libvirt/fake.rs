@@ -374,6 +374,9 @@ impl Networks for FakeLibvirt {
                 })
             })
             .collect())
+    }
+}
+
 /// Clones: a domain's definition is its full XML; the task that made it is read from the
 /// metadata of the XML it was defined with.
 impl FakeLibvirt {
