@@ -226,14 +226,6 @@ where
             entry.cancel.cancel();
         }
     }
-
-    /// Jobs running now.
-    pub fn count(&self) -> usize {
-        self.entries()
-            .values()
-            .filter(|e| e.running())
-            .count()
-    }
 }
 
 #[cfg(test)]
@@ -274,7 +266,6 @@ mod tests {
             "already running"
         );
         assert!(jobs.running("u1"));
-        assert_eq!(jobs.count(), 1);
         let handle = jobs.stop("u1", Stop::Pause).unwrap();
         handle.await.unwrap();
         assert!(!jobs.running("u1"));

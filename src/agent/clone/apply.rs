@@ -13,6 +13,7 @@ use crate::agent::jobs::{JobCtx, Stop};
 use crate::agent::refusal::Refusal;
 use crate::api::{CloneDisk, ClonePhase, CopyStrategy, VMCloneStatus};
 use crate::copy::{self, Strategy, StrategyUsed};
+use crate::libvirt::networks::Networks;
 use crate::libvirt::clone_xml::{self, CloneEdits};
 use crate::libvirt::clones::{Clones, Copies, Defined};
 use crate::libvirt::domain::{self, DomainXml};
@@ -79,7 +80,7 @@ fn fail(reason: CloneReason, message: String) -> Halt {
 
 /// Runs a task: copies, definition, start; on failure (or when the task is abandoned) removes
 /// everything it made.
-pub async fn run<V: Clones + Domains>(v: &V, job: Job, ctx: &JobCtx<Progress>) -> JobEnd {
+pub async fn run<V: Clones + Domains + Networks>(v: &V, job: Job, ctx: &JobCtx<Progress>) -> JobEnd {
     let stop = Arc::new(AtomicBool::new(false));
     let watch = {
         let (stop, cancel) = (stop.clone(), ctx.cancel.clone());
@@ -214,24 +215,8 @@ async fn copy_all(
 }
 
 /// MAC addresses of every interface of every domain on the node, live and persistent.
-async fn macs_in_use<V: Domains>(v: &V) -> Result<Vec<String>, crate::libvirt::LibvirtError> {
-    let mut out = Vec::new();
-    for name in v.domain_names().await? {
-        let Some(view) = v.domain(&name).await? else {
-            continue;
-        };
-        for nic in view
-            .config
-            .interfaces
-            .iter()
-            .chain(view.live.iter().flat_map(|l| l.interfaces.iter()))
-        {
-            if let Some(mac) = &nic.mac {
-                out.push(mac.clone());
-            }
-        }
-    }
-    Ok(out)
+async fn macs_in_use<V: Networks>(v: &V) -> Result<Vec<String>, crate::libvirt::LibvirtError> {
+    Ok(v.node_macs().await?.into_iter().map(|n| n.mac).collect())
 }
 
 /// Defines the clone (and starts it when asked); returns how the start went, when asked.
@@ -239,7 +224,7 @@ async fn macs_in_use<V: Domains>(v: &V) -> Result<Vec<String>, crate::libvirt::L
 /// Checks `stop` before each step that makes something (the UEFI variable store, the
 /// definition, the start): a task deleted meanwhile stops there, and its cleanup removes what
 /// was made, including a domain this task defined.
-async fn define<V: Clones + Domains>(
+async fn define<V: Clones + Domains + Networks>(
     v: &V,
     job: &Job,
     status: &mut VMCloneStatus,
@@ -296,7 +281,7 @@ async fn define<V: Clones + Domains>(
 }
 
 /// The clone's XML: new MACs, its own UEFI variable store, every writable disk on its copy.
-async fn clone_definition<V: Clones + Domains>(
+async fn clone_definition<V: Clones + Domains + Networks>(
     v: &V,
     job: &Job,
     status: &mut VMCloneStatus,

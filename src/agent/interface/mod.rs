@@ -25,9 +25,6 @@ use super::context::{Context, ReconcileError};
 use super::{device, finalizer, status};
 use crate::api::{NODE_LABEL, VMInterface, VMInterfaceStatus};
 use crate::libvirt::domain::DomainXml;
-use crate::libvirt::networks::Networks;
-
-pub use mac::allocate_mac;
 
 /// How long a reconcile that must check MACs waits for the index's first full list.
 const INDEX_WAIT: Duration = Duration::from_secs(30);
@@ -40,18 +37,6 @@ fn find_nic(d: &DomainXml, alias: &str) -> Option<String> {
     d.nic(alias).map(|x| x.xml.clone())
 }
 
-/// Every MAC of every domain on the node (live and persistent), with the alias that has it.
-pub(super) async fn node_macs(
-    ctx: &Context,
-) -> Result<Vec<(String, Option<String>)>, ReconcileError> {
-    Ok(ctx
-        .libvirt
-        .node_macs()
-        .await?
-        .into_iter()
-        .map(|n| (n.mac, n.alias))
-        .collect())
-}
 
 /// Reconciles one VMInterface.
 #[tracing::instrument(skip_all, fields(object = %format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any())))]

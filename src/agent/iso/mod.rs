@@ -32,7 +32,6 @@ use super::status;
 use crate::api::{IsoDownload, NODE_LABEL};
 use checks::Place;
 
-pub use crate::download::parse_cidr;
 pub use downloads::Downloads;
 
 /// Reconciles one IsoDownload.
