@@ -10,7 +10,7 @@ use crate::libvirt::facade::{Affect, DeviceChange, Domains};
 #[derive(Debug)]
 pub enum Applied {
     /// Every step ran (a hot-plug may have been put off to the next boot).
-    Done(Done),
+    Done(Box<Done>),
     /// A step failed and the rest did not run.
     Failed(Failure),
 }
@@ -95,7 +95,7 @@ pub async fn apply<D: Domains>(virt: &D, plan: &Plan) -> Result<Applied, Libvirt
     }
     // Report what libvirt now has, not what was asked for.
     done.view = virt.domain(vm).await?.unwrap_or_default();
-    Ok(Applied::Done(done))
+    Ok(Applied::Done(Box::new(done)))
 }
 
 #[cfg(test)]

@@ -289,3 +289,7 @@ fn not_allowed(path: &Path, allowed: &[PathBuf]) -> String {
         }
     )
 }
+
+#[cfg(test)]
+#[path = "source_tests.rs"]
+mod tests;
