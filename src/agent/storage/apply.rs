@@ -1,0 +1,103 @@
+//! Runs a [`Plan`] through the libvirt facade and says what happened.
+
+use super::plan::{Plan, RestartCause, SCSI_CONTROLLER, Step};
+use crate::agent::device::{self, HotPlug};
+use crate::libvirt::LibvirtError;
+use crate::libvirt::domain::DomainView;
+use crate::libvirt::facade::{Affect, DeviceChange, Domains};
+
+/// What running a plan did.
+#[derive(Debug)]
+pub enum Applied {
+    /// Every step ran (a hot-plug may have been put off to the next boot).
+    Done(Box<Done>),
+    /// A step failed and the rest did not run.
+    Failed(Failure),
+}
+
+/// The steps ran.
+#[derive(Debug, Default)]
+pub struct Done {
+    /// The device was hot-plugged.
+    pub plugged: bool,
+    /// The device was written into the definition.
+    pub defined: bool,
+    /// A CD medium was changed.
+    pub media_changed: bool,
+    /// Why the device waits for the next boot, if it does.
+    pub restart: Option<RestartCause>,
+    /// The domain as libvirt has it now (default when it vanished meanwhile).
+    pub view: DomainView,
+}
+
+/// A step that failed, with libvirt's message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// Adding the SCSI controller to the definition failed.
+    ScsiController(String),
+    /// The running guest refused the device itself.
+    HotPlugRefused(String),
+    /// The definition refused the device (the message says what became of the hot-plug).
+    Definition(String),
+}
+
+/// Runs the steps of `plan` in order, then reads the domain back. Errors are libvirt failures
+/// the reconcile retries (a lost connection, a failed media change, the read-back).
+pub async fn apply<D: Domains>(virt: &D, plan: &Plan) -> Result<Applied, LibvirtError> {
+    let vm = plan.vm.as_str();
+    let mut done = Done {
+        restart: plan.restart.clone(),
+        ..Done::default()
+    };
+    for step in &plan.steps {
+        match *step {
+            Step::AddScsiController(affect) => {
+                if let Err(e) = virt
+                    .change_device(vm, SCSI_CONTROLLER, DeviceChange::Attach, affect)
+                    .await
+                {
+                    return Ok(Applied::Failed(Failure::ScsiController(e.to_string())));
+                }
+            }
+            Step::HotPlugScsiController => {
+                if let Err(e) = virt
+                    .change_device(vm, SCSI_CONTROLLER, DeviceChange::Attach, Affect::Live)
+                    .await
+                {
+                    done.restart = Some(RestartCause::ScsiControllerHotPlugFailed(e.to_string()));
+                }
+            }
+            // Without a controller in the running guest there is nothing to plug into.
+            Step::HotPlug if done.restart.is_some() => {}
+            Step::HotPlug => match device::attach_live(virt, vm, &plan.xml).await? {
+                HotPlug::Refused(e) => {
+                    return Ok(Applied::Failed(Failure::HotPlugRefused(e.to_string())));
+                }
+                HotPlug::Limit(e) => {
+                    done.restart = Some(RestartCause::HotPlugLimit(e.to_string()));
+                }
+                HotPlug::Plugged => done.plugged = true,
+            },
+            Step::WriteDefinition => {
+                if let Err(message) =
+                    device::attach_config(virt, vm, &plan.xml, done.plugged, "device").await
+                {
+                    return Ok(Applied::Failed(Failure::Definition(message)));
+                }
+                done.defined = true;
+            }
+            Step::UpdateMedia(affect) => {
+                virt.change_device(vm, &plan.xml, DeviceChange::Update, affect)
+                    .await?;
+                done.media_changed = true;
+            }
+        }
+    }
+    // Report what libvirt now has, not what was asked for.
+    done.view = virt.domain(vm).await?.unwrap_or_default();
+    Ok(Applied::Done(Box::new(done)))
+}
+
+#[cfg(test)]
+#[path = "apply_tests.rs"]
+mod tests;

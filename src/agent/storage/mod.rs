@@ -1,0 +1,126 @@
+//! `VirtualMachineStorage`: attach and hot-plug disks and CD-ROMs, change or eject media in place,
+//! detach with the guest's confirmation, and put back what was removed behind the agent's back.
+//!
+//! A pipeline: [`observe`] reads the domain, the source and the allowed directories; [`plan`]
+//! (pure) decides the steps or refuses; [`apply`] runs the steps through the libvirt facade;
+//! [`report`] (pure) turns what happened into status, conditions and Events, written once here.
+
+mod apply;
+mod observe;
+mod plan;
+mod reason;
+mod report;
+mod source;
+
+use std::sync::Arc;
+
+use kube::ResourceExt;
+use kube::api::Api;
+use kube::runtime::controller::Action;
+
+use super::context::{Context, ReconcileError};
+use super::{device, finalizer, status};
+use crate::api::{NODE_LABEL, VirtualMachineStorage, VirtualMachineStorageStatus};
+use crate::libvirt::domain::DomainXml;
+
+type Outcome = status::Outcome<VirtualMachineStorageStatus>;
+
+/// The alias virtplane gives the device of `obj` in the domain.
+fn alias_of(obj: &VirtualMachineStorage) -> String {
+    format!("ua-vps-{}", obj.uid().unwrap_or_default())
+}
+
+fn find_disk(d: &DomainXml, alias: &str) -> Option<String> {
+    d.disk(alias).map(|x| x.xml.clone())
+}
+
+/// Reconciles one VirtualMachineStorage.
+#[tracing::instrument(skip_all, fields(object = %format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any())))]
+pub(super) async fn reconcile(
+    obj: Arc<VirtualMachineStorage>,
+    ctx: Arc<Context>,
+) -> Result<Action, ReconcileError> {
+    if obj.labels().get(NODE_LABEL) != Some(&ctx.node) {
+        // The watch selects this node's objects; an object rebound elsewhere is not ours.
+        return Ok(Action::await_change());
+    }
+    tracing::debug!("reconciling");
+    let api: Api<VirtualMachineStorage> =
+        Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
+    let alias = alias_of(&obj);
+    // The domain the device went to, even if spec.vm was edited since.
+    let vm = obj
+        .status
+        .as_ref()
+        .and_then(|s| s.vm.clone())
+        .unwrap_or_else(|| obj.spec.vm.clone());
+    let lock = ctx.locks.get(&vm);
+    let _guard = lock.lock().await;
+
+    finalizer::finalizer(&api, obj, |event| async {
+        match event {
+            finalizer::Event::Cleanup(obj) => Ok(finalizer::Step::Cleanup(
+                cleanup(&api, &obj, &ctx, &vm, &alias).await?,
+            )),
+            finalizer::Event::Apply(obj) => {
+                let prev = obj.status.clone().unwrap_or_default();
+                let outcome = match pipeline(&obj, &ctx, &alias, &prev).await {
+                    Ok(o) => o,
+                    Err(ReconcileError::Libvirt(err)) if ctx.libvirt.is_connected() => {
+                        report::libvirt_failed(&prev, &err)
+                    }
+                    Err(e) => return Err(e),
+                };
+                Ok(finalizer::Step::Applied(
+                    status::write_outcome(&api, &*obj, &ctx, &prev, outcome).await?,
+                ))
+            }
+        }
+    })
+    .await
+}
+
+/// observe -> plan -> apply -> report.
+async fn pipeline(
+    obj: &VirtualMachineStorage,
+    ctx: &Context,
+    alias: &str,
+    prev: &VirtualMachineStorageStatus,
+) -> Result<Outcome, ReconcileError> {
+    let observed = observe::observe(obj, ctx).await?;
+    let plan = match plan::plan(&obj.spec, prev, alias, &observed) {
+        Ok(plan) => plan,
+        Err(refusal) => return Ok(report::refused(prev, refusal)),
+    };
+    let applied = apply::apply(&ctx.libvirt, &plan).await?;
+    Ok(report::report(prev, &plan, applied))
+}
+
+async fn cleanup(
+    api: &Api<VirtualMachineStorage>,
+    obj: &VirtualMachineStorage,
+    ctx: &Context,
+    vm: &str,
+    alias: &str,
+) -> Result<finalizer::Cleanup, ReconcileError> {
+    let prev = obj.status.clone().unwrap_or_default();
+    let what = prev.target.clone().unwrap_or_else(|| alias.to_string());
+    let was_attached = prev.live == Some(true) || prev.persistent == Some(true);
+    let pending = VirtualMachineStorageStatus {
+        persistent: Some(false),
+        ..prev.clone()
+    };
+    device::finish_detach(
+        api,
+        obj,
+        ctx,
+        vm,
+        alias,
+        &what,
+        was_attached,
+        find_disk,
+        &prev,
+        pending,
+    )
+    .await
+}

@@ -1,0 +1,352 @@
+//! The pure decision of a VirtualMachineStorage reconcile: from the spec, the previous status and
+//! what was observed, the steps to run live and on the definition, or a refusal.
+
+use std::time::Duration;
+
+use super::observe::Observed;
+use super::reason::StorageReason;
+use super::source::{self, Resolved};
+use crate::agent::refusal::Refusal;
+use crate::api::{
+    AttachMode, Bus, StorageType, VirtualMachineStorageSpec, VirtualMachineStorageStatus,
+};
+use crate::libvirt::domain::{self, DiskSpec};
+use crate::libvirt::facade::Affect;
+
+type Refused = Refusal<StorageReason>;
+
+/// The XML of the SCSI controller added for a scsi device.
+pub const SCSI_CONTROLLER: &str = "<controller type='scsi' model='virtio-scsi'/>";
+
+/// One step of a plan, run in order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Add a virtio-scsi controller to the definition (`Config`) or, for a transient domain, the
+    /// running guest (`Live`). A failure stops the plan.
+    AddScsiController(Affect),
+    /// Hot-plug a virtio-scsi controller into the running guest. A failure means the device
+    /// waits for the next boot (no hot-plug is tried).
+    HotPlugScsiController,
+    /// Hot-plug the device into the running guest.
+    HotPlug,
+    /// Write the device into the definition (taking a hot-plug back if libvirt refuses).
+    WriteDefinition,
+    /// Change the CD medium in place (insert, swap, eject).
+    UpdateMedia(Affect),
+}
+
+/// Why the device waits for the next boot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RestartCause {
+    /// Its bus (sata, ide) cannot hot-plug.
+    BusCannotHotPlug(Bus),
+    /// The domain had no SCSI controller and hot-plugging one failed (libvirt's message).
+    ScsiControllerHotPlugFailed(String),
+    /// The running machine could not take the device (no free slot, hot-plug unsupported).
+    HotPlugLimit(String),
+}
+
+/// What to do for one VirtualMachineStorage.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Plan {
+    /// The domain.
+    pub vm: String,
+    /// The device's alias.
+    pub alias: String,
+    /// The target device name.
+    pub target: String,
+    /// The bus.
+    pub bus: Bus,
+    /// Whether the spec asks for the running guest too.
+    pub attach: AttachMode,
+    /// The device's XML.
+    pub xml: String,
+    /// The source path the device should have; `None` is an empty tray.
+    pub source: Option<String>,
+    /// Whether the device should be in the running guest.
+    pub want_live: bool,
+    /// Whether the domain has a definition to write.
+    pub want_config: bool,
+    /// The steps, in order.
+    pub steps: Vec<Step>,
+    /// A restart already known to be needed (a bus that cannot hot-plug).
+    pub restart: Option<RestartCause>,
+}
+
+/// libvirt's name of a bus.
+pub fn bus_name(bus: Bus) -> &'static str {
+    match bus {
+        Bus::Virtio => "virtio",
+        Bus::Scsi => "scsi",
+        Bus::Sata => "sata",
+        Bus::Ide => "ide",
+        Bus::Usb => "usb",
+    }
+}
+
+/// The prefix of a bus's target names.
+pub fn target_prefix(bus: Bus) -> &'static str {
+    match bus {
+        Bus::Virtio => "vd",
+        Bus::Ide => "hd",
+        Bus::Scsi | Bus::Sata | Bus::Usb => "sd",
+    }
+}
+
+/// Decides what to do, or why not.
+pub fn plan(
+    spec: &VirtualMachineStorageSpec,
+    prev: &VirtualMachineStorageStatus,
+    alias: &str,
+    observed: &Observed,
+) -> Result<Plan, Refused> {
+    let vm = spec.vm.as_str();
+    validate(spec, prev).map_err(|m| Refusal::fix(StorageReason::InvalidSpec, m))?;
+    let Some(view) = &observed.domain else {
+        return Err(Refusal::wait(
+            StorageReason::DomainNotFound,
+            format!(
+                "Domain {vm} is not defined on node {}; the device is attached as soon as it is.",
+                observed.node
+            ),
+            Duration::from_secs(300),
+        ));
+    };
+    let resolved = source::resolve(
+        &observed.source,
+        &observed.allowed,
+        spec.format,
+        &observed.node,
+    )?;
+    let config_dev = view.config.disk(alias);
+    let live_dev = view.live.as_ref().and_then(|l| l.disk(alias));
+    let existing = config_dev.or(live_dev);
+    let want_type = match spec.type_ {
+        StorageType::Cdrom => "cdrom",
+        StorageType::Disk => "disk",
+    };
+    if let Some(dev) = existing
+        && dev.device != want_type
+    {
+        return Err(Refusal::fix(
+            StorageReason::InvalidSpec,
+            format!(
+                "spec.type is immutable: the device is a {}. Delete and recreate the object.",
+                dev.device
+            ),
+        ));
+    }
+
+    // Target: the device's own, else the recorded one, else the requested one, else the lowest free.
+    let target = existing
+        .and_then(|d| d.target.clone())
+        .or_else(|| prev.target.clone())
+        .or_else(|| spec.target.clone())
+        .unwrap_or_else(|| {
+            let used = view.used_targets();
+            domain::lowest_free_target(target_prefix(spec.bus), used.iter().map(String::as_str))
+        });
+    let holder = view
+        .config
+        .disks
+        .iter()
+        .chain(view.live.iter().flat_map(|l| l.disks.iter()))
+        .find(|d| {
+            d.target.as_deref() == Some(target.as_str()) && d.alias.as_deref() != Some(alias)
+        });
+    if let Some(other) = holder {
+        let who = other
+            .alias
+            .clone()
+            .unwrap_or_else(|| "a device virtplane does not manage".into());
+        return Err(Refusal::wait(
+            StorageReason::TargetConflict,
+            format!(
+                "Target {target} on {vm} is already used by {who}; choose another spec.target or leave it empty."
+            ),
+            Duration::from_secs(60),
+        ));
+    }
+    let desired = resolved
+        .as_ref()
+        .map(|s| s.path.to_string_lossy().into_owned());
+    if spec.type_ == StorageType::Disk
+        && let Some(dev) = existing
+        && dev.source != desired
+    {
+        let now = dev.source.as_deref().unwrap_or("empty");
+        // The spec still names what virtplane attached: libvirt's side was changed by hand.
+        // Swapping a disk under a running guest is not a repair virtplane makes on its own.
+        if prev.current_source.is_some() && prev.current_source == desired {
+            return Err(Refusal::fix(
+                StorageReason::DriftDetected,
+                format!(
+                    "The source of {target} on {vm} was changed outside virtplane to {now}; a disk is not swapped under the guest. Put {} back (virsh), or delete this object to detach it.",
+                    desired.as_deref().unwrap_or("the empty source")
+                ),
+            ));
+        }
+        return Err(Refusal::fix(
+            StorageReason::SourceImmutable,
+            format!(
+                "The source of a disk cannot change (it is {now}); nothing was detached. Restore spec.source, or delete this object and create a new one."
+            ),
+        ));
+    }
+
+    let xml = domain::disk_xml(&disk_spec(spec, resolved.as_ref(), &target, alias));
+    let want_live = view.active && spec.attach == AttachMode::LiveAndPersistent;
+    let want_config = view.persistent;
+    let mut steps = Vec::new();
+    let mut restart = None;
+
+    // A scsi device needs a SCSI controller.
+    if spec.bus == Bus::Scsi && existing.is_none() && !view.config.has_controller("scsi", None) {
+        // A transient domain has no definition: its controller goes to the running guest.
+        let affect = if want_config {
+            Affect::Config
+        } else {
+            Affect::Live
+        };
+        steps.push(Step::AddScsiController(affect));
+        if want_live
+            && !view
+                .live
+                .as_ref()
+                .is_some_and(|l| l.has_controller("scsi", None))
+        {
+            steps.push(Step::HotPlugScsiController);
+        }
+    }
+    // The running guest first: a device QEMU refuses (an image it cannot open, or one another
+    // guest holds) is refused before anything is written, so nothing is left behind and no
+    // domain event wakes the object into trying again at once.
+    if want_live && live_dev.is_none() {
+        if matches!(spec.bus, Bus::Sata | Bus::Ide) {
+            restart = Some(RestartCause::BusCannotHotPlug(spec.bus));
+        } else {
+            steps.push(Step::HotPlug);
+        }
+    }
+    if want_config && config_dev.is_none() {
+        steps.push(Step::WriteDefinition);
+    }
+    // CD media: insert, swap or eject in place, live and persistent, forcing a locked tray.
+    if spec.type_ == StorageType::Cdrom {
+        if config_dev.is_some_and(|d| d.source != desired) {
+            steps.push(Step::UpdateMedia(Affect::Config));
+        }
+        if want_live && live_dev.is_some_and(|d| d.source != desired) {
+            steps.push(Step::UpdateMedia(Affect::Live));
+        }
+    }
+    Ok(Plan {
+        vm: vm.to_string(),
+        alias: alias.to_string(),
+        target,
+        bus: spec.bus,
+        attach: spec.attach,
+        xml,
+        source: desired,
+        want_live,
+        want_config,
+        steps,
+        restart,
+    })
+}
+
+/// The rules the API server cannot enforce: immutable fields, and bus, type and target that
+/// fit together.
+fn validate(
+    spec: &VirtualMachineStorageSpec,
+    prev: &VirtualMachineStorageStatus,
+) -> Result<(), String> {
+    if let Some(had) = &prev.vm
+        && *had != spec.vm
+    {
+        return Err(format!(
+            "spec.vm is immutable: the device is attached to {had}. Set spec.vm back, or delete this object (which detaches it from {had}) and create one for {}.",
+            spec.vm
+        ));
+    }
+    if spec.type_ == StorageType::Disk && spec.source.is_none() {
+        return Err(
+            "A disk needs a source (path, volume or isoDownload); only a cdrom may be empty."
+                .into(),
+        );
+    }
+    if spec.type_ == StorageType::Cdrom && spec.bus == Bus::Virtio {
+        return Err(
+            "A CD-ROM cannot sit on the virtio bus; use scsi (hot-pluggable) or sata.".into(),
+        );
+    }
+    if let Some(t) = &spec.target
+        && !t.starts_with(target_prefix(spec.bus))
+    {
+        return Err(format!(
+            "Target {t} does not fit bus {}: its names start with {}.",
+            bus_name(spec.bus),
+            target_prefix(spec.bus)
+        ));
+    }
+    if let (Some(t), Some(had)) = (&spec.target, &prev.target)
+        && t != had
+    {
+        return Err(format!(
+            "spec.target is immutable: the device is {had}. Delete and recreate the object to move it."
+        ));
+    }
+    if let Some(had) = prev.bus
+        && had != spec.bus
+        && prev.alias.is_some()
+    {
+        return Err(format!(
+            "spec.bus is immutable: the device is on {}. Delete and recreate the object to move it.",
+            bus_name(had)
+        ));
+    }
+    Ok(())
+}
+
+/// What the device's `<disk>` contains.
+fn disk_spec(
+    spec: &VirtualMachineStorageSpec,
+    source: Option<&Resolved>,
+    target: &str,
+    alias: &str,
+) -> DiskSpec {
+    let mut driver = Vec::new();
+    if let Some(d) = &spec.driver {
+        let name =
+            |v: serde_json::Result<String>| v.unwrap_or_default().trim_matches('"').to_string();
+        if let Some(c) = d.cache {
+            driver.push(("cache", name(serde_json::to_string(&c))));
+        }
+        if let Some(i) = d.io {
+            driver.push(("io", name(serde_json::to_string(&i))));
+        }
+        if let Some(x) = d.discard {
+            driver.push(("discard", name(serde_json::to_string(&x))));
+        }
+    }
+    DiskSpec {
+        device: match spec.type_ {
+            StorageType::Cdrom => "cdrom",
+            StorageType::Disk => "disk",
+        }
+        .into(),
+        source: source.map(|s| s.path.to_string_lossy().into_owned()),
+        block: source.is_some_and(|s| s.block),
+        format: source.map_or_else(|| "raw".into(), |s| s.format.clone()),
+        target: target.to_string(),
+        bus: bus_name(spec.bus).into(),
+        readonly: spec.type_ == StorageType::Cdrom || spec.read_only == Some(true),
+        boot_order: spec.boot_order,
+        alias: alias.to_string(),
+        driver,
+    }
+}
+
+#[cfg(test)]
+#[path = "plan_tests.rs"]
+mod tests;

@@ -1,0 +1,89 @@
+//! The reasons a VirtualMachineStorage reports in its `Ready` condition. (`DetachPending`, while
+//! the guest has not released a device, is the shared detach's, in `device.rs`.)
+
+use crate::agent::refusal::Reason;
+
+/// Reasons of the `Ready` condition of a VirtualMachineStorage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum StorageReason {
+    /// The device is in place.
+    Attached,
+    /// The spec breaks a rule the API server could not enforce.
+    InvalidSpec,
+    /// The domain is not defined on this node.
+    DomainNotFound,
+    /// The path is outside the allowed directories.
+    PathNotAllowed,
+    /// The source file, pool or volume does not exist.
+    SourceNotFound,
+    /// Waiting for an IsoDownload to complete.
+    WaitingForDownload,
+    /// Another device has the target.
+    TargetConflict,
+    /// A disk's source cannot change.
+    SourceImmutable,
+    /// A disk's source was changed in libvirt, outside virtplane.
+    DriftDetected,
+    /// The device is in the definition but could not be hot-plugged.
+    RestartRequired,
+    /// libvirt refused the change.
+    AttachFailed,
+}
+
+impl Reason for StorageReason {
+    const ALL: &'static [Self] = &[
+        Self::Attached,
+        Self::InvalidSpec,
+        Self::DomainNotFound,
+        Self::PathNotAllowed,
+        Self::SourceNotFound,
+        Self::WaitingForDownload,
+        Self::TargetConflict,
+        Self::SourceImmutable,
+        Self::DriftDetected,
+        Self::RestartRequired,
+        Self::AttachFailed,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Attached => "Attached",
+            Self::InvalidSpec => "InvalidSpec",
+            Self::DomainNotFound => "DomainNotFound",
+            Self::PathNotAllowed => "PathNotAllowed",
+            Self::SourceNotFound => "SourceNotFound",
+            Self::WaitingForDownload => "WaitingForDownload",
+            Self::TargetConflict => "TargetConflict",
+            Self::SourceImmutable => "SourceImmutable",
+            Self::DriftDetected => "DriftDetected",
+            Self::RestartRequired => "RestartRequired",
+            Self::AttachFailed => "AttachFailed",
+        }
+    }
+
+    fn waiting(self) -> bool {
+        self == Self::WaitingForDownload
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::refusal::assert_reasons;
+    use crate::agent::status;
+
+    #[test]
+    fn reasons_are_distinct_camel_case_and_match_the_shared_ones() {
+        assert_reasons::<StorageReason>();
+        assert_eq!(
+            StorageReason::RestartRequired.as_str(),
+            status::RESTART_REQUIRED
+        );
+        let waiting: Vec<_> = StorageReason::ALL
+            .iter()
+            .filter(|r| r.waiting())
+            .map(|r| r.as_str())
+            .collect();
+        assert_eq!(waiting, ["WaitingForDownload"]);
+    }
+}

@@ -1,0 +1,295 @@
+//! The source of a device: what observe found on the node ([`SourceFacts`]) and the pure decision
+//! whether it may be used ([`resolve`]).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::reason::StorageReason;
+use crate::agent::refusal::Refusal;
+use crate::api::{DiskFormat, DownloadPhase};
+use crate::libvirt::facade::VolumeLookup;
+
+type Refused = Refusal<StorageReason>;
+
+/// What observe found about a path on the node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PathFacts {
+    /// The path as given (by the spec, a volume or an IsoDownload).
+    pub requested: PathBuf,
+    /// What is there.
+    pub found: Found,
+}
+
+/// What is at a path.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Found {
+    /// The path is not absolute; nothing was looked at.
+    Relative,
+    /// Nothing (the path does not resolve). `parent` is the parent directory with symlinks
+    /// resolved, when it exists.
+    Missing {
+        /// The resolved parent directory.
+        parent: Option<PathBuf>,
+    },
+    /// Something, at `real` (symlinks and `..` resolved).
+    Present {
+        /// The resolved path.
+        real: PathBuf,
+        /// Its file type, or why it could not be read.
+        kind: Result<FileKind, String>,
+        /// Its first 16 bytes; `None` when it was not opened (not a file or block device, or
+        /// outside the allowed directories: observe never opens those).
+        header: Option<Vec<u8>>,
+    },
+}
+
+/// The file type at a path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FileKind {
+    /// A regular file.
+    File,
+    /// A block device.
+    Block,
+    /// Anything else (a directory, a socket, a FIFO).
+    Other,
+}
+
+/// An IsoDownload as observe read it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IsoFacts {
+    /// Its phase.
+    pub phase: Option<DownloadPhase>,
+    /// The node it is bound to (its node label).
+    pub node: Option<String>,
+    /// The completed volume's file, when completed.
+    pub file: Option<PathFacts>,
+}
+
+/// What observe found about `spec.source`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum SourceFacts {
+    /// No source (an empty CD tray), or not looked at because the domain does not exist.
+    #[default]
+    None,
+    /// More than one of path, volume and isoDownload is set.
+    Ambiguous,
+    /// `source.path`.
+    Path(PathFacts),
+    /// `source.volume`: the lookup, and the volume's file when found.
+    Volume {
+        /// Pool name.
+        pool: String,
+        /// Volume name.
+        name: String,
+        /// What libvirt said.
+        lookup: VolumeLookup,
+        /// The volume's path on the node, when found.
+        file: Option<PathFacts>,
+    },
+    /// `source.isoDownload`: the object, when it exists.
+    Iso {
+        /// The IsoDownload's name.
+        name: String,
+        /// The object, `None` when it does not exist.
+        iso: Option<IsoFacts>,
+    },
+}
+
+/// A source resolved to a path on the node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Resolved {
+    /// The real path.
+    pub path: PathBuf,
+    /// Whether it is a block device.
+    pub block: bool,
+    /// `raw` or `qcow2`.
+    pub format: String,
+}
+
+/// Whether the source may back the device, and where it is: `Ok(None)` for no source.
+pub fn resolve(
+    facts: &SourceFacts,
+    allowed: &[PathBuf],
+    format: Option<DiskFormat>,
+    node: &str,
+) -> Result<Option<Resolved>, Refused> {
+    let file = match facts {
+        SourceFacts::None => return Ok(None),
+        SourceFacts::Ambiguous => {
+            return Err(Refusal::fix(
+                StorageReason::InvalidSpec,
+                "Set at most one of source.path, source.volume and source.isoDownload.",
+            ));
+        }
+        SourceFacts::Path(file) => file,
+        SourceFacts::Volume {
+            pool,
+            name,
+            lookup,
+            file,
+        } => match (lookup, file) {
+            (VolumeLookup::Found(_), Some(file)) => file,
+            (VolumeLookup::NoPool, _) => {
+                return Err(Refusal::wait(
+                    StorageReason::SourceNotFound,
+                    format!("Storage pool {pool} does not exist on this node."),
+                    Duration::from_secs(60),
+                ));
+            }
+            _ => {
+                return Err(Refusal::wait(
+                    StorageReason::SourceNotFound,
+                    format!(
+                        "Volume {name} does not exist in pool {pool}; check the name with virsh vol-list."
+                    ),
+                    Duration::from_secs(60),
+                ));
+            }
+        },
+        SourceFacts::Iso { name, iso } => {
+            let Some(iso) = iso else {
+                return Err(Refusal::wait(
+                    StorageReason::WaitingForDownload,
+                    format!(
+                        "IsoDownload {name} does not exist in this namespace; create it, and the medium is inserted once it completes."
+                    ),
+                    Duration::from_secs(60),
+                ));
+            };
+            match (iso.phase, &iso.file) {
+                (Some(DownloadPhase::Completed), Some(file)) => {
+                    if iso.node.as_deref() != Some(node) {
+                        return Err(Refusal::fix(
+                            StorageReason::SourceNotFound,
+                            format!(
+                                "IsoDownload {name} completed on another node; download it on node {node} (spec.nodeName)."
+                            ),
+                        ));
+                    }
+                    file
+                }
+                (phase, _) => {
+                    return Err(Refusal::wait(
+                        StorageReason::WaitingForDownload,
+                        format!(
+                            "Waiting for IsoDownload {name} to complete (phase {}); the medium is inserted as soon as it does.",
+                            phase.map_or("unknown".to_string(), |p| format!("{p:?}"))
+                        ),
+                        Duration::from_secs(30),
+                    ));
+                }
+            }
+        }
+    };
+    check_path(file, allowed, format).map(Some)
+}
+
+/// Checks the resolved path lies in an allowed directory and exists, and works out the format.
+/// A qcow2 image with a backing file is refused: its chain could reach files outside the allowed
+/// directories.
+pub fn check_path(
+    file: &PathFacts,
+    allowed: &[PathBuf],
+    format: Option<DiskFormat>,
+) -> Result<Resolved, Refused> {
+    let path = &file.requested;
+    let inside = |p: &Path| allowed.iter().any(|a| p.starts_with(a));
+    let (real, kind, header) = match &file.found {
+        Found::Relative => {
+            return Err(Refusal::fix(
+                StorageReason::InvalidSpec,
+                format!("{} is not an absolute path.", path.display()),
+            ));
+        }
+        // Judge the parent so a missing file in a forbidden place is still "not allowed".
+        Found::Missing { parent } if parent.as_deref().is_some_and(inside) => {
+            return Err(Refusal::wait(
+                StorageReason::SourceNotFound,
+                format!(
+                    "{} does not exist on this node; create it or fix source.path.",
+                    path.display()
+                ),
+                Duration::from_secs(60),
+            ));
+        }
+        Found::Missing { .. } => {
+            return Err(Refusal::fix(
+                StorageReason::PathNotAllowed,
+                not_allowed(path, allowed),
+            ));
+        }
+        Found::Present { real, .. } if !inside(real) => {
+            return Err(Refusal::fix(
+                StorageReason::PathNotAllowed,
+                not_allowed(path, allowed),
+            ));
+        }
+        Found::Present { real, kind, header } => (real, kind, header),
+    };
+    let kind = kind.as_ref().map_err(|e| {
+        Refusal::fix(
+            StorageReason::SourceNotFound,
+            format!("Cannot read {}: {e}.", real.display()),
+        )
+    })?;
+    let block = *kind == FileKind::Block;
+    if *kind == FileKind::Other {
+        return Err(Refusal::fix(
+            StorageReason::InvalidSpec,
+            format!("{} is neither a file nor a block device.", real.display()),
+        ));
+    }
+    let header = header.as_deref().unwrap_or_default();
+    let is_qcow2 = header.starts_with(b"QFI\xfb");
+    if is_qcow2
+        && header.len() >= 16
+        && header[8..16].iter().any(|b| *b != 0)
+        && format != Some(DiskFormat::Raw)
+    {
+        return Err(Refusal::fix(
+            StorageReason::PathNotAllowed,
+            format!(
+                "{} is a qcow2 image with a backing file; virtplane refuses backing chains, which could reach files outside the allowed directories. Flatten it with qemu-img convert.",
+                real.display()
+            ),
+        ));
+    }
+    if format == Some(DiskFormat::Qcow2) && !is_qcow2 {
+        // libvirt takes it into the definition; the domain would then not boot.
+        return Err(Refusal::fix(
+            StorageReason::InvalidSpec,
+            format!(
+                "{} is not a qcow2 image, but spec.format says qcow2; fix spec.format or the image.",
+                real.display()
+            ),
+        ));
+    }
+    let format = match format {
+        Some(DiskFormat::Raw) => "raw",
+        Some(DiskFormat::Qcow2) => "qcow2",
+        None if is_qcow2 => "qcow2",
+        None => "raw",
+    };
+    Ok(Resolved {
+        path: real.clone(),
+        block,
+        format: format.into(),
+    })
+}
+
+fn not_allowed(path: &Path, allowed: &[PathBuf]) -> String {
+    let dirs: Vec<String> = allowed.iter().map(|p| p.display().to_string()).collect();
+    format!(
+        "{} is outside the directories this agent may use ({}). Use a storage pool volume, or ask the node's administrator to add the directory with --allowed-path.",
+        path.display(),
+        if dirs.is_empty() {
+            "none".to_string()
+        } else {
+            dirs.join(", ")
+        }
+    )
+}
+
+#[cfg(test)]
+#[path = "source_tests.rs"]
+mod tests;
