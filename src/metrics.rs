@@ -138,6 +138,17 @@ impl Metrics {
         }
     }
 
+    /// Creates the error counter of every failure reason of `kind` at zero, so that the label set
+    /// is complete from the start.
+    pub fn declare_reasons<'a>(&self, kind: &str, reasons: impl IntoIterator<Item = &'a str>) {
+        for reason in reasons {
+            let _ = self.errors.get_or_create(&ErrorLabels {
+                kind: kind.to_string(),
+                reason: reason.to_string(),
+            });
+        }
+    }
+
     /// Counts one error of `kind`: a failed reconcile's class, or the reason a task failed.
     pub fn error(&self, kind: &str, reason: &str) {
         self.errors

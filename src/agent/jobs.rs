@@ -195,20 +195,18 @@ where
         self.entries().get(uid).map(|e| e.progress.borrow().clone())
     }
 
-    /// The result of `uid`'s job once it ended; the job is forgotten then.
+    /// The result of `uid`'s job once it ended; the job is forgotten then. The result is in
+    /// before the job's end wakes the reconciler, so that wakeup always finds it.
     pub fn finished(&self, uid: &str) -> Option<R> {
         let mut entries = self.entries();
-        let done = entries.get(uid).is_some_and(|e| e.handle.is_finished());
-        if !done {
-            return None;
-        }
-        let entry = entries.remove(uid)?;
-        let r = entry
+        let result = entries
+            .get(uid)?
             .result
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .take();
-        r
+            .take()?;
+        entries.remove(uid);
+        Some(result)
     }
 
     /// Asks `uid`'s job to stop, saying why; returns the handle to await its end.

@@ -87,6 +87,14 @@ impl AgentKind for IsoDownload {
     }
 }
 
+/// Declares every failure reason of kind `K` in the error metric (waiting is no failure).
+fn declare_reasons<K: kube::Resource<DynamicType = ()>, R: refusal::Reason>() {
+    crate::metrics::get().declare_reasons(
+        &K::kind(&()),
+        R::ALL.iter().filter(|r| !r.waiting()).map(|r| r.as_str()),
+    );
+}
+
 /// Runs the agent until `shutdown` fires.
 pub async fn run(
     client: Client,
@@ -101,6 +109,11 @@ pub async fn run(
     let downloads_synced = readiness.gate();
     let (addr, server) = http::serve(config.http_addr, readiness.clone(), shutdown.clone()).await?;
     tracing::info!(node = %config.node_name, %addr, uri = %config.libvirt_uri, "agent starting");
+
+    declare_reasons::<VirtualMachineStorage, storage::reason::StorageReason>();
+    declare_reasons::<VMInterface, interface::reason::Reason>();
+    declare_reasons::<VMClone, clone::reason::CloneReason>();
+    declare_reasons::<IsoDownload, iso::reason::IsoReason>();
 
     let libvirt = Libvirt::new(&config.libvirt_uri)?;
     let supervisor = {

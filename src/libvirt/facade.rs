@@ -58,10 +58,10 @@ pub enum DeviceChange {
 }
 
 impl DeviceChange {
-    /// What the change does, for errors and metrics.
+    /// What the change does, for errors and the call-latency metric's `action` label (an
+    /// attach is one action whether it goes to the guest or the definition).
     pub fn action(self, affect: Affect) -> &'static str {
         match (self, affect) {
-            (Self::Attach, Affect::Config) => "add a device to the definition",
             (Self::Attach, _) => "attach a device",
             (Self::Update, _) => "update a device",
             (Self::Detach, Affect::Config) => "remove a device from the definition",

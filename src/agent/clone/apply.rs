@@ -13,11 +13,11 @@ use crate::agent::jobs::{JobCtx, Stop};
 use crate::agent::refusal::Refusal;
 use crate::api::{CloneDisk, ClonePhase, CopyStrategy, VMCloneStatus};
 use crate::copy::{self, Strategy, StrategyUsed};
-use crate::libvirt::networks::Networks;
 use crate::libvirt::clone_xml::{self, CloneEdits};
 use crate::libvirt::clones::{Clones, Copies, Defined};
 use crate::libvirt::domain::{self, DomainXml};
 use crate::libvirt::facade::Domains;
+use crate::libvirt::networks::Networks;
 
 /// What a job gets: the task as planned and recorded in its status.
 #[derive(Clone, Debug)]
@@ -80,7 +80,11 @@ fn fail(reason: CloneReason, message: String) -> Halt {
 
 /// Runs a task: copies, definition, start; on failure (or when the task is abandoned) removes
 /// everything it made.
-pub async fn run<V: Clones + Domains + Networks>(v: &V, job: Job, ctx: &JobCtx<Progress>) -> JobEnd {
+pub async fn run<V: Clones + Domains + Networks>(
+    v: &V,
+    job: Job,
+    ctx: &JobCtx<Progress>,
+) -> JobEnd {
     let stop = Arc::new(AtomicBool::new(false));
     let watch = {
         let (stop, cancel) = (stop.clone(), ctx.cancel.clone());

@@ -9,7 +9,7 @@
 mod apply;
 mod observe;
 mod plan;
-mod reason;
+pub(super) mod reason;
 mod report;
 
 use std::sync::Arc;

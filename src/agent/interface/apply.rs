@@ -200,11 +200,7 @@ mod tests {
     #[tokio::test]
     async fn a_definition_libvirt_refuses_takes_the_hot_plug_back() {
         let fake = FakeLibvirt::default().with_domain("vm", true, "");
-        fake.fail_next(
-            "add a device to the definition",
-            Some(Affect::Config),
-            ErrorKind::Refused,
-        );
+        fake.fail_next("attach a device", Some(Affect::Config), ErrorKind::Refused);
         let p = planned(&fake, serde_json::json!({}), &recorded(M));
         let Applied::Stopped(r) = apply(&fake, &p).await.unwrap() else {
             panic!("stopped");

@@ -10,7 +10,7 @@ pub mod index;
 pub(super) mod mac;
 mod observe;
 mod plan;
-mod reason;
+pub(super) mod reason;
 mod report;
 
 use std::sync::Arc;
@@ -36,7 +36,6 @@ fn alias_of(obj: &VMInterface) -> String {
 fn find_nic(d: &DomainXml, alias: &str) -> Option<String> {
     d.nic(alias).map(|x| x.xml.clone())
 }
-
 
 /// Reconciles one VMInterface.
 #[tracing::instrument(skip_all, fields(object = %format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any())))]

@@ -14,7 +14,7 @@ mod downloads;
 mod job;
 mod observe;
 mod plan;
-mod reason;
+pub(super) mod reason;
 mod report;
 
 use std::sync::Arc;

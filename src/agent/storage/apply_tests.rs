@@ -109,11 +109,7 @@ async fn a_scsi_disk_gets_a_controller_and_is_plugged_and_defined() {
 #[tokio::test]
 async fn a_refused_controller_stops_everything() {
     let fake = FakeLibvirt::default().with_domain("vm", true, "");
-    fake.fail_next(
-        "add a device to the definition",
-        Some(Affect::Config),
-        ErrorKind::Refused,
-    );
+    fake.fail_next("attach a device", Some(Affect::Config), ErrorKind::Refused);
     let p = plan_on(
         &fake,
         &spec(StorageType::Disk, Bus::Scsi, Some("/pool/a.img")),
@@ -205,11 +201,7 @@ async fn a_lost_connection_during_hot_plug_is_an_error() {
 #[tokio::test]
 async fn a_refused_definition_takes_the_hot_plug_back() {
     let fake = FakeLibvirt::default().with_domain("vm", true, SCSI);
-    fake.fail_next(
-        "add a device to the definition",
-        Some(Affect::Config),
-        ErrorKind::Refused,
-    );
+    fake.fail_next("attach a device", Some(Affect::Config), ErrorKind::Refused);
     let p = plan_on(
         &fake,
         &spec(StorageType::Disk, Bus::Scsi, Some("/pool/a.img")),

@@ -8,7 +8,7 @@
 mod apply;
 mod observe;
 mod plan;
-mod reason;
+pub(super) mod reason;
 mod report;
 mod source;
 
