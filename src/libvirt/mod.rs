@@ -175,7 +175,7 @@ impl Libvirt {
     }
 
     /// Runs a blocking libvirt call off the async runtime.
-    pub async fn call<T, F>(&self, action: &str, f: F) -> Result<T, LibvirtError>
+    async fn call<T, F>(&self, action: &str, f: F) -> Result<T, LibvirtError>
     where
         T: Send + 'static,
         F: FnOnce(&Connect) -> Result<T, virt::error::Error> + Send + 'static,
