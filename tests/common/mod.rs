@@ -271,7 +271,7 @@ pub const DEFAULT_TENANCY: [&str; 2] = ["--tenancy", "open"];
 pub const NAMESPACED: [&str; 2] = ["--tenancy", "namespaced"];
 
 /// `args` with [`DEFAULT_TENANCY`] appended unless they choose a tenancy themselves.
-fn with_tenancy<'a>(mut args: Vec<&'a str>) -> Vec<&'a str> {
+fn with_tenancy(mut args: Vec<&str>) -> Vec<&str> {
     if !args
         .iter()
         .any(|a| *a == "--tenancy" || a.starts_with("--tenancy="))
