@@ -1,8 +1,13 @@
 //! Tenancy: what a namespace may reach. Cluster admins grant libvirt domains, storage pools and
 //! NIC sources to a namespace with annotations on the Namespace object; in `namespaced` mode (the
-//! default) nothing else is reachable from that namespace. Pure: parsing and matching only.
+//! default) nothing else is reachable from that namespace. This file is pure (parsing and
+//! matching); [`watch`] keeps every namespace's grants current from a watch.
 
 use std::collections::BTreeMap;
+
+pub mod watch;
+
+pub use watch::{GrantsFeed, NamespaceGrants};
 
 /// Annotation granting libvirt domains: comma-separated names; an entry ending in `*` is a prefix.
 pub const DOMAINS: &str = "virtplane.io/domains";
