@@ -314,9 +314,17 @@ async fn a_restarted_run_resumes_from_the_partial_file() {
     assert!(task.await.unwrap_err().is_cancelled());
     assert!(dir.path().join(".disk.iso.part.json").exists());
 
-    // A new run knows nothing but the directory. Its first attempt may find the dead run's
-    // writer still finishing (Busy, retried).
-    let outcome = fetch(&req).await.unwrap();
+    // A new run knows nothing but the directory. Its first attempts may find the dead run's
+    // writer still finishing (Busy, retried); on a loaded machine that takes a while.
+    let patient = DownloadOptions {
+        retry: RetryPolicy {
+            max_failures: 20,
+            initial_backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_millis(500),
+        },
+        ..options()
+    };
+    let outcome = fetch_with(&req, &patient).await.unwrap();
     assert_file(dir.path(), "disk.iso", &data);
     let resumed = outcome.reused;
     assert!(resumed >= MIB as u64 / 2, "resumed from {resumed}");
