@@ -176,12 +176,15 @@ fn granted(annotations: &BTreeMap<String, String>) -> Granted {
     [DOMAINS, POOLS, NETWORKS].map(|k| annotations.get(k).cloned())
 }
 
-/// Which namespaces' grants a watch event changed.
+/// Which namespaces' grants a watch event changed. The first full list changes nothing: the
+/// reconcilers start after it and see every object anyway.
 #[derive(Default)]
 struct Tracker {
     known: HashMap<String, Granted>,
     /// Namespaces listed since the last `Init`.
     relisted: Option<HashSet<String>>,
+    /// Whether the first full list is in.
+    synced: bool,
 }
 
 impl Tracker {
@@ -206,12 +209,16 @@ impl Tracker {
                 if let Some(seen) = self.relisted.as_mut() {
                     seen.insert(ns.name_any());
                 }
-                self.set(ns).into_iter().collect()
+                let changed = self.set(ns);
+                changed.filter(|_| self.synced).into_iter().collect()
             }
             watcher::Event::InitDone => {
                 let Some(seen) = self.relisted.take() else {
                     return Vec::new();
                 };
+                if !std::mem::replace(&mut self.synced, true) {
+                    return Vec::new();
+                }
                 let gone: Vec<String> = self
                     .known
                     .keys()
@@ -247,9 +254,22 @@ mod tests {
         .into_response_partial()
     }
 
+    /// A tracker past its first full list.
+    fn synced() -> Tracker {
+        let mut t = Tracker::default();
+        for e in [
+            watcher::Event::Init,
+            watcher::Event::InitApply(ns("before", &[(DOMAINS, "x")])),
+        ] {
+            assert!(t.handle(&e).is_empty(), "the first list changes nothing");
+        }
+        assert!(t.handle(&watcher::Event::InitDone).is_empty());
+        t
+    }
+
     #[test]
     fn only_grant_annotations_count_as_changes() {
-        let mut t = Tracker::default();
+        let mut t = synced();
         assert_eq!(
             t.handle(&watcher::Event::Apply(ns("ta", &[]))),
             vec!["ta".to_string()],
@@ -281,7 +301,7 @@ mod tests {
 
     #[test]
     fn a_relist_reports_what_changed_while_the_watch_was_down() {
-        let mut t = Tracker::default();
+        let mut t = synced();
         t.handle(&watcher::Event::Apply(ns("same", &[(POOLS, "p")])));
         t.handle(&watcher::Event::Apply(ns("edited", &[(POOLS, "p")])));
         t.handle(&watcher::Event::Apply(ns("deleted", &[])));
@@ -296,7 +316,7 @@ mod tests {
             changed.extend(t.handle(&e));
         }
         changed.sort();
-        assert_eq!(changed, ["deleted", "edited", "new"]);
+        assert_eq!(changed, ["before", "deleted", "edited", "new"]);
     }
 
     #[tokio::test]
