@@ -87,6 +87,24 @@ impl AgentKind for IsoDownload {
     }
 }
 
+/// The objects of kind `K` (from `store`) in each namespace whose grants change, so that a grant
+/// or a revoke takes effect without a restart.
+fn on_grant_changes<K: AgentKind>(
+    grants: &crate::tenancy::NamespaceGrants,
+    store: kube::runtime::reflector::Store<K>,
+) -> impl futures::Stream<Item = ObjectRef<K>> + Send + 'static {
+    use futures::StreamExt as _;
+    grants.changes().flat_map(move |ns| {
+        let refs: Vec<ObjectRef<K>> = store
+            .state()
+            .iter()
+            .filter(|o| o.namespace().as_deref() == Some(ns.as_str()))
+            .map(|o| ObjectRef::from_obj(&**o))
+            .collect();
+        futures::stream::iter(refs)
+    })
+}
+
 /// Declares every failure reason of kind `K` in the error metric (waiting is no failure).
 fn declare_reasons<K: kube::Resource<DynamicType = ()>, R: refusal::Reason>() {
     crate::metrics::get().declare_reasons(
@@ -198,6 +216,7 @@ pub async fn run(
     );
 
     let (nic_ctrl, nic_store, nic_index) = wiring::controller::<VMInterface>(&client, node);
+    let nic_ctrl = nic_ctrl.reconcile_on(on_grant_changes(&ctx.grants, nic_store.clone()));
     let interfaces = wiring::drive(
         nic_ctrl,
         nic_store,
@@ -211,7 +230,9 @@ pub async fn run(
 
     let (clone_ctrl, clone_store, clone_index) = wiring::controller::<VMClone>(&client, node);
     // A copy's progress and its end wake the task's reconciler, its only status writer.
-    let clone_ctrl = clone_ctrl.reconcile_on(ctx.clones.wakeups());
+    let clone_ctrl = clone_ctrl
+        .reconcile_on(ctx.clones.wakeups())
+        .reconcile_on(on_grant_changes(&ctx.grants, clone_store.clone()));
     let clones = wiring::drive(
         clone_ctrl,
         clone_store,
