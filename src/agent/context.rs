@@ -83,10 +83,6 @@ pub struct Context {
     /// Which VMInterfaces claim which MAC, cluster-wide (fed by [`interface::index::watch`]).
     pub macs: interface::index::MacIndex,
     /// What each namespace is granted (fed by a watch of the Namespaces; `ready()` before use).
-    #[expect(
-        dead_code,
-        reason = "read by each kind's plan step once the pipelines land (issue 13)"
-    )]
     pub grants: crate::tenancy::NamespaceGrants,
 }
 
