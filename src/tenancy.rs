@@ -176,6 +176,17 @@ impl Grants {
         )
     }
 
+    /// The refusal message for a file outside every granted pool's directory: names the
+    /// requester's pools, never the pool (or tenant) the file belongs to.
+    pub fn path_refusal(&self, path: &str) -> String {
+        let (ns, granted) = self.limited.as_ref().map_or(("", String::new()), |l| {
+            (l.namespace.as_str(), joined(&l.pools))
+        });
+        format!(
+            "namespace {ns} may use storage pools {granted}; {path} is not inside the directory of any of them. A cluster admin grants pools with the annotation {POOLS} on the Namespace."
+        )
+    }
+
     /// The refusal message for an ungranted NIC source.
     pub fn network_refusal(&self, source: &NicSource) -> String {
         let (ns, granted) = self.limited.as_ref().map_or(("", String::new()), |l| {
@@ -256,6 +267,10 @@ mod tests {
                 .starts_with("namespace ta may use domains team-a-*; vm-b is not one of them.")
         );
         assert!(g.pool_refusal("pb").contains("storage pools pa; pb"));
+        assert!(
+            g.path_refusal("/b/x.img")
+                .contains("storage pools pa; /b/x.img is not inside")
+        );
         assert!(
             g.network_refusal(&NicSource::User)
                 .contains("NIC sources none; user")

@@ -204,6 +204,9 @@ pub async fn run(
             }
         },
     );
+    // A change of a namespace's grants wakes its objects: their plans re-check the grants.
+    let storage_ctrl =
+        storage_ctrl.reconcile_on(wiring::grant_changes(&ctx.grants, storage_store.clone()));
     let storage = wiring::drive(
         storage_ctrl,
         storage_store,
@@ -247,6 +250,7 @@ pub async fn run(
     let (iso_ctrl, iso_store, iso_index) = wiring::controller::<IsoDownload>(&client, node);
     // A transfer's progress and its end wake the download's reconciler, its only status writer.
     let iso_ctrl = iso_ctrl.reconcile_on(ctx.downloads.wakeups());
+    let iso_ctrl = iso_ctrl.reconcile_on(wiring::grant_changes(&ctx.grants, iso_store.clone()));
     let downloads = wiring::drive(
         iso_ctrl,
         iso_store,

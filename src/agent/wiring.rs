@@ -185,6 +185,23 @@ fn domain_triggers<K: AgentKind>(
     })
 }
 
+/// Wakes the objects of a namespace whose grants changed, so their plans check them again: a
+/// revoked grant stops changes, a new one lets a waiting object go ahead (no restart needed).
+pub fn grant_changes<K: AgentKind>(
+    grants: &crate::tenancy::NamespaceGrants,
+    store: reflector::Store<K>,
+) -> impl Stream<Item = ObjectRef<K>> + Send + 'static {
+    grants.changes().flat_map(move |ns| {
+        let refs: Vec<ObjectRef<K>> = store
+            .state()
+            .iter()
+            .filter(|o| o.namespace().as_deref() == Some(ns.as_str()))
+            .map(|o| ObjectRef::from_obj(&**o))
+            .collect();
+        futures::stream::iter(refs)
+    })
+}
+
 /// Remembers DEVICE_REMOVAL_FAILED events so the detach reports them.
 pub async fn record_removal_failures(ctx: Arc<Context>, shutdown: Shutdown) {
     let events = libvirt_events(&ctx.libvirt).take_until(shutdown::wait(shutdown));
