@@ -87,24 +87,6 @@ impl AgentKind for IsoDownload {
     }
 }
 
-/// The objects of kind `K` (from `store`) in each namespace whose grants change, so that a grant
-/// or a revoke takes effect without a restart.
-fn on_grant_changes<K: AgentKind>(
-    grants: &crate::tenancy::NamespaceGrants,
-    store: kube::runtime::reflector::Store<K>,
-) -> impl futures::Stream<Item = ObjectRef<K>> + Send + 'static {
-    use futures::StreamExt as _;
-    grants.changes().flat_map(move |ns| {
-        let refs: Vec<ObjectRef<K>> = store
-            .state()
-            .iter()
-            .filter(|o| o.namespace().as_deref() == Some(ns.as_str()))
-            .map(|o| ObjectRef::from_obj(&**o))
-            .collect();
-        futures::stream::iter(refs)
-    })
-}
-
 /// Declares every failure reason of kind `K` in the error metric (waiting is no failure).
 fn declare_reasons<K: kube::Resource<DynamicType = ()>, R: refusal::Reason>() {
     crate::metrics::get().declare_reasons(
@@ -204,9 +186,6 @@ pub async fn run(
             }
         },
     );
-    // A change of a namespace's grants wakes its objects: their plans re-check the grants.
-    let storage_ctrl =
-        storage_ctrl.reconcile_on(wiring::grant_changes(&ctx.grants, storage_store.clone()));
     let storage = wiring::drive(
         storage_ctrl,
         storage_store,
@@ -219,7 +198,6 @@ pub async fn run(
     );
 
     let (nic_ctrl, nic_store, nic_index) = wiring::controller::<VMInterface>(&client, node);
-    let nic_ctrl = nic_ctrl.reconcile_on(on_grant_changes(&ctx.grants, nic_store.clone()));
     let interfaces = wiring::drive(
         nic_ctrl,
         nic_store,
@@ -233,9 +211,7 @@ pub async fn run(
 
     let (clone_ctrl, clone_store, clone_index) = wiring::controller::<VMClone>(&client, node);
     // A copy's progress and its end wake the task's reconciler, its only status writer.
-    let clone_ctrl = clone_ctrl
-        .reconcile_on(ctx.clones.wakeups())
-        .reconcile_on(on_grant_changes(&ctx.grants, clone_store.clone()));
+    let clone_ctrl = clone_ctrl.reconcile_on(ctx.clones.wakeups());
     let clones = wiring::drive(
         clone_ctrl,
         clone_store,
@@ -250,7 +226,6 @@ pub async fn run(
     let (iso_ctrl, iso_store, iso_index) = wiring::controller::<IsoDownload>(&client, node);
     // A transfer's progress and its end wake the download's reconciler, its only status writer.
     let iso_ctrl = iso_ctrl.reconcile_on(ctx.downloads.wakeups());
-    let iso_ctrl = iso_ctrl.reconcile_on(wiring::grant_changes(&ctx.grants, iso_store.clone()));
     let downloads = wiring::drive(
         iso_ctrl,
         iso_store,
