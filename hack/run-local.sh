@@ -8,6 +8,11 @@
 #   hack/run-local.sh --stop      stop it and delete its Hypervisor and controller Lease
 #   hack/run-local.sh --status    exit 0 when it runs or left its objects behind (as --stop
 #                                 would clean up), 1 otherwise
+#
+# Both run with --tenancy namespaced (VIRTPLANE_TENANCY=open for today's single-tenant
+# behaviour). The examples' namespace (`default`) is granted what examples/ uses, unless it
+# already has grants of its own: domains demo-vm* (demo-vm and its clone demo-vm-copy), pool
+# default, network default.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -18,6 +23,9 @@ LOGS="$STATE/logs"
 MARKER="$RUN/run-local.env"
 LEASE_NAMESPACE=default
 LEASE_NAME=virtplane-controller
+TENANCY="${VIRTPLANE_TENANCY:-namespaced}"
+DEMO_NAMESPACE=default
+DEMO_GRANTS=("virtplane.io/domains=demo-vm*" "virtplane.io/pools=default" "virtplane.io/networks=default")
 NAMES=(virtplane-agent virtplane-controller)
 log() { printf '[run-local] %s\n' "$*" >&2; }
 
@@ -95,16 +103,26 @@ kubectl wait --for=condition=Established --timeout=60s crd \
   virtualmachinestorages.virtplane.io vminterfaces.virtplane.io vmclones.virtplane.io \
   isodownloads.virtplane.io hypervisors.virtplane.io >&2
 
+# The examples' grants, each only where the namespace has none: an admin's own grants stay.
+for grant in "${DEMO_GRANTS[@]}"; do
+  key=${grant%%=*}
+  if [[ -z $(kubectl get namespace "$DEMO_NAMESPACE" -o jsonpath="{.metadata.annotations.${key//./\\.}}") ]]; then
+    kubectl annotate namespace "$DEMO_NAMESPACE" "$grant" >&2
+  fi
+done
+log "namespace $DEMO_NAMESPACE is granted (tenancy $TENANCY):"
+kubectl get namespace "$DEMO_NAMESPACE" -o custom-columns='NAME:.metadata.name,DOMAINS:.metadata.annotations.virtplane\.io/domains,POOLS:.metadata.annotations.virtplane\.io/pools,NETWORKS:.metadata.annotations.virtplane\.io/networks' >&2
+
 stop
 mkdir -p "$RUN" "$LOGS"
 node=$(hostname | tr '[:upper:]' '[:lower:]')
 printf 'NODE=%q\nLEASE=%q\n' "$node" "$LEASE_NAMESPACE/$LEASE_NAME" >"$MARKER"
 log "starting the agent for node $node (log: $LOGS/virtplane-agent.log)"
-setsid "$BIN" agent --node-name "$node" --http-addr 127.0.0.1:8081 \
+setsid "$BIN" agent --node-name "$node" --http-addr 127.0.0.1:8081 --tenancy "$TENANCY" \
   >"$LOGS/virtplane-agent.log" 2>&1 </dev/null &
 echo $! >"$RUN/virtplane-agent.pid"
 log "starting the controller (log: $LOGS/virtplane-controller.log)"
-setsid "$BIN" controller --http-addr 127.0.0.1:8080 \
+setsid "$BIN" controller --http-addr 127.0.0.1:8080 --tenancy "$TENANCY" \
   --lease-namespace "$LEASE_NAMESPACE" --lease-name "$LEASE_NAME" \
   >"$LOGS/virtplane-controller.log" 2>&1 </dev/null &
 echo $! >"$RUN/virtplane-controller.pid"

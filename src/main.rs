@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
+use virtplane::tenancy::Mode;
 
 /// virtplane: libvirt virtual machine devices, clones and installation media from Kubernetes.
 #[derive(Parser, Debug)]
@@ -42,10 +43,17 @@ enum Command {
         /// Seconds between inventory refreshes and heartbeats (events refresh sooner).
         #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
         heartbeat_seconds: u64,
-        /// A directory whose files may back disks and CD-ROMs (repeatable). The target paths of
-        /// active storage pools are always allowed; nothing else is.
+        /// A directory whose files may back disks and CD-ROMs (repeatable), with `--tenancy open`
+        /// only. The target paths of active storage pools are always allowed; nothing else is.
+        /// In namespaced mode a source must lie inside a pool granted to the object's namespace:
+        /// define a libvirt dir pool for a directory and grant it.
         #[arg(long = "allowed-path", value_name = "DIR")]
         allowed_paths: Vec<std::path::PathBuf>,
+        /// namespaced: a namespace reaches only the domains, pools and NIC sources its
+        /// annotations grant (virtplane.io/domains, pools, networks). open: every namespace
+        /// reaches everything (single-tenant labs).
+        #[arg(long, value_enum, env = "VIRTPLANE_TENANCY", default_value_t = Mode::Namespaced)]
+        tenancy: Mode,
         /// IsoDownloads that may transfer at once on this node; the others wait in Pending.
         #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=64))]
         max_downloads: u64,
@@ -75,6 +83,10 @@ enum Command {
         /// Seconds without a heartbeat after which a node counts as unreachable.
         #[arg(long, default_value_t = 40, value_parser = clap::value_parser!(u64).range(1..=3600))]
         node_grace_seconds: u64,
+        /// namespaced: an object is bound only to a domain or pool its namespace's annotations
+        /// grant (virtplane.io/domains, pools). open: every namespace reaches everything.
+        #[arg(long, value_enum, env = "VIRTPLANE_TENANCY", default_value_t = Mode::Namespaced)]
+        tenancy: Mode,
     },
 }
 
@@ -98,7 +110,15 @@ async fn main() -> anyhow::Result<()> {
             allowed_paths,
             max_downloads,
             download_deny_cidrs,
+            tenancy,
         } => {
+            if tenancy == Mode::Namespaced && !allowed_paths.is_empty() {
+                anyhow::bail!(
+                    "--allowed-path applies only with --tenancy open: in namespaced mode a source \
+                     must lie inside a storage pool granted to the object's namespace (define a \
+                     libvirt dir pool for the directory and grant it with virtplane.io/pools)"
+                );
+            }
             let download_deny = download_deny_cidrs
                 .iter()
                 .map(|c| virtplane::agent::parse_cidr(c).map_err(anyhow::Error::msg))
@@ -121,6 +141,7 @@ async fn main() -> anyhow::Result<()> {
                 allowed_paths,
                 max_downloads: usize::try_from(max_downloads).unwrap_or(2),
                 download_deny,
+                tenancy,
             };
             virtplane::agent::run(client, config, shutdown).await?;
             Ok(())
@@ -132,6 +153,7 @@ async fn main() -> anyhow::Result<()> {
             identity,
             lease_seconds,
             node_grace_seconds,
+            tenancy,
         } => {
             let identity = match identity {
                 Some(i) if !i.is_empty() => i,
@@ -153,6 +175,7 @@ async fn main() -> anyhow::Result<()> {
                 identity,
                 lease_duration: Duration::from_secs(lease_seconds),
                 node_grace: Duration::from_secs(node_grace_seconds),
+                tenancy,
             };
             virtplane::controller::run(client, config, shutdown).await?;
             Ok(())

@@ -1,8 +1,13 @@
 //! Tenancy: what a namespace may reach. Cluster admins grant libvirt domains, storage pools and
 //! NIC sources to a namespace with annotations on the Namespace object; in `namespaced` mode (the
-//! default) nothing else is reachable from that namespace. Pure: parsing and matching only.
+//! default) nothing else is reachable from that namespace. This file is pure (parsing and
+//! matching); [`watch`] keeps every namespace's grants current from a watch.
 
 use std::collections::BTreeMap;
+
+pub mod watch;
+
+pub use watch::{GrantsFeed, NamespaceGrants};
 
 /// Annotation granting libvirt domains: comma-separated names; an entry ending in `*` is a prefix.
 pub const DOMAINS: &str = "virtplane.io/domains";
@@ -171,6 +176,17 @@ impl Grants {
         )
     }
 
+    /// The refusal message for a file outside every granted pool's directory: names the
+    /// requester's pools, never the pool (or tenant) the file belongs to.
+    pub fn path_refusal(&self, path: &str) -> String {
+        let (ns, granted) = self.limited.as_ref().map_or(("", String::new()), |l| {
+            (l.namespace.as_str(), joined(&l.pools))
+        });
+        format!(
+            "namespace {ns} may use storage pools {granted}; {path} is not inside the directory of any of them. A cluster admin grants pools with the annotation {POOLS} on the Namespace."
+        )
+    }
+
     /// The refusal message for an ungranted NIC source.
     pub fn network_refusal(&self, source: &NicSource) -> String {
         let (ns, granted) = self.limited.as_ref().map_or(("", String::new()), |l| {
@@ -251,6 +267,10 @@ mod tests {
                 .starts_with("namespace ta may use domains team-a-*; vm-b is not one of them.")
         );
         assert!(g.pool_refusal("pb").contains("storage pools pa; pb"));
+        assert!(
+            g.path_refusal("/b/x.img")
+                .contains("storage pools pa; /b/x.img is not inside")
+        );
         assert!(
             g.network_refusal(&NicSource::User)
                 .contains("NIC sources none; user")

@@ -24,6 +24,8 @@ pub struct AgentConfig {
     pub max_downloads: usize,
     /// Networks (CIDRs) that downloads may not connect to.
     pub download_deny: Vec<(std::net::IpAddr, u8)>,
+    /// Whether namespaces reach only what is granted to them.
+    pub tenancy: crate::tenancy::Mode,
 }
 
 /// Errors that stop the agent.

@@ -82,6 +82,8 @@ pub struct Context {
     pub backoff: Backoff,
     /// Which VMInterfaces claim which MAC, cluster-wide (fed by [`interface::index::watch`]).
     pub macs: interface::index::MacIndex,
+    /// What each namespace is granted (fed by a watch of the Namespaces; `ready()` before use).
+    pub grants: crate::tenancy::NamespaceGrants,
 }
 
 impl Context {

@@ -82,14 +82,17 @@ pub enum Step {
     Cleanup(Cleanup),
 }
 
-/// Adds the finalizer.
-pub async fn add<K>(api: &Api<K>, obj: &K) -> Result<(), ReconcileError>
+/// Adds the finalizer, unless it is there already.
+async fn add<K>(api: &Api<K>, obj: &K) -> Result<(), ReconcileError>
 where
     K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
         + Clone
         + DeserializeOwned
         + Debug,
 {
+    if obj.finalizers().iter().any(|f| f == FINALIZER) {
+        return Ok(());
+    }
     // No resourceVersion precondition: the controller's status write usually makes the cached
     // object stale, and appending to the list is safe whatever changed meanwhile.
     let patch = if obj.finalizers().is_empty() {
@@ -101,7 +104,7 @@ where
 }
 
 /// Removes the finalizer; an object already gone is fine.
-pub async fn remove<K>(api: &Api<K>, obj: &K) -> Result<(), ReconcileError>
+async fn remove<K>(api: &Api<K>, obj: &K) -> Result<(), ReconcileError>
 where
     K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
         + Clone

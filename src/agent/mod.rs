@@ -107,6 +107,7 @@ pub async fn run(
     let interfaces_synced = readiness.gate();
     let clones_synced = readiness.gate();
     let downloads_synced = readiness.gate();
+    let grants_synced = readiness.gate();
     let (addr, server) = http::serve(config.http_addr, readiness.clone(), shutdown.clone()).await?;
     tracing::info!(node = %config.node_name, %addr, uri = %config.libvirt_uri, "agent starting");
 
@@ -121,6 +122,7 @@ pub async fn run(
         let shutdown = shutdown.clone();
         tokio::spawn(async move { libvirt.supervise(shutdown).await })
     };
+    let (grants, grants_feed) = crate::tenancy::NamespaceGrants::new(config.tenancy);
     let ctx = Arc::new(Context {
         backoff: Backoff::default(),
         client: client.clone(),
@@ -140,7 +142,9 @@ pub async fn run(
         clones: Default::default(),
         downloads: iso::Downloads::new(config.max_downloads, config.download_deny.clone()),
         macs: Default::default(),
+        grants,
     });
+    let grants_feed = grants_feed.run(client.clone(), grants_synced, shutdown.clone());
     let mac_index = interface::index::watch(client.clone(), ctx.macs.clone(), shutdown.clone());
     let failures = wiring::record_removal_failures(ctx.clone(), shutdown.clone());
     // On shutdown, stop copies and transfers at once (their tasks resume in the next agent):
@@ -240,8 +244,16 @@ pub async fn run(
         registered,
         shutdown.clone(),
     );
-    let (result, (), (), (), (), (), (), ()) = tokio::join!(
-        inventory, storage, interfaces, clones, downloads, failures, stop_jobs, mac_index
+    let (result, (), (), (), (), (), (), (), ()) = tokio::join!(
+        inventory,
+        storage,
+        interfaces,
+        clones,
+        downloads,
+        failures,
+        stop_jobs,
+        mac_index,
+        grants_feed
     );
 
     let _ = supervisor.await;

@@ -76,7 +76,8 @@ pub fn controller<K: AgentKind>(
 }
 
 /// Runs `ctrl` with `reconcile` until shutdown: libvirt events wake the objects of a domain (and
-/// the waiting ones on pool and network events, and all after a reconnect); the gate opens once
+/// the waiting ones on pool and network events, and all after a reconnect); a change of a
+/// namespace's grants wakes its objects, whose plans check the grants again; the gate opens once
 /// the watch has synced.
 #[allow(clippy::too_many_arguments)]
 pub async fn drive<K, Fut>(
@@ -93,8 +94,10 @@ pub async fn drive<K, Fut>(
     Fut: Future<Output = Result<Action, ReconcileError>> + Send + 'static,
 {
     let triggers = domain_triggers(libvirt, store.clone(), index);
+    let regranted = grant_changes(&ctx.grants, store.clone());
     let run = ctrl
         .reconcile_on(triggers)
+        .reconcile_on(regranted)
         .graceful_shutdown_on(shutdown::wait(shutdown))
         .run(move |o, c| measured(o, c, reconcile), error_policy, ctx)
         .for_each(|_| futures::future::ready(()));
@@ -181,6 +184,23 @@ fn domain_triggers<K: AgentKind>(
             Event::Connected => index.all(),
             Event::Closed => Vec::new(),
         };
+        futures::stream::iter(refs)
+    })
+}
+
+/// Wakes the objects of a namespace whose grants changed, so their plans check them again: a
+/// revoked grant stops changes, a new one lets a waiting object go ahead (no restart needed).
+fn grant_changes<K: AgentKind>(
+    grants: &crate::tenancy::NamespaceGrants,
+    store: reflector::Store<K>,
+) -> impl Stream<Item = ObjectRef<K>> + Send + 'static {
+    grants.changes().flat_map(move |ns| {
+        let refs: Vec<ObjectRef<K>> = store
+            .state()
+            .iter()
+            .filter(|o| o.namespace().as_deref() == Some(ns.as_str()))
+            .map(|o| ObjectRef::from_obj(&**o))
+            .collect();
         futures::stream::iter(refs)
     })
 }

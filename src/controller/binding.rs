@@ -4,11 +4,14 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 
 use crate::api::{Hypervisor, IsoDownload, VMClone, VMInterface, VirtualMachineStorage};
+use crate::tenancy::Grants;
 
 /// Reasons of the `Scheduled` condition.
 pub mod reason {
     /// Bound to a node whose agent is reporting.
     pub const BOUND: &str = "Bound";
+    /// The object's namespace is not granted its domain or pool.
+    pub const NOT_GRANTED: &str = "NotGranted";
     /// `spec.nodeName` names no Hypervisor.
     pub const NODE_NOT_FOUND: &str = "NodeNotFound";
     /// No node reports the domain.
@@ -17,7 +20,7 @@ pub mod reason {
     pub const AMBIGUOUS_DOMAIN: &str = "AmbiguousDomain";
     /// No node has the storage pool.
     pub const POOL_NOT_FOUND: &str = "PoolNotFound";
-    /// Several nodes have the storage pool.
+    /// Several nodes have the storage pool: `spec.nodeName` must choose.
     pub const NODE_NAME_REQUIRED: &str = "NodeNameRequired";
     /// Bound, but the node's agent stopped reporting.
     pub const NODE_UNREACHABLE: &str = "NodeUnreachable";
@@ -94,11 +97,31 @@ pub enum Decision {
 /// Chooses the node for an object that is not bound yet among `hypervisors`, each with whether
 /// it is alive (heartbeating within the grace period). Without `spec.nodeName` only live nodes
 /// are chosen: a dead node's stale inventory neither attracts objects nor makes them ambiguous.
+///
+/// `grants` are what the object's namespace may reach. A target outside them is refused first,
+/// before any inventory is consulted, so the answer is the same whether the domain or pool
+/// exists or not: no tenant learns what other tenants have.
 pub fn decide(
     node_name: Option<&str>,
     target: Target<'_>,
+    grants: &Grants,
     hypervisors: &[(&Hypervisor, bool)],
 ) -> Decision {
+    match target {
+        Target::Domain(vm) if !grants.domain(vm) => {
+            return Decision::Unschedulable {
+                reason: reason::NOT_GRANTED,
+                message: grants.domain_refusal(vm),
+            };
+        }
+        Target::Pool(pool) if !grants.pool(pool) => {
+            return Decision::Unschedulable {
+                reason: reason::NOT_GRANTED,
+                message: grants.pool_refusal(pool),
+            };
+        }
+        _ => {}
+    }
     let name_of = |h: &&Hypervisor| h.metadata.name.clone().unwrap_or_default();
     if let Some(node) = node_name {
         return if hypervisors.iter().any(|(h, _)| name_of(h) == node) {
@@ -207,6 +230,20 @@ pub fn time_until_stale(
 mod tests {
     use super::*;
     use crate::api::{DomainSummary, HypervisorSpec, HypervisorStatus, StoragePoolSummary};
+    use crate::tenancy::{DOMAINS, Mode, POOLS};
+    use std::collections::BTreeMap;
+
+    fn open() -> Grants {
+        Grants::open()
+    }
+
+    fn granted(ns: &str, domains: &str, pools: &str) -> Grants {
+        let annotations = BTreeMap::from([
+            (DOMAINS.to_string(), domains.to_string()),
+            (POOLS.to_string(), pools.to_string()),
+        ]);
+        Grants::of(Mode::Namespaced, ns, &annotations)
+    }
 
     fn hv(name: &str, domains: &[&str], pools: &[&str]) -> Hypervisor {
         let mut h = Hypervisor::new(name, HypervisorSpec::default());
@@ -233,7 +270,12 @@ mod tests {
     #[test]
     fn binds_to_the_only_node_with_the_domain() {
         let (a, b) = (hv("a", &["web-1"], &[]), hv("b", &["db-1"], &[]));
-        match decide(None, Target::Domain("db-1"), &[(&a, true), (&b, true)]) {
+        match decide(
+            None,
+            Target::Domain("db-1"),
+            &open(),
+            &[(&a, true), (&b, true)],
+        ) {
             Decision::Bind { node, .. } => assert_eq!(node, "b"),
             other => panic!("{other:?}"),
         }
@@ -242,20 +284,28 @@ mod tests {
     #[test]
     fn silent_nodes_neither_attract_objects_nor_make_them_ambiguous() {
         let (a, b) = (hv("a", &["web-1"], &[]), hv("b", &["web-1"], &[]));
-        match decide(None, Target::Domain("web-1"), &[(&a, false), (&b, true)]) {
+        match decide(
+            None,
+            Target::Domain("web-1"),
+            &open(),
+            &[(&a, false), (&b, true)],
+        ) {
             Decision::Bind { node, .. } => assert_eq!(node, "b"),
             other => panic!("{other:?}"),
         }
-        let Decision::Unschedulable { reason, message } =
-            decide(None, Target::Domain("web-1"), &[(&a, false), (&b, false)])
-        else {
+        let Decision::Unschedulable { reason, message } = decide(
+            None,
+            Target::Domain("web-1"),
+            &open(),
+            &[(&a, false), (&b, false)],
+        ) else {
             panic!("expected no binding")
         };
         assert_eq!(reason, reason::NODE_UNREACHABLE);
         assert!(message.contains("a, b") && message.contains("spec.nodeName"));
         // Named explicitly, a silent node is still taken: the user chose it.
         assert!(matches!(
-            decide(Some("a"), Target::Domain("web-1"), &[(&a, false)]),
+            decide(Some("a"), Target::Domain("web-1"), &open(), &[(&a, false)]),
             Decision::Bind { .. }
         ));
     }
@@ -263,9 +313,12 @@ mod tests {
     #[test]
     fn reports_missing_and_ambiguous_domains() {
         let (a, b) = (hv("a", &["web-1"], &[]), hv("b", &["web-1"], &[]));
-        let Decision::Unschedulable { reason, message } =
-            decide(None, Target::Domain("web-1"), &[(&b, true), (&a, true)])
-        else {
+        let Decision::Unschedulable { reason, message } = decide(
+            None,
+            Target::Domain("web-1"),
+            &open(),
+            &[(&b, true), (&a, true)],
+        ) else {
             panic!("expected ambiguity")
         };
         assert_eq!(reason, reason::AMBIGUOUS_DOMAIN);
@@ -274,7 +327,7 @@ mod tests {
             "{message}"
         );
         let Decision::Unschedulable { reason, .. } =
-            decide(None, Target::Domain("nope"), &[(&a, true)])
+            decide(None, Target::Domain("nope"), &open(), &[(&a, true)])
         else {
             panic!("expected not found")
         };
@@ -285,11 +338,11 @@ mod tests {
     fn node_name_wins_but_must_exist() {
         let a = hv("a", &[], &[]);
         assert!(matches!(
-            decide(Some("a"), Target::Domain("x"), &[(&a, true)]),
+            decide(Some("a"), Target::Domain("x"), &open(), &[(&a, true)]),
             Decision::Bind { .. }
         ));
         let Decision::Unschedulable { reason, .. } =
-            decide(Some("z"), Target::Domain("x"), &[(&a, true)])
+            decide(Some("z"), Target::Domain("x"), &open(), &[(&a, true)])
         else {
             panic!("expected NodeNotFound")
         };
@@ -300,20 +353,186 @@ mod tests {
     fn pools_bind_to_one_node_or_ask_for_a_name() {
         let (a, b) = (hv("a", &[], &["ISO"]), hv("b", &[], &["ISO", "default"]));
         assert!(
-            matches!(decide(None, Target::Pool("default"), &[(&a, true), (&b, true)]), Decision::Bind { node, .. } if node == "b")
+            matches!(decide(None, Target::Pool("default"), &open(), &[(&a, true), (&b, true)]), Decision::Bind { node, .. } if node == "b")
         );
-        let Decision::Unschedulable { reason, .. } =
-            decide(None, Target::Pool("ISO"), &[(&a, true), (&b, true)])
-        else {
+        let Decision::Unschedulable { reason, .. } = decide(
+            None,
+            Target::Pool("ISO"),
+            &open(),
+            &[(&a, true), (&b, true)],
+        ) else {
             panic!()
         };
         assert_eq!(reason, reason::NODE_NAME_REQUIRED);
-        let Decision::Unschedulable { reason, .. } =
-            decide(None, Target::Pool("nfs"), &[(&a, true), (&b, true)])
-        else {
+        let Decision::Unschedulable { reason, .. } = decide(
+            None,
+            Target::Pool("nfs"),
+            &open(),
+            &[(&a, true), (&b, true)],
+        ) else {
             panic!()
         };
         assert_eq!(reason, reason::POOL_NOT_FOUND);
+    }
+
+    fn obj<K: serde::de::DeserializeOwned>(kind: &str, spec: serde_json::Value) -> K {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "virtplane.io/v1alpha1", "kind": kind,
+            "metadata": {"name": "o", "namespace": "ta"}, "spec": spec,
+        }))
+        .unwrap()
+    }
+
+    /// What `decide` says of object `o` with `grants` on node `a` (which has team-a-web,
+    /// team-b-web, pools pa and pb): (reason or "Bind", message).
+    fn judge(o: &dyn Bindable, grants: &Grants) -> (&'static str, String) {
+        let a = hv("a", &["team-a-web", "team-b-web"], &["pa", "pb"]);
+        match decide(o.node_name(), o.target(), grants, &[(&a, true)]) {
+            Decision::Bind { message, .. } => ("Bind", message),
+            Decision::Unschedulable { reason, message } => (reason, message),
+        }
+    }
+
+    #[test]
+    fn only_granted_domains_and_pools_are_considered() {
+        use serde_json::json;
+        let ta = granted("ta", "team-a-*, db1", "pa");
+        let storage = |vm: &str| -> VirtualMachineStorage {
+            obj("VirtualMachineStorage", json!({"vm": vm, "type": "cdrom"}))
+        };
+        let nic =
+            |vm: &str| -> VMInterface { obj("VMInterface", json!({"vm": vm, "type": "user"})) };
+        let clone = |source: &str| -> VMClone { obj("VMClone", json!({"source": source})) };
+        let iso = |pool: &str| -> IsoDownload {
+            obj(
+                "IsoDownload",
+                json!({"url": "https://example.com/x.iso", "pool": pool}),
+            )
+        };
+        let pinned: VirtualMachineStorage = obj(
+            "VirtualMachineStorage",
+            json!({"vm": "team-b-web", "type": "cdrom", "nodeName": "a"}),
+        );
+        let everything = Grants::open();
+        let cases: Vec<(&str, Box<dyn Bindable>, &Grants, &str)> = vec![
+            (
+                "storage, other's domain",
+                Box::new(storage("team-b-web")),
+                &ta,
+                reason::NOT_GRANTED,
+            ),
+            (
+                "interface, other's domain",
+                Box::new(nic("team-b-web")),
+                &ta,
+                reason::NOT_GRANTED,
+            ),
+            (
+                "clone, other's source",
+                Box::new(clone("team-b-web")),
+                &ta,
+                reason::NOT_GRANTED,
+            ),
+            (
+                "download, other's pool",
+                Box::new(iso("pb")),
+                &ta,
+                reason::NOT_GRANTED,
+            ),
+            (
+                "spec.nodeName does not bypass the grant",
+                Box::new(pinned),
+                &ta,
+                reason::NOT_GRANTED,
+            ),
+            (
+                "storage, granted by prefix",
+                Box::new(storage("team-a-web")),
+                &ta,
+                "Bind",
+            ),
+            (
+                "interface, granted by prefix",
+                Box::new(nic("team-a-web")),
+                &ta,
+                "Bind",
+            ),
+            (
+                "clone, granted by prefix",
+                Box::new(clone("team-a-web")),
+                &ta,
+                "Bind",
+            ),
+            ("download, granted pool", Box::new(iso("pa")), &ta, "Bind"),
+            (
+                "granted but missing",
+                Box::new(storage("team-a-gone")),
+                &ta,
+                reason::DOMAIN_NOT_FOUND,
+            ),
+            (
+                "open mode, any domain",
+                Box::new(storage("team-b-web")),
+                &everything,
+                "Bind",
+            ),
+            (
+                "open mode, any pool",
+                Box::new(iso("pb")),
+                &everything,
+                "Bind",
+            ),
+        ];
+        for (case, o, grants, want) in &cases {
+            let (got, message) = judge(o.as_ref(), grants);
+            assert_eq!(got, *want, "{case}: {message}");
+            if got == reason::NOT_GRANTED {
+                assert!(
+                    message.starts_with("namespace ta may use "),
+                    "{case}: {message}"
+                );
+                assert!(
+                    !message.contains("node"),
+                    "{case}: says nothing of nodes: {message}"
+                );
+            }
+        }
+        assert_eq!(
+            judge(&storage("team-b-web"), &ta).1,
+            "namespace ta may use domains team-a-*, db1; team-b-web is not one of them. \
+             A cluster admin grants domains with the annotation virtplane.io/domains on the Namespace."
+        );
+        assert!(
+            judge(&iso("pb"), &ta)
+                .1
+                .contains("storage pools pa; pb is not one of them")
+        );
+    }
+
+    #[test]
+    fn a_refusal_does_not_tell_whether_the_domain_exists() {
+        let ta = granted("ta", "team-a-*", "");
+        let existing: VirtualMachineStorage = obj(
+            "VirtualMachineStorage",
+            serde_json::json!({"vm": "team-b-web", "type": "cdrom"}),
+        );
+        let missing: VirtualMachineStorage = obj(
+            "VirtualMachineStorage",
+            serde_json::json!({"vm": "team-b-gone", "type": "cdrom"}),
+        );
+        let (r1, m1) = judge(&existing, &ta);
+        let (r2, m2) = judge(&missing, &ta);
+        assert_eq!((r1, r2), (reason::NOT_GRANTED, reason::NOT_GRANTED));
+        assert_eq!(
+            m1.replace("team-b-web", "X"),
+            m2.replace("team-b-gone", "X")
+        );
+        let nothing = Grants::of(Mode::Namespaced, "tc", &BTreeMap::new());
+        assert!(
+            judge(&existing, &nothing)
+                .1
+                .starts_with("namespace tc may use domains none;")
+        );
     }
 
     #[test]

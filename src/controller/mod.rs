@@ -27,6 +27,7 @@ use crate::backoff::Backoff;
 use crate::conditions::{self, Desired};
 use crate::http::{self, Gate, Readiness};
 use crate::shutdown::Shutdown;
+use crate::tenancy::{self, NamespaceGrants};
 use binding::{Bindable, Decision, reason, time_until_stale};
 
 /// Field manager of everything the controller writes.
@@ -47,6 +48,8 @@ pub struct ControllerConfig {
     pub lease_duration: Duration,
     /// How long a Hypervisor may go without a heartbeat before its node counts as unreachable.
     pub node_grace: Duration,
+    /// Whether namespaces reach only the domains and pools granted to them.
+    pub tenancy: tenancy::Mode,
 }
 
 /// Errors of the controller.
@@ -74,6 +77,8 @@ pub enum ControllerError {
 struct Context {
     client: Client,
     hypervisors: Store<Hypervisor>,
+    /// What each namespace is granted (fed by a watch of the Namespaces).
+    grants: NamespaceGrants,
     grace: SignedDuration,
     backoff: Backoff,
 }
@@ -105,7 +110,7 @@ pub async fn run(
     loop {
         if *leader.borrow_and_update() {
             tracing::info!(identity = %config.identity, "became leader");
-            let work = lead(client.clone(), &config, readiness.clone());
+            let work = lead(client.clone(), &config, readiness.clone(), shutdown.clone());
             tokio::select! {
                 () = work => {}
                 _ = leader.changed() => tracing::warn!("lost leadership; stopping work"),
@@ -130,17 +135,21 @@ pub async fn run(
     Ok(())
 }
 
-/// The leader's work: a Hypervisor reflector, one binder per kind, and node health.
-async fn lead(client: Client, config: &ControllerConfig, readiness: Readiness) {
+/// The leader's work: a Hypervisor reflector, the Namespace grants view, one binder per kind,
+/// and node health.
+async fn lead(client: Client, config: &ControllerConfig, readiness: Readiness, shutdown: Shutdown) {
     let (reader, writer) = reflector::store();
     let hv_api: Api<Hypervisor> = Api::all(client.clone());
     let hv_stream = reflector(writer, watcher(hv_api.clone(), watcher::Config::default()))
         .default_backoff()
         .touched_objects()
         .for_each(|_| futures::future::ready(()));
+    let (grants, grants_feed) = NamespaceGrants::new(config.tenancy);
+    let grants_feed = grants_feed.run(client.clone(), readiness.gate(), shutdown);
     let ctx = Arc::new(Context {
         client: client.clone(),
         hypervisors: reader.clone(),
+        grants,
         grace: SignedDuration::try_from(config.node_grace).unwrap_or(SignedDuration::from_secs(40)),
         backoff: Backoff::default(),
     });
@@ -157,6 +166,7 @@ async fn lead(client: Client, config: &ControllerConfig, readiness: Readiness) {
     };
     tokio::join!(
         hv_stream,
+        grants_feed,
         ready,
         bind::<VirtualMachineStorage>(client.clone(), ctx.clone(), readiness.gate()),
         bind::<VMInterface>(client.clone(), ctx.clone(), readiness.gate()),
@@ -173,7 +183,8 @@ async fn lead(client: Client, config: &ControllerConfig, readiness: Readiness) {
 }
 
 /// Runs the binder for one kind; opens `gate` once its watch is synced. Hypervisor changes wake
-/// the objects they may concern.
+/// the objects they may concern; a change of a namespace's grants wakes its unbound objects.
+/// Starts only once the grants view is synced, so no object is refused on an empty view.
 async fn bind<K>(client: Client, ctx: Arc<Context>, gate: Gate)
 where
     K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
@@ -185,9 +196,24 @@ where
         + Sync
         + 'static,
 {
+    ctx.grants.ready().await;
     let ctrl = Controller::new(Api::<K>::all(client.clone()), watcher::Config::default());
     let store = ctrl.store();
     let synced = store.clone();
+    let regranted = {
+        let store = store.clone();
+        ctx.grants.changes().flat_map(move |ns| {
+            // Bound objects stay with their node: the agent re-checks their grants.
+            let waiting: Vec<ObjectRef<K>> = store
+                .state()
+                .into_iter()
+                .filter(|o| o.namespace().as_deref() == Some(ns.as_str()))
+                .filter(|o| !o.labels().contains_key(NODE_LABEL))
+                .map(|o| ObjectRef::from_obj(&*o))
+                .collect();
+            futures::stream::iter(waiting)
+        })
+    };
     let seen = std::sync::Mutex::new(HashMap::<String, u64>::new());
     let binder = ctrl
         .watches(
@@ -210,6 +236,7 @@ where
                     .collect::<Vec<_>>()
             },
         )
+        .reconcile_on(regranted)
         .run(
             |obj, ctx| async move {
                 let start = std::time::Instant::now();
@@ -323,7 +350,8 @@ where
                 .iter()
                 .map(|h| (h.as_ref(), time_until_stale(h, ctx.grace, now).is_some()))
                 .collect();
-            match binding::decide(obj.node_name(), obj.target(), &hvs) {
+            let grants = ctx.grants.grants(&ns);
+            match binding::decide(obj.node_name(), obj.target(), &grants, &hvs) {
                 Decision::Bind { node, message } => {
                     let body = json!({
                         "apiVersion": K::api_version(&()), "kind": K::kind(&()),
@@ -350,7 +378,7 @@ where
                 Decision::Unschedulable { reason, message } => (
                     None,
                     Desired::falsy(condition::SCHEDULED, reason, message),
-                    // Hypervisor changes wake the object; this is only a safety net.
+                    // Hypervisor and grant changes wake the object; this is only a safety net.
                     Action::requeue(Duration::from_secs(300)),
                 ),
             }

@@ -16,6 +16,8 @@ pub struct CloneEdits {
     pub name: String,
     /// UID of the VMClone object, written into the clone's metadata.
     pub task_uid: String,
+    /// Namespace of the VMClone object, written into the clone's metadata.
+    pub namespace: String,
     /// New source path of each copied disk, by the original's path.
     pub disk_paths: HashMap<String, String>,
     /// New `(pool, volume)` of each copied `type='volume'` disk, by the original's.
@@ -176,7 +178,8 @@ fn is_uuid(s: &str) -> bool {
 
 fn inner_metadata(e: &CloneEdits) -> String {
     format!(
-        "<vp:clone xmlns:vp='{CLONE_NS}' task='{}'/>",
+        "<vp:clone xmlns:vp='{CLONE_NS}' namespace='{}' task='{}'/>",
+        escape_attr(&e.namespace),
         escape_attr(&e.task_uid)
     )
 }
@@ -214,6 +217,7 @@ mod tests {
         let edits = CloneEdits {
             name: "web-clone1".into(),
             task_uid: "u-1".into(),
+            namespace: "ta".into(),
             disk_paths: HashMap::from([(
                 "/pool/web.qcow2".into(),
                 "/pool/web-clone1.qcow2".into(),
@@ -246,6 +250,10 @@ mod tests {
         assert!(out.contains("web-clone1_VARS.fd"));
         assert!(!out.contains("5901") && out.contains("autoport='yes'"));
         assert_eq!(clone_task_of(&out).as_deref(), Some("u-1"));
+        assert!(
+            out.contains("namespace='ta' task='u-1'"),
+            "the metadata records the namespace: {out}"
+        );
         assert_eq!(clone_task_of(SRC), None);
     }
 

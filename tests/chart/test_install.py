@@ -91,44 +91,55 @@ def release(admin_kubeconfig: str, crds_present: None, tmp_path_factory: pytest.
         for kind in ("clusterrole", "clusterrolebinding"):
             for component in ("controller", "agent"):
                 assert kget(kind, f"{rel.fullname}-{component}") is None, f"uninstall left {kind}"
+        for role in ("edit", "view", "hypervisor-viewer"):
+            assert kget("clusterrole", f"{rel.fullname}-{role}") is None, f"uninstall left {role}"
+
+
+def sa_token(namespace: str, sa: str) -> str:
+    """The token of ServiceAccount `sa`, from the token Secret the 1.20 token controller creates."""
+    def token_secret() -> str | None:
+        obj = kget("serviceaccount", sa, namespace) or {}
+        for ref in obj.get("secrets") or []:
+            if ref["name"].startswith(f"{sa}-token-"):
+                return str(ref["name"])
+        return None
+
+    secret_name = eventually(f"the token Secret of ServiceAccount {sa}", 60, token_secret)
+    secret = eventually(
+        f"Secret {secret_name} to hold a token",
+        30,
+        lambda: (kget("secret", secret_name, namespace) or {}).get("data", {}).get("token") and kget("secret", secret_name, namespace),
+    )
+    return base64.b64decode(secret["data"]["token"]).decode()
+
+
+def token_kubeconfig(namespace: str, sa: str, token: str, path: Path) -> str:
+    """Writes a kubeconfig that authenticates with `token` only; returns its path."""
+    admin = json.loads(kubectl("config", "view", "--raw", "--minify", "-o", "json").stdout)
+    cluster = admin["clusters"][0]["cluster"]
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "test", "cluster": {
+            "server": cluster["server"],
+            "certificate-authority-data": cluster["certificate-authority-data"],
+        }}],
+        "users": [{"name": sa, "user": {"token": token}}],
+        "contexts": [{"name": sa, "context": {"cluster": "test", "user": sa, "namespace": namespace}}],
+        "current-context": sa,
+    }
+    path.write_text(yaml.safe_dump(config))
+    path.chmod(0o600)
+    return str(path)
 
 
 def write_sa_kubeconfigs(rel: Release, directory: Path) -> None:
-    """A kubeconfig per component with its ServiceAccount's token, read from the token Secret
-    that the 1.20 token controller creates."""
-    admin = json.loads(kubectl("config", "view", "--raw", "--minify", "-o", "json").stdout)
-    cluster = admin["clusters"][0]["cluster"]
+    """A kubeconfig per component with its ServiceAccount's token."""
     for component, sa in (("controller", rel.controller_sa), ("agent", rel.agent_sa)):
-        def token_secret() -> str | None:
-            obj = kget("serviceaccount", sa, rel.namespace) or {}
-            for ref in obj.get("secrets") or []:
-                if ref["name"].startswith(f"{sa}-token-"):
-                    return str(ref["name"])
-            return None
-
-        secret_name = eventually(f"the token Secret of ServiceAccount {sa}", 60, token_secret)
-        secret = eventually(
-            f"Secret {secret_name} to hold a token",
-            30,
-            lambda: (kget("secret", secret_name, rel.namespace) or {}).get("data", {}).get("token") and kget("secret", secret_name, rel.namespace),
-        )
-        token = base64.b64decode(secret["data"]["token"]).decode()
+        token = sa_token(rel.namespace, sa)
         rel.tokens[component] = token
-        config = {
-            "apiVersion": "v1",
-            "kind": "Config",
-            "clusters": [{"name": "test", "cluster": {
-                "server": cluster["server"],
-                "certificate-authority-data": cluster["certificate-authority-data"],
-            }}],
-            "users": [{"name": sa, "user": {"token": token}}],
-            "contexts": [{"name": sa, "context": {"cluster": "test", "user": sa, "namespace": rel.namespace}}],
-            "current-context": sa,
-        }
-        path = directory / f"{component}.kubeconfig"
-        path.write_text(yaml.safe_dump(config))
-        path.chmod(0o600)
-        rel.sa_kubeconfigs[component] = str(path)
+        rel.sa_kubeconfigs[component] = token_kubeconfig(
+            rel.namespace, sa, token, directory / f"{component}.kubeconfig")
 
 
 def beat(hv: dict[str, Any] | None) -> datetime | None:
@@ -231,8 +242,11 @@ def test_controller_permissions(release: Release) -> None:
         ("update", f"leases.coordination.k8s.io/{lease}", "-n", "RELNS"),
         ("patch", f"leases.coordination.k8s.io/{lease}", "-n", "RELNS"),
         ("create", "events", "-n", "default"), ("create", "events.events.k8s.io", "-n", "default"),
+        # Tenancy: the grant annotations of every namespace.
+        ("list", "namespaces"), ("watch", "namespaces"), ("get", "namespaces/default"),
     ]
     denied = [
+        ("patch", "namespaces/default"), ("update", "namespaces/default"), ("create", "namespaces"),
         ("create", "secrets", "-n", "RELNS"), ("get", "secrets", "-n", "RELNS"),
         ("list", "secrets", "-A"), ("get", "configmaps", "-n", "default"),
         ("delete", "hypervisors.virtplane.io"), ("create", "hypervisors.virtplane.io"),
@@ -269,8 +283,11 @@ def test_agent_permissions(release: Release) -> None:
         ("create", "events", "-n", "default"), ("patch", "events.events.k8s.io", "-n", "default"),
         # IsoDownload credentials and CA bundles, by name, in any namespace (default values).
         ("get", "secrets", "-n", "default"), ("get", "configmaps", "-n", "default"),
+        # Tenancy: the grant annotations of every namespace.
+        ("list", "namespaces"), ("watch", "namespaces"), ("get", "namespaces/default"),
     ]
     denied = [
+        ("patch", "namespaces/default"), ("update", "namespaces/default"), ("create", "namespaces"),
         ("list", "secrets", "-A"), ("watch", "secrets", "-n", "default"),
         ("list", "configmaps", "-n", "default"), ("create", "secrets", "-n", "default"),
         ("create", "leases.coordination.k8s.io", "-n", "RELNS"),
@@ -284,6 +301,57 @@ def test_agent_permissions(release: Release) -> None:
         ("patch", "deployments.apps", "-n", "RELNS"),
     ]
     check_matrix(release, "agent", allowed, denied)
+
+
+def test_tenants_use_the_kinds_through_the_builtin_roles(release: Release, tmp_path: Path) -> None:
+    """A ServiceAccount bound (RoleBinding) to the built-in `edit` role in its namespace uses the
+    four kinds there, since the chart's roles aggregate into `edit`, but cannot change its
+    Namespace's grants or read Hypervisors; one bound to `view` only reads."""
+    ns = release.namespace
+    kc = {}
+    for role in ("edit", "view"):
+        sa = f"tenant-{role}"
+        kubectl("create", "serviceaccount", sa, "-n", ns)
+        kubectl("create", "rolebinding", sa, "-n", ns, f"--clusterrole={role}",
+                f"--serviceaccount={ns}:{sa}")
+        release.sa_kubeconfigs[sa] = kc[role] = token_kubeconfig(
+            ns, sa, sa_token(ns, sa), tmp_path / f"{sa}.kubeconfig")
+    # The clusterrole-aggregation controller copies the chart's rules into edit and view.
+    eventually("the chart's rules aggregated into the built-in edit role", 60,
+               lambda: can_i(release, "tenant-edit", "create", "vmclones.virtplane.io", "-n", ns))
+    allowed, denied = [], []
+    for k in KINDS:
+        r = f"{k}.virtplane.io"
+        allowed += [("create", r, "-n", "RELNS"), ("delete", r, "-n", "RELNS"),
+                    ("update", r, "-n", "RELNS"), ("list", r, "-n", "RELNS")]
+        denied += [("create", r, "-n", "default"), ("list", r, "-A"),
+                   ("patch", r, "--subresource=status", "-n", "RELNS")]
+    denied += [("patch", f"namespaces/{ns}"), ("update", f"namespaces/{ns}"),
+               ("list", "hypervisors.virtplane.io"), ("get", "hypervisors.virtplane.io/any")]
+    check_matrix(release, "tenant-edit", allowed, denied)
+    eventually("the chart's rules aggregated into the built-in view role", 60,
+               lambda: can_i(release, "tenant-view", "list", "isodownloads.virtplane.io", "-n", ns))
+    check_matrix(release, "tenant-view",
+                 allowed=[("get", f"{k}.virtplane.io", "-n", "RELNS") for k in KINDS],
+                 denied=[("create", f"{k}.virtplane.io", "-n", "RELNS") for k in KINDS]
+                 + [("list", "hypervisors.virtplane.io")])
+
+    # The same, for real, with the tenant's own token.
+    vms = yaml.safe_dump({"apiVersion": "virtplane.io/v1alpha1", "kind": "VirtualMachineStorage",
+                          "metadata": {"name": "tenant-made"}, "spec": {"vm": "x", "type": "cdrom"}})
+    kubectl("create", "-n", ns, "-f", "-", input=vms, kubeconfig=kc["edit"])
+    kubectl("delete", "-n", ns, "virtualmachinestorage.virtplane.io", "tenant-made", "--wait=false",
+            kubeconfig=kc["edit"])
+    grab = kubectl("annotate", "namespace", ns, "virtplane.io/domains=*", kubeconfig=kc["edit"],
+                   check=False)
+    assert grab.returncode != 0 and "forbidden" in grab.stderr, grab.stderr
+    assert "virtplane.io/domains" not in ((kget("namespace", ns) or {}).get("metadata", {})
+                                          .get("annotations") or {})
+    peek = kubectl("get", "hypervisors.virtplane.io", kubeconfig=kc["edit"], check=False)
+    assert peek.returncode != 0 and "forbidden" in peek.stderr, peek.stderr
+    denied_create = kubectl("create", "-n", ns, "-f", "-", input=vms, kubeconfig=kc["view"],
+                            check=False)
+    assert denied_create.returncode != 0 and "forbidden" in denied_create.stderr
 
 
 # ------------------------------------------------------------- the real binaries
@@ -388,6 +456,10 @@ def test_binaries_work_with_the_chart_rbac(release: Release, virtplane_bin: str,
     )
     subprocess.run(["virsh", "-q", "-c", "qemu:///system", "define", str(xml)], check=True,
                    capture_output=True)
+    # Tenancy is namespaced (the chart's default): a cluster admin grants the release namespace
+    # the domain, its clone and user-mode NICs.
+    kubectl("annotate", "namespace", ns, "--overwrite",
+            f"virtplane.io/domains={domain},{clone_name}", "virtplane.io/networks=user")
 
     agent = controller = None
     ctl_dir = None

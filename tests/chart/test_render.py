@@ -46,12 +46,15 @@ def expand(groups: list[str], resources: list[str], verbs: list[str], names: lis
 
 KINDS = ["virtualmachinestorages", "vminterfaces", "vmclones", "isodownloads"]
 EVENTS = expand(["", "events.k8s.io"], ["events"], ["create", "patch"])
+# Tenancy: both components read the Namespaces' grant annotations; neither writes them.
+NAMESPACES = expand([""], ["namespaces"], ["get", "list", "watch"])
 
 CONTROLLER_RULES = (
     expand(["virtplane.io"], KINDS, ["get", "list", "watch", "patch"])
     | expand(["virtplane.io"], [f"{k}/status" for k in KINDS], ["get", "patch"])
     | expand(["virtplane.io"], ["hypervisors"], ["get", "list", "watch"])
     | expand(["virtplane.io"], ["hypervisors/status"], ["get", "patch"])
+    | NAMESPACES
     | EVENTS
 )
 AGENT_RULES = (
@@ -60,15 +63,20 @@ AGENT_RULES = (
     | expand(["virtplane.io"], [f"{k}/finalizers" for k in KINDS], ["update", "patch"])
     | expand(["virtplane.io"], ["hypervisors"], ["get", "list", "watch", "create", "patch"])
     | expand(["virtplane.io"], ["hypervisors/status"], ["get", "patch"])
+    | NAMESPACES
     | EVENTS
 )
 CREDENTIALS = expand([""], ["secrets", "configmaps"], ["get"])
+TENANT_EDIT = expand(["virtplane.io"], KINDS, ["get", "list", "watch", "create", "update", "patch",
+                                               "delete", "deletecollection"])
+TENANT_VIEW = expand(["virtplane.io"], KINDS, ["get", "list", "watch"])
 
 
 # ----------------------------------------------------------------------------- lint
 @pytest.mark.parametrize(
     "values",
-    [None, {"agent": {"allowedPaths": ["/srv/iso"], "secretNamespaces": ["vms"]},
+    [None, {"tenancy": "open", "agent": {"allowedPaths": ["/srv/iso"], "secretNamespaces": ["vms"]},
+            "rbac": {"tenantsCanReadHypervisors": True},
             "metrics": {"serviceMonitor": {"enabled": True}}}],
     ids=["defaults", "custom"],
 )
@@ -85,7 +93,7 @@ def test_default_render() -> None:
     objs = objects(rendered)
     kinds = sorted(o["kind"] for o in objs)
     assert kinds == sorted(
-        ["ServiceAccount"] * 2 + ["ClusterRole"] * 2 + ["ClusterRoleBinding"] * 2
+        ["ServiceAccount"] * 2 + ["ClusterRole"] * 5 + ["ClusterRoleBinding"] * 2
         + ["Role", "RoleBinding", "Service", "Service", "Deployment", "DaemonSet"]
     )
     for o in objs:
@@ -112,6 +120,7 @@ def test_default_render() -> None:
     assert c["args"] == [
         "controller", "--log-format=json", "--http-addr=0.0.0.0:8080",
         "--lease-name=virtplane-controller", "--lease-seconds=15", "--node-grace-seconds=40",
+        "--tenancy=namespaced",
     ]
     env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in c["env"]}
     assert env == {"POD_NAMESPACE": "metadata.namespace", "POD_NAME": "metadata.name"}
@@ -134,7 +143,7 @@ def test_default_render() -> None:
     }
     assert c["args"] == [
         "agent", "--log-format=json", "--http-addr=0.0.0.0:8081", "--libvirt-uri=qemu:///system",
-        "--heartbeat-seconds=10", "--max-downloads=2",
+        "--heartbeat-seconds=10", "--max-downloads=2", "--tenancy=namespaced",
     ]
     assert c["env"] == [{"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}]
     host = {v["name"]: v["hostPath"] for v in pod["volumes"] if "hostPath" in v}
@@ -152,6 +161,7 @@ def test_default_render() -> None:
     # RBAC: exactly the rules each component needs.
     assert rules(one(objs, "ClusterRole", "-controller")) == CONTROLLER_RULES
     assert rules(one(objs, "ClusterRole", "-agent")) == AGENT_RULES | CREDENTIALS
+    assert_tenant_roles(objs, "vp-virtplane")
     lease_role = one(objs, "Role")
     assert lease_role["metadata"]["namespace"] == "virtplane-system"
     assert rules(lease_role) == expand(["coordination.k8s.io"], ["leases"], ["create"]) | expand(
@@ -178,12 +188,55 @@ def test_default_render() -> None:
         assert hint in notes, hint
 
 
+def assert_tenant_roles(objs: list[dict[str, Any]], fullname: str) -> None:
+    """The four kinds join the built-in edit (and admin) and view roles; tenants get nothing
+    else: no status writes, no Namespaces, no Hypervisors."""
+    edit = one(objs, "ClusterRole", "-edit")
+    assert edit["metadata"]["name"] == f"{fullname}-edit"
+    labels = edit["metadata"]["labels"]
+    assert labels["rbac.authorization.k8s.io/aggregate-to-edit"] == "true"
+    assert labels["rbac.authorization.k8s.io/aggregate-to-admin"] == "true"
+    assert rules(edit) == TENANT_EDIT
+    view = one(objs, "ClusterRole", "-view")
+    assert view["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-view"] == "true"
+    assert rules(view) == TENANT_VIEW
+    # Hypervisors (every tenant's domains and pools) are in a role of their own, aggregated to
+    # nothing.
+    viewer = one(objs, "ClusterRole", "-hypervisor-viewer")
+    assert rules(viewer) == expand(["virtplane.io"], ["hypervisors"], ["get", "list", "watch"])
+    assert not [k for k in viewer["metadata"]["labels"] if k.startswith("rbac.authorization.k8s.io/aggregate")]
+    for role in by_kind(objs, "ClusterRole"):
+        aggregated = any(k.startswith("rbac.authorization.k8s.io/aggregate-to")
+                         for k in role["metadata"]["labels"])
+        if aggregated:
+            assert role["metadata"]["name"] in (f"{fullname}-edit", f"{fullname}-view")
+            assert not [r for r in rules(role) if r[1] in ("namespaces", "hypervisors") or "/" in r[1]]
+
+
+def test_tenant_roles_and_hypervisor_access() -> None:
+    objs = objects(render())
+    assert not [b for b in by_kind(objs, "ClusterRoleBinding") if b["metadata"]["name"].endswith("-hypervisor-viewer")]
+    objs = objects(render({"rbac": {"tenantsCanReadHypervisors": True}}, release="vp"))
+    assert_tenant_roles(objs, "vp-virtplane")
+    binding = one(objs, "ClusterRoleBinding", "-hypervisor-viewer")
+    assert binding["roleRef"]["name"] == "vp-virtplane-hypervisor-viewer"
+    assert binding["subjects"] == [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group",
+                                    "name": "system:authenticated"}]
+
+
+def test_tenancy_reaches_both_binaries() -> None:
+    objs = objects(render({"tenancy": "open"}))
+    for kind in ("Deployment", "DaemonSet"):
+        assert "--tenancy=open" in container(one(objs, kind))["args"]
+
+
 # ---------------------------------------------------------------- non-default values
 CUSTOM = {
     "image": {"repository": "registry.example.com/virtplane", "digest": "sha256:" + "ab" * 32,
               "pullPolicy": "Always"},
     "imagePullSecrets": [{"name": "regcred"}],
     "logFormat": "plain",
+    "tenancy": "open",
     "commonLabels": {"team": "virt"},
     "controller": {
         "replicas": 3,
@@ -229,7 +282,7 @@ def test_custom_values_render() -> None:
     assert c["imagePullPolicy"] == "Always"
     assert c["args"] == [
         "controller", "--log-format=plain", "--http-addr=0.0.0.0:9090", "--lease-name=vp-lease",
-        "--lease-seconds=20", "--node-grace-seconds=90",
+        "--lease-seconds=20", "--node-grace-seconds=90", "--tenancy=open",
     ]
     assert c["ports"][0]["containerPort"] == 9090
 
@@ -242,7 +295,7 @@ def test_custom_values_render() -> None:
     assert c["args"] == [
         "agent", "--log-format=plain", "--http-addr=0.0.0.0:9091",
         "--libvirt-uri=qemu+unix:///system", "--heartbeat-seconds=5", "--max-downloads=5",
-        "--download-deny-cidr=169.254.0.0/16", "--download-deny-cidr=fe80::/10",
+        "--tenancy=open", "--download-deny-cidr=169.254.0.0/16", "--download-deny-cidr=fe80::/10",
         "--download-deny-cidr=10.0.0.0/8",
         "--allowed-path=/srv/iso", "--allowed-path=/data/images",
     ]
@@ -308,6 +361,8 @@ def test_rbac_create_false_renders_no_rbac() -> None:
         ({"agent": {"downloadDenyCidrs": ["10.0.0.0"]}}, "/agent/downloadDenyCidrs/0"),
         ({"agnet": {"maxDownloads": 2}}, "agnet"),
         ({"metrics": {"serviceMonitor": {"enabled": "yes"}}}, "/metrics/serviceMonitor/enabled"),
+        ({"tenancy": "shared"}, "/tenancy"),
+        ({"rbac": {"tenantsCanReadHypervisors": "yes"}}, "/rbac/tenantsCanReadHypervisors"),
     ],
 )
 def test_schema_rejects(values: dict[str, Any], where: str) -> None:
@@ -327,6 +382,7 @@ def test_schema_rejects(values: dict[str, Any], where: str) -> None:
         ({"metrics": {"service": {"enabled": False}, "serviceMonitor": {"enabled": True}}},
          "needs metrics.service.enabled"),
         ({"agent": {"serviceAccount": {"create": False, "name": ""}}}, "agent.serviceAccount.name is required"),
+        ({"agent": {"allowedPaths": ["/srv/iso"]}}, "agent.allowedPaths applies only with tenancy: open"),
     ],
 )
 def test_templates_reject_inconsistent_values(values: dict[str, Any], message: str) -> None:

@@ -262,6 +262,25 @@ impl Drop for Process {
     }
 }
 
+/// The tenancy a test's agent and controller run with unless their arguments name one:
+/// `open`, today's behaviour. A test of tenancy passes `--tenancy namespaced` (see
+/// [`NAMESPACED`]) and grants its namespaces what they use.
+pub const DEFAULT_TENANCY: [&str; 2] = ["--tenancy", "open"];
+
+/// The arguments that start an agent or a controller in namespaced mode.
+pub const NAMESPACED: [&str; 2] = ["--tenancy", "namespaced"];
+
+/// `args` with [`DEFAULT_TENANCY`] appended unless they choose a tenancy themselves.
+fn with_tenancy(mut args: Vec<&str>) -> Vec<&str> {
+    if !args
+        .iter()
+        .any(|a| *a == "--tenancy" || a.starts_with("--tenancy="))
+    {
+        args.extend_from_slice(&DEFAULT_TENANCY);
+    }
+    args
+}
+
 /// An agent with a unique node name; its Hypervisor object is deleted when dropped.
 pub struct Agent {
     pub node: String,
@@ -273,6 +292,7 @@ impl Agent {
     pub fn start(node: &str, extra: &[&str]) -> Self {
         let mut args = vec!["agent", "--node-name", node, "--http-addr", "127.0.0.1:0"];
         args.extend_from_slice(extra);
+        let args = with_tenancy(args);
         let process = Process::spawn(node, &args);
         Self {
             node: node.to_string(),
@@ -410,7 +430,7 @@ pub fn start_controller(identity: &str, namespace: &str, lease: &str, extra: &[&
         identity,
     ];
     args.extend_from_slice(extra);
-    Process::spawn(identity, &args)
+    Process::spawn(identity, &with_tenancy(args))
 }
 
 /// A throwaway directory storage pool, destroyed and undefined when dropped.

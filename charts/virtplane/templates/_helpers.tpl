@@ -91,4 +91,7 @@ bad combination fails the install with a message instead of producing a flapping
 {{- if le (int .Values.controller.nodeGraceSeconds) (int .Values.agent.heartbeatSeconds) }}
 {{- fail (printf "controller.nodeGraceSeconds (%v) must exceed agent.heartbeatSeconds (%v): otherwise every node is marked unreachable between two heartbeats" .Values.controller.nodeGraceSeconds .Values.agent.heartbeatSeconds) }}
 {{- end }}
+{{- if and .Values.agent.allowedPaths (ne .Values.tenancy "open") }}
+{{- fail "agent.allowedPaths applies only with tenancy: open. In namespaced mode a source must lie in a storage pool granted to the object's namespace: define a libvirt dir pool for the directory and grant it (virtplane.io/pools)" }}
+{{- end }}
 {{- end }}

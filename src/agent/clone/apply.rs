@@ -24,6 +24,8 @@ use crate::libvirt::networks::Networks;
 pub struct Job {
     /// UID of the VMClone: recorded in the clone's metadata.
     pub uid: String,
+    /// Namespace of the VMClone: recorded in the clone's metadata too.
+    pub namespace: String,
     /// The source domain.
     pub source: String,
     /// Start the clone once defined.
@@ -350,6 +352,7 @@ async fn clone_definition<V: Clones + Domains + Networks>(
     let mut edits = CloneEdits {
         name: target.clone(),
         task_uid: job.uid.clone(),
+        namespace: job.namespace.clone(),
         disk_paths: copies
             .iter()
             .map(|(s, (t, _))| (s.clone(), t.clone()))

@@ -44,6 +44,7 @@ fn planned(src: &Path, dst: &Path) -> CloneDisk {
 fn job(xml: &str, target: &str, disks: Vec<CloneDisk>, start: bool) -> Job {
     Job {
         uid: UID.into(),
+        namespace: "ns".into(),
         source: "web".into(),
         start,
         strategy: CopyStrategy::Copy,

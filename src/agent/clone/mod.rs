@@ -26,6 +26,9 @@ use super::refusal::Reason;
 use super::{finalizer, status};
 use crate::api::{ClonePhase, NODE_LABEL, VMClone, VMCloneStatus};
 
+/// How long a reconcile waits for the grants view's first full list of Namespaces.
+const GRANTS_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Clone jobs, by task UID.
 pub type CloneJobs = Jobs<VMClone, apply::Progress, apply::JobEnd>;
 
@@ -99,6 +102,14 @@ async fn apply(
     if plan::settled(&prev) {
         return Ok(Action::await_change());
     }
+    // An early "nothing granted" would hold a task back for no reason.
+    if tokio::time::timeout(GRANTS_WAIT, ctx.grants.ready())
+        .await
+        .is_err()
+    {
+        tracing::warn!("the Namespace grants have not synced yet; waiting");
+        return Ok(Action::requeue(std::time::Duration::from_secs(5)));
+    }
     let observed = observe::observe(obj, ctx, &prev).await?;
     let (r, config) = match plan::decide(spec, &uid, &ctx.node, &prev, &observed) {
         plan::Decision::Wait(why) => {
@@ -120,6 +131,7 @@ async fn apply(
     // The plan is in the status before anything is copied: a new agent resumes it.
     let job = apply::Job {
         uid: uid.clone(),
+        namespace: obj.namespace().unwrap_or_default(),
         source: spec.source.clone(),
         start: spec.start,
         strategy: spec.storage.strategy,

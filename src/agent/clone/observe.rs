@@ -35,7 +35,8 @@ pub async fn fresh_status(
         .unwrap_or_default())
 }
 
-/// Reads what the plan of `obj` needs; a task that resumes needs only its source.
+/// Reads what the plan of `obj` needs, with what its namespace is granted; a task that resumes
+/// needs only its source.
 pub async fn observe(
     obj: &VMClone,
     ctx: &Context,
@@ -43,14 +44,18 @@ pub async fn observe(
 ) -> Result<Observed, ReconcileError> {
     let v = &ctx.libvirt;
     let spec = &obj.spec;
-    let source = match v.domain(&spec.source).await? {
+    let mut obs = Observed {
+        grants: ctx.grants.grants(&obj.namespace().unwrap_or_default()),
+        ..Default::default()
+    };
+    // Nothing of an ungranted source is read for a new task: the plan refuses it.
+    if !plan::resumes(status) && !obs.grants.domain(&spec.source) {
+        return Ok(obs);
+    }
+    obs.source = match v.domain(&spec.source).await? {
         None => Source::Missing,
         Some(view) if view.active => Source::Running,
         Some(view) => Source::ShutOff(view.config),
-    };
-    let mut obs = Observed {
-        source,
-        ..Default::default()
     };
     let Source::ShutOff(config) = &obs.source else {
         return Ok(obs);

@@ -11,6 +11,7 @@ use crate::api::{CloneDisk, ClonePhase, StoragePoolSummary, VMCloneSpec, VMClone
 use crate::libvirt::domain::{DiskXml, DomainXml};
 use crate::libvirt::facade::VolumeLookup;
 use crate::libvirt::volume;
+use crate::tenancy::Grants;
 
 /// `strategy` of a disk the clone shares with its source.
 pub const SHARED: &str = "Shared";
@@ -61,6 +62,8 @@ pub struct Observed {
     pub free: HashMap<PathBuf, u64>,
     /// Files that exist in the directories copies may go to.
     pub existing: HashSet<PathBuf>,
+    /// What the task's namespace is granted (everything in open mode).
+    pub grants: Grants,
 }
 
 /// The task's plan: the clone's name and one entry per disk of the source.
@@ -171,6 +174,62 @@ fn storage(message: String) -> Refusal<CloneReason> {
     Refusal::fix(CloneReason::StorageNotUsable, message)
 }
 
+/// A grant is missing: the task waits (phase Pending) until a cluster admin grants it, or the
+/// spec changes; nothing is created meanwhile.
+fn not_granted(message: String) -> Refusal<CloneReason> {
+    Refusal::fix(CloneReason::NotGranted, message)
+}
+
+/// Refuses a copy from a disk outside the namespace's pools: a volume of an ungranted pool, or
+/// a file in no granted pool's directory (in namespaced mode the agent's allowed directories do
+/// not count). Checked before anything about the disk is said, so the answer is the same
+/// whether the pool or volume exists or not.
+fn check_copy_source(
+    d: &DiskXml,
+    source: &str,
+    path: &str,
+    volume_pool: Option<&str>,
+    obs: &Observed,
+) -> Result<(), Refusal<CloneReason>> {
+    let g = &obs.grants;
+    if g.is_open() {
+        return Ok(());
+    }
+    let disk = target_of(d);
+    if let Some(pool) = volume_pool {
+        return if g.pool(pool) {
+            Ok(())
+        } else {
+            Err(not_granted(format!(
+                "Disk {disk} of {source} is a volume of pool {pool}: {}",
+                g.pool_refusal(pool)
+            )))
+        };
+    }
+    let dir = obs
+        .files
+        .get(path)
+        .map(|f| f.dir.clone())
+        .unwrap_or_default();
+    let mut pools: Vec<&String> = obs
+        .pool_dirs
+        .iter()
+        .filter(|(_, d)| !dir.as_os_str().is_empty() && **d == dir)
+        .map(|(name, _)| name)
+        .collect();
+    pools.sort();
+    if pools.iter().any(|p| g.pool(p)) {
+        return Ok(());
+    }
+    let what = pools
+        .first()
+        .map_or_else(|| format!("the directory of {path}"), |p| p.to_string());
+    Err(not_granted(format!(
+        "Disk {disk} of {source} ({path}) lies in no storage pool granted to the namespace: {}",
+        g.pool_refusal(&what)
+    )))
+}
+
 /// Decides what happens to a task that is neither settled nor running.
 pub fn decide(
     spec: &VMCloneSpec,
@@ -180,6 +239,11 @@ pub fn decide(
     observed: &Observed,
 ) -> Decision {
     let source = &spec.source;
+    // A task that started was judged then: it resumes after an agent restart as a running one
+    // goes on. Before anything about the source is said, so whether it exists stays unknown.
+    if !resumes(status) && !observed.grants.domain(source) {
+        return Decision::Wait(not_granted(observed.grants.domain_refusal(source)));
+    }
     let config = match &observed.source {
         Source::Missing => {
             return Decision::Wait(Refusal::wait(
@@ -205,6 +269,8 @@ pub fn decide(
     }
     match plan(spec, uid, node, config, observed) {
         Ok(p) => Decision::Start(p),
+        // A grant may come later: the task waits for it rather than fail.
+        Err(r) if r.reason == CloneReason::NotGranted => Decision::Wait(r),
         Err(r) => Decision::Refuse(r),
     }
 }
@@ -219,17 +285,32 @@ pub fn plan(
     obs: &Observed,
 ) -> Result<Plan, Refusal<CloneReason>> {
     let source = &spec.source;
+    let grants = &obs.grants;
+    // A target name outside the grant, before saying whether such a domain exists.
+    if let Some(t) = &spec.target_name
+        && !grants.domain(t)
+    {
+        return Err(not_granted(format!(
+            "spec.targetName: {}",
+            grants.domain_refusal(t)
+        )));
+    }
 
-    // Every disk first: a disk that cannot be copied refuses the whole task.
+    // Every disk first: a disk that cannot be copied refuses the whole task. Shared media are
+    // referenced as the (granted) source does, not copied: they are not checked against pools.
     let mut steps = Vec::new();
     let mut refused = Vec::new();
     for d in &config.disks {
         match disk_use(d, source) {
             DiskUse::Empty => {}
             DiskUse::Shared(label) => steps.push(Step::Shared(label)),
-            DiskUse::File(path) => steps.push(Step::Copy { path, pool: None }),
+            DiskUse::File(path) => {
+                check_copy_source(d, source, &path, None, obs)?;
+                steps.push(Step::Copy { path, pool: None });
+            }
             DiskUse::Unsupported(message) => refused.push(message),
             DiskUse::Volume { pool, volume } => {
+                check_copy_source(d, source, "", Some(&pool), obs)?;
                 let why = match obs.volumes.get(&(pool.clone(), volume.clone())) {
                     Some(VolumeLookup::Found(v))
                         if v.is_file && volume::holds_files(&v.pool_type) =>
@@ -289,11 +370,19 @@ pub fn plan(
             (format!("{source}-clone{n}"), n)
         }
     };
+    if !grants.domain(&target) {
+        return Err(not_granted(format!(
+            "The clone would be named {target}: {} Set spec.targetName to a granted name.",
+            grants.domain_refusal(&target)
+        )));
+    }
 
-    // The fallback pool, or why it cannot take copies.
+    // The fallback pool, or why it cannot take copies; an ungranted one takes none.
+    let fallback_granted = grants.pool(&spec.storage.pool);
     let fallback = match obs
         .pools
         .iter()
+        .filter(|_| fallback_granted)
         .find(|p| p.name == spec.storage.pool && p.active)
     {
         Some(f) if volume::holds_files(&f.type_) && f.path.is_some() => Ok(Some(f)),
@@ -326,7 +415,8 @@ pub fn plan(
                 && match &vol_pool {
                     // A volume's own pool, even when another pool shares its directory.
                     Some(name) => &p.name == name,
-                    None => obs.pool_dirs.get(&p.name) == Some(&dir),
+                    // A granted pool of the file's directory (all are, in open mode).
+                    None => obs.pool_dirs.get(&p.name) == Some(&dir) && grants.pool(&p.name),
                 }
         });
         let allocated = facts.allocated;
@@ -344,6 +434,14 @@ pub fn plan(
                     )),
                     f.available,
                 ),
+                Ok(None) if !fallback_granted => {
+                    return Err(not_granted(format!(
+                        "Pool {} ({}) cannot take a file copy, and spec.storage.pool: {}",
+                        p.name,
+                        p.type_,
+                        grants.pool_refusal(&spec.storage.pool)
+                    )));
+                }
                 Ok(None) => {
                     return Err(storage(format!(
                         "Pool {} ({}) cannot take a file copy and the fallback pool {} is not an active pool on this node.",
@@ -357,7 +455,8 @@ pub fn plan(
                     )));
                 }
             },
-            None if obs.allowed.iter().any(|a| dir.starts_with(a)) => (
+            // The agent's allowed directories count in open mode only.
+            None if grants.is_open() && obs.allowed.iter().any(|a| dir.starts_with(a)) => (
                 dir.clone(),
                 None,
                 None,

@@ -19,6 +19,9 @@ pub enum CloneReason {
     /// A writable disk is not a file (a block device, a network disk, a volume of a pool that is
     /// not a directory): a clone would write to the same storage as the source.
     UnsupportedDisk,
+    /// The namespace is not granted the source, the target name or a pool the copies use
+    /// (Namespace annotations); the task waits for a grant.
+    NotGranted,
     /// Copying.
     Copying,
     /// Defining the clone.
@@ -39,6 +42,7 @@ impl Reason for CloneReason {
         Self::InsufficientSpace,
         Self::StorageNotUsable,
         Self::UnsupportedDisk,
+        Self::NotGranted,
         Self::Copying,
         Self::Defining,
         Self::CopyFailed,
@@ -54,6 +58,7 @@ impl Reason for CloneReason {
             Self::InsufficientSpace => "InsufficientSpace",
             Self::StorageNotUsable => "StorageNotUsable",
             Self::UnsupportedDisk => "UnsupportedDisk",
+            Self::NotGranted => "NotGranted",
             Self::Copying => "Copying",
             Self::Defining => "Defining",
             Self::CopyFailed => "CopyFailed",
@@ -81,7 +86,7 @@ mod tests {
     #[test]
     fn reasons_are_distinct_camel_case() {
         crate::agent::refusal::assert_reasons::<CloneReason>();
-        assert_eq!(CloneReason::ALL.len(), 11);
+        assert_eq!(CloneReason::ALL.len(), 12);
     }
 
     #[test]
@@ -98,6 +103,7 @@ mod tests {
                 "InsufficientSpace",
                 "StorageNotUsable",
                 "UnsupportedDisk",
+                "NotGranted",
                 "CopyFailed",
                 "DefineFailed"
             ]

@@ -113,7 +113,8 @@ async fn reconcile_apply(
     let prev = obj.status.clone().unwrap_or_default();
     let outcome = match pipeline(api, obj, ctx, alias, &prev, guard).await {
         Ok(Some(o)) => o,
-        // The MAC index has not seen the cluster yet: look again shortly, nothing decided.
+        // The MAC index or the grants have not seen the cluster yet: look again shortly,
+        // nothing decided.
         Ok(None) => return Ok(Action::requeue(Duration::from_secs(5))),
         Err(ReconcileError::Libvirt(err)) if ctx.libvirt.is_connected() => {
             report::failed(&prev, &err)
@@ -136,10 +137,27 @@ async fn pipeline(
         tracing::warn!("the VMInterface MAC index has not synced yet; waiting");
         return Ok(None);
     }
+    // Likewise the grants: an early "nothing granted" would flap an attached NIC's status.
+    if tokio::time::timeout(INDEX_WAIT, ctx.grants.ready())
+        .await
+        .is_err()
+    {
+        tracing::warn!("the Namespace grants have not synced yet; waiting");
+        return Ok(None);
+    }
+    let grants = ctx.grants.grants(&obj.namespace().unwrap_or_default());
     let uid = obj.uid().unwrap_or_default();
     let me = observe::Me { uid: &uid, alias };
-    let observed =
-        observe::observe(&ctx.libvirt, &ctx.macs, &ctx.node, &me, &obj.spec, prev).await?;
+    let observed = observe::observe(
+        &ctx.libvirt,
+        &ctx.macs,
+        grants,
+        &ctx.node,
+        &me,
+        &obj.spec,
+        prev,
+    )
+    .await?;
     let id = plan::Identity {
         alias,
         uid: &uid,

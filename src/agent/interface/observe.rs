@@ -12,6 +12,7 @@ use crate::libvirt::facade::Domains;
 use crate::libvirt::networks::{
     AddressSource, GuestNic, HostInterface, NetworkState, Networks, NodeMac,
 };
+use crate::tenancy::Grants;
 
 /// How long the guest agent may take to answer.
 pub const GUEST_TIMEOUT: Duration = Duration::from_secs(3);
@@ -29,6 +30,8 @@ pub struct Observed {
     pub host: Option<HostInterface>,
     /// The MACs in use, while the NIC is not settled in its domain; `None` once it is.
     pub macs: Option<MacsInUse>,
+    /// What the object's namespace is granted (everything in open mode).
+    pub grants: Grants,
 }
 
 /// The MACs in use on the node and claimed in the cluster.
@@ -50,10 +53,12 @@ pub struct Me<'a> {
     pub alias: &'a str,
 }
 
-/// Reads the domain, the host side a new NIC needs, and the MACs in use.
+/// Reads the domain, the host side a new NIC needs, and the MACs in use; `grants` are what the
+/// object's namespace is granted, for the plan to check.
 pub async fn observe<V: Domains + Networks>(
     virt: &V,
     index: &MacIndex,
+    grants: Grants,
     node: &str,
     me: &Me<'_>,
     spec: &VMInterfaceSpec,
@@ -61,9 +66,14 @@ pub async fn observe<V: Domains + Networks>(
 ) -> Result<Observed, LibvirtError> {
     let mut out = Observed {
         node: node.to_string(),
-        domain: virt.domain(&spec.vm).await?,
+        grants,
         ..Default::default()
     };
+    // Nothing of an ungranted domain is read: the plan refuses it, whatever libvirt would say.
+    if !out.grants.domain(&spec.vm) {
+        return Ok(out);
+    }
+    out.domain = virt.domain(&spec.vm).await?;
     let Some(view) = &out.domain else {
         return Ok(out);
     };
@@ -195,6 +205,7 @@ mod tests {
         let o = observe(
             &fake,
             &MacIndex::default(),
+            Grants::open(),
             "n1",
             &ME,
             &s,
@@ -220,11 +231,39 @@ mod tests {
             mac: Some("52:54:00:00:00:07".into()),
             ..Default::default()
         };
-        let o = observe(&fake, &MacIndex::default(), "n1", &ME, &s, &prev)
-            .await
-            .unwrap();
+        let o = observe(
+            &fake,
+            &MacIndex::default(),
+            Grants::open(),
+            "n1",
+            &ME,
+            &s,
+            &prev,
+        )
+        .await
+        .unwrap();
         assert!(o.macs.is_none() && o.host.is_none() && o.network.is_none());
         assert_eq!(fake.calls(), ["read the domain"]);
+    }
+
+    #[tokio::test]
+    async fn an_ungranted_domain_is_not_read() {
+        let fake = FakeLibvirt::default().with_domain("vm", true, OTHER);
+        let s = spec(serde_json::json!({"vm": "vm"}));
+        let grants = Grants::of(crate::tenancy::Mode::Namespaced, "ta", &Default::default());
+        let o = observe(
+            &fake,
+            &MacIndex::default(),
+            grants,
+            "n1",
+            &ME,
+            &s,
+            &Default::default(),
+        )
+        .await
+        .unwrap();
+        assert!(o.domain.is_none() && o.macs.is_none());
+        assert!(fake.calls().is_empty(), "{:?}", fake.calls());
     }
 
     #[tokio::test]
@@ -234,6 +273,7 @@ mod tests {
         let o = observe(
             &fake,
             &MacIndex::default(),
+            Grants::open(),
             "n1",
             &ME,
             &s,

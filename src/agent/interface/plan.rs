@@ -9,6 +9,7 @@ use super::reason::{Reason, Refusal};
 use crate::api::{AttachMode, InterfaceType, LinkState, VMInterfaceSpec, VMInterfaceStatus};
 use crate::libvirt::domain::{self, DomainView, NicSpec, NicXml};
 use crate::libvirt::networks::{HostInterface, NetworkState};
+use crate::tenancy::NicSource;
 
 /// Steps that make the spec real, in order.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -97,6 +98,33 @@ pub fn source_of(spec: &VMInterfaceSpec) -> Result<Option<String>, Refusal> {
         )),
         (_, Some(s)) => Ok(Some(s)),
     }
+}
+
+/// The NIC source as a grant names it, from the type and `source_of`'s answer.
+pub fn nic_source(type_: InterfaceType, source: Option<&str>) -> NicSource {
+    let name = source.unwrap_or_default().to_string();
+    match type_ {
+        InterfaceType::Network => NicSource::Network(name),
+        InterfaceType::Bridge => NicSource::Bridge(name),
+        InterfaceType::Direct => NicSource::Direct(name),
+        InterfaceType::User => NicSource::User,
+    }
+}
+
+/// Refuses a domain or NIC source the namespace is not granted. Checked on every reconcile, an
+/// attached NIC included: after a revoke nothing changes (nothing is detached either) until the
+/// grant is back or the object is deleted. Before anything else is looked at, so the answer is
+/// the same whether the domain or network exists or not.
+fn check_grants(spec: &VMInterfaceSpec, source: Option<&str>, o: &Observed) -> Result<(), Refusal> {
+    let g = &o.grants;
+    if !g.domain(&spec.vm) {
+        return Err(Refusal::fix(Reason::NotGranted, g.domain_refusal(&spec.vm)));
+    }
+    let nic = nic_source(spec.type_, source);
+    if !g.network(&nic) {
+        return Err(Refusal::fix(Reason::NotGranted, g.network_refusal(&nic)));
+    }
+    Ok(())
 }
 
 /// Whether the NIC with `alias` is in the domain, live or persistent.
@@ -247,6 +275,7 @@ pub fn plan(
     o: &Observed,
 ) -> Result<Plan, Refusal> {
     let (spec_mac, source) = validate(spec, prev)?;
+    check_grants(spec, source.as_deref(), o)?;
     let vm = spec.vm.as_str();
     let Some(view) = &o.domain else {
         return Err(Refusal::wait(

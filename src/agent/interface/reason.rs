@@ -20,6 +20,8 @@ pub enum Reason {
     HostDeviceNotFound,
     /// libvirt refused the change.
     AttachFailed,
+    /// The namespace is not granted the domain or the NIC source (Namespace annotations).
+    NotGranted,
     /// The object is deleted and the guest has not released the interface yet. Reported by
     /// the shared detach (`device::pending_outcome`); listed here so the labels are complete.
     #[allow(dead_code)]
@@ -35,6 +37,7 @@ impl refusal::Reason for Reason {
         Self::NetworkNotFound,
         Self::HostDeviceNotFound,
         Self::AttachFailed,
+        Self::NotGranted,
         Self::DetachPending,
     ];
 
@@ -47,6 +50,7 @@ impl refusal::Reason for Reason {
             Self::NetworkNotFound => "NetworkNotFound",
             Self::HostDeviceNotFound => "HostDeviceNotFound",
             Self::AttachFailed => "AttachFailed",
+            Self::NotGranted => "NotGranted",
             Self::DetachPending => DETACH_PENDING,
         }
     }
@@ -78,6 +82,7 @@ mod tests {
                 "NetworkNotFound",
                 "HostDeviceNotFound",
                 "AttachFailed",
+                "NotGranted",
                 "DetachPending"
             ]
         );

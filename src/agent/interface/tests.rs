@@ -9,6 +9,7 @@ use crate::agent::refusal::{Reason as _, Retry};
 use crate::api::{VMInterfaceSpec, VMInterfaceStatus};
 use crate::libvirt::domain::{DomainView, parse_domain};
 use crate::libvirt::networks::{HostInterface, NetworkState, NodeMac};
+use crate::tenancy::{Grants, Mode};
 
 pub(super) const ALIAS: &str = "ua-vpn-u1";
 pub(super) const M: &str = "52:54:00:00:00:07";
@@ -56,6 +57,7 @@ pub(super) fn observed(domain: Option<DomainView>) -> Observed {
             claims: Vec::new(),
             fresh: FRESH.into(),
         }),
+        grants: Grants::open(),
     }
 }
 
@@ -439,4 +441,161 @@ fn the_plans_xml_carries_the_spec() {
     assert_eq!(x.link_state.as_deref(), Some("down"));
     assert_eq!(x.alias.as_deref(), Some(ALIAS));
     assert!(p.xml.contains("<mtu size='1400'/>") && p.xml.contains("<boot order='2'/>"));
+}
+
+fn granted(domains: &str, networks: &str) -> Grants {
+    use crate::tenancy::{DOMAINS, NETWORKS};
+    let annotations = std::collections::BTreeMap::from([
+        (DOMAINS.to_string(), domains.to_string()),
+        (NETWORKS.to_string(), networks.to_string()),
+    ]);
+    Grants::of(Mode::Namespaced, "ta", &annotations)
+}
+
+#[test]
+fn plan_refuses_what_the_namespace_is_not_granted() {
+    let ta = granted("vm", "default, bridge:br0, direct:eth0");
+    let with = |grants: &Grants, domain: Option<DomainView>| Observed {
+        grants: grants.clone(),
+        ..observed(domain)
+    };
+    let shut_off = || Some(view(false, "", ""));
+    type Case = (
+        &'static str,
+        serde_json::Value,
+        Observed,
+        Option<&'static str>,
+    );
+    let cases: Vec<Case> = vec![
+        (
+            "user mode, granted the domain only",
+            serde_json::json!({}),
+            with(&ta, shut_off()),
+            Some(
+                "namespace ta may use NIC sources default, bridge:br0, direct:eth0; user is not one of them.",
+            ),
+        ),
+        (
+            "user mode, granted",
+            serde_json::json!({}),
+            with(&granted("vm", "user"), shut_off()),
+            None,
+        ),
+        (
+            "the default network",
+            serde_json::json!({"type": "network"}),
+            with(&ta, shut_off()),
+            None,
+        ),
+        (
+            "another network",
+            serde_json::json!({"type": "network", "source": "lab"}),
+            with(&ta, shut_off()),
+            Some(
+                "namespace ta may use NIC sources default, bridge:br0, direct:eth0; lab is not one of them.",
+            ),
+        ),
+        (
+            "a granted bridge",
+            serde_json::json!({"type": "bridge", "source": "br0"}),
+            with(&ta, shut_off()),
+            None,
+        ),
+        (
+            "a bridge named like a granted device",
+            serde_json::json!({"type": "bridge", "source": "eth0"}),
+            with(&ta, shut_off()),
+            Some(
+                "namespace ta may use NIC sources default, bridge:br0, direct:eth0; bridge:eth0 is not one of them.",
+            ),
+        ),
+        (
+            "a granted device",
+            serde_json::json!({"type": "direct", "source": "eth0"}),
+            with(&ta, shut_off()),
+            None,
+        ),
+        (
+            "another domain",
+            serde_json::json!({"vm": "vm-b", "type": "network"}),
+            with(&ta, shut_off()),
+            Some("namespace ta may use domains vm; vm-b is not one of them."),
+        ),
+        (
+            "another domain that does not exist: the same answer",
+            serde_json::json!({"vm": "vm-b", "type": "network"}),
+            with(&ta, None),
+            Some("namespace ta may use domains vm; vm-b is not one of them."),
+        ),
+        (
+            "another network that does not exist: no NetworkNotFound",
+            serde_json::json!({"type": "network", "source": "lab"}),
+            Observed {
+                network: Some(NetworkState::Missing),
+                ..with(&ta, shut_off())
+            },
+            Some(
+                "namespace ta may use NIC sources default, bridge:br0, direct:eth0; lab is not one of them.",
+            ),
+        ),
+        (
+            "open mode: everything",
+            serde_json::json!({"vm": "vm", "type": "bridge", "source": "br9"}),
+            with(&Grants::open(), shut_off()),
+            None,
+        ),
+    ];
+    for (name, s, o, want) in cases {
+        let got = plan(&ID, &spec(s), &Default::default(), &o);
+        match (got, want) {
+            (Ok(_), None) => {}
+            (Err(r), Some(text)) => {
+                assert_eq!(r.reason.as_str(), "NotGranted", "{name}: {}", r.message);
+                assert_eq!(r.retry, Retry::OnChange, "{name}: a grant change wakes it");
+                assert_eq!(
+                    r.message.split(" A cluster admin").next(),
+                    Some(text),
+                    "{name}"
+                );
+            }
+            (got, _) => panic!("{name}: {got:?}"),
+        }
+    }
+}
+
+#[test]
+fn a_revoked_grant_keeps_the_attached_nic_and_changes_nothing() {
+    // Attached live and in the definition, link up; the spec now asks for the link down.
+    let attached = view(true, &nic(M, "up"), &nic(M, "up"));
+    let placed = VMInterfaceStatus {
+        mac: Some(M.into()),
+        vm: Some("vm".into()),
+        live: Some(true),
+        persistent: Some(true),
+        ..Default::default()
+    };
+    let s = spec(serde_json::json!({"type": "network", "linkState": "down"}));
+    let mut o = observed(Some(attached));
+    o.grants = granted("vm", "default");
+    let p = plan(&ID, &s, &placed, &o).expect("granted: planned");
+    assert!(
+        !p.steps.is_empty(),
+        "the link change is planned while granted"
+    );
+    for revoked in [granted("", "default"), granted("vm", "")] {
+        o.grants = revoked;
+        let r = plan(&ID, &s, &placed, &o).expect_err("revoked: refused");
+        // A refusal runs no step: nothing is detached or changed; deleting still detaches.
+        assert_eq!(r.reason.as_str(), "NotGranted", "{}", r.message);
+        let out = super::report::refused(&placed, r);
+        assert_eq!(
+            (
+                out.status.live,
+                out.status.persistent,
+                out.status.mac.as_deref()
+            ),
+            (Some(true), Some(true), Some(M)),
+            "the status still says where the NIC is"
+        );
+    }
 }

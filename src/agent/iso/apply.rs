@@ -47,6 +47,8 @@ pub enum Outcome {
         /// Where the record is.
         at: At,
     },
+    /// Refused until something changes (a grant); a running transfer was stopped, its data kept.
+    Refused(IsoRefusal),
     /// Failed for good; `removed` bytes of partial data were removed.
     Failed {
         /// Why.
@@ -110,6 +112,12 @@ pub async fn apply<V: Storage>(
                 attempts,
                 at,
             }
+        }
+        Plan::Refuse { refusal, stop } => {
+            if stop {
+                downloads.stop(uid, Stop::Pause).await;
+            }
+            Outcome::Refused(refusal)
         }
         Plan::Fail {
             refusal,

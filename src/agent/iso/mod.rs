@@ -73,7 +73,10 @@ async fn apply_pass(
     ctx: &Context,
 ) -> Result<Action, ReconcileError> {
     let uid = obj.uid().unwrap_or_default();
-    let observed = observe::observe(obj, &ctx.libvirt, &ctx.downloads, &ctx.node).await?;
+    // An early, empty view of the grants would refuse everything.
+    ctx.grants.ready().await;
+    let grants = ctx.grants.grants(&obj.namespace().unwrap_or_default());
+    let observed = observe::observe(obj, &ctx.libvirt, &ctx.downloads, &ctx.node, grants).await?;
     let plan = plan::plan(obj, &observed);
     let outcome = apply::apply(&ctx.libvirt, &ctx.downloads, &uid, plan, |place| {
         start(obj, ctx, &uid, place)

@@ -13,6 +13,7 @@ use crate::api::{DownloadPhase, IsoDownload, StoragePoolSummary};
 use crate::download;
 use crate::libvirt::LibvirtError;
 use crate::libvirt::facade::{Storage, VolumeLookup};
+use crate::tenancy::Grants;
 
 /// The object's job.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -52,8 +53,11 @@ pub struct Observed {
     pub job: JobState,
     /// The node's storage pools, when they were needed.
     pub pools: Option<Vec<StoragePoolSummary>>,
-    /// The files at the started place, when its pool has a directory and the name is valid.
+    /// The files at the started place, when its pool has a directory and the name is valid
+    /// (never looked for in a pool that is not granted).
     pub files: Option<Files>,
+    /// What the object's namespace is granted (everything in open mode).
+    pub grants: Grants,
 }
 
 /// The directory of pool `pool`, active or not (cleanup removes what it can still find).
@@ -78,12 +82,14 @@ pub fn needs_files(obj: &IsoDownload, running: bool) -> bool {
     !running || obj.spec.paused || checks::spec_change(&obj.spec, status.target.as_ref()).is_some()
 }
 
-/// Reads the object's job, and the pools and files when `needs_files` says so.
+/// Reads the object's job, and the pools and files when `needs_files` says so and the pool is
+/// in `grants` (the object's namespace's).
 pub async fn observe<V: Storage>(
     obj: &IsoDownload,
     virt: &V,
     downloads: &Downloads,
     node: &str,
+    grants: Grants,
 ) -> Result<Observed, LibvirtError> {
     let uid = obj.uid().unwrap_or_default();
     let job = if downloads.jobs.running(&uid) {
@@ -99,9 +105,12 @@ pub async fn observe<V: Storage>(
         node: node.to_string(),
         stopping: downloads.stopping(),
         job,
+        grants,
         ..Observed::default()
     };
-    if !needs_files(obj, matches!(observed.job, JobState::Running(_))) {
+    if !needs_files(obj, matches!(observed.job, JobState::Running(_)))
+        || !observed.grants.pool(&as_started(obj).pool)
+    {
         return Ok(observed);
     }
     let pools = virt.storage_pools().await?;
@@ -223,14 +232,18 @@ mod tests {
         let fake = FakeLibvirt::default().with_pool(pool(dir.path()));
         let downloads = Downloads::new(1, Vec::new());
         let o = obj(Some(DownloadPhase::Paused), true, "http://h/a.iso");
-        let seen = observe(&o, &fake, &downloads, "n1").await.unwrap();
+        let seen = observe(&o, &fake, &downloads, "n1", Grants::open())
+            .await
+            .unwrap();
         assert_eq!(seen.job, JobState::None);
         let files = seen.files.unwrap();
         assert_eq!((files.name.as_str(), files.partial), ("a.iso", 5));
         assert!(!files.exists && files.finished.is_none());
 
         std::fs::write(dir.path().join("a.iso"), b"x").unwrap();
-        let seen = observe(&o, &fake, &downloads, "n1").await.unwrap();
+        let seen = observe(&o, &fake, &downloads, "n1", Grants::open())
+            .await
+            .unwrap();
         assert!(seen.files.unwrap().exists, "someone else's file");
         assert_eq!(
             fake.calls()
@@ -246,7 +259,9 @@ mod tests {
         let fake = FakeLibvirt::default();
         let downloads = Downloads::new(1, Vec::new());
         let o = obj(Some(DownloadPhase::Completed), false, "http://h/a.iso");
-        let seen = observe(&o, &fake, &downloads, "n1").await.unwrap();
+        let seen = observe(&o, &fake, &downloads, "n1", Grants::open())
+            .await
+            .unwrap();
         assert!(seen.pools.is_none() && seen.files.is_none());
         assert!(fake.calls().is_empty());
     }

@@ -63,6 +63,14 @@ pub enum Plan {
         /// Where the record is.
         at: At,
     },
+    /// The pool is not granted (any more): stop a running job keeping its partial data, change
+    /// nothing else, and wait for a grant.
+    Refuse {
+        /// Why.
+        refusal: IsoRefusal,
+        /// A job runs and must be stopped first.
+        stop: bool,
+    },
     /// Fail for good: stop the job, remove partial data at `discard`, report.
     Fail {
         /// Why.
@@ -151,6 +159,17 @@ pub fn plan(obj: &IsoDownload, observed: &Observed) -> Plan {
             ),
             stop: running,
             discard: started_at(obj, observed),
+        };
+    }
+    // The spec did not change since the start: its pool is the started one. A grant revoked
+    // midway stops the transfer (partial data kept) until the pool is granted again.
+    if !observed.grants.pool(&spec.pool) {
+        return Plan::Refuse {
+            refusal: Refusal::fix(
+                IsoReason::NotGranted,
+                observed.grants.pool_refusal(&spec.pool),
+            ),
+            stop: running,
         };
     }
     match &observed.job {

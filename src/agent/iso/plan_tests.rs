@@ -2,7 +2,9 @@ use std::path::PathBuf;
 
 use super::*;
 use crate::agent::iso::observe::Files;
+use crate::agent::refusal::Retry;
 use crate::api::{IsoDownloadStatus, StoragePoolSummary};
+use crate::tenancy::Grants;
 
 const URL: &str = "http://h/a.iso";
 
@@ -60,6 +62,7 @@ fn seen(job: JobState, files: Option<Files>) -> Observed {
         job,
         pools: Some(vec![pool("p", true), pool("off", false)]),
         files,
+        grants: Grants::open(),
     }
 }
 
@@ -432,4 +435,89 @@ fn cleanup_removes_partial_data_and_deleted_volumes_only() {
         cleanup(&running, &seen(JobState::None, None)),
         Cleanup::default()
     );
+}
+
+/// Namespace `ta`, granted `pools` (namespaced mode).
+fn granted(pools: &str) -> Grants {
+    let ann = [(crate::tenancy::POOLS.to_string(), pools.to_string())].into();
+    Grants::of(crate::tenancy::Mode::Namespaced, "ta", &ann)
+}
+
+#[test]
+fn only_a_granted_pool_is_downloaded_into() {
+    use serde_json::json;
+    let with = |grants: Grants, job: JobState| Observed {
+        grants,
+        ..seen(job, Some(files(0)))
+    };
+    let fresh = obj(json!({"url": URL}), IsoDownloadStatus::default());
+    // Granted, or open mode: the download goes ahead.
+    for g in [granted("p"), Grants::open()] {
+        assert_eq!(
+            plan(&fresh, &with(g, JobState::None)),
+            Plan::Record(checks::target_of(&fresh.spec, "a.iso"))
+        );
+    }
+    // Not granted: refused before the pool is looked at (no PoolNotFound for a pool that is
+    // not the namespace's), waiting for a grant.
+    for (what, o) in [
+        ("another tenant's pool", fresh.clone()),
+        (
+            "a pool that does not exist",
+            obj(
+                json!({"url": URL, "pool": "nope"}),
+                IsoDownloadStatus::default(),
+            ),
+        ),
+    ] {
+        let Plan::Refuse { refusal, stop } = plan(&o, &with(granted("mine"), JobState::None))
+        else {
+            panic!("{what}")
+        };
+        assert_eq!(
+            (refusal.reason, refusal.retry, stop),
+            (IsoReason::NotGranted, Retry::OnChange, false),
+            "{what}"
+        );
+        assert!(
+            refusal
+                .message
+                .starts_with("namespace ta may use storage pools mine; "),
+            "{}",
+            refusal.message
+        );
+    }
+}
+
+#[test]
+fn a_revoked_pool_stops_the_transfer_and_keeps_what_is_done() {
+    use serde_json::json;
+    let revoked = |o: &IsoDownload, job: JobState| {
+        plan(
+            o,
+            &Observed {
+                grants: granted(""),
+                ..seen(job, Some(files(5)))
+            },
+        )
+    };
+    let downloading = obj(json!({"url": URL}), started(DownloadPhase::Downloading));
+    match revoked(&downloading, running()) {
+        Plan::Refuse { refusal, stop } => {
+            assert_eq!(refusal.reason, IsoReason::NotGranted);
+            assert!(stop, "the running transfer stops (its data kept)");
+        }
+        other => panic!("{other:?}"),
+    }
+    let paused = obj(
+        json!({"url": URL, "paused": true}),
+        started(DownloadPhase::Paused),
+    );
+    assert!(matches!(
+        revoked(&paused, JobState::None),
+        Plan::Refuse { stop: false, .. }
+    ));
+    // A completed download is left as it is.
+    let done = obj(json!({"url": URL}), started(DownloadPhase::Completed));
+    assert_eq!(revoked(&done, JobState::None), Plan::Nothing);
 }

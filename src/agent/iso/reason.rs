@@ -11,6 +11,8 @@ pub enum IsoReason {
     InvalidUrl,
     /// The volume name is not allowed.
     InvalidName,
+    /// The pool is not granted to the object's namespace.
+    NotGranted,
     /// The pool does not exist or is inactive.
     PoolNotFound,
     /// The pool already has a volume of that name.
@@ -73,6 +75,7 @@ impl refusal::Reason for IsoReason {
     const ALL: &'static [Self] = &[
         Self::InvalidUrl,
         Self::InvalidName,
+        Self::NotGranted,
         Self::PoolNotFound,
         Self::NameConflict,
         Self::InsufficientSpace,
@@ -107,6 +110,7 @@ impl refusal::Reason for IsoReason {
         match self {
             Self::InvalidUrl => "InvalidURL",
             Self::InvalidName => "InvalidName",
+            Self::NotGranted => "NotGranted",
             Self::PoolNotFound => "PoolNotFound",
             Self::NameConflict => "NameConflict",
             Self::InsufficientSpace => "InsufficientSpace",

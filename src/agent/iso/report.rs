@@ -294,6 +294,30 @@ pub fn report(obj: &IsoDownload, node: &str, outcome: &Outcome, now: Timestamp) 
             r.clear = Some(at.clone());
             r
         }
+        Outcome::Refused(refusal) => {
+            // Waiting, not failed: a Paused download stays Paused, any other one is Pending.
+            let phase = match prev.phase {
+                Some(DownloadPhase::Paused) => DownloadPhase::Paused,
+                _ => DownloadPhase::Pending,
+            };
+            let again = prev
+                .conditions
+                .iter()
+                .any(|c| c.type_ == condition::READY && c.reason == refusal.reason.as_str());
+            let st = IsoDownloadStatus {
+                phase: Some(phase),
+                bytes_per_second: None,
+                ..prev
+            };
+            let msg = refusal.message.clone();
+            let mut r = Report::new(Some(write(st, refusal.reason, msg.clone(), false, false)));
+            if !again {
+                r.events
+                    .push((EventType::Warning, refusal.reason.as_str(), msg));
+            }
+            r.action = refusal.retry.action();
+            r
+        }
         Outcome::Failed { refusal, removed } => {
             let mut msg = refusal.message.clone();
             if *removed > 0 {

@@ -378,3 +378,49 @@ fn every_failure_reason() {
         assert!(reason.waiting(), "{reason:?}");
     }
 }
+
+#[test]
+fn not_granted_waits_without_failing_and_warns_once() {
+    let refusal = Refusal::fix(
+        IsoReason::NotGranted,
+        "namespace ta may use storage pools none; p is not one of them.",
+    );
+    let out = Outcome::Refused(refusal);
+    let downloading = IsoDownloadStatus {
+        phase: Some(DownloadPhase::Downloading),
+        bytes_per_second: Some(10),
+        downloaded_bytes: Some(50),
+        target: Some(target()),
+        ..IsoDownloadStatus::default()
+    };
+    let r = report(&obj(downloading), "n1", &out, now());
+    assert_eq!(conds(&r), (false, "NotGranted", false, "NotGranted"));
+    let st = &r.write.as_ref().unwrap().status;
+    assert_eq!(
+        st.phase,
+        Some(DownloadPhase::Pending),
+        "waiting, not failed"
+    );
+    assert_eq!((st.downloaded_bytes, st.bytes_per_second), (Some(50), None));
+    assert_eq!(event_reasons(&r), ["NotGranted"]);
+    assert_eq!(r.action, Action::await_change());
+    // Told once: a second pass with the condition already written adds no Event.
+    let mut again = r.write.unwrap().status;
+    again.conditions = vec![k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+        type_: condition::READY.into(),
+        status: "False".into(),
+        reason: "NotGranted".into(),
+        message: String::new(),
+        last_transition_time: Time(now()),
+        observed_generation: None,
+    }];
+    let r = report(&obj(again), "n1", &out, now());
+    assert!(r.events.is_empty());
+    // A paused download stays paused.
+    let paused = IsoDownloadStatus {
+        phase: Some(DownloadPhase::Paused),
+        ..IsoDownloadStatus::default()
+    };
+    let r = report(&obj(paused), "n1", &out, now());
+    assert_eq!(r.write.unwrap().status.phase, Some(DownloadPhase::Paused));
+}

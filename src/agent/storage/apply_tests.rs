@@ -50,7 +50,8 @@ async fn plan_on(fake: &FakeLibvirt, spec: &VirtualMachineStorageSpec) -> Plan {
         node: "n1".into(),
         domain: fake.domain("vm").await.unwrap(),
         source,
-        allowed: vec![PathBuf::from("/pool")],
+        pools: vec![("p".into(), PathBuf::from("/pool"))],
+        ..Observed::default()
     };
     plan(
         spec,

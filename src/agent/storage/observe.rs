@@ -1,18 +1,19 @@
-//! The reads of a VirtualMachineStorage reconcile: the domain, the source (the file on the node,
-//! the volume through libvirt, the IsoDownload through the API) and the allowed directories.
-//! Filesystem work runs off the async runtime.
+//! The reads of a VirtualMachineStorage reconcile: the namespace's grants, the domain, the source
+//! (the file on the node, the volume through libvirt, the IsoDownload through the API) and the
+//! directories a source may lie in. Filesystem work runs off the async runtime.
 
 use std::path::{Path, PathBuf};
 
 use kube::ResourceExt;
 use kube::api::Api;
 
-use super::source::{FileKind, Found, IsoFacts, PathFacts, SourceFacts};
+use super::source::{self, FileKind, Found, IsoFacts, PathFacts, SourceFacts};
 use crate::agent::context::{Context, ReconcileError};
 use crate::api::{IsoDownload, NODE_LABEL, StorageSource, VirtualMachineStorage};
 use crate::libvirt::LibvirtError;
 use crate::libvirt::domain::DomainView;
 use crate::libvirt::facade::{Domains, Storage, VolumeLookup};
+use crate::tenancy::Grants;
 
 /// Everything a plan is made from, besides the spec and the previous status.
 #[derive(Clone, Debug, Default)]
@@ -24,8 +25,20 @@ pub struct Observed {
     /// What `spec.source` names ([`SourceFacts::None`] when the domain does not exist: a plan
     /// stops there).
     pub source: SourceFacts,
-    /// Directories whose files may back devices, resolved (read only when a path is checked).
-    pub allowed: Vec<PathBuf>,
+    /// What the object's namespace is granted (everything in open mode).
+    pub grants: Grants,
+    /// The active storage pools' directories, symlinks resolved, by pool name (read only when a
+    /// path is checked).
+    pub pools: Vec<(String, PathBuf)>,
+    /// The agent's `--allowed-path` directories, resolved (open mode only; read with `pools`).
+    pub allowed_paths: Vec<PathBuf>,
+}
+
+impl Observed {
+    /// The directories whose files this object may use: see [`source::usable_dirs`].
+    pub fn usable_dirs(&self) -> Vec<PathBuf> {
+        source::usable_dirs(&self.grants, &self.pools, &self.allowed_paths)
+    }
 }
 
 /// Reads what the plan of `obj` needs.
@@ -33,9 +46,21 @@ pub async fn observe(
     obj: &VirtualMachineStorage,
     ctx: &Context,
 ) -> Result<Observed, ReconcileError> {
+    // An early, empty view of the grants would refuse everything.
+    ctx.grants.ready().await;
+    let grants = ctx.grants.grants(&obj.namespace().unwrap_or_default());
+    if !grants.domain(&obj.spec.vm) {
+        // Plan refuses; nothing of the domain is read.
+        return Ok(Observed {
+            node: ctx.node.clone(),
+            grants,
+            ..Observed::default()
+        });
+    }
     let mut observed = Observed {
         node: ctx.node.clone(),
         domain: ctx.libvirt.domain(&obj.spec.vm).await?,
+        grants,
         ..Observed::default()
     };
     if observed.domain.is_none() {
@@ -44,13 +69,12 @@ pub async fn observe(
     let Some(source) = &obj.spec.source else {
         return Ok(observed);
     };
-    let allowed = &mut observed.allowed;
     let source = match source {
         StorageSource {
             path: Some(p),
             volume: None,
             iso_download: None,
-        } => SourceFacts::Path(look(ctx, p, allowed).await?),
+        } => SourceFacts::Path(look(ctx, p, &mut observed).await?),
         StorageSource {
             path: None,
             volume: Some(v),
@@ -58,7 +82,7 @@ pub async fn observe(
         } => {
             let lookup = ctx.libvirt.volume(&v.pool, &v.name).await?;
             let file = match &lookup {
-                VolumeLookup::Found(found) => Some(look(ctx, &found.path, allowed).await?),
+                VolumeLookup::Found(found) => Some(look(ctx, &found.path, &mut observed).await?),
                 _ => None,
             };
             SourceFacts::Volume {
@@ -88,15 +112,21 @@ pub async fn observe(
                 Some(iso) => {
                     let node = iso.labels().get(NODE_LABEL).cloned();
                     let status = iso.status.unwrap_or_default();
+                    // The pool the file is in, else the one it goes to.
+                    let pool = status
+                        .volume
+                        .as_ref()
+                        .map_or_else(|| iso.spec.pool.clone(), |v| v.pool.clone());
                     let file = match (status.phase, status.volume) {
                         (Some(crate::api::DownloadPhase::Completed), Some(vol)) => {
-                            Some(look(ctx, &vol.path, allowed).await?)
+                            Some(look(ctx, &vol.path, &mut observed).await?)
                         }
                         _ => None,
                     };
                     Some(IsoFacts {
                         phase: status.phase,
                         node,
+                        pool,
                         file,
                     })
                 }
@@ -112,16 +142,37 @@ pub async fn observe(
     Ok(observed)
 }
 
-/// Reads the allowed directories into `allowed` (they bound which files are opened), then looks
-/// at `path` off the async runtime.
+/// Reads the pools' directories and the configured ones into `observed` (the usable ones bound
+/// which files are opened), then looks at `path`; filesystem work off the async runtime.
 async fn look(
     ctx: &Context,
     path: &str,
-    allowed: &mut Vec<PathBuf>,
+    observed: &mut Observed,
 ) -> Result<PathFacts, LibvirtError> {
-    *allowed = ctx.allowed_dirs().await?;
-    let (path, dirs) = (PathBuf::from(path), allowed.clone());
-    Ok(tokio::task::spawn_blocking(move || inspect_blocking(path, &dirs)).await?)
+    let pools = ctx.libvirt.storage_pools().await?;
+    let (path, extra, grants) = (
+        PathBuf::from(path),
+        ctx.allowed_paths.clone(),
+        observed.grants.clone(),
+    );
+    let (pools, allowed_paths, facts) = tokio::task::spawn_blocking(move || {
+        let pools: Vec<(String, PathBuf)> = pools
+            .into_iter()
+            .filter(|p| p.active)
+            .filter_map(|p| Some((p.name, std::fs::canonicalize(p.path?).ok()?)))
+            .collect();
+        let extra: Vec<PathBuf> = extra
+            .into_iter()
+            .filter_map(|d| std::fs::canonicalize(d).ok())
+            .collect();
+        let dirs = source::usable_dirs(&grants, &pools, &extra);
+        let facts = inspect_blocking(path, &dirs);
+        (pools, extra, facts)
+    })
+    .await?;
+    observed.pools = pools;
+    observed.allowed_paths = allowed_paths;
+    Ok(facts)
 }
 
 /// Resolves symlinks and `..`, reads the file type, and the header of a file or block device

@@ -102,6 +102,15 @@ pub fn plan(
 ) -> Result<Plan, Refused> {
     let vm = spec.vm.as_str();
     validate(spec, prev).map_err(|m| Refusal::fix(StorageReason::InvalidSpec, m))?;
+    // Grants are checked first, so a refusal never tells whether the domain exists. A grant
+    // revoked after the attach stops changes; the device stays.
+    let grants = &observed.grants;
+    if !grants.domain(vm) {
+        return Err(Refusal::fix(
+            StorageReason::NotGranted,
+            grants.domain_refusal(vm),
+        ));
+    }
     let Some(view) = &observed.domain else {
         return Err(Refusal::wait(
             StorageReason::DomainNotFound,
@@ -114,7 +123,8 @@ pub fn plan(
     };
     let resolved = source::resolve(
         &observed.source,
-        &observed.allowed,
+        &observed.usable_dirs(),
+        grants,
         spec.format,
         &observed.node,
     )?;
@@ -155,10 +165,17 @@ pub fn plan(
             d.target.as_deref() == Some(target.as_str()) && d.alias.as_deref() != Some(alias)
         });
     if let Some(other) = holder {
-        let who = other
+        // Never the other device's alias: virtplane's hold the UID of another object, which
+        // may be another tenant's.
+        let who = if other
             .alias
-            .clone()
-            .unwrap_or_else(|| "a device virtplane does not manage".into());
+            .as_deref()
+            .is_some_and(|a| a.starts_with("ua-vp"))
+        {
+            "the device of another virtplane object"
+        } else {
+            "a device virtplane does not manage"
+        };
         return Err(Refusal::wait(
             StorageReason::TargetConflict,
             format!(

@@ -12,7 +12,9 @@ pub enum StorageReason {
     InvalidSpec,
     /// The domain is not defined on this node.
     DomainNotFound,
-    /// The path is outside the allowed directories.
+    /// The domain, or the pool of the source, is not granted to the object's namespace.
+    NotGranted,
+    /// The path is outside the allowed directories (open mode).
     PathNotAllowed,
     /// The source file, pool or volume does not exist.
     SourceNotFound,
@@ -35,6 +37,7 @@ impl Reason for StorageReason {
         Self::Attached,
         Self::InvalidSpec,
         Self::DomainNotFound,
+        Self::NotGranted,
         Self::PathNotAllowed,
         Self::SourceNotFound,
         Self::WaitingForDownload,
@@ -50,6 +53,7 @@ impl Reason for StorageReason {
             Self::Attached => "Attached",
             Self::InvalidSpec => "InvalidSpec",
             Self::DomainNotFound => "DomainNotFound",
+            Self::NotGranted => "NotGranted",
             Self::PathNotAllowed => "PathNotAllowed",
             Self::SourceNotFound => "SourceNotFound",
             Self::WaitingForDownload => "WaitingForDownload",

@@ -8,6 +8,7 @@ use super::reason::StorageReason;
 use crate::agent::refusal::Refusal;
 use crate::api::{DiskFormat, DownloadPhase};
 use crate::libvirt::facade::VolumeLookup;
+use crate::tenancy::Grants;
 
 type Refused = Refusal<StorageReason>;
 
@@ -61,6 +62,8 @@ pub struct IsoFacts {
     pub phase: Option<DownloadPhase>,
     /// The node it is bound to (its node label).
     pub node: Option<String>,
+    /// The pool its file is in (or goes to).
+    pub pool: String,
     /// The completed volume's file, when completed.
     pub file: Option<PathFacts>,
 }
@@ -106,10 +109,38 @@ pub struct Resolved {
     pub format: String,
 }
 
-/// Whether the source may back the device, and where it is: `Ok(None)` for no source.
+/// The directories whose files an object may use. In open mode: the active pools' directories
+/// and the agent's `--allowed-path` ones. In namespaced mode: only the directories of the pools
+/// granted to the object's namespace (`--allowed-path` does not apply).
+pub fn usable_dirs(
+    grants: &Grants,
+    pools: &[(String, PathBuf)],
+    extra: &[PathBuf],
+) -> Vec<PathBuf> {
+    let pools = pools
+        .iter()
+        .filter(|(name, _)| grants.pool(name))
+        .map(|(_, dir)| dir.clone());
+    if grants.is_open() {
+        extra.iter().cloned().chain(pools).collect()
+    } else {
+        pools.collect()
+    }
+}
+
+/// The refusal of a pool the namespace is not granted.
+fn pool_not_granted(grants: &Grants, pool: &str) -> Refused {
+    Refusal::fix(StorageReason::NotGranted, grants.pool_refusal(pool))
+}
+
+/// Whether the source may back the device, and where it is: `Ok(None)` for no source. A
+/// volume's or IsoDownload's pool must be granted, a path must lie in `allowed` (the usable
+/// directories, see [`usable_dirs`]); what is not granted is refused before anything is said
+/// of whether it exists.
 pub fn resolve(
     facts: &SourceFacts,
     allowed: &[PathBuf],
+    grants: &Grants,
     format: Option<DiskFormat>,
     node: &str,
 ) -> Result<Option<Resolved>, Refused> {
@@ -122,6 +153,9 @@ pub fn resolve(
             ));
         }
         SourceFacts::Path(file) => file,
+        SourceFacts::Volume { pool, .. } if !grants.pool(pool) => {
+            return Err(pool_not_granted(grants, pool));
+        }
         SourceFacts::Volume {
             pool,
             name,
@@ -156,6 +190,9 @@ pub fn resolve(
                     Duration::from_secs(60),
                 ));
             };
+            if !grants.pool(&iso.pool) {
+                return Err(pool_not_granted(grants, &iso.pool));
+            }
             match (iso.phase, &iso.file) {
                 (Some(DownloadPhase::Completed), Some(file)) => {
                     if iso.node.as_deref() != Some(node) {
@@ -181,15 +218,16 @@ pub fn resolve(
             }
         }
     };
-    check_path(file, allowed, format).map(Some)
+    check_path(file, allowed, grants, format).map(Some)
 }
 
 /// Checks the resolved path lies in an allowed directory and exists, and works out the format.
 /// A qcow2 image with a backing file is refused: its chain could reach files outside the allowed
-/// directories.
+/// directories. Outside them is `NotGranted` in namespaced mode, `PathNotAllowed` in open mode.
 pub fn check_path(
     file: &PathFacts,
     allowed: &[PathBuf],
+    grants: &Grants,
     format: Option<DiskFormat>,
 ) -> Result<Resolved, Refused> {
     let path = &file.requested;
@@ -212,18 +250,8 @@ pub fn check_path(
                 Duration::from_secs(60),
             ));
         }
-        Found::Missing { .. } => {
-            return Err(Refusal::fix(
-                StorageReason::PathNotAllowed,
-                not_allowed(path, allowed),
-            ));
-        }
-        Found::Present { real, .. } if !inside(real) => {
-            return Err(Refusal::fix(
-                StorageReason::PathNotAllowed,
-                not_allowed(path, allowed),
-            ));
-        }
+        Found::Missing { .. } => return Err(not_allowed(path, grants)),
+        Found::Present { real, .. } if !inside(real) => return Err(not_allowed(path, grants)),
         Found::Present { real, kind, header } => (real, kind, header),
     };
     let kind = kind.as_ref().map_err(|e| {
@@ -277,17 +305,23 @@ pub fn check_path(
     })
 }
 
-fn not_allowed(path: &Path, allowed: &[PathBuf]) -> String {
-    let dirs: Vec<String> = allowed.iter().map(|p| p.display().to_string()).collect();
-    format!(
-        "{} is outside the directories this agent may use ({}). Use a storage pool volume, or ask the node's administrator to add the directory with --allowed-path.",
-        path.display(),
-        if dirs.is_empty() {
-            "none".to_string()
-        } else {
-            dirs.join(", ")
-        }
-    )
+/// The refusal of a path outside the usable directories. It names neither those directories
+/// nor the pool the path is in: only, in namespaced mode, the requester's own grant.
+fn not_allowed(path: &Path, grants: &Grants) -> Refused {
+    if grants.is_open() {
+        Refusal::fix(
+            StorageReason::PathNotAllowed,
+            format!(
+                "{} is outside the directories this agent may use (the active storage pools' and those given with --allowed-path). Use a storage pool volume, or ask the node's administrator to add the directory with --allowed-path.",
+                path.display()
+            ),
+        )
+    } else {
+        Refusal::fix(
+            StorageReason::NotGranted,
+            grants.path_refusal(&path.display().to_string()),
+        )
+    }
 }
 
 #[cfg(test)]
