@@ -594,3 +594,7 @@ pub fn volume_disks(config: &DomainXml, source: &str) -> Vec<(String, String)> {
 #[cfg(test)]
 #[path = "plan_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "grants_tests.rs"]
+mod grants_tests;

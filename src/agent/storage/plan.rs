@@ -367,3 +367,7 @@ fn disk_spec(
 #[cfg(test)]
 #[path = "plan_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "grants_tests.rs"]
+mod grants_tests;
