@@ -135,8 +135,13 @@ where
         object = %format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any()),
         "received",
     );
-    let fut = reconcile(obj.clone(), ctx.clone());
+    // The watch selects this node's objects; one rebound elsewhere since is not ours.
+    let ours = obj.labels().get(NODE_LABEL) == Some(&ctx.node);
+    let fut = ours.then(|| reconcile(obj.clone(), ctx.clone()));
     async move {
+        let Some(fut) = fut else {
+            return Ok(Action::await_change());
+        };
         let start = std::time::Instant::now();
         let result = fut.await;
         crate::metrics::get().reconciled(

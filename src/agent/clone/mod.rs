@@ -24,7 +24,7 @@ use super::context::{Context, ReconcileError};
 use super::jobs::{Jobs, Stop};
 use super::refusal::Reason;
 use super::{finalizer, status};
-use crate::api::{ClonePhase, NODE_LABEL, VMClone, VMCloneStatus};
+use crate::api::{ClonePhase, VMClone, VMCloneStatus};
 
 /// How long a reconcile waits for the grants view's first full list of Namespaces.
 const GRANTS_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -38,9 +38,6 @@ pub(super) async fn reconcile(
     obj: Arc<VMClone>,
     ctx: Arc<Context>,
 ) -> Result<Action, ReconcileError> {
-    if obj.labels().get(NODE_LABEL) != Some(&ctx.node) {
-        return Ok(Action::await_change());
-    }
     tracing::debug!("reconciling");
     let api: Api<VMClone> =
         Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());

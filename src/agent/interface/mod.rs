@@ -23,7 +23,7 @@ use serde_json::json;
 
 use super::context::{Context, ReconcileError};
 use super::{device, finalizer, status};
-use crate::api::{NODE_LABEL, VMInterface, VMInterfaceStatus};
+use crate::api::{VMInterface, VMInterfaceStatus};
 use crate::libvirt::domain::DomainXml;
 
 /// How long a reconcile that must check MACs waits for the index's first full list.
@@ -43,10 +43,6 @@ pub(super) async fn reconcile(
     obj: Arc<VMInterface>,
     ctx: Arc<Context>,
 ) -> Result<Action, ReconcileError> {
-    if obj.labels().get(NODE_LABEL) != Some(&ctx.node) {
-        // The watch selects this node's objects; an object rebound elsewhere is not ours.
-        return Ok(Action::await_change());
-    }
     tracing::debug!("reconciling");
     let api: Api<VMInterface> =
         Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());

@@ -29,7 +29,7 @@ use super::context::{Context, ReconcileError};
 use super::finalizer::{self, Event, Step};
 use super::jobs::Stop;
 use super::status;
-use crate::api::{IsoDownload, NODE_LABEL};
+use crate::api::IsoDownload;
 use checks::Place;
 
 pub use downloads::Downloads;
@@ -40,9 +40,6 @@ pub(super) async fn reconcile(
     obj: Arc<IsoDownload>,
     ctx: Arc<Context>,
 ) -> Result<Action, ReconcileError> {
-    if obj.labels().get(NODE_LABEL) != Some(&ctx.node) {
-        return Ok(Action::await_change());
-    }
     tracing::debug!("reconciling");
     let api: Api<IsoDownload> =
         Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());

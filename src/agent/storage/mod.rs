@@ -20,7 +20,7 @@ use kube::runtime::controller::Action;
 
 use super::context::{Context, ReconcileError};
 use super::{device, finalizer, status};
-use crate::api::{NODE_LABEL, VirtualMachineStorage, VirtualMachineStorageStatus};
+use crate::api::{VirtualMachineStorage, VirtualMachineStorageStatus};
 use crate::libvirt::domain::DomainXml;
 
 type Outcome = status::Outcome<VirtualMachineStorageStatus>;
@@ -40,10 +40,6 @@ pub(super) async fn reconcile(
     obj: Arc<VirtualMachineStorage>,
     ctx: Arc<Context>,
 ) -> Result<Action, ReconcileError> {
-    if obj.labels().get(NODE_LABEL) != Some(&ctx.node) {
-        // The watch selects this node's objects; an object rebound elsewhere is not ours.
-        return Ok(Action::await_change());
-    }
     tracing::debug!("reconciling");
     let api: Api<VirtualMachineStorage> =
         Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
