@@ -75,6 +75,12 @@ fn reissue_after(requests: u32) -> Duration {
     Duration::from_secs(2u64.saturating_pow(requests.min(5))).min(Duration::from_secs(30))
 }
 
+/// The domain a device object acts on: the one its device went to (recorded in `status.vm`),
+/// even if `spec.vm` was edited since, else `spec.vm`.
+pub fn domain_of(recorded: Option<&String>, spec_vm: &str) -> String {
+    recorded.cloned().unwrap_or_else(|| spec_vm.to_string())
+}
+
 /// Where a detach stands.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Detach {

@@ -41,13 +41,10 @@ use crate::shutdown::{self, Shutdown};
 
 impl AgentKind for VirtualMachineStorage {
     fn domains(&self) -> Vec<String> {
-        // The domain the device went to, even if spec.vm was edited since.
-        vec![
-            self.status
-                .as_ref()
-                .and_then(|st| st.vm.clone())
-                .unwrap_or_else(|| self.spec.vm.clone()),
-        ]
+        vec![device::domain_of(
+            self.status.as_ref().and_then(|st| st.vm.as_ref()),
+            &self.spec.vm,
+        )]
     }
     fn waiting(&self) -> bool {
         not_ready(self.status.as_ref().map_or(&[][..], |s| &s.conditions))
@@ -56,12 +53,10 @@ impl AgentKind for VirtualMachineStorage {
 
 impl AgentKind for VMInterface {
     fn domains(&self) -> Vec<String> {
-        vec![
-            self.status
-                .as_ref()
-                .and_then(|st| st.vm.clone())
-                .unwrap_or_else(|| self.spec.vm.clone()),
-        ]
+        vec![device::domain_of(
+            self.status.as_ref().and_then(|st| st.vm.as_ref()),
+            &self.spec.vm,
+        )]
     }
     fn waiting(&self) -> bool {
         not_ready(self.status.as_ref().map_or(&[][..], |s| &s.conditions))

@@ -128,8 +128,3 @@ pub trait Storage: Send + Sync {
         volume: &str,
     ) -> impl Future<Output = Result<(), LibvirtError>> + Send;
 }
-
-/// Everything the agent asks of libvirt.
-pub trait Virt: Domains + Storage {}
-
-impl<T: Domains + Storage> Virt for T {}

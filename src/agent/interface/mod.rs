@@ -47,12 +47,10 @@ pub(super) async fn reconcile(
     let api: Api<VMInterface> =
         Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
     let alias = alias_of(&obj);
-    // The domain the NIC went to, even if spec.vm was edited since.
-    let vm = obj
-        .status
-        .as_ref()
-        .and_then(|s| s.vm.clone())
-        .unwrap_or_else(|| obj.spec.vm.clone());
+    let vm = device::domain_of(
+        obj.status.as_ref().and_then(|s| s.vm.as_ref()),
+        &obj.spec.vm,
+    );
     let guard = ctx.locks.get(&vm).lock_owned().await;
     let (api, ctx, alias, vm) = (&api, &ctx, alias.as_str(), vm.as_str());
     finalizer::finalizer(api, obj, |event| async move {

@@ -44,12 +44,10 @@ pub(super) async fn reconcile(
     let api: Api<VirtualMachineStorage> =
         Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
     let alias = alias_of(&obj);
-    // The domain the device went to, even if spec.vm was edited since.
-    let vm = obj
-        .status
-        .as_ref()
-        .and_then(|s| s.vm.clone())
-        .unwrap_or_else(|| obj.spec.vm.clone());
+    let vm = device::domain_of(
+        obj.status.as_ref().and_then(|s| s.vm.as_ref()),
+        &obj.spec.vm,
+    );
     let lock = ctx.locks.get(&vm);
     let _guard = lock.lock().await;
 
