@@ -57,10 +57,38 @@ enum Command {
         /// IsoDownloads that may transfer at once on this node; the others wait in Pending.
         #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=64))]
         max_downloads: u64,
-        /// A network (CIDR) IsoDownloads may not connect to (repeatable). Default: the link-local
-        /// ranges, where cloud metadata services live.
-        #[arg(long = "download-deny-cidr", value_name = "CIDR", default_values_t = ["169.254.0.0/16".to_string(), "fe80::/10".to_string()])]
+        /// A network (CIDR) IsoDownloads may never connect to (repeatable), in addition to the
+        /// default deny list (loopback, 0.0.0.0/8, RFC 1918, CGNAT, link-local, IPv6
+        /// unique-local, multicast, their IPv4-mapped/NAT64/6to4 forms, and `localhost`).
+        /// Wins over --download-allow-cidr. Add the cluster's pod and service ranges here.
+        #[arg(long = "download-deny-cidr", value_name = "CIDR")]
         download_deny_cidrs: Vec<String>,
+        /// A network (CIDR) of the default deny list that IsoDownloads may connect to
+        /// (repeatable): a private mirror.
+        #[arg(long = "download-allow-cidr", value_name = "CIDR")]
+        download_allow_cidrs: Vec<String>,
+        /// The largest file an IsoDownload may fetch, in bytes (an object may set less).
+        #[arg(long, default_value_t = 64 << 30)]
+        download_max_bytes: u64,
+        /// Bytes a pool keeps free: a download that would leave less is refused
+        /// (InsufficientSpace), counting the space reserved by downloads in flight.
+        #[arg(long, default_value_t = 1 << 30)]
+        download_min_free_bytes: u64,
+        /// The slowest transfer, in bytes per second averaged over --download-rate-window-seconds,
+        /// that keeps its download slot; slower ones give it up (Timeout) and retry later. 0: no
+        /// minimum.
+        #[arg(long, default_value_t = 1024)]
+        download_min_rate_bytes: u64,
+        /// The window the minimum rate is averaged over, in seconds.
+        #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=86400))]
+        download_rate_window_seconds: u64,
+        /// The longest one download attempt may transfer before it gives up its slot (Timeout)
+        /// and resumes later, in seconds. 0: no deadline.
+        #[arg(long, default_value_t = 86400)]
+        download_deadline_seconds: u64,
+        /// VMClone jobs that may copy at once on this node; the others wait.
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=64))]
+        max_clones: u64,
     },
     /// Run the cluster-wide controller: bind objects to nodes, watch node health.
     Controller {
@@ -110,6 +138,13 @@ async fn main() -> anyhow::Result<()> {
             allowed_paths,
             max_downloads,
             download_deny_cidrs,
+            download_allow_cidrs,
+            download_max_bytes,
+            download_min_free_bytes,
+            download_min_rate_bytes,
+            download_rate_window_seconds,
+            download_deadline_seconds,
+            max_clones,
             tenancy,
         } => {
             if tenancy == Mode::Namespaced && !allowed_paths.is_empty() {
@@ -119,11 +154,23 @@ async fn main() -> anyhow::Result<()> {
                      libvirt dir pool for the directory and grant it with virtplane.io/pools)"
                 );
             }
-            let download_deny = download_deny_cidrs
-                .iter()
-                .map(|c| virtplane::agent::parse_cidr(c).map_err(anyhow::Error::msg))
-                .collect::<anyhow::Result<Vec<_>>>()
-                .context("invalid --download-deny-cidr")?;
+            let downloads = virtplane::agent::DownloadSettings {
+                max_downloads: usize::try_from(max_downloads).unwrap_or(2),
+                deny: virtplane::agent::parse_cidrs(&download_deny_cidrs)
+                    .map_err(anyhow::Error::msg)
+                    .context("invalid --download-deny-cidr")?,
+                allow: virtplane::agent::parse_cidrs(&download_allow_cidrs)
+                    .map_err(anyhow::Error::msg)
+                    .context("invalid --download-allow-cidr")?,
+                max_bytes: download_max_bytes,
+                min_free_bytes: download_min_free_bytes,
+                min_rate: (download_min_rate_bytes > 0).then(|| virtplane::download::MinRate {
+                    bytes_per_second: download_min_rate_bytes,
+                    window: Duration::from_secs(download_rate_window_seconds),
+                }),
+                deadline: (download_deadline_seconds > 0)
+                    .then(|| Duration::from_secs(download_deadline_seconds)),
+            };
             let node_name = match node_name {
                 Some(n) if !n.is_empty() => n,
                 _ => hostname().context("no --node-name given and the host name is unreadable")?,
@@ -139,8 +186,8 @@ async fn main() -> anyhow::Result<()> {
                 http_addr,
                 heartbeat_interval: Duration::from_secs(heartbeat_seconds),
                 allowed_paths,
-                max_downloads: usize::try_from(max_downloads).unwrap_or(2),
-                download_deny,
+                downloads,
+                max_clones: usize::try_from(max_clones).unwrap_or(2),
                 tenancy,
             };
             virtplane::agent::run(client, config, shutdown).await?;

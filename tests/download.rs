@@ -66,7 +66,7 @@ fn options() -> DownloadOptions {
             initial_backoff: Duration::from_millis(20),
             max_backoff: Duration::from_millis(100),
         },
-        deny: Vec::new(),
+        ..DownloadOptions::default()
     }
 }
 

@@ -20,10 +20,10 @@ pub struct AgentConfig {
     pub heartbeat_interval: Duration,
     /// Directories whose files may back devices, besides the active storage pools.
     pub allowed_paths: Vec<PathBuf>,
-    /// Downloads that may transfer at once on this node.
-    pub max_downloads: usize,
-    /// Networks (CIDRs) that downloads may not connect to.
-    pub download_deny: Vec<(std::net::IpAddr, u8)>,
+    /// Download slots, destinations, sizes and rates.
+    pub downloads: crate::agent::iso::DownloadSettings,
+    /// Clone jobs that may copy at once on this node.
+    pub max_clones: usize,
     /// Whether namespaces reach only what is granted to them.
     pub tenancy: crate::tenancy::Mode,
 }

@@ -31,6 +31,7 @@ pub use crate::download::parse_cidr;
 pub use config::{AgentConfig, AgentError};
 use context::Context;
 pub use context::FIELD_MANAGER;
+pub use iso::{DownloadSettings, parse_cidrs};
 use wiring::{AgentKind, not_ready};
 
 use crate::api::{IsoDownload, NODE_LABEL, VMClone, VMInterface, VirtualMachineStorage};
@@ -135,7 +136,7 @@ pub async fn run(
         detaches: Default::default(),
         removal_failures: Default::default(),
         clones: Default::default(),
-        downloads: iso::Downloads::new(config.max_downloads, config.download_deny.clone()),
+        downloads: iso::Downloads::new(config.downloads.clone()),
         macs: Default::default(),
         grants,
     });

@@ -86,6 +86,17 @@ pub struct IsoDownloadSpec {
     /// it, `Delete` removes it. Partial data is always removed.
     #[serde(default)]
     pub reclaim_policy: ReclaimPolicy,
+    /// The largest file accepted, in bytes: a larger announced length, or more data, fails
+    /// the download with reason `TooLarge` and deletes the partial data. Capped by the node's
+    /// limit (the agent's `--download-max-bytes`), which applies when this is unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_bytes: Option<u64>,
+    /// Accept a response that is an HTML or XML document. By default such a response (by
+    /// its `Content-Type` or its first bytes) is an error or login page, not an image: the
+    /// download fails with reason `ErrorPage` and its data is deleted.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_markup: bool,
 }
 
 fn default_pool() -> String {
@@ -121,8 +132,15 @@ pub enum ChecksumAlgorithm {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DownloadAuth {
-    /// Secret in the same namespace with keys `username` and `password`.
+    /// Secret in the same namespace with keys `username` and `password`. The Secret must
+    /// opt in: the label `virtplane.io/download-credentials: "true"` lets it be sent to any
+    /// host, the annotation `virtplane.io/download-hosts` (comma-separated host names) to
+    /// those hosts only. Otherwise the download fails with reason `CredentialsNotAllowed`.
     pub secret_ref: LocalObjectReference,
+    /// Send the credentials over plain `http` or `ftp`, where anyone on the path can read
+    /// them. Without it such a download fails with reason `CredentialsNotAllowed`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_plain_text: bool,
 }
 
 /// TLS settings of a download.
@@ -221,6 +239,10 @@ pub struct IsoDownloadStatus {
     /// Whether the checksum was verified.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checksum_verified: Option<bool>,
+    /// The format the completed file's magic bytes show: `iso9660`, `udf`, `qcow2` or `raw`
+    /// (none of these).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<String>,
     /// Number of attempts so far. A transient failure (connection, timeout, HTTP 5xx, FTP 4xx)
     /// is retried after 5 s, doubling up to 5 min (back to 5 s after an attempt that received
     /// data); the Ready message says when the next attempt starts.

@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use super::checksum::Hasher;
 use super::ftp::{FtpBody, FtpSource};
 use super::http::{HttpBody, HttpSource};
+use super::limits::Limits;
 use super::names::Paths;
 use super::progress::{PUBLISH_EVERY, Reporter};
 use super::sink::{Sink, SinkDone, SinkStart};
@@ -57,6 +58,7 @@ impl RemoteFile {
             etag: self.etag.clone(),
             last_modified: self.last_modified.clone(),
             total_bytes: self.total,
+            owner: None,
         }
     }
 
@@ -77,6 +79,8 @@ pub(crate) struct Opened {
     pub remote: RemoteFile,
     /// Why the partial data is thrown away, if it is.
     pub restart: Option<RestartReason>,
+    /// The response's `Content-Type`, when it has one.
+    pub content_type: Option<String>,
     /// The data.
     pub body: Body,
 }
@@ -113,6 +117,7 @@ pub(crate) struct Job<'a> {
     paths: Paths,
     checksum: Option<(ChecksumAlgorithm, String)>,
     owner: Option<String>,
+    allow_markup: bool,
     source: Source,
 }
 
@@ -162,6 +167,7 @@ impl<'a> Job<'a> {
             paths,
             checksum,
             owner: request.owner.clone(),
+            allow_markup: request.allow_markup,
             source,
         })
     }
@@ -252,6 +258,7 @@ impl<'a> Job<'a> {
         // Lock the partial file and see what it holds.
         let paths = self.paths.clone();
         let display = self.display.clone();
+        let owner = self.owner.clone();
         let (file, len, prior) = blocking(move || {
             if paths.target.exists() {
                 return Err(DownloadError::NameConflict {
@@ -263,8 +270,17 @@ impl<'a> Job<'a> {
                 .metadata()
                 .map_err(|e| DownloadError::io("inspect", &paths.partial, e))?
                 .len();
-            let prior =
-                state::load_sidecar(&paths.sidecar).filter(|s| s.allows_resume(&display, len));
+            let sidecar = state::load_sidecar(&paths.sidecar);
+            if let (Some(theirs), Some(mine)) =
+                (sidecar.as_ref().and_then(|s| s.owner.as_ref()), &owner)
+                && theirs != mine
+            {
+                // Another object's partial data: neither resumed nor touched.
+                return Err(DownloadError::NameConflict {
+                    path: paths.target.clone(),
+                });
+            }
+            let prior = sidecar.filter(|s| s.allows_resume(&display, len));
             Ok((file, len, prior))
         })
         .await?;
@@ -316,6 +332,7 @@ impl<'a> Job<'a> {
             start,
             remote,
             restart,
+            content_type,
             mut body,
         } = opened;
         if start == 0 {
@@ -339,6 +356,18 @@ impl<'a> Job<'a> {
                 detail: "announced",
             });
         }
+        let mut limits = Limits::new(
+            self.options,
+            &self.display,
+            start,
+            self.allow_markup,
+            Instant::now(),
+        );
+        if let Err(e) = limits.response(remote.total, content_type.as_deref()) {
+            drop(body);
+            self.discard_held(file).await?;
+            return Err(e);
+        }
         let limit = remote.total.or(self.expected_size);
 
         let mut sink = Sink::spawn(
@@ -346,8 +375,11 @@ impl<'a> Job<'a> {
                 file,
                 path: self.paths.partial.clone(),
                 start,
-                sidecar: (start == 0)
-                    .then(|| (self.paths.sidecar.clone(), remote.sidecar(&self.display))),
+                sidecar: (start == 0).then(|| {
+                    let mut sidecar = remote.sidecar(&self.display);
+                    sidecar.owner = self.owner.clone();
+                    (self.paths.sidecar.clone(), sidecar)
+                }),
                 hasher,
             },
             self.options.buffer_size,
@@ -355,7 +387,14 @@ impl<'a> Job<'a> {
         reporter.begin(start, remote.total);
         reporter.phase(Phase::Transferring);
         let (stop, received) = self
-            .stream(&mut body, &mut sink, start, limit, cancel, reporter)
+            .stream(
+                &mut body,
+                &mut sink,
+                (start, limit),
+                &mut limits,
+                cancel,
+                reporter,
+            )
             .await;
         let stop = match (stop, body) {
             (Stop::End, Body::Ftp(ftp)) => match &self.source {
@@ -373,7 +412,11 @@ impl<'a> Job<'a> {
 
         match stop {
             Stop::Cancelled => return Err(self.cancelled(done.len)),
-            Stop::Failed(e @ DownloadError::LengthMismatch { .. }) => {
+            Stop::Failed(
+                e @ (DownloadError::LengthMismatch { .. }
+                | DownloadError::TooLarge { .. }
+                | DownloadError::ErrorPage { .. }),
+            ) => {
                 self.discard_held(done.file).await?;
                 return Err(e);
             }
@@ -441,8 +484,8 @@ impl<'a> Job<'a> {
         &self,
         body: &mut Body,
         sink: &mut Sink,
-        start: u64,
-        limit: Option<u64>,
+        (start, limit): (u64, Option<u64>),
+        limits: &mut Limits,
         cancel: &CancellationToken,
         reporter: &mut Reporter<'_>,
     ) -> (Stop, u64) {
@@ -454,8 +497,12 @@ impl<'a> Job<'a> {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_data = Instant::now();
         let mut seen = 0u64;
+        // The body's first bytes stay in `buf` until it is first full, long enough to be
+        // looked at (`Limits::data`).
+        let mut first = true;
         let stop = loop {
             if buf.len() == buf.capacity() {
+                first = false;
                 let full = std::mem::replace(&mut buf, sink.buffer());
                 if !sink.write(full).await {
                     // The writer failed; its error comes from `finish`.
@@ -477,11 +524,20 @@ impl<'a> Job<'a> {
                             after: read_timeout,
                         });
                     }
+                    if let Err(e) = limits.tick(now, received) {
+                        break Stop::Failed(e);
+                    }
                     reporter.tick(now);
                     continue;
                 }
                 read = body.fill(&mut buf) => read,
             };
+            let head: &[u8] = if first { &buf } else { &[] };
+            if let Ok(n) = read
+                && let Err(e) = limits.data(start, received + n as u64, head, n == 0)
+            {
+                break Stop::Failed(e);
+            }
             match read {
                 Ok(0) => break Stop::End,
                 Ok(n) => {

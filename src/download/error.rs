@@ -123,6 +123,9 @@ pub enum DownloadError {
         addr: std::net::IpAddr,
         /// The denied network it is in, `address/length`.
         network: String,
+        /// The network is one of the default deny list's (an allow list may open it), not
+        /// one denied explicitly.
+        default: bool,
     },
     /// Another download of the same file holds the lock on its partial file.
     #[error("failed to lock {path}: another download of this file is running")]
@@ -148,6 +151,37 @@ pub enum DownloadError {
         phase: &'static str,
         /// The timeout.
         after: Duration,
+    },
+    /// The transfer was slower than the minimum rate over its window, or ran past the
+    /// deadline of an attempt; the received part is kept for resuming.
+    #[error("failed to transfer {url}: {detail}")]
+    TooSlow {
+        /// The URL (without credentials).
+        url: String,
+        /// Which limit, with its figures.
+        detail: String,
+    },
+    /// The file is (announced as, or turned out) larger than the limit. Any partial data was
+    /// deleted.
+    #[error(
+        "failed to download {url}: the file is larger than the limit of {limit} bytes; the downloaded data was deleted"
+    )]
+    TooLarge {
+        /// The URL (without credentials).
+        url: String,
+        /// The limit.
+        limit: u64,
+    },
+    /// The server answered with an HTML or XML document (an error or login page), not the
+    /// file. Any partial data was deleted.
+    #[error(
+        "failed to download {url}: the server sent {detail}, not an image (an error or login page); the downloaded data was deleted"
+    )]
+    ErrorPage {
+        /// The URL (without credentials).
+        url: String,
+        /// What was seen ("a Content-Type of text/html", "an HTML document").
+        detail: String,
     },
     /// The body ended before the announced length; the received part is kept for resuming.
     #[error("failed to transfer {url}: the transfer ended after {received} of {expected} bytes")]
@@ -214,6 +248,7 @@ impl DownloadError {
         match self {
             Self::Network { .. }
             | Self::Timeout { .. }
+            | Self::TooSlow { .. }
             | Self::Interrupted { .. }
             | Self::Busy { .. } => true,
             Self::HttpStatus { status, .. } => is_transient_http(*status),
@@ -238,7 +273,9 @@ impl DownloadError {
             Self::DestinationNotAllowed { .. } => "DestinationNotAllowed",
             Self::Busy { .. } => "DownloadBusy",
             Self::Network { .. } => "NetworkError",
-            Self::Timeout { .. } => "Timeout",
+            Self::Timeout { .. } | Self::TooSlow { .. } => "Timeout",
+            Self::TooLarge { .. } => "TooLarge",
+            Self::ErrorPage { .. } => "ErrorPage",
             Self::Interrupted { .. } => "TransferInterrupted",
             Self::HttpStatus { .. } => "ServerError",
             Self::FtpReply { .. } => "ServerError",
@@ -254,6 +291,7 @@ impl DownloadError {
             host: denied.host.clone(),
             addr: denied.addr,
             network: format!("{}/{}", denied.network.0, denied.network.1),
+            default: denied.default,
         }
     }
 

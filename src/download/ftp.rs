@@ -15,7 +15,7 @@ use suppaftp::types::FileType;
 use suppaftp::{FtpError, Mode};
 use tokio::io::AsyncReadExt;
 
-use super::deny::{self, Cidr};
+use super::deny::{self, Destinations};
 use super::engine::{Body, Opened, RemoteFile};
 use super::state::Sidecar;
 use super::{DownloadError, DownloadOptions, DownloadRequest, RemoteInfo, RestartReason};
@@ -33,7 +33,7 @@ pub(crate) struct FtpSource {
     tls: Option<Arc<ClientConfig>>,
     connect_timeout: Duration,
     read_timeout: Duration,
-    deny: Vec<Cidr>,
+    deny: Destinations,
     display: String,
 }
 
@@ -94,7 +94,7 @@ impl FtpSource {
             tls,
             connect_timeout: options.connect_timeout,
             read_timeout: options.read_timeout,
-            deny: options.deny.clone(),
+            deny: Destinations::of(options),
             display,
         })
     }
@@ -304,6 +304,7 @@ impl FtpSource {
         if start > 0 && now.total == Some(start) {
             quit(ftp).await;
             return Ok(Opened {
+                content_type: None,
                 start,
                 remote: now,
                 restart,
@@ -332,6 +333,7 @@ impl FtpSource {
             Err(e) => return Err(e),
         };
         Ok(Opened {
+            content_type: None,
             start,
             remote: now,
             restart,

@@ -7,7 +7,7 @@ use bytes::Bytes;
 use reqwest::header::{self, HeaderMap};
 use reqwest::{Method, StatusCode, Url};
 
-use super::deny::{self, Cidr, Denied, DenyingResolver, RedirectRefused};
+use super::deny::{self, Denied, DenyingResolver, Destinations, RedirectRefused};
 use super::engine::{Body, Opened, RemoteFile};
 use super::error::find_cause;
 use super::range::{ContentRange, is_strong_etag, parse_content_range, range_from};
@@ -33,7 +33,7 @@ impl HttpSource {
         request: &DownloadRequest,
         options: &DownloadOptions,
     ) -> Result<Self, DownloadError> {
-        let deny: Arc<[Cidr]> = options.deny.clone().into();
+        let deny = Arc::new(Destinations::of(options));
         deny::check_url(&deny, &url).map_err(|d| DownloadError::denied(&display, &d))?;
         let tls = super::tls::client_config(&request.tls, &[b"http/1.1"])?;
         let client = reqwest::Client::builder()
@@ -212,6 +212,7 @@ impl HttpSource {
                     return self.open_full(Some(RestartReason::RangeIgnored)).await;
                 }
                 Ok(Opened {
+                    content_type: header_string(resp.headers(), header::CONTENT_TYPE),
                     start: offset,
                     remote: RemoteFile {
                         etag: now.etag.or_else(|| prior.etag.clone()),
@@ -230,6 +231,7 @@ impl HttpSource {
                     RestartReason::RangeIgnored
                 };
                 Ok(Opened {
+                    content_type: header_string(resp.headers(), header::CONTENT_TYPE),
                     start: 0,
                     remote: now,
                     restart: Some(reason),
@@ -247,6 +249,7 @@ impl HttpSource {
                     // Everything is already here (a run stopped between the last byte and
                     // the rename).
                     return Ok(Opened {
+                        content_type: None,
                         start: offset,
                         remote: RemoteFile::from_sidecar(prior),
                         restart: None,
@@ -273,6 +276,7 @@ impl HttpSource {
             });
         }
         Ok(Opened {
+            content_type: header_string(resp.headers(), header::CONTENT_TYPE),
             start: 0,
             remote: remote_file(resp.headers(), content_length(resp.headers())),
             restart,

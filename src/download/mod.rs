@@ -32,6 +32,7 @@ mod engine;
 mod error;
 mod ftp;
 mod http;
+mod limits;
 mod names;
 mod progress;
 mod range;
@@ -47,10 +48,17 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 pub use checksum::{Checksum, ChecksumAlgorithm};
-pub use deny::{Cidr, parse_cidr};
+pub use deny::{Cidr, DEFAULT_DENY, default_deny, parse_cidr};
 pub use error::{BoxError, DownloadError};
 pub use names::{MAX_NAME_LEN, Paths, default_name, validate_name};
 pub use progress::{Phase, Progress};
+
+/// Who the partial data of `name` in `dir` belongs to
+/// ([`DownloadRequest::owner`] of the download that started it), when there is any.
+pub async fn partial_owner(dir: &Path, name: &str) -> Result<Option<String>, DownloadError> {
+    let paths = Paths::new(dir, name)?;
+    blocking(move || Ok(state::load_sidecar(&paths.sidecar).and_then(|s| s.owner))).await
+}
 
 /// One file to download.
 #[derive(Clone, Debug, Default)]
@@ -77,8 +85,12 @@ pub struct DownloadRequest {
     /// a record next to the file, written before the final rename, that [`finished`]
     /// recognises and [`clear_finished`] removes once the owner has recorded the completion:
     /// a crash between the rename and that bookkeeping then does not turn the owner's own
-    /// file into a name conflict.
+    /// file into a name conflict. The partial data's sidecar records it too: partial data of
+    /// another owner is never resumed nor deleted ([`DownloadError::NameConflict`]).
     pub owner: Option<String>,
+    /// Accept a response that is an HTML or XML document (by `Content-Type` or by its first
+    /// bytes). Without it such a response fails with [`DownloadError::ErrorPage`].
+    pub allow_markup: bool,
 }
 
 /// A user name and password.
@@ -122,8 +134,31 @@ pub struct DownloadOptions {
     pub retry: RetryPolicy,
     /// Networks no connection may go to (see the `deny` module): a host that is, or
     /// resolves to, an address in one fails with [`DownloadError::DestinationNotAllowed`],
-    /// also when a redirect leads there.
+    /// also when a redirect leads there. Always refused, [`DownloadOptions::allow`] or not.
     pub deny: Vec<Cidr>,
+    /// Whether the networks of [`DEFAULT_DENY`] (loopback, private, link-local, multicast,
+    /// and their IPv4-in-IPv6 forms, `localhost`) are refused too, except where
+    /// [`DownloadOptions::allow`] opens them.
+    pub default_deny: bool,
+    /// Networks of the default deny list that may be reached (a private mirror).
+    pub allow: Vec<Cidr>,
+    /// The largest file: a larger announced length, or more data, fails with
+    /// [`DownloadError::TooLarge`] and deletes the partial data.
+    pub max_bytes: Option<u64>,
+    /// The slowest transfer accepted: less data than this over a window fails the attempt
+    /// with [`DownloadError::TooSlow`] (transient; the data is kept).
+    pub min_rate: Option<MinRate>,
+    /// The longest one attempt may transfer before it fails with [`DownloadError::TooSlow`].
+    pub deadline: Option<Duration>,
+}
+
+/// A minimum transfer rate, averaged over a window.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MinRate {
+    /// Bytes per second.
+    pub bytes_per_second: u64,
+    /// The window the rate is averaged over.
+    pub window: Duration,
 }
 
 impl Default for DownloadOptions {
@@ -134,6 +169,11 @@ impl Default for DownloadOptions {
             buffer_size: 2 * 1024 * 1024,
             retry: RetryPolicy::default(),
             deny: Vec::new(),
+            default_deny: false,
+            allow: Vec::new(),
+            max_bytes: None,
+            min_rate: None,
+            deadline: None,
         }
     }
 }
@@ -236,6 +276,8 @@ pub struct Finished {
     pub bytes: u64,
     /// Whether a checksum was verified.
     pub checksum_verified: bool,
+    /// The format its magic bytes show ([`crate::image::sniff::Format`]), when it was read.
+    pub format: Option<crate::image::sniff::Format>,
 }
 
 /// Whether the final file of `request` exists because a download with the same owner, URL
@@ -260,6 +302,7 @@ pub async fn finished(request: &DownloadRequest) -> Result<Option<Finished>, Dow
         }
         match std::fs::metadata(&paths.target) {
             Ok(meta) if meta.is_file() && meta.len() == done.bytes => Ok(Some(Finished {
+                format: crate::image::sniff::sniff_file(&paths.target).ok(),
                 path: paths.target,
                 bytes: done.bytes,
                 checksum_verified: done.digest.is_some(),

@@ -27,6 +27,9 @@ pub(crate) struct Sidecar {
     pub last_modified: Option<String>,
     /// The file's length.
     pub total_bytes: Option<u64>,
+    /// Who the partial data belongs to ([`super::DownloadRequest::owner`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
 }
 
 pub(crate) const SIDECAR_VERSION: u32 = 1;
@@ -221,6 +224,7 @@ mod tests {
             etag: etag.map(Into::into),
             last_modified: lm.map(Into::into),
             total_bytes: total,
+            owner: None,
         }
     }
 

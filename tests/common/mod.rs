@@ -281,6 +281,22 @@ fn with_tenancy(mut args: Vec<&str>) -> Vec<&str> {
     args
 }
 
+/// The test servers' loopback network, which the agent refuses by default: a test's agent
+/// may download from it unless its arguments set `--download-allow-cidr` themselves (the
+/// hardening tests pass [`NO_LOOPBACK`] to see loopback refused).
+pub const TEST_SERVERS: [&str; 2] = ["--download-allow-cidr", "127.0.0.0/8"];
+
+/// Arguments that leave the default deny list whole (TEST-NET-2 is not in it anyway).
+pub const NO_LOOPBACK: [&str; 2] = ["--download-allow-cidr", "198.51.100.0/24"];
+
+/// `args` with [`TEST_SERVERS`] appended unless they set an allow list themselves.
+fn with_test_servers(mut args: Vec<&str>) -> Vec<&str> {
+    if !args.iter().any(|a| a.starts_with("--download-allow-cidr")) {
+        args.extend_from_slice(&TEST_SERVERS);
+    }
+    args
+}
+
 /// An agent with a unique node name; its Hypervisor object is deleted when dropped.
 pub struct Agent {
     pub node: String,
@@ -292,7 +308,7 @@ impl Agent {
     pub fn start(node: &str, extra: &[&str]) -> Self {
         let mut args = vec!["agent", "--node-name", node, "--http-addr", "127.0.0.1:0"];
         args.extend_from_slice(extra);
-        let args = with_tenancy(args);
+        let args = with_test_servers(with_tenancy(args));
         let process = Process::spawn(node, &args);
         Self {
             node: node.to_string(),

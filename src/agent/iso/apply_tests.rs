@@ -61,10 +61,11 @@ fn never(_: Place) -> bool {
 async fn completion_refreshes_the_pool_even_when_that_fails() {
     let dir = tempfile::tempdir().unwrap();
     let virt = fake(dir.path());
-    let downloads = Downloads::new(1, Vec::new());
+    let downloads = Downloads::new(crate::agent::DownloadSettings::default());
     let plan = || Plan::Complete {
         volume: volume(dir.path()),
         finished: download::Finished {
+            format: None,
             path: dir.path().join("a.iso"),
             bytes: 3,
             checksum_verified: false,
@@ -94,7 +95,7 @@ async fn completion_refreshes_the_pool_even_when_that_fails() {
 async fn a_failure_removes_partial_data_only_when_asked() {
     let dir = tempfile::tempdir().unwrap();
     let virt = fake(dir.path());
-    let downloads = Downloads::new(1, Vec::new());
+    let downloads = Downloads::new(crate::agent::DownloadSettings::default());
     partial(dir.path(), 7);
     let refusal = Refusal::fix(IsoReason::NameConflict, "taken");
     let keep = Plan::Fail {
@@ -152,7 +153,7 @@ fn waiting_job(downloads: &Downloads) -> Arc<Mutex<Option<Stop>>> {
 async fn a_pause_stops_the_job_and_counts_what_it_kept() {
     let dir = tempfile::tempdir().unwrap();
     let virt = fake(dir.path());
-    let downloads = Downloads::new(1, Vec::new());
+    let downloads = Downloads::new(crate::agent::DownloadSettings::default());
     let why = waiting_job(&downloads);
     partial(dir.path(), 5);
     let target = DownloadTarget {
@@ -182,7 +183,7 @@ async fn a_pause_stops_the_job_and_counts_what_it_kept() {
 async fn a_spec_change_abandons_the_job_then_removes_its_data() {
     let dir = tempfile::tempdir().unwrap();
     let virt = fake(dir.path());
-    let downloads = Downloads::new(1, Vec::new());
+    let downloads = Downloads::new(crate::agent::DownloadSettings::default());
     let why = waiting_job(&downloads);
     partial(dir.path(), 9);
     let refusal = Refusal::fix(IsoReason::SpecChanged, "changed");
@@ -206,7 +207,7 @@ async fn a_spec_change_abandons_the_job_then_removes_its_data() {
 async fn start_hands_the_place_to_the_job_runner() {
     let dir = tempfile::tempdir().unwrap();
     let virt = fake(dir.path());
-    let downloads = Downloads::new(1, Vec::new());
+    let downloads = Downloads::new(crate::agent::DownloadSettings::default());
     let place = Place {
         dir: dir.path().to_path_buf(),
         name: "a.iso".into(),

@@ -95,7 +95,34 @@ pub fn pool_dir(
     }
 }
 
-/// URL, name and pool checked, in that order: where the file goes.
+/// A checksum whose digest has the wrong number of hex digits for its algorithm is refused
+/// before the download waits for a slot.
+pub fn check_checksum(spec: &IsoDownloadSpec) -> Result<(), IsoRefusal> {
+    let Some(c) = &spec.checksum else {
+        return Ok(());
+    };
+    let alg = algorithm(c.algorithm);
+    let value = c.value.trim();
+    if value.len() != alg.hex_len() {
+        return Err(Refusal::fix(
+            IsoReason::InvalidChecksum,
+            format!(
+                "spec.checksum.value has {} hex digits, but a {alg} digest has {}; copy the whole digest from the mirror's checksum file, or fix spec.checksum.algorithm.",
+                value.len(),
+                alg.hex_len()
+            ),
+        ));
+    }
+    if !value.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(Refusal::fix(
+            IsoReason::InvalidChecksum,
+            "spec.checksum.value has characters other than hex digits (0-9, a-f).".to_string(),
+        ));
+    }
+    Ok(())
+}
+
+/// URL, name, checksum and pool checked, in that order: where the file goes.
 pub fn place(
     spec: &IsoDownloadSpec,
     pools: &[StoragePoolSummary],
@@ -103,6 +130,7 @@ pub fn place(
 ) -> Result<Place, IsoRefusal> {
     check_url(&spec.url)?;
     let name = volume_name(spec)?;
+    check_checksum(spec)?;
     let (dir, available) = pool_dir(pools, &spec.pool, node)?;
     Ok(Place {
         dir,
@@ -302,6 +330,37 @@ mod tests {
                 (got, want) => panic!("{url} {name:?} {p}: {got:?}, want {want:?}"),
             }
         }
+    }
+
+    #[test]
+    fn checksums_of_the_wrong_length_are_refused_up_front() {
+        let with = |alg: &str, len: usize| {
+            let mut s = spec("http://h/a.iso", None, "p");
+            s.checksum = serde_json::from_value(
+                serde_json::json!({"algorithm": alg, "value": "a".repeat(len)}),
+            )
+            .unwrap();
+            s
+        };
+        let pools = [pool("p", "dir", true)];
+        for (alg, good) in [("sha256", 64), ("sha512", 128), ("sha1", 40), ("md5", 32)] {
+            assert!(place(&with(alg, good), &pools, "n").is_ok(), "{alg}");
+            for bad in [good - 1, good + 1, 32, 64, 128] {
+                if bad == good {
+                    continue;
+                }
+                let e = place(&with(alg, bad), &pools, "n").unwrap_err();
+                assert_eq!(e.reason, IsoReason::InvalidChecksum, "{alg} {bad}");
+                assert!(
+                    e.message.contains(&format!("has {bad} hex digits")),
+                    "{}",
+                    e.message
+                );
+            }
+        }
+        // Before the pool: a bad checksum on a missing pool says what is wrong with it.
+        let e = place(&with("sha256", 63), &[], "n").unwrap_err();
+        assert_eq!(e.reason, IsoReason::InvalidChecksum);
     }
 
     #[test]

@@ -11,9 +11,9 @@ use kube::runtime::reflector::ObjectRef;
 use tokio::sync::{Semaphore, watch};
 
 use super::job::{JobProgress, JobResult};
+use super::settings::DownloadSettings;
 use crate::agent::jobs::{Jobs, Stop};
 use crate::api::IsoDownload;
-use crate::download;
 
 /// Progress of a running download is written at most this often.
 pub const PROGRESS_EVERY: Duration = Duration::from_secs(1);
@@ -31,19 +31,20 @@ pub struct Downloads {
     pub(super) jobs: Jobs<IsoDownload, JobProgress, JobResult>,
     pub(super) slots: Arc<Semaphore>,
     pub(super) limit: usize,
-    pub(super) deny: Vec<download::Cidr>,
+    pub(super) settings: DownloadSettings,
     stopping: AtomicBool,
     written: Mutex<HashMap<String, Written>>,
 }
 
 impl Downloads {
-    /// At most `limit` transfers at once; hosts resolving into `deny` (CIDRs) are refused.
-    pub fn new(limit: usize, deny: Vec<download::Cidr>) -> Self {
+    /// At most `settings.max_downloads` transfers at once, within `settings`' limits.
+    pub fn new(settings: DownloadSettings) -> Self {
+        let limit = settings.max_downloads.max(1);
         Self {
             jobs: Jobs::new(PROGRESS_EVERY),
-            slots: Arc::new(Semaphore::new(limit.max(1))),
-            limit: limit.max(1),
-            deny,
+            slots: Arc::new(Semaphore::new(limit)),
+            limit,
+            settings,
             stopping: AtomicBool::new(false),
             written: Mutex::default(),
         }
@@ -121,7 +122,7 @@ mod tests {
 
     #[tokio::test]
     async fn progress_is_written_when_new_and_then_once_a_second() {
-        let d = Downloads::new(2, Vec::new());
+        let d = Downloads::new(DownloadSettings::default());
         let mut rx = d.acks("u");
         assert_eq!(d.due("u", 1), None, "never written");
         d.written("u", 1);
@@ -135,7 +136,10 @@ mod tests {
 
     #[tokio::test]
     async fn stop_all_marks_the_agent_stopping() {
-        let d = Downloads::new(0, Vec::new());
+        let d = Downloads::new(DownloadSettings {
+            max_downloads: 0,
+            ..DownloadSettings::default()
+        });
         assert_eq!(d.limit, 1, "at least one slot");
         assert!(!d.stopping());
         d.stop_all();

@@ -117,8 +117,8 @@ pub struct JobInput {
     pub slots: Arc<Semaphore>,
     /// How many slots there are.
     pub limit: usize,
-    /// Networks downloads may not reach.
-    pub deny: Vec<download::Cidr>,
+    /// The node's download limits.
+    pub settings: super::settings::DownloadSettings,
     /// The last progress `seq` the reconciler wrote.
     pub written: watch::Receiver<u64>,
 }
@@ -132,9 +132,21 @@ enum Stop {
 /// A failure of the downloader for good, with the message the user sees.
 pub fn failure(e: &DownloadError) -> IsoRefusal {
     let message = match e {
+        DownloadError::DestinationNotAllowed { default: true, .. } => format!(
+            "{e}: loopback, private, link-local and multicast networks are refused unless an \
+             administrator opens a mirror's network with the agent's --download-allow-cidr."
+        ),
         DownloadError::DestinationNotAllowed { .. } => {
             format!("{e} (the agent's --download-deny-cidr).")
         }
+        DownloadError::TooLarge { .. } => format!(
+            "{e}. Raise spec.maxBytes if the file is expected to be this large (the node's \
+             --download-max-bytes caps it)."
+        ),
+        DownloadError::ErrorPage { .. } => format!(
+            "{e}. Check that the URL still points at the file (an expired or moved link serves \
+             a page); set spec.allowMarkup only if the file really is such a document."
+        ),
         _ => format!("{e}."),
     };
     Refusal::fix(IsoReason::of(e), message)
@@ -256,10 +268,7 @@ impl Task {
             tls,
             ..checks::own_request(&input.spec, input.owner.clone(), &place.dir, &place.name)
         };
-        let options = download::DownloadOptions {
-            deny: input.deny.clone(),
-            ..download::DownloadOptions::default()
-        };
+        let options = input.settings.options(input.spec.max_bytes);
         let info = match &self.remote {
             Some(info) => info.clone(),
             None => {
@@ -336,8 +345,14 @@ impl Task {
                 .restarted
                 .map(|r| format!("Downloaded from the beginning again because {r}."))
         });
+        let path = outcome.path.clone();
+        let format = tokio::task::spawn_blocking(move || crate::image::sniff::sniff_file(&path))
+            .await
+            .ok()
+            .and_then(Result::ok);
         Ok(JobResult::Completed {
             finished: download::Finished {
+                format,
                 path: outcome.path.clone(),
                 bytes: outcome.bytes,
                 checksum_verified: outcome.checksum_verified,
@@ -369,6 +384,7 @@ mod tests {
             host: "h".into(),
             addr: "127.0.0.1".parse().unwrap(),
             network: "127.0.0.1/32".into(),
+            default: false,
         };
         let r = failure(&denied);
         assert_eq!(r.reason, IsoReason::DestinationNotAllowed);

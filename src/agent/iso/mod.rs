@@ -16,6 +16,7 @@ mod observe;
 mod plan;
 pub(super) mod reason;
 mod report;
+mod settings;
 
 use std::sync::Arc;
 
@@ -33,6 +34,7 @@ use crate::api::IsoDownload;
 use checks::Place;
 
 pub use downloads::Downloads;
+pub use settings::{DownloadSettings, parse_cidrs};
 
 /// Reconciles one IsoDownload.
 #[tracing::instrument(skip_all, fields(object = %format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any())))]
@@ -114,7 +116,7 @@ fn start(obj: &IsoDownload, ctx: &Context, uid: &str, place: Place) -> bool {
         base_attempts: obj.status.as_ref().and_then(|s| s.attempts).unwrap_or(0),
         slots: d.slots.clone(),
         limit: d.limit,
-        deny: d.deny.clone(),
+        settings: d.settings.clone(),
         written: d.acks(uid),
     };
     d.jobs.start(uid, ObjectRef::from_obj(obj), move |job| {

@@ -230,7 +230,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join(".a.iso.part"), b"12345").unwrap();
         let fake = FakeLibvirt::default().with_pool(pool(dir.path()));
-        let downloads = Downloads::new(1, Vec::new());
+        let downloads = Downloads::new(crate::agent::DownloadSettings::default());
         let o = obj(Some(DownloadPhase::Paused), true, "http://h/a.iso");
         let seen = observe(&o, &fake, &downloads, "n1", Grants::open())
             .await
@@ -257,7 +257,7 @@ mod tests {
     #[tokio::test]
     async fn a_finished_object_reads_nothing_from_libvirt() {
         let fake = FakeLibvirt::default();
-        let downloads = Downloads::new(1, Vec::new());
+        let downloads = Downloads::new(crate::agent::DownloadSettings::default());
         let o = obj(Some(DownloadPhase::Completed), false, "http://h/a.iso");
         let seen = observe(&o, &fake, &downloads, "n1", Grants::open())
             .await

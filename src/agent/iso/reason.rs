@@ -69,6 +69,12 @@ pub enum IsoReason {
     StorageError,
     /// The download was cancelled.
     Cancelled,
+    /// The file is larger than the node's or the object's size limit.
+    TooLarge,
+    /// The server sent an HTML or XML page instead of the file.
+    ErrorPage,
+    /// A plain-HTTP or plain-FTP password, or a Secret not opted in for this host.
+    CredentialsNotAllowed,
 }
 
 impl refusal::Reason for IsoReason {
@@ -104,6 +110,9 @@ impl refusal::Reason for IsoReason {
         Self::ProtocolError,
         Self::StorageError,
         Self::Cancelled,
+        Self::TooLarge,
+        Self::ErrorPage,
+        Self::CredentialsNotAllowed,
     ];
 
     fn as_str(self) -> &'static str {
@@ -139,6 +148,9 @@ impl refusal::Reason for IsoReason {
             Self::ProtocolError => "ProtocolError",
             Self::StorageError => "StorageError",
             Self::Cancelled => "Cancelled",
+            Self::TooLarge => "TooLarge",
+            Self::ErrorPage => "ErrorPage",
+            Self::CredentialsNotAllowed => "CredentialsNotAllowed",
         }
     }
 
@@ -173,7 +185,9 @@ impl IsoReason {
             DownloadError::DestinationNotAllowed { .. } => Self::DestinationNotAllowed,
             DownloadError::Busy { .. } => Self::DownloadBusy,
             DownloadError::Network { .. } => Self::NetworkError,
-            DownloadError::Timeout { .. } => Self::Timeout,
+            DownloadError::Timeout { .. } | DownloadError::TooSlow { .. } => Self::Timeout,
+            DownloadError::TooLarge { .. } => Self::TooLarge,
+            DownloadError::ErrorPage { .. } => Self::ErrorPage,
             DownloadError::Interrupted { .. } => Self::TransferInterrupted,
             DownloadError::HttpStatus { .. } | DownloadError::FtpReply { .. } => Self::ServerError,
             DownloadError::Protocol { .. } => Self::ProtocolError,

@@ -268,6 +268,7 @@ pub fn report(obj: &IsoDownload, node: &str, outcome: &Outcome, now: Timestamp) 
                 progress: Some("100%".into()),
                 bytes_per_second: None,
                 checksum_verified: Some(finished.checksum_verified),
+                format: finished.format.map(|f| f.as_str().to_string()),
                 completion_time: Some(Time(now)),
                 volume: Some(volume.clone()),
                 attempts: attempts.or(prev.attempts),

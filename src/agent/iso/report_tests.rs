@@ -283,6 +283,7 @@ fn completion_is_ready_and_clears_the_record_after_the_write() {
             path: PathBuf::from("/p/a.iso"),
             bytes: 200,
             checksum_verified: true,
+            format: Some(crate::image::sniff::Format::Iso9660),
         },
         note: Some("Downloaded from the beginning again because x.".into()),
         attempts: Some(3),
@@ -315,6 +316,7 @@ fn completion_is_ready_and_clears_the_record_after_the_write() {
         )
     );
     assert_eq!((st.checksum_verified, st.attempts), (Some(true), Some(3)));
+    assert_eq!(st.format.as_deref(), Some("iso9660"));
     assert_eq!(st.completion_time, Some(Time(now())));
     assert_eq!(event_reasons(&r), ["Completed"]);
     assert_eq!(r.clear, Some(at));
