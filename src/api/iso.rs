@@ -97,6 +97,11 @@ pub struct IsoDownloadSpec {
     /// download fails with reason `ErrorPage` and its data is deleted.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub allow_markup: bool,
+    /// Send credentials (`spec.auth`, or `user:password@` in the URL) over plain `http` or
+    /// `ftp`, where anyone on the path can read them. Without it such a download fails with
+    /// reason `CredentialsNotAllowed` before it starts.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_plain_text_credentials: bool,
 }
 
 fn default_pool() -> String {
@@ -137,10 +142,6 @@ pub struct DownloadAuth {
     /// host, the annotation `virtplane.io/download-hosts` (comma-separated host names) to
     /// those hosts only. Otherwise the download fails with reason `CredentialsNotAllowed`.
     pub secret_ref: LocalObjectReference,
-    /// Send the credentials over plain `http` or `ftp`, where anyone on the path can read
-    /// them. Without it such a download fails with reason `CredentialsNotAllowed`.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub allow_plain_text: bool,
 }
 
 /// TLS settings of a download.

@@ -26,9 +26,57 @@ pub struct Place {
     pub available: u64,
 }
 
+/// `url` without a `user:password@` part, for status, Events and logs.
+pub fn redact_url(url: &str) -> String {
+    if let Ok(mut parsed) = reqwest::Url::parse(url) {
+        if parsed.username().is_empty() && parsed.password().is_none() {
+            return url.to_string();
+        }
+        // Both only fail for URLs that cannot have credentials, which then have none.
+        let _ = parsed.set_password(None);
+        let _ = parsed.set_username("");
+        return parsed.to_string();
+    }
+    // Not a URL: drop whatever stands between the scheme and an `@` in the authority.
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{scheme}://{}", &rest[at + 1..]),
+        None => url.to_string(),
+    }
+}
+
+/// Whether the URL carries a user name or password.
+fn has_userinfo(url: &reqwest::Url) -> bool {
+    !url.username().is_empty() || url.password().is_some()
+}
+
+/// Credentials (a Secret, or `user:password@` in the URL) go over plain `http` or `ftp` only
+/// when the object says so.
+pub fn check_credentials_transport(spec: &IsoDownloadSpec) -> Result<(), IsoRefusal> {
+    let Ok(url) = reqwest::Url::parse(&spec.url) else {
+        return Ok(());
+    };
+    let plain = matches!(url.scheme(), "http" | "ftp");
+    if plain && (spec.auth.is_some() || has_userinfo(&url)) && !spec.allow_plain_text_credentials {
+        return Err(Refusal::fix(
+            IsoReason::CredentialsNotAllowed,
+            format!(
+                "The download sends credentials over plain {}, where anyone on the path can read them; use {}s, or set spec.allowPlainTextCredentials to accept the risk.",
+                url.scheme(),
+                url.scheme()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Parses `spec.url` as the downloader will.
 pub fn check_url(url: &str) -> Result<(), IsoRefusal> {
     let invalid = |m: String| Refusal::fix(IsoReason::InvalidUrl, m);
+    let url = &redact_url(url);
     let parsed = reqwest::Url::parse(url).map_err(|e| {
         invalid(format!(
             "spec.url {url:?} is not a valid URL ({e}); use the form scheme://host[:port]/path/file.iso with a port up to 65535."
@@ -131,6 +179,7 @@ pub fn place(
     check_url(&spec.url)?;
     let name = volume_name(spec)?;
     check_checksum(spec)?;
+    check_credentials_transport(spec)?;
     let (dir, available) = pool_dir(pools, &spec.pool, node)?;
     Ok(Place {
         dir,
@@ -150,32 +199,66 @@ pub fn name_conflict(pool: &str, name: &str) -> IsoRefusal {
     )
 }
 
-/// Whether the rest of a file of `total` bytes, `kept` of which are there, fits in `available`.
-pub fn check_space(
-    total: Option<u64>,
-    kept: u64,
-    available: u64,
-    pool: &str,
-) -> Result<(), IsoRefusal> {
-    let Some(total) = total else {
-        return Ok(());
-    };
-    let remaining = total.saturating_sub(kept);
-    if remaining > available {
-        return Err(Refusal::fix(
-            IsoReason::InsufficientSpace,
-            format!(
-                "The file needs {remaining} more bytes but pool {pool} has {available} available; free space or choose another pool."
-            ),
-        ));
+/// The refusal when another object's unfinished (say, paused) download of the name is in the
+/// pool: the name stays reserved for it.
+pub fn partial_conflict(pool: &str, name: &str) -> IsoRefusal {
+    Refusal::fix(
+        IsoReason::NameConflict,
+        format!(
+            "Pool {pool} holds another download's unfinished data for the name {name}; choose another spec.name."
+        ),
+    )
+}
+
+/// The space a download needs and the pool it goes to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Space<'a> {
+    /// The file's length, when announced.
+    pub total: Option<u64>,
+    /// Bytes of it already there.
+    pub kept: u64,
+    /// Bytes free in the pool.
+    pub available: u64,
+    /// Bytes the pool keeps free (`--download-min-free-bytes`).
+    pub floor: u64,
+    /// The pool's name.
+    pub pool: &'a str,
+}
+
+impl Space<'_> {
+    /// The bytes to reserve: the rest of the file (nothing when its length is unknown; the
+    /// size limit bounds it then).
+    pub fn need(&self) -> u64 {
+        self.total.map_or(0, |t| t.saturating_sub(self.kept))
     }
-    Ok(())
+
+    /// Whether the rest of the file fits in the pool, next to `others` bytes reserved by
+    /// other downloads in flight, leaving the floor free.
+    pub fn check(&self, others: u64) -> Result<(), IsoRefusal> {
+        let need = self.need();
+        let usable = self
+            .available
+            .saturating_sub(others)
+            .saturating_sub(self.floor);
+        if need > usable || (self.total.is_none() && usable == 0) {
+            let pool = self.pool;
+            let available = self.available;
+            let floor = self.floor;
+            return Err(Refusal::fix(
+                IsoReason::InsufficientSpace,
+                format!(
+                    "The file needs {need} more bytes; pool {pool} has {available} available, of which {others} are reserved by other downloads in flight and {floor} are kept free; free space or choose another pool."
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// What the download records before it writes anything.
 pub fn target_of(spec: &IsoDownloadSpec, name: &str) -> DownloadTarget {
     DownloadTarget {
-        url: spec.url.clone(),
+        url: redact_url(&spec.url),
         pool: spec.pool.clone(),
         name: name.to_string(),
     }
@@ -184,11 +267,9 @@ pub fn target_of(spec: &IsoDownloadSpec, name: &str) -> DownloadTarget {
 /// Which immutable field changed since the download started, as the start of a sentence.
 pub fn spec_change(spec: &IsoDownloadSpec, recorded: Option<&DownloadTarget>) -> Option<String> {
     let recorded = recorded?;
-    if spec.url != recorded.url {
-        return Some(format!(
-            "spec.url changed from {} to {}",
-            recorded.url, spec.url
-        ));
+    let (now, then) = (redact_url(&spec.url), redact_url(&recorded.url));
+    if now != then {
+        return Some(format!("spec.url changed from {then} to {now}"));
     }
     if spec.pool != recorded.pool {
         return Some(format!(
@@ -215,7 +296,10 @@ pub fn spec_change(spec: &IsoDownloadSpec, recorded: Option<&DownloadTarget>) ->
 pub fn as_started(obj: &IsoDownload) -> IsoDownloadSpec {
     let mut spec = obj.spec.clone();
     if let Some(t) = obj.status.as_ref().and_then(|s| s.target.clone()) {
-        spec.url = t.url;
+        // The recorded URL has no credentials; the spec's (the same URL) keeps them.
+        if redact_url(&spec.url) != redact_url(&t.url) {
+            spec.url = t.url;
+        }
         spec.pool = t.pool;
         spec.name = Some(t.name);
     }
@@ -248,194 +332,11 @@ pub fn own_request(
             hex: c.value.clone(),
         }),
         owner,
+        allow_markup: spec.allow_markup,
         ..DownloadRequest::default()
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    pub(crate) fn pool(name: &str, type_: &str, active: bool) -> StoragePoolSummary {
-        StoragePoolSummary {
-            name: name.into(),
-            type_: type_.into(),
-            path: Some(format!("/pools/{name}")),
-            capacity: 100,
-            allocation: 10,
-            available: 90,
-            active,
-        }
-    }
-
-    fn spec(url: &str, name: Option<&str>, pool: &str) -> IsoDownloadSpec {
-        serde_json::from_value(serde_json::json!({"url": url, "pool": pool, "name": name})).unwrap()
-    }
-
-    #[test]
-    fn place_checks_url_name_and_pool_in_order() {
-        let pools = [
-            pool("p", "dir", true),
-            pool("off", "dir", false),
-            pool("lv", "logical", true),
-        ];
-        type Case<'a> = (
-            &'a str,
-            Option<&'a str>,
-            &'a str,
-            Result<&'a str, IsoReason>,
-        );
-        let cases: &[Case] = &[
-            ("http://h/a.iso", None, "p", Ok("a.iso")),
-            ("ftps://h/d/b.iso", Some("c.iso"), "p", Ok("c.iso")),
-            (
-                "http://h:99999/a.iso",
-                None,
-                "p",
-                Err(IsoReason::InvalidUrl),
-            ),
-            ("file:///etc/passwd", None, "p", Err(IsoReason::InvalidUrl)),
-            ("not a url", None, "p", Err(IsoReason::InvalidUrl)),
-            ("http://h/", None, "p", Err(IsoReason::InvalidName)),
-            (
-                "http://h/a.iso",
-                Some(".hidden"),
-                "p",
-                Err(IsoReason::InvalidName),
-            ),
-            (
-                "http://h/a.iso",
-                Some("a/b"),
-                "p",
-                Err(IsoReason::InvalidName),
-            ),
-            ("http://h/a.iso", None, "nope", Err(IsoReason::PoolNotFound)),
-            ("http://h/a.iso", None, "off", Err(IsoReason::PoolNotFound)),
-            ("http://h/a.iso", None, "lv", Err(IsoReason::PoolNotFound)),
-            // The URL is checked before the pool.
-            ("gopher://h/a.iso", None, "nope", Err(IsoReason::InvalidUrl)),
-        ];
-        for (url, name, p, want) in cases {
-            let got = place(&spec(url, *name, p), &pools, "n1");
-            match (got, want) {
-                (Ok(pl), Ok(n)) => {
-                    assert_eq!(pl.name, *n, "{url}");
-                    assert_eq!(pl.dir, PathBuf::from("/pools/p"));
-                    assert_eq!(pl.available, 90);
-                }
-                (Err(r), Err(w)) => {
-                    assert_eq!(r.reason, *w, "{url} {name:?} {p}: {}", r.message);
-                    assert!(!r.message.is_empty());
-                }
-                (got, want) => panic!("{url} {name:?} {p}: {got:?}, want {want:?}"),
-            }
-        }
-    }
-
-    #[test]
-    fn checksums_of_the_wrong_length_are_refused_up_front() {
-        let with = |alg: &str, len: usize| {
-            let mut s = spec("http://h/a.iso", None, "p");
-            s.checksum = serde_json::from_value(
-                serde_json::json!({"algorithm": alg, "value": "a".repeat(len)}),
-            )
-            .unwrap();
-            s
-        };
-        let pools = [pool("p", "dir", true)];
-        for (alg, good) in [("sha256", 64), ("sha512", 128), ("sha1", 40), ("md5", 32)] {
-            assert!(place(&with(alg, good), &pools, "n").is_ok(), "{alg}");
-            for bad in [good - 1, good + 1, 32, 64, 128] {
-                if bad == good {
-                    continue;
-                }
-                let e = place(&with(alg, bad), &pools, "n").unwrap_err();
-                assert_eq!(e.reason, IsoReason::InvalidChecksum, "{alg} {bad}");
-                assert!(
-                    e.message.contains(&format!("has {bad} hex digits")),
-                    "{}",
-                    e.message
-                );
-            }
-        }
-        // Before the pool: a bad checksum on a missing pool says what is wrong with it.
-        let e = place(&with("sha256", 63), &[], "n").unwrap_err();
-        assert_eq!(e.reason, IsoReason::InvalidChecksum);
-    }
-
-    #[test]
-    fn pool_messages_name_the_node() {
-        let e = pool_dir(&[], "x", "n7").unwrap_err();
-        assert!(e.message.contains("n7") && e.message.contains("does not exist"));
-        let e = pool_dir(&[pool("x", "dir", false)], "x", "n7").unwrap_err();
-        assert!(e.message.contains("virsh pool-start x"), "{}", e.message);
-    }
-
-    #[test]
-    fn space_counts_only_the_missing_bytes() {
-        let table: &[(Option<u64>, u64, u64, bool)] = &[
-            (None, 0, 0, true),
-            (Some(100), 0, 100, true),
-            (Some(100), 0, 99, false),
-            (Some(100), 60, 40, true),
-            (Some(100), 60, 39, false),
-            (Some(100), 200, 0, true),
-        ];
-        for (total, kept, available, ok) in table {
-            let r = check_space(*total, *kept, *available, "p");
-            assert_eq!(r.is_ok(), *ok, "{total:?} {kept} {available}");
-            if let Err(e) = r {
-                assert_eq!(e.reason, IsoReason::InsufficientSpace);
-                assert!(e.message.contains("pool p"), "{}", e.message);
-            }
-        }
-    }
-
-    #[test]
-    fn spec_changes_name_the_field() {
-        let recorded = DownloadTarget {
-            url: "http://h/a.iso".into(),
-            pool: "p".into(),
-            name: "a.iso".into(),
-        };
-        let table: &[(IsoDownloadSpec, Option<&str>)] = &[
-            (spec("http://h/a.iso", None, "p"), None),
-            (spec("http://h/a.iso", Some("a.iso"), "p"), None),
-            (
-                spec("http://h/b.iso", Some("a.iso"), "p"),
-                Some("spec.url changed"),
-            ),
-            (spec("http://h/a.iso", None, "q"), Some("spec.pool changed")),
-            (
-                spec("http://h/a.iso", Some("b.iso"), "p"),
-                Some("The volume name changed"),
-            ),
-        ];
-        for (s, want) in table {
-            let got = spec_change(s, Some(&recorded));
-            assert_eq!(
-                got.as_deref()
-                    .map(|g| g.split(" from ").next().unwrap_or_default()),
-                *want,
-                "{s:?}"
-            );
-        }
-        assert_eq!(spec_change(&spec("http://h/b.iso", None, "q"), None), None);
-    }
-
-    #[test]
-    fn the_request_carries_owner_and_checksum() {
-        let mut s = spec("http://h/a.iso", None, "p");
-        s.checksum =
-            serde_json::from_value(serde_json::json!({"algorithm": "sha256", "value": "ab"}))
-                .unwrap();
-        let r = own_request(&s, Some("uid".into()), Path::new("/d"), "a.iso");
-        assert_eq!(r.owner.as_deref(), Some("uid"));
-        assert_eq!(r.dir, PathBuf::from("/d"));
-        let c = r.checksum.unwrap();
-        assert_eq!(
-            (c.algorithm, c.hex.as_str()),
-            (download::ChecksumAlgorithm::Sha256, "ab")
-        );
-    }
-}
+#[path = "checks_tests.rs"]
+mod tests;

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use futures::Stream;
 use kube::runtime::reflector::ObjectRef;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 
 use super::job::{JobProgress, JobResult};
 use super::settings::DownloadSettings;
@@ -29,9 +29,10 @@ struct Written {
 /// Downloads of this node.
 pub struct Downloads {
     pub(super) jobs: Jobs<IsoDownload, JobProgress, JobResult>,
-    pub(super) slots: Arc<Semaphore>,
+    pub(super) slots: Arc<super::slots::Slots>,
     pub(super) limit: usize,
     pub(super) settings: DownloadSettings,
+    pub(super) space: Arc<super::space::Reservations>,
     stopping: AtomicBool,
     written: Mutex<HashMap<String, Written>>,
 }
@@ -42,9 +43,10 @@ impl Downloads {
         let limit = settings.max_downloads.max(1);
         Self {
             jobs: Jobs::new(PROGRESS_EVERY),
-            slots: Arc::new(Semaphore::new(limit)),
+            slots: super::slots::Slots::new(limit),
             limit,
             settings,
+            space: Arc::default(),
             stopping: AtomicBool::new(false),
             written: Mutex::default(),
         }

@@ -8,11 +8,12 @@ use std::time::Duration;
 
 use k8s_openapi::jiff::Timestamp;
 use kube::Client;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::watch;
 
 use super::checks::{self, IsoRefusal, Place};
 use super::credentials::credentials;
 use super::reason::IsoReason;
+use super::slots::{Slot, Slots};
 use crate::agent::jobs::JobCtx;
 use crate::agent::refusal::Refusal;
 use crate::api::IsoDownloadSpec;
@@ -113,12 +114,14 @@ pub struct JobInput {
     pub place: Place,
     /// Attempts made by earlier jobs (`status.attempts`).
     pub base_attempts: u32,
-    /// The node's download slots.
-    pub slots: Arc<Semaphore>,
+    /// The node's download slots, shared fairly between namespaces.
+    pub slots: Arc<Slots>,
     /// How many slots there are.
     pub limit: usize,
     /// The node's download limits.
     pub settings: super::settings::DownloadSettings,
+    /// Space reserved in the pools by the downloads in flight.
+    pub space: Arc<super::space::Reservations>,
     /// The last progress `seq` the reconciler wrote.
     pub written: watch::Receiver<u64>,
 }
@@ -157,6 +160,8 @@ struct Task {
     job: Arc<JobCtx<JobProgress>>,
     progress: JobProgress,
     remote: Option<download::RemoteInfo>,
+    /// The space this job holds in its pool, from its first probe to its end.
+    reserved: Option<super::space::Reserved>,
     received: bool,
 }
 
@@ -171,6 +176,7 @@ pub async fn run(input: JobInput, job: Arc<JobCtx<JobProgress>>) -> JobResult {
         job,
         progress,
         remote: None,
+        reserved: None,
         received: false,
     }
     .run()
@@ -239,9 +245,10 @@ impl Task {
     }
 
     /// A download slot; `None` when stopped while waiting in the queue.
-    async fn slot(&mut self) -> Option<OwnedSemaphorePermit> {
+    async fn slot(&mut self) -> Option<Slot> {
         let slots = self.input.slots.clone();
-        if let Ok(p) = slots.clone().try_acquire_owned() {
+        let namespace = self.input.namespace.clone();
+        if let Some(p) = Slots::try_acquire(&slots, &namespace) {
             return Some(p);
         }
         self.progress.phase = JobPhase::Queued {
@@ -250,7 +257,7 @@ impl Task {
         self.progress.bytes_per_second = None;
         self.milestone().await;
         tokio::select! {
-            p = slots.acquire_owned() => p.ok(),
+            p = Slots::acquire(&slots, &namespace) => p,
             () = self.job.cancel.cancelled() => None,
         }
     }
@@ -277,8 +284,19 @@ impl Task {
                     info = download::probe(&request, &options) => info.map_err(Stop::Error)?,
                 };
                 let kept = self.kept().await;
-                checks::check_space(info.total_bytes, kept, place.available, &input.spec.pool)
+                let space = checks::Space {
+                    total: info.total_bytes,
+                    kept,
+                    available: place.available,
+                    floor: input.settings.min_free_bytes,
+                    pool: &input.spec.pool,
+                };
+                let uid = input.owner.clone().unwrap_or_default();
+                let reserved = input
+                    .space
+                    .reserve(&place.dir, &uid, space.need(), |others| space.check(others))
                     .map_err(Stop::Refused)?;
+                self.reserved = Some(reserved);
                 self.remote = Some(info.clone());
                 info
             }

@@ -17,6 +17,8 @@ mod plan;
 pub(super) mod reason;
 mod report;
 mod settings;
+mod slots;
+mod space;
 
 use std::sync::Arc;
 
@@ -117,6 +119,7 @@ fn start(obj: &IsoDownload, ctx: &Context, uid: &str, place: Place) -> bool {
         slots: d.slots.clone(),
         limit: d.limit,
         settings: d.settings.clone(),
+        space: d.space.clone(),
         written: d.acks(uid),
     };
     d.jobs.start(uid, ObjectRef::from_obj(obj), move |job| {

@@ -40,6 +40,9 @@ pub struct Files {
     pub exists: bool,
     /// Bytes of partial data kept.
     pub partial: u64,
+    /// The partial data there was started by another object: it is neither resumed nor
+    /// removed by this one.
+    pub foreign_partial: bool,
 }
 
 /// What one reconcile sees.
@@ -158,12 +161,15 @@ async fn files<V: Storage>(
                 Ok(VolumeLookup::Found(_))
             ));
     let partial = download::partial_len(&dir, &name).await.unwrap_or(0);
+    let owner = download::partial_owner(&dir, &name).await.ok().flatten();
+    let foreign_partial = owner.is_some_and(|o| Some(o) != obj.uid());
     Some(Files {
         dir,
         name,
         finished,
         exists,
         partial,
+        foreign_partial,
     })
 }
 

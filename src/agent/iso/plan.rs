@@ -103,7 +103,7 @@ fn at_of(dir: PathBuf, name: &str) -> At {
 /// The started place by the recorded (or spec) pool's directory, for removing partial data.
 fn started_at(obj: &IsoDownload, observed: &Observed) -> Option<At> {
     if let Some(f) = &observed.files {
-        return Some(at_of(f.dir.clone(), &f.name));
+        return (!f.foreign_partial).then(|| at_of(f.dir.clone(), &f.name));
     }
     let spec = as_started(obj);
     let name = checks::volume_name(&spec).ok()?;
@@ -238,6 +238,13 @@ pub fn plan(obj: &IsoDownload, observed: &Observed) -> Plan {
             discard: None,
         };
     }
+    if files.foreign_partial {
+        return Plan::Fail {
+            refusal: checks::partial_conflict(&spec.pool, &place.name),
+            stop: false,
+            discard: None,
+        };
+    }
     let target = checks::target_of(spec, &place.name);
     if spec.paused {
         return Plan::StayPaused {
@@ -272,7 +279,7 @@ pub fn cleanup(obj: &IsoDownload, observed: &Observed) -> Cleanup {
             discard: None,
         };
     }
-    let Some(files) = &observed.files else {
+    let Some(files) = observed.files.as_ref().filter(|f| !f.foreign_partial) else {
         return Cleanup::default();
     };
     let at = at_of(files.dir.clone(), &files.name);

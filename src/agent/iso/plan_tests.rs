@@ -52,6 +52,7 @@ fn files(partial: u64) -> Files {
         finished: None,
         exists: false,
         partial,
+        foreign_partial: false,
     }
 }
 
@@ -149,6 +150,20 @@ fn every_reason_the_plan_reports() {
             false,
         ),
         (
+            "another object's paused data of the name",
+            obj(json!({"url": URL}), fresh()),
+            seen(
+                JobState::None,
+                Some(Files {
+                    foreign_partial: true,
+                    ..files(7)
+                }),
+            ),
+            IsoReason::NameConflict,
+            false,
+            false,
+        ),
+        (
             "url changed while running",
             obj(
                 json!({"url": "http://h/b.iso", "name": "a.iso"}),
@@ -193,6 +208,28 @@ fn every_reason_the_plan_reports() {
             IsoReason::DestinationNotAllowed,
             false,
             true,
+        ),
+        (
+            "an error page deletes only this object's data",
+            obj(json!({"url": URL}), started(DownloadPhase::Downloading)),
+            seen(failed_job(IsoReason::ErrorPage), Some(files(5))),
+            IsoReason::ErrorPage,
+            false,
+            true,
+        ),
+        (
+            "a failure never removes another object's data",
+            obj(json!({"url": URL}), started(DownloadPhase::Downloading)),
+            seen(
+                failed_job(IsoReason::TooLarge),
+                Some(Files {
+                    foreign_partial: true,
+                    ..files(5)
+                }),
+            ),
+            IsoReason::TooLarge,
+            false,
+            false,
         ),
         (
             "the downloader found a file there",
@@ -430,6 +467,15 @@ fn cleanup_removes_partial_data_and_deleted_volumes_only() {
             clear_record: Some(at()),
             discard: Some(at())
         }
+    );
+    // Another object's partial data of the name: never removed by this one.
+    let theirs = Files {
+        foreign_partial: true,
+        ..files(3)
+    };
+    assert_eq!(
+        cleanup(&running, &seen(JobState::None, Some(theirs))),
+        Cleanup::default()
     );
     // Nothing found (the pool is gone): nothing to do.
     assert_eq!(

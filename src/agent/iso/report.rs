@@ -1,6 +1,7 @@
 //! Turns what an IsoDownload's apply pass did, or its job's progress, into its status fields,
 //! its Ready and Progressing conditions and its Events. Pure: the time comes in as `now`.
 
+use super::checks::redact_url;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::{Timestamp, Unit};
 use kube::runtime::controller::Action;
@@ -100,7 +101,11 @@ fn write(
 
 /// The message while transferring.
 fn downloading(obj: &IsoDownload, p: &JobProgress) -> String {
-    let mut msg = format!("Downloading {} into pool {}.", obj.spec.url, obj.spec.pool);
+    let mut msg = format!(
+        "Downloading {} into pool {}.",
+        redact_url(&obj.spec.url),
+        obj.spec.pool
+    );
     if let Some(r) = p.restarted {
         msg.push_str(&format!(
             " Downloading from the beginning again because {r}."
@@ -212,7 +217,8 @@ pub fn report(obj: &IsoDownload, node: &str, outcome: &Outcome, now: Timestamp) 
             };
             let msg = format!(
                 "Starting the download of {} into pool {}.",
-                obj.spec.url, obj.spec.pool
+                redact_url(&obj.spec.url),
+                obj.spec.pool
             );
             Report::new(Some(write(st, IsoReason::Starting, msg, false, true)))
         }
