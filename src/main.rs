@@ -89,6 +89,10 @@ enum Command {
         /// VMClone jobs that may copy at once on this node; the others wait.
         #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=64))]
         max_clones: u64,
+        /// Directory of the agent's node-side records (the files each VMClone task created,
+        /// the only list its cleanup removes files from).
+        #[arg(long, default_value = "/var/lib/virtplane")]
+        state_dir: std::path::PathBuf,
     },
     /// Run the cluster-wide controller: bind objects to nodes, watch node health.
     Controller {
@@ -145,6 +149,7 @@ async fn main() -> anyhow::Result<()> {
             download_rate_window_seconds,
             download_deadline_seconds,
             max_clones,
+            state_dir,
             tenancy,
         } => {
             if tenancy == Mode::Namespaced && !allowed_paths.is_empty() {
@@ -188,6 +193,7 @@ async fn main() -> anyhow::Result<()> {
                 allowed_paths,
                 downloads,
                 max_clones: usize::try_from(max_clones).unwrap_or(2),
+                state_dir,
                 tenancy,
             };
             virtplane::agent::run(client, config, shutdown).await?;

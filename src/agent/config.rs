@@ -24,6 +24,8 @@ pub struct AgentConfig {
     pub downloads: crate::agent::iso::DownloadSettings,
     /// Clone jobs that may copy at once on this node.
     pub max_clones: usize,
+    /// Where the agent keeps its node-side records (what clone tasks created).
+    pub state_dir: PathBuf,
     /// Whether namespaces reach only what is granted to them.
     pub tenancy: crate::tenancy::Mode,
 }

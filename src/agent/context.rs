@@ -76,6 +76,8 @@ pub struct Context {
     pub removal_failures: device::RemovalFailures,
     /// Clone jobs.
     pub clones: clone::CloneJobs,
+    /// The node-side record of what clone tasks created, and the clone slots.
+    pub clone_side: clone::NodeSide,
     /// Downloads.
     pub downloads: iso::Downloads,
     /// Per-object back-off of failed reconciles.

@@ -136,6 +136,7 @@ pub async fn run(
         detaches: Default::default(),
         removal_failures: Default::default(),
         clones: Default::default(),
+        clone_side: clone::NodeSide::new(&config.state_dir, config.max_clones),
         downloads: iso::Downloads::new(config.downloads.clone()),
         macs: Default::default(),
         grants,

@@ -7,6 +7,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use tokio::sync::Semaphore;
+
+use super::ledger::Ledger;
 use super::plan::{DiskUse, SHARED, disk_use};
 use super::reason::CloneReason;
 use crate::agent::jobs::{JobCtx, Stop};
@@ -36,6 +39,10 @@ pub struct Job {
     pub config: DomainXml,
     /// The status with the plan (target name and disks).
     pub status: VMCloneStatus,
+    /// The agent's record of the files this task created; the only list a removal uses.
+    pub ledger: Ledger,
+    /// The node's clone slots (`--max-clones`).
+    pub slots: Arc<Semaphore>,
 }
 
 /// How a job ended.
@@ -96,6 +103,19 @@ pub async fn run<V: Clones + Domains + Networks>(
         })
     };
     let mut status = job.status.clone();
+    // One of the node's clone slots for the copies and the definition.
+    let slots = job.slots.clone();
+    let permit = tokio::select! {
+        p = slots.acquire_owned() => p.ok(),
+        () = ctx.cancel.cancelled() => None,
+    };
+    if permit.is_none() {
+        watch.abort();
+        if ctx.stop_reason() == Some(Stop::Abandon) {
+            let _ = remove_leftovers(v, &job.uid, "", &job.ledger).await;
+        }
+        return JobEnd::Stopped;
+    }
     let result = match copy_all(&job, &mut status, ctx, &stop).await {
         Ok(()) => {
             let _ = v.refresh_active_pools().await;
@@ -104,20 +124,27 @@ pub async fn run<V: Clones + Domains + Networks>(
         Err(h) => Err(h),
     };
     watch.abort();
+    drop(permit);
     let target = status.target_name.clone().unwrap_or_default();
     match result {
-        Ok(started) => JobEnd::Completed { status, started },
+        Ok(started) => {
+            // The files are the clone's now: a later deletion of the task keeps them.
+            if let Err(error) = job.ledger.forget() {
+                tracing::warn!(%error, "failed to drop the record of the task's files");
+            }
+            JobEnd::Completed { status, started }
+        }
         Err(Halt::Stopped) => {
             if ctx.stop_reason() == Some(Stop::Abandon) {
                 // Deleted: what this run made goes (the cleanup removes the rest).
-                if let Err(error) = remove_leftovers(v, &job.uid, &target, &status.disks).await {
+                if let Err(error) = remove_leftovers(v, &job.uid, &target, &job.ledger).await {
                     tracing::warn!(%error, "failed to remove what the stopped task made");
                 }
             }
             JobEnd::Stopped
         }
         Err(Halt::Failed(why)) => {
-            if let Err(error) = remove_leftovers(v, &job.uid, &target, &status.disks).await {
+            if let Err(error) = remove_leftovers(v, &job.uid, &target, &job.ledger).await {
                 tracing::warn!(%error, "failed to remove what the failed task made");
             }
             JobEnd::Failed { status, why }
@@ -142,14 +169,21 @@ async fn copy_all(
         let (Some(dst), total) = (d.target.clone(), d.total_bytes.unwrap_or(0)) else {
             continue;
         };
-        if d.strategy.is_some() && Path::new(&dst).exists() {
+        let ours = job.ledger.owns(Path::new(&dst));
+        if d.strategy.is_some() && ours && Path::new(&dst).exists() {
             continue; // Copied before an agent restart.
         }
         if stop.load(Ordering::SeqCst) {
             return Err(Halt::Stopped);
         }
-        // A partial copy from before a restart is started over.
-        let _ = tokio::fs::remove_file(&dst).await;
+        // A partial copy of this task from before a restart is started over; a file this
+        // task did not create is never removed (the copy below then finds it taken).
+        if let Err(e) = job.ledger.remove_own(Path::new(&dst)) {
+            return Err(fail(
+                CloneReason::CopyFailed,
+                format!("Removing the partial copy {dst} failed: {e}."),
+            ));
+        }
         // Progress as the copier counts it: bytes of data extents done, of their total.
         let done = Arc::new(AtomicU64::new(0));
         let of = Arc::new(AtomicU64::new(total));
@@ -160,12 +194,19 @@ async fn copy_all(
             of.clone(),
             stop.clone(),
         );
+        let ledger = job.ledger.clone();
         let mut task = tokio::task::spawn_blocking(move || {
+            let mut recorded = false;
             copy::copy_file(
                 &src,
                 &dst2,
                 strategy,
                 |n, t| {
+                    // First called right after the exclusive create: the file is ours.
+                    if !recorded {
+                        recorded = true;
+                        record(&ledger, &dst2);
+                    }
                     of2.store(t, Ordering::Relaxed);
                     done2.store(n, Ordering::Relaxed);
                 },
@@ -191,6 +232,9 @@ async fn copy_all(
         }
         let copied = match copied {
             Ok(Ok(r)) => r,
+            Ok(Err(copy::CopyError::AlreadyExists { .. })) => {
+                return Err(taken(&dst));
+            }
             Ok(Err(e)) => {
                 return Err(fail(
                     CloneReason::CopyFailed,
@@ -311,18 +355,48 @@ async fn clone_definition<V: Clones + Domains + Networks>(
         Some(src) => {
             let dst = clone_xml::per_guest_path(src, &target);
             let (s, d, stop) = (PathBuf::from(src), PathBuf::from(&dst), stop.clone());
-            let _ = std::fs::remove_file(&d);
-            tokio::task::spawn_blocking(move || {
-                copy::copy_file(&s, &d, Strategy::Copy, |_, _| {}, &stop)
-            })
-            .await
-            .map_err(|e| fail(CloneReason::DefineFailed, e.to_string()))?
-            .map_err(|e| {
+            // This task's own store from before a restart goes; another domain's never does.
+            job.ledger.remove_own(&d).map_err(|e| {
                 fail(
                     CloneReason::DefineFailed,
-                    format!("Copying the UEFI variable store failed: {e}."),
+                    format!("Removing the partial UEFI variable store failed: {e}."),
                 )
             })?;
+            let ledger = job.ledger.clone();
+            let copied = tokio::task::spawn_blocking(move || {
+                let mut recorded = false;
+                copy::copy_file(
+                    &s,
+                    &d,
+                    Strategy::Copy,
+                    |_, _| {
+                        if !recorded {
+                            recorded = true;
+                            record(&ledger, &d);
+                        }
+                    },
+                    &stop,
+                )
+            })
+            .await
+            .map_err(|e| fail(CloneReason::DefineFailed, e.to_string()))?;
+            match copied {
+                Ok(_) => {}
+                Err(copy::CopyError::AlreadyExists { .. }) => {
+                    return Err(fail(
+                        CloneReason::NameConflict,
+                        format!(
+                            "The UEFI variable store {dst} of the clone's name belongs to another domain; it was left untouched. Choose another spec.target.name."
+                        ),
+                    ));
+                }
+                Err(e) => {
+                    return Err(fail(
+                        CloneReason::DefineFailed,
+                        format!("Copying the UEFI variable store failed: {e}."),
+                    ));
+                }
+            }
             if !status.disks.iter().any(|d| d.target.as_ref() == Some(&dst)) {
                 status.disks.push(CloneDisk {
                     source: src.clone(),
@@ -403,27 +477,42 @@ async fn clone_definition<V: Clones + Domains + Networks>(
     clone_xml::clone_xml(&xml, &edits).map_err(unreadable)
 }
 
+/// Records a file the task just created; a failure is logged (the file is then left behind
+/// rather than risked: nothing removes a file that is not recorded).
+fn record(ledger: &Ledger, path: &Path) {
+    if let Err(error) = ledger.record(path) {
+        tracing::warn!(%error, path = %path.display(), "failed to record a created file");
+    }
+}
+
+/// The refusal when a copy's destination exists and this task did not create it.
+fn taken(dst: &str) -> Halt {
+    fail(
+        CloneReason::NameConflict,
+        format!(
+            "The copy's destination {dst} was created by someone else meanwhile (another clone of the same source, say); it was left untouched. Delete this VMClone and create it again, or set spec.target.name."
+        ),
+    )
+}
+
 /// Undoes a task that did not complete: undefines the clone if this task defined it (the
-/// domain's metadata names the task), then removes the copies (never shared media, never the
-/// sources). What is already gone is fine.
+/// domain's metadata names the task), then removes the files the agent's record says this task
+/// created (never a path from the status). What is already gone is fine.
 pub async fn remove_leftovers<V: Clones>(
     v: &V,
     uid: &str,
     target: &str,
-    disks: &[CloneDisk],
+    ledger: &Ledger,
 ) -> Result<(), crate::libvirt::LibvirtError> {
     if !target.is_empty() && !uid.is_empty() {
         v.undefine_owned_clone(target, uid).await?;
     }
-    for d in disks {
-        if d.strategy.as_deref() == Some(SHARED) {
-            continue;
-        }
-        if let Some(t) = &d.target
-            && t != &d.source
-        {
-            let _ = tokio::fs::remove_file(t).await;
-        }
+    let ledger = ledger.clone();
+    let removed = tokio::task::spawn_blocking(move || ledger.remove_all()).await;
+    match removed {
+        Ok(Err(error)) => tracing::warn!(%error, "failed to remove the task's files"),
+        Err(error) => tracing::warn!(%error, "failed to remove the task's files"),
+        Ok(Ok(())) => {}
     }
     let _ = v.refresh_active_pools().await;
     Ok(())

@@ -41,8 +41,18 @@ fn planned(src: &Path, dst: &Path) -> CloneDisk {
     }
 }
 
+/// A record of its own for each test job (tests run in parallel with the same UID).
+fn ledger() -> Ledger {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let dir = std::env::temp_dir().join(format!("vp-ledger-{}-{n}", std::process::id()));
+    super::super::ledger::NodeSide::new(&dir, 4).ledger(UID)
+}
+
 fn job(xml: &str, target: &str, disks: Vec<CloneDisk>, start: bool) -> Job {
     Job {
+        ledger: ledger(),
+        slots: Arc::new(tokio::sync::Semaphore::new(1)),
         uid: UID.into(),
         namespace: "ns".into(),
         source: "web".into(),
@@ -175,7 +185,10 @@ async fn after_a_restart_the_clone_this_task_defined_is_reused() {
     );
     let mut done = planned(&disk, &copy);
     done.strategy = Some("Copy".into());
-    let end = run_job(fake.clone(), job(&xml, "web-clone1", vec![done], false)).await;
+    // The copy was made, and recorded, by this task before the restart.
+    let j = job(&xml, "web-clone1", vec![done], false);
+    j.ledger.record(&copy).unwrap();
+    let end = run_job(fake.clone(), j).await;
     assert!(matches!(end, JobEnd::Completed { .. }), "{end:?}");
     assert!(
         !fake.calls().iter().any(|c| c == "define the clone"),
@@ -353,12 +366,70 @@ async fn shared_disks_are_neither_copied_nor_removed() {
     };
     let copy = dir.path().join("a-clone1.img");
     std::fs::write(&copy, b"partial").unwrap();
+    // Someone else's file, named in an edited status: not in the record, so it stays.
+    let theirs = dir.path().join("theirs.img");
+    std::fs::write(&theirs, b"theirs").unwrap();
+    let _listed = [planned(&disk, &copy), planned(&disk, &theirs), shared];
+    let ledger = ledger();
+    ledger.record(&copy).unwrap();
     let fake = FakeLibvirt::default();
-    remove_leftovers(&fake, UID, "web-clone1", &[planned(&disk, &copy), shared])
+    remove_leftovers(&fake, UID, "web-clone1", &ledger)
         .await
         .unwrap();
     assert!(!copy.exists(), "the copy goes");
     assert!(iso.exists() && disk.exists(), "media and sources stay");
+    assert!(theirs.exists(), "a file the task did not create stays");
+}
+
+#[tokio::test]
+async fn a_taken_destination_fails_the_task_and_stays() {
+    let (dir, disk, xml) = setup(false);
+    let copy = dir.path().join("a-clone1.img");
+    std::fs::write(&copy, b"the winner's disk").unwrap();
+    let fake = Arc::new(FakeLibvirt::default().with_domain_xml("web", &xml));
+    let end = run_job(
+        fake.clone(),
+        job(&xml, "web-clone1", vec![planned(&disk, &copy)], false),
+    )
+    .await;
+    match end {
+        JobEnd::Failed { why, .. } => assert_eq!(why.reason, CloneReason::NameConflict),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(std::fs::read(&copy).unwrap(), b"the winner's disk");
+    assert!(fake.domain_state("web-clone1").is_none());
+}
+
+#[tokio::test]
+async fn an_nvram_of_another_domain_is_a_name_conflict_and_untouched() {
+    let (dir, disk, xml) = setup(true);
+    let copy = dir.path().join("a-clone1.img");
+    let src_vars = dir.path().join("web_VARS.fd");
+    let theirs = clone_xml::per_guest_path(&src_vars.display().to_string(), "web-clone1");
+    std::fs::write(&theirs, b"another domain's variables").unwrap();
+    let fake = Arc::new(FakeLibvirt::default().with_domain_xml("web", &xml));
+    let end = run_job(
+        fake.clone(),
+        job(&xml, "web-clone1", vec![planned(&disk, &copy)], false),
+    )
+    .await;
+    match end {
+        JobEnd::Failed { why, .. } => {
+            assert_eq!(why.reason, CloneReason::NameConflict, "{}", why.message);
+            assert!(
+                why.message.contains("UEFI variable store"),
+                "{}",
+                why.message
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        std::fs::read(&theirs).unwrap(),
+        b"another domain's variables"
+    );
+    assert!(!copy.exists(), "this task's own copy is removed");
+    assert!(fake.domain_state("web-clone1").is_none());
 }
 
 #[tokio::test]
@@ -371,7 +442,7 @@ async fn leftovers_undefine_only_a_clone_this_task_made() {
         .with_domain_xml("plain", "<domain><name>plain</name><devices/></domain>");
     fake.set_active("ours", true);
     for name in ["ours", "other", "plain", "absent"] {
-        remove_leftovers(&fake, UID, name, &[]).await.unwrap();
+        remove_leftovers(&fake, UID, name, &ledger()).await.unwrap();
     }
     assert!(
         fake.domain_state("ours").is_none(),
@@ -380,7 +451,9 @@ async fn leftovers_undefine_only_a_clone_this_task_made() {
     assert!(fake.domain_state("other").is_some());
     assert!(fake.domain_state("plain").is_some());
     // Without a task UID nothing is ever undefined.
-    remove_leftovers(&fake, "", "other", &[]).await.unwrap();
+    remove_leftovers(&fake, "", "other", &ledger())
+        .await
+        .unwrap();
     assert!(fake.domain_state("other").is_some());
 }
 
@@ -388,7 +461,9 @@ async fn leftovers_undefine_only_a_clone_this_task_made() {
 async fn a_libvirt_failure_while_undefining_is_an_error() {
     let fake = FakeLibvirt::default();
     fake.fail_next("remove the unfinished clone", None, ErrorKind::Unreachable);
-    let err = remove_leftovers(&fake, UID, "x", &[]).await.unwrap_err();
+    let err = remove_leftovers(&fake, UID, "x", &ledger())
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Unreachable);
 }
 

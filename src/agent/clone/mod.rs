@@ -7,6 +7,7 @@
 //! what an unfinished task made.
 
 mod apply;
+mod ledger;
 mod observe;
 mod plan;
 pub(super) mod reason;
@@ -30,6 +31,9 @@ use crate::api::{ClonePhase, VMClone, VMCloneStatus};
 const GRANTS_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Clone jobs, by task UID.
+pub use ledger::NodeSide;
+
+/// The job runner of clone tasks.
 pub type CloneJobs = Jobs<VMClone, apply::Progress, apply::JobEnd>;
 
 /// Reconciles one VMClone.
@@ -134,6 +138,8 @@ async fn apply(
         strategy: spec.storage.strategy,
         config,
         status: r.status.clone(),
+        ledger: ctx.clone_side.ledger(&uid),
+        slots: ctx.clone_side.slots.clone(),
     };
     let action = write(api, obj, ctx, &prev, r).await?;
     let libvirt = ctx.libvirt.clone();
@@ -162,7 +168,7 @@ async fn cleanup(
     let status = observe::fresh_status(api, obj).await?;
     if status.phase != Some(ClonePhase::Completed) {
         let target = status.target_name.clone().unwrap_or_default();
-        apply::remove_leftovers(&ctx.libvirt, &uid, &target, &status.disks).await?;
+        apply::remove_leftovers(&ctx.libvirt, &uid, &target, &ctx.clone_side.ledger(&uid)).await?;
     }
     Ok(finalizer::Cleanup::Done)
 }
