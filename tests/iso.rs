@@ -891,7 +891,8 @@ async fn ftps_with_login_and_ca_from_the_namespace_completes_into_the_pool() {
     let server =
         ftp_server::FtpServer::start(root.path(), Some(&ftp_server::TlsFiles { cert, key }), None);
 
-    // The login comes from a Secret and the CA from a ConfigMap of the object's namespace.
+    // The login comes from a Secret (opted in for download hosts) and the CA from a ConfigMap of
+    // the object's namespace.
     let ca = tls
         .ca_pem
         .lines()
@@ -901,7 +902,7 @@ async fn ftps_with_login_and_ca_from_the_namespace_completes_into_the_pool() {
     kubectl_apply(
         &ns.name,
         &format!(
-            "apiVersion: v1\nkind: Secret\nmetadata:\n  name: ftp-login\nstringData:\n  username: {}\n  password: {}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: ftp-ca\ndata:\n  ca.crt: |\n{ca}\n",
+            "apiVersion: v1\nkind: Secret\nmetadata:\n  name: ftp-login\n  labels:\n    virtplane.io/download-credentials: \"true\"\nstringData:\n  username: {}\n  password: {}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: ftp-ca\ndata:\n  ca.crt: |\n{ca}\n",
             ftp_server::USER,
             ftp_server::PASSWORD
         ),
