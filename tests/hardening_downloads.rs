@@ -75,13 +75,19 @@ async fn loopback_and_private_addresses_are_refused_by_default() {
         ("metrics", "http://127.0.0.1:8081/metrics".to_string()),
         ("loopback", server.url("/ok/a.iso")),
         ("localhost", format!("http://localhost:{port}/ok/a.iso")),
-        ("mapped", format!("http://[::ffff:127.0.0.1]:{port}/ok/a.iso")),
+        (
+            "mapped",
+            format!("http://[::ffff:127.0.0.1]:{port}/ok/a.iso"),
+        ),
         ("this-host", format!("http://0.0.0.0:{port}/ok/a.iso")),
         ("private", "http://10.0.0.1/a.iso".to_string()),
         ("cgnat", "http://100.64.0.1/a.iso".to_string()),
         ("nat64", "http://[64:ff9b::a00:1]/a.iso".to_string()),
         ("ula", "http://[fd00::1]/a.iso".to_string()),
-        ("metadata", "http://169.254.169.254/latest/a.iso".to_string()),
+        (
+            "metadata",
+            "http://169.254.169.254/latest/a.iso".to_string(),
+        ),
     ];
     for (name, url) in &urls {
         kubectl_apply(
@@ -99,7 +105,11 @@ async fn loopback_and_private_addresses_are_refused_by_default() {
     // The agent's own metrics port is not probed: the refusal names no port.
     let metrics = wait_failed(&client, &ns.name, "metrics", "DestinationNotAllowed").await;
     assert!(!metrics.contains("8081"), "{metrics}");
-    assert_eq!(server.requests.load(Ordering::SeqCst), 0, "no connection made");
+    assert_eq!(
+        server.requests.load(Ordering::SeqCst),
+        0,
+        "no connection made"
+    );
     assert!(pool_files(&pool).is_empty(), "{:?}", pool_files(&pool));
 }
 
@@ -115,8 +125,14 @@ async fn redirect_chains_into_denied_ranges_are_refused() {
     let port = server.addr.rsplit(':').next().unwrap().to_string();
     let hop = |to: &str| server.url(&format!("/redirect?to={to}"));
     let targets = [
-        ("to-loopback", hop(&format!("http://127.0.0.1:{port}/ok/a.iso"))),
-        ("to-localhost", hop(&format!("http://localhost:{port}/ok/a.iso"))),
+        (
+            "to-loopback",
+            hop(&format!("http://127.0.0.1:{port}/ok/a.iso")),
+        ),
+        (
+            "to-localhost",
+            hop(&format!("http://localhost:{port}/ok/a.iso")),
+        ),
         ("to-metadata", hop("http://169.254.169.254/latest/a.iso")),
         ("to-mapped", hop("http://[::ffff:10.0.0.1]/a.iso")),
         // A chain: allowed hop, allowed hop, then loopback.
@@ -153,7 +169,12 @@ async fn error_pages_are_never_completed() {
     let server = Hostile::start("127.0.0.2", config(64 << 10, 1 << 20));
     kubectl_apply(
         &ns.name,
-        &manifest("html", &server.url("/html"), &pool.name, "  name: html.iso\n"),
+        &manifest(
+            "html",
+            &server.url("/html"),
+            &pool.name,
+            "  name: html.iso\n",
+        ),
     );
     kubectl_apply(
         &ns.name,
@@ -209,7 +230,12 @@ async fn endless_and_oversized_bodies_are_cut_off() {
     // No length and no end: the node's limit cuts it off.
     kubectl_apply(
         &ns.name,
-        &manifest("endless", &server.url("/endless"), &pool.name, "  name: endless.iso\n"),
+        &manifest(
+            "endless",
+            &server.url("/endless"),
+            &pool.name,
+            "  name: endless.iso\n",
+        ),
     );
     // Announced larger than the object's own limit.
     kubectl_apply(
@@ -250,7 +276,12 @@ async fn a_slow_server_gives_up_its_slot() {
     let server = Hostile::start("127.0.0.2", config(64 << 10, 1 << 20));
     kubectl_apply(
         &ns.name,
-        &manifest("slow", &server.url("/slow"), &pool.name, "  name: slow.iso\n"),
+        &manifest(
+            "slow",
+            &server.url("/slow"),
+            &pool.name,
+            "  name: slow.iso\n",
+        ),
     );
     let slow = wait_obj::<IsoDownload>(&client, &ns.name, "slow", "slow Retrying", T, |o| {
         ready(o).is_some_and(|(_, r, m)| r == "Retrying" && m.contains("bytes/s"))
@@ -369,7 +400,11 @@ async fn credentials_need_consent_and_never_show() {
     assert!(!status.contains("s3cret"), "{status}");
     let events = event_reasons(&client, &ns.name, "in-url").await;
     assert!(!events.is_empty());
-    assert_eq!(server.requests.load(Ordering::SeqCst), 0, "nothing was sent");
+    assert_eq!(
+        server.requests.load(Ordering::SeqCst),
+        0,
+        "nothing was sent"
+    );
     assert!(pool_files(&pool).is_empty(), "{:?}", pool_files(&pool));
 }
 

@@ -68,7 +68,8 @@ fn serve(mut conn: TcpStream, config: &Config) -> std::io::Result<()> {
         }
     }
     let head = method == "HEAD";
-    let page = b"<!DOCTYPE html><html><head><title>Link expired</title></head><body>Sorry.</body></html>";
+    let page =
+        b"<!DOCTYPE html><html><head><title>Link expired</title></head><body>Sorry.</body></html>";
     match path.as_str() {
         "/html" => {
             write!(
@@ -148,7 +149,9 @@ fn serve(mut conn: TcpStream, config: &Config) -> std::io::Result<()> {
             }
         }
         _ => {
-            conn.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?;
+            conn.write_all(
+                b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            )?;
         }
     }
     conn.flush()
