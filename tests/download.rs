@@ -449,8 +449,17 @@ async fn an_html_error_page_never_completes() {
     assert_no_partial(dir.path(), "disk.iso");
     assert_eq!(server.gets().len(), 1, "a length mismatch is not retried");
 
-    // Without the expected size, a checksum still catches it.
+    // Without the expected size, its Content-Type gives it away.
     req.expected_size = None;
+    let err = fetch(&req).await.unwrap_err();
+    assert!(matches!(err, DownloadError::ErrorPage { .. }), "{err:?}");
+    assert_eq!(err.reason(), "ErrorPage");
+    assert!(!err.is_transient());
+    assert!(!dir.path().join("disk.iso").exists());
+    assert_no_partial(dir.path(), "disk.iso");
+
+    // Pages explicitly allowed: a checksum still catches it.
+    req.allow_markup = true;
     req.checksum = Some(sha256(b"the real file"));
     let err = fetch(&req).await.unwrap_err();
     assert!(

@@ -71,9 +71,17 @@ async fn loopback_and_private_addresses_are_refused_by_default() {
     let pool = TestPool::create("vp-hd-deny");
     let server = Hostile::start("127.0.0.1", config(64 << 10, 1 << 20));
     let port = server.addr.rsplit(':').next().unwrap().to_string();
+    // A port nothing listens on.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
     let urls = [
         ("metrics", "http://127.0.0.1:8081/metrics".to_string()),
         ("loopback", server.url("/ok/a.iso")),
+        ("closed", format!("http://127.0.0.1:{closed}/ok/a.iso")),
         ("localhost", format!("http://localhost:{port}/ok/a.iso")),
         (
             "mapped",
@@ -102,9 +110,13 @@ async fn loopback_and_private_addresses_are_refused_by_default() {
             "{name}: {message}"
         );
     }
-    // The agent's own metrics port is not probed: the refusal names no port.
-    let metrics = wait_failed(&client, &ns.name, "metrics", "DestinationNotAllowed").await;
-    assert!(!metrics.contains("8081"), "{metrics}");
+    // Not a port scanner: an open and a closed port get the same answer (the URL aside).
+    let open = wait_failed(&client, &ns.name, "loopback", "DestinationNotAllowed").await;
+    let shut = wait_failed(&client, &ns.name, "closed", "DestinationNotAllowed").await;
+    assert_eq!(
+        open.replace(&format!(":{port}/"), ":PORT/"),
+        shut.replace(&format!(":{closed}/"), ":PORT/")
+    );
     assert_eq!(
         server.requests.load(Ordering::SeqCst),
         0,
