@@ -51,7 +51,7 @@ fn data_file(path: &Path, mib: usize, seed: u8) {
 fn define(name: &str, disks: &[&Path], nvram: Option<&Path>) -> TestDomain {
     let os = match nvram {
         Some(n) => format!(
-            "<os><type arch='x86_64' machine='q35'>hvm</type><loader readonly='yes' type='pflash'>/usr/share/OVMF/OVMF_CODE_4M.fd</loader><nvram>{}</nvram></os>",
+            "<os><type arch='x86_64' machine='q35'>hvm</type><loader readonly='yes' type='pflash'>/usr/share/OVMF/OVMF_CODE_4M.fd</loader><nvram>{}</nvram></os><features><acpi/></features>",
             n.display()
         ),
         None => "<os><type arch='x86_64' machine='q35'>hvm</type></os>".to_string(),
