@@ -24,8 +24,15 @@ for pid in $(pgrep -x libvirtd || true); do
 done
 
 log "starting libvirtd -d (log: /var/log/libvirt/libvirtd.log)"
-# 9>&-: never hand a caller's lock fd to the daemon.
-LIBVIRT_LOG_OUTPUTS="3:file:/var/log/libvirt/libvirtd.log" libvirtd -d 9>&-
+# The daemon gets no descriptor but stdin/stdout/stderr: one inherited from a caller (the test
+# lock that `flock FILE CMD` holds open for CMD) would stay held for the daemon's life.
+(
+  for fd in /proc/$BASHPID/fd/*; do
+    fd=${fd##*/}
+    ((fd > 2)) && eval "exec $fd>&-"
+  done
+  LIBVIRT_LOG_OUTPUTS="3:file:/var/log/libvirt/libvirtd.log" exec libvirtd -d
+)
 for ((i = 0; i < 120; i++)); do
   if virsh -q -c qemu:///system version >/dev/null 2>&1; then
     log "libvirtd is up"

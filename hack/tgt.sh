@@ -37,9 +37,16 @@ case ${1:-} in
       exit 0
     fi
     log "starting tgtd on $PORTAL (log: $LOGS/tgtd.log)"
-    # Foreground in its own session, so the pid is the daemon's; 8>&- keeps our lock fd
-    # out of it.
-    setsid tgtd -f --iscsi "portal=$PORTAL" >>"$LOGS/tgtd.log" 2>&1 </dev/null 8>&- 9>&- &
+    # Foreground in its own session, so the pid is the daemon's.
+    # No descriptor but stdin/stdout/stderr: an inherited lock (ours, or the test lock a
+    # caller's `flock FILE CMD` holds) would stay held for the daemon's life.
+    (
+      for fd in /proc/$BASHPID/fd/*; do
+        fd=${fd##*/}
+        ((fd > 2)) && eval "exec $fd>&-"
+      done
+      exec setsid tgtd -f --iscsi "portal=$PORTAL" >>"$LOGS/tgtd.log" 2>&1 </dev/null
+    ) &
     echo "$!" >"$RUN/tgtd.pid"
     for ((i = 0; i < 100; i++)); do
       answers && exit 0
