@@ -38,7 +38,7 @@ BPO_PKGS=(libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients
 # drivers, and QEMU's libiscsi block driver. A storage driver is loaded when libvirtd
 # starts, so installing one restarts a running libvirtd (below).
 STORAGE_BPO_PKGS=(libvirt-daemon-driver-storage-iscsi-direct libvirt-daemon-driver-storage-disk
-  qemu-block-extra)
+  qemu-block-extra qemu-utils)
 BPO_PKGS+=("${STORAGE_BPO_PKGS[@]}")
 # Installed from bookworm itself.
 # (python3: env-up's port picker; dnsmasq-base: libvirt's default network.)
