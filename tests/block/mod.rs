@@ -186,10 +186,12 @@ impl DiskPool {
 
     /// The pool's volume names.
     pub fn volumes(&self) -> Vec<String> {
-        virsh(&["vol-list", &self.name, "--name"])
+        // `vol-list` prints a header, a rule, then `NAME PATH` lines.
+        virsh(&["pool-refresh", &self.name]);
+        virsh(&["vol-list", &self.name])
             .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
+            .skip(2)
+            .filter_map(|l| l.split_whitespace().next())
             .map(str::to_string)
             .collect()
     }
