@@ -25,6 +25,25 @@ fn child<'a, 'i>(n: roxmltree::Node<'a, 'i>, tag: &str) -> Option<roxmltree::Nod
     n.children().find(|c| c.has_tag_name(tag))
 }
 
+/// The name libvirt insists on for the next partition of a `disk` pool on `device`, whose
+/// volumes are `existing`: the device's name, `p` when it ends in a digit, and one more than the
+/// highest partition number (`loop0p3`, `sdb2`).
+pub fn next_partition(device: &str, existing: &[String]) -> String {
+    let base = device.rsplit('/').next().unwrap_or(device);
+    let sep = if base.ends_with(|c: char| c.is_ascii_digit()) {
+        "p"
+    } else {
+        ""
+    };
+    let prefix = format!("{base}{sep}");
+    let last = existing
+        .iter()
+        .filter_map(|v| v.strip_prefix(&prefix)?.parse::<u32>().ok())
+        .max()
+        .unwrap_or(0);
+    format!("{prefix}{}", last + 1)
+}
+
 /// The XML of a new volume `name` shaped like the volume described by `source_xml`: same
 /// capacity, same target format.
 pub fn copy_xml(source_xml: &str, name: &str) -> Result<String, roxmltree::Error> {
@@ -54,9 +73,21 @@ pub fn copy_xml(source_xml: &str, name: &str) -> Result<String, roxmltree::Error
     Ok(xml)
 }
 
+/// The source device of a `disk` pool; `None` for other pools.
+fn disk_pool_device(pool_xml: &str) -> Option<String> {
+    let doc = roxmltree::Document::parse(pool_xml).ok()?;
+    let root = doc.root_element();
+    if root.attribute("type") != Some("disk") {
+        return None;
+    }
+    child(child(root, "source")?, "device")?
+        .attribute("path")
+        .map(str::to_string)
+}
+
 impl Libvirt {
-    /// Copies volume `volume` of pool `pool` into a new volume of the same pool, asked to be
-    /// named `name`, with libvirt's create-from-volume call (libvirt copies, sparse where the
+    /// Copies volume `volume` of pool `pool` into a new volume of the same pool, named `name`
+    /// (a `disk` pool: the next partition's name, which libvirt insists on), with libvirt's create-from-volume call (libvirt copies, sparse where the
     /// pool allows). Blocks a libvirt worker for the length of the copy.
     pub async fn copy_volume_in_pool(
         &self,
@@ -65,14 +96,17 @@ impl Libvirt {
         name: &str,
     ) -> Result<PoolCopy, LibvirtError> {
         let (p, v) = (pool.to_string(), volume.to_string());
-        let source_xml = self
+        let (source_xml, pool_xml, volumes) = self
             .call("read the volume to copy", move |c| {
-                c.lookup_storage_pool_by_name(&p)?
-                    .lookup_storage_vol_by_name(&v)?
-                    .xml_desc(0)
+                let p = c.lookup_storage_pool_by_name(&p)?;
+                let xml = p.lookup_storage_vol_by_name(&v)?.xml_desc(0)?;
+                Ok((xml, p.xml_desc(0)?, p.list_volumes()?))
             })
             .await?;
-        let xml = copy_xml(&source_xml, name).map_err(|source| LibvirtError::Xml {
+        // A disk pool names its partitions itself: ask for the next one's name.
+        let name = disk_pool_device(&pool_xml)
+            .map_or_else(|| name.to_string(), |d| next_partition(&d, &volumes));
+        let xml = copy_xml(&source_xml, &name).map_err(|source| LibvirtError::Xml {
             action: "read the volume to copy".into(),
             source,
         })?;
@@ -110,6 +144,21 @@ impl Libvirt {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_the_next_partition() {
+        let v = |names: &[&str]| names.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(next_partition("/dev/loop0", &v(&["loop0p1"])), "loop0p2");
+        assert_eq!(next_partition("/dev/loop0", &v(&[])), "loop0p1");
+        assert_eq!(next_partition("/dev/sdb", &v(&["sdb1", "sdb3"])), "sdb4");
+        assert_eq!(
+            disk_pool_device(
+                "<pool type='disk'><source><device path='/dev/loop3'/></source></pool>"
+            ),
+            Some("/dev/loop3".into())
+        );
+        assert_eq!(disk_pool_device("<pool type='dir'/>"), None);
+    }
 
     #[test]
     fn a_copy_has_the_sources_capacity_and_format() {

@@ -165,10 +165,13 @@ impl DiskPool {
     /// Creates a partition volume of `bytes` and returns its name and device path.
     pub fn volume(&self, bytes: u64) -> (String, String) {
         let before = self.volumes();
+        // libvirt insists on the next partition's own name (`loop0p1`, `loop0p2`, …).
+        let base = self.device.trim_start_matches("/dev/");
+        let part = format!("{base}p{}", before.len() + 1);
         virsh(&[
             "vol-create-as",
             &self.name,
-            "part",
+            &part,
             &bytes.to_string(),
             "--format",
             "none",
