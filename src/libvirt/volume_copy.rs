@@ -87,8 +87,9 @@ fn disk_pool_device(pool_xml: &str) -> Option<String> {
 
 impl Libvirt {
     /// Copies volume `volume` of pool `pool` into a new volume of the same pool, named `name`
-    /// (a `disk` pool: the next partition's name, which libvirt insists on), with libvirt's create-from-volume call (libvirt copies, sparse where the
-    /// pool allows). Blocks a libvirt worker for the length of the copy.
+    /// (in a `disk` pool: the next partition's name, which libvirt insists on), with libvirt's
+    /// create-from-volume call (libvirt copies, sparse where the pool allows). Blocks a
+    /// libvirt worker for the length of the copy.
     pub async fn copy_volume_in_pool(
         &self,
         pool: &str,
