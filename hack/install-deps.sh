@@ -34,10 +34,17 @@ DEBIAN_URI=http://deb.debian.org/debian
 # newer qemu-utils from backports).
 BPO_PKGS=(libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients
   libvirt-dev qemu-system-x86)
+# Block and network storage (tests/block_*.rs): libvirt's iscsi-direct and disk pool
+# drivers, and QEMU's libiscsi block driver. A storage driver is loaded when libvirtd
+# starts, so installing one restarts a running libvirtd (below).
+STORAGE_BPO_PKGS=(libvirt-daemon-driver-storage-iscsi-direct libvirt-daemon-driver-storage-disk
+  qemu-block-extra qemu-utils)
+BPO_PKGS+=("${STORAGE_BPO_PKGS[@]}")
 # Installed from bookworm itself.
 # (python3: env-up's port picker; dnsmasq-base: libvirt's default network.)
 PKGS=(etcd-server golang-go golang-github-modern-go-reflect2-dev dpkg-dev
-  pkg-config openssl curl busybox-static python3 dnsmasq-base)
+  pkg-config openssl curl busybox-static python3 dnsmasq-base
+  tgt parted)
 
 REFLECT2_SRC=/usr/share/gocode/src/github.com/modern-go/reflect2
 
@@ -156,6 +163,7 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM HUP  # so that the EXIT trap runs on signals too
 
 mapfile -t miss_bpo < <(missing_pkgs "${BPO_PKGS[@]}")
+mapfile -t miss_storage < <(missing_pkgs "${STORAGE_BPO_PKGS[@]}")
 mapfile -t miss < <(missing_pkgs "${PKGS[@]}")
 if [[ ${#miss_bpo[@]} -gt 0 || ${#miss[@]} -gt 0 ]]; then
   apt_update
@@ -172,6 +180,15 @@ if [[ ${#miss_bpo[@]} -gt 0 || ${#miss[@]} -gt 0 ]]; then
   restore_policy
 else
   log "system packages present"
+fi
+
+# A libvirtd that runs (hack/env-up.sh starts it without systemd) loaded its storage
+# drivers at start: restart it so that the ones just installed are loaded. Whoever runs
+# this while tests use libvirtd holds the test lock (see README).
+if [[ ${#miss_storage[@]} -gt 0 ]] && pgrep -x libvirtd >/dev/null; then
+  log "restarting libvirtd (new storage drivers: ${miss_storage[*]})"
+  "$(dirname "${BASH_SOURCE[0]}")/restart-libvirtd.sh" >>"$LOG" 2>&1 ||
+    die "libvirtd did not come back (see $LOG and /var/log/libvirt/libvirtd.log)"
 fi
 
 # ------------------------------------------------ FTP test server (pyftpdlib)

@@ -37,6 +37,7 @@
 //! VM is shut off); the copier does not lock it. Block devices are refused.
 
 mod extents;
+pub mod lun;
 mod sparse;
 mod zero;
 

@@ -243,18 +243,31 @@ pub struct DiskSpec {
     pub alias: String,
     /// `driver/@cache`, `@io`, `@discard`.
     pub driver: Vec<(&'static str, String)>,
+    /// Pool and volume of a `type='volume'` disk (then `source` and `block` are not used).
+    pub volume: Option<(String, String)>,
 }
 
 /// Builds the XML of a disk.
 pub fn disk_xml(d: &DiskSpec) -> String {
-    let kind = if d.block { "block" } else { "file" };
+    let kind = match (&d.volume, d.block) {
+        (Some(_), _) => "volume",
+        (None, true) => "block",
+        (None, false) => "file",
+    };
     let mut x = format!("<disk type='{kind}' device='{}'>", escape_attr(&d.device));
     let _ = write!(x, "<driver name='qemu' type='{}'", escape_attr(&d.format));
     for (k, v) in &d.driver {
         let _ = write!(x, " {k}='{}'", escape_attr(v));
     }
     x.push_str("/>");
-    if let Some(src) = &d.source {
+    if let Some((pool, volume)) = &d.volume {
+        let _ = write!(
+            x,
+            "<source pool='{}' volume='{}'/>",
+            escape_attr(pool),
+            escape_attr(volume)
+        );
+    } else if let Some(src) = &d.source {
         let attr = if d.block { "dev" } else { "file" };
         let _ = write!(x, "<source {attr}='{}'/>", escape_attr(src));
     }
@@ -524,5 +537,20 @@ mod tests {
         let parsed = parse_domain(&format!("<domain><devices>{n}</devices></domain>")).unwrap();
         assert_eq!(parsed.interfaces[0].link_state.as_deref(), Some("down"));
         assert_eq!(parsed.interfaces[0].source, None);
+        let v = disk_xml(&DiskSpec {
+            device: "disk".into(),
+            format: "raw".into(),
+            target: "vdb".into(),
+            bus: "virtio".into(),
+            alias: "ua-vps-v".into(),
+            volume: Some(("pool's".into(), "unit:0:0:1".into())),
+            ..Default::default()
+        });
+        let parsed = parse_domain(&format!("<domain><devices>{v}</devices></domain>")).unwrap();
+        assert_eq!(parsed.disks[0].kind, "volume");
+        assert_eq!(
+            parsed.disks[0].source_label().as_deref(),
+            Some("volume unit:0:0:1 of pool pool's")
+        );
     }
 }

@@ -12,9 +12,11 @@ pub mod facade;
 #[cfg(test)]
 pub mod fake;
 mod inventory;
+pub mod iscsi_direct;
 pub mod networks;
 mod real;
 pub mod volume;
+pub mod volume_copy;
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;

@@ -13,6 +13,7 @@ use crate::api::{IsoDownload, NODE_LABEL, StorageSource, VirtualMachineStorage};
 use crate::libvirt::LibvirtError;
 use crate::libvirt::domain::DomainView;
 use crate::libvirt::facade::{Domains, Storage, VolumeLookup};
+use crate::libvirt::volume::{DiskRoute, disk_route};
 use crate::tenancy::Grants;
 
 /// Everything a plan is made from, besides the spec and the previous status.
@@ -81,8 +82,17 @@ pub async fn observe(
             iso_download: None,
         } => {
             let lookup = ctx.libvirt.volume(&v.pool, &v.name).await?;
+            // A volume that is a block device or no node path is resolved by libvirt alone
+            // (source::resolve); only a file's path is looked at.
             let file = match &lookup {
-                VolumeLookup::Found(found) => Some(look(ctx, &found.path, &mut observed).await?),
+                VolumeLookup::Found(found)
+                    if !matches!(
+                        disk_route(&found.pool_type),
+                        Some(DiskRoute::Block | DiskRoute::Volume)
+                    ) =>
+                {
+                    Some(look(ctx, &found.path, &mut observed).await?)
+                }
                 _ => None,
             };
             SourceFacts::Volume {

@@ -184,14 +184,12 @@ pub fn plan(
             Duration::from_secs(60),
         ));
     }
-    let desired = resolved
-        .as_ref()
-        .map(|s| s.path.to_string_lossy().into_owned());
+    let desired = resolved.as_ref().map(Resolved::label);
     if spec.type_ == StorageType::Disk
         && let Some(dev) = existing
-        && dev.source != desired
+        && dev.source_label() != desired
     {
-        let now = dev.source.as_deref().unwrap_or("empty");
+        let now = dev.source_label().unwrap_or_else(|| "empty".into());
         // The spec still names what virtplane attached: libvirt's side was changed by hand.
         // Swapping a disk under a running guest is not a repair virtplane makes on its own.
         if prev.current_source.is_some() && prev.current_source == desired {
@@ -250,10 +248,10 @@ pub fn plan(
     }
     // CD media: insert, swap or eject in place, live and persistent, forcing a locked tray.
     if spec.type_ == StorageType::Cdrom {
-        if config_dev.is_some_and(|d| d.source != desired) {
+        if config_dev.is_some_and(|d| d.source_label() != desired) {
             steps.push(Step::UpdateMedia(Affect::Config));
         }
-        if want_live && live_dev.is_some_and(|d| d.source != desired) {
+        if want_live && live_dev.is_some_and(|d| d.source_label() != desired) {
             steps.push(Step::UpdateMedia(Affect::Live));
         }
     }
@@ -361,6 +359,7 @@ fn disk_spec(
         boot_order: spec.boot_order,
         alias: alias.to_string(),
         driver,
+        volume: source.and_then(|s| s.volume.clone()),
     }
 }
 

@@ -151,7 +151,7 @@ fn done_outcome(prev: &Status, plan: &Plan, done: &Done) -> Outcome {
         target: Some(target.clone()),
         bus: Some(plan.bus),
         alias: Some(alias.clone()),
-        current_source: current.and_then(|d| d.source.clone()),
+        current_source: current.and_then(|d| d.source_label()),
         live: Some(live_now.is_some()),
         persistent: Some(config_now.is_some()),
         ..prev.clone()

@@ -8,6 +8,7 @@ use super::reason::StorageReason;
 use crate::agent::refusal::Refusal;
 use crate::api::{DiskFormat, DownloadPhase};
 use crate::libvirt::facade::VolumeLookup;
+use crate::libvirt::volume::{self, DiskRoute, VolumeSource};
 use crate::tenancy::Grants;
 
 type Refused = Refusal<StorageReason>;
@@ -107,6 +108,19 @@ pub struct Resolved {
     pub block: bool,
     /// `raw` or `qcow2`.
     pub format: String,
+    /// Pool and volume, when the disk names them (`type='volume'`) rather than a path.
+    pub volume: Option<(String, String)>,
+}
+
+impl Resolved {
+    /// What the device's source is, as [`crate::libvirt::domain::DiskXml::source_label`] reads
+    /// it back from the domain: the path, or `volume V of pool P`.
+    pub fn label(&self) -> String {
+        match &self.volume {
+            Some((pool, volume)) => format!("volume {volume} of pool {pool}"),
+            None => self.path.to_string_lossy().into_owned(),
+        }
+    }
 }
 
 /// The directories whose files an object may use. In open mode: the active pools' directories
@@ -162,6 +176,14 @@ pub fn resolve(
             lookup,
             file,
         } => match (lookup, file) {
+            (VolumeLookup::Found(found), _)
+                if matches!(
+                    volume::disk_route(&found.pool_type),
+                    Some(DiskRoute::Block | DiskRoute::Volume)
+                ) =>
+            {
+                return pool_volume(pool, name, found, format).map(Some);
+            }
             (VolumeLookup::Found(_), Some(file)) => file,
             (VolumeLookup::NoPool, _) => {
                 return Err(Refusal::wait(
@@ -219,6 +241,34 @@ pub fn resolve(
         }
     };
     check_path(file, allowed, grants, format).map(Some)
+}
+
+/// A volume of a pool whose volumes are block devices or no node path at all, as libvirt
+/// resolved it: allowed because its pool is granted (checked before), never judged by where its
+/// path lies. Only raw: the agent does not open such devices, so it cannot check a qcow2 image
+/// on them for backing files.
+fn pool_volume(
+    pool: &str,
+    name: &str,
+    found: &VolumeSource,
+    format: Option<DiskFormat>,
+) -> Result<Resolved, Refused> {
+    if format == Some(DiskFormat::Qcow2) {
+        return Err(Refusal::fix(
+            StorageReason::InvalidSpec,
+            format!(
+                "Volume {name} of pool {pool} is a {} pool volume, which virtplane attaches as raw only (it cannot check a qcow2 image there for backing files); leave spec.format unset or raw.",
+                found.pool_type
+            ),
+        ));
+    }
+    let block = volume::disk_route(&found.pool_type) == Some(DiskRoute::Block);
+    Ok(Resolved {
+        path: PathBuf::from(&found.path),
+        block,
+        format: "raw".into(),
+        volume: (!block).then(|| (pool.to_string(), name.to_string())),
+    })
 }
 
 /// Checks the resolved path lies in an allowed directory and exists, and works out the format.
@@ -302,6 +352,7 @@ pub fn check_path(
         path: real.clone(),
         block,
         format: format.into(),
+        volume: None,
     })
 }
 
@@ -327,3 +378,7 @@ fn not_allowed(path: &Path, grants: &Grants) -> Refused {
 #[cfg(test)]
 #[path = "source_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "pool_volume_tests.rs"]
+mod pool_volume_tests;
