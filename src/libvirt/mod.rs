@@ -11,8 +11,10 @@ pub mod events;
 pub mod facade;
 #[cfg(test)]
 pub mod fake;
+mod iftune;
 mod inventory;
 pub mod networks;
+pub mod nic;
 mod real;
 pub mod volume;
 
