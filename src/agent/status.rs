@@ -238,7 +238,7 @@ where
 }
 
 /// Reasons that mean "waiting as asked", not a failure: no Warning Event for them.
-const WAITING: &[&str] = &[DETACH_PENDING, "WaitingForDownload"];
+const WAITING: &[&str] = &[DETACH_PENDING, "WaitingForDownload", "WaitingForRestart"];
 
 /// A Warning Event for each failure that is new: `Ready` turning False with another reason than
 /// before, or a restart becoming required. Repeated reconciles of the same failure publish

@@ -11,8 +11,13 @@ use super::common::{AttachMode, DOMAIN_NAME_PATTERN, NODE_NAME_PATTERN, conditio
 pub const MAC_PATTERN: &str = r"^([0-9A-Fa-f]{2}:){5}[0-9A-Fa-f]{2}$";
 
 /// A network interface of a virtual machine, identified by its MAC address. The agent hot-plugs
-/// it, sets its link state in place, shows the name the guest gives it, and detaches it when this
-/// object is deleted.
+/// it, shows the name the guest gives it, and detaches it when this object is deleted.
+///
+/// Every spec field has one of three outcomes when it changes: `linkState`, `bandwidth` and the
+/// `source` of a `network` or `bridge` interface change in the running guest and the definition;
+/// `model`, `mtu`, `queues`, `bootOrder` and the `source` of a `direct` interface are written to
+/// the definition and take effect at the next boot (`RestartRequired=True` lists them until the
+/// domain has restarted); `vm`, `type` and `mac` cannot change (`FieldImmutable`).
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
     group = "virtplane.io",
@@ -50,7 +55,7 @@ pub const MAC_PATTERN: &str = r"^([0-9A-Fa-f]{2}:){5}[0-9A-Fa-f]{2}$";
 )]
 #[serde(rename_all = "camelCase")]
 pub struct VMInterfaceSpec {
-    /// Name of the libvirt domain (VM) the interface belongs to. Immutable.
+    /// Name of the libvirt domain (VM) the interface belongs to. Immutable (`FieldImmutable`).
     #[schemars(pattern(DOMAIN_NAME_PATTERN))]
     pub vm: String,
     /// Node whose hypervisor runs the VM. Leave empty to let the controller find it.
@@ -58,31 +63,46 @@ pub struct VMInterfaceSpec {
     #[schemars(pattern(NODE_NAME_PATTERN))]
     pub node_name: Option<String>,
     /// Kind of interface: `network` (a libvirt network, the default), `bridge` (a host bridge),
-    /// `direct` (macvtap on a host device) or `user` (user-mode networking).
+    /// `direct` (macvtap on a host device) or `user` (user-mode networking). Immutable once the
+    /// interface is attached (`FieldImmutable`).
     #[serde(rename = "type", default)]
     pub type_: InterfaceType,
     /// The libvirt network, host bridge or host device, depending on `type`. For `network` it
-    /// defaults to `default`; `user` takes none.
+    /// defaults to `default`; `user` takes none. A new network or bridge is switched to in the
+    /// running guest; a new `direct` device waits for the next boot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 255))]
     pub source: Option<String>,
     /// MAC address (for example `52:54:00:12:34:56`); must be unicast. When empty one is allocated
-    /// from the QEMU range and kept in `status.mac` for good.
+    /// from the QEMU range and kept in `status.mac` for good. Immutable (`FieldImmutable`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(pattern(MAC_PATTERN))]
     pub mac: Option<String>,
     /// Device model seen by the guest, for example `virtio` (the default), `e1000e` or `rtl8139`.
+    /// A change takes effect at the next boot.
     #[serde(default = "default_model")]
     #[schemars(pattern(r"^[A-Za-z0-9_-]{1,32}$"))]
     pub model: String,
     /// Link state of the interface: `up` or `down`. Changed in place, without a detach.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub link_state: Option<LinkState>,
-    /// MTU of the host side of the interface.
+    /// MTU of the interface (libvirt's `<mtu size>`), seen by the host side and, with virtio,
+    /// offered to the guest. A change takes effect at the next boot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 68, max = 65535))]
     pub mtu: Option<u32>,
-    /// Boot priority of the interface (1 boots first).
+    /// Number of queue pairs of a multiqueue `virtio` interface (libvirt's `<driver queues>`),
+    /// usually the number of vCPUs. Only with `model: virtio`. A change takes effect at the next
+    /// boot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 256))]
+    pub queues: Option<u32>,
+    /// Bandwidth limits (libvirt's `<bandwidth>`), applied to the running guest in place. Leave
+    /// empty for no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth: Option<Bandwidth>,
+    /// Boot priority of the interface (1 boots first). A change takes effect at the next boot.
+    /// Not yet possible on a domain whose definition orders booting with `<os><boot dev=.../>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 65535))]
     pub boot_order: Option<u32>,
@@ -94,6 +114,35 @@ pub struct VMInterfaceSpec {
 
 fn default_model() -> String {
     "virtio".to_string()
+}
+
+/// Bandwidth limits of an interface, in each direction as seen from the guest.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Bandwidth {
+    /// Traffic into the guest. Leave empty for no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inbound: Option<BandwidthLimit>,
+    /// Traffic out of the guest. Leave empty for no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outbound: Option<BandwidthLimit>,
+}
+
+/// One direction of a bandwidth limit, in libvirt's units.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BandwidthLimit {
+    /// Average rate in kibibytes per second (KiB/s).
+    #[schemars(range(min = 1))]
+    pub average: u32,
+    /// Highest rate in KiB/s while bursting; not below `average`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub peak: Option<u32>,
+    /// How many KiB may be sent at `peak` in one burst.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub burst: Option<u32>,
 }
 
 /// Kind of network interface.
@@ -126,7 +175,7 @@ pub enum LinkState {
 #[serde(rename_all = "camelCase")]
 pub struct VMInterfaceStatus {
     /// Domain the device was attached to. `spec.vm` is immutable: a change is refused
-    /// (`InvalidSpec`) and the device stays on this domain until the object is deleted.
+    /// (`FieldImmutable`) and the device stays on this domain until the object is deleted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vm: Option<String>,
     /// MAC address of the interface: `spec.mac`, or the one allocated; never changes.
@@ -144,6 +193,14 @@ pub struct VMInterfaceStatus {
     /// Link state of the live interface.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub link_state: Option<LinkState>,
+    /// Bandwidth limits in effect: the running guest's, else the definition's. Empty when
+    /// unlimited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth: Option<Bandwidth>,
+    /// Spec fields written to the definition that the running guest does not have yet: they take
+    /// effect at the next boot of the domain.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub waiting_for_restart: Vec<String>,
     /// Whether the interface is present in the running guest.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub live: Option<bool>,

@@ -21,6 +21,8 @@ pub struct DomainXml {
     pub has_guest_agent: bool,
     /// Path of the UEFI variable store (`os/nvram`).
     pub nvram: Option<String>,
+    /// The `dev` of each `<os><boot>` (a boot order libvirt refuses to mix with per-device ones).
+    pub os_boot: Vec<String>,
 }
 
 /// A `<disk>` element.
@@ -117,6 +119,11 @@ pub fn parse_domain(xml: &str) -> Result<DomainXml, roxmltree::Error> {
         .and_then(|os| child(os, "nvram"))
         .and_then(|n| n.text())
         .map(|t| t.trim().to_string());
+    out.os_boot = child(root, "os")
+        .into_iter()
+        .flat_map(|os| os.children().filter(|c| c.has_tag_name("boot")))
+        .filter_map(|b| b.attribute("dev").map(str::to_string))
+        .collect();
     let Some(devices) = child(root, "devices") else {
         return Ok(out);
     };

@@ -377,6 +377,43 @@ impl Networks for FakeLibvirt {
     }
 }
 
+/// NIC tuning: the live `<interface>` is rewritten with the new `<bandwidth>`.
+impl super::nic::NicTuning for FakeLibvirt {
+    async fn set_live_bandwidth(
+        &self,
+        vm: &str,
+        mac: &str,
+        bandwidth: &super::nic::Bandwidth,
+    ) -> Result<(), LibvirtError> {
+        const ACTION: &str = "set the interface bandwidth";
+        self.enter(ACTION, Some(Affect::Live))?;
+        let mut st = self.state();
+        let dom = st.domains.get_mut(vm).ok_or_else(|| not_found(ACTION))?;
+        let nic = dom
+            .live
+            .interfaces
+            .iter_mut()
+            .find(|n| dom.active && n.mac.as_deref() == Some(mac))
+            .ok_or_else(|| not_found(ACTION))?;
+        let xml_err = |source| LibvirtError::Xml {
+            action: ACTION.into(),
+            source,
+        };
+        let (mut s, kept) = super::nic::parse(&nic.xml).map_err(xml_err)?;
+        s.bandwidth = *bandwidth;
+        let alias = nic.alias.clone().unwrap_or_default();
+        let xml = super::nic::interface_xml(&s, mac, &alias, &kept);
+        let parsed =
+            parse_domain(&format!("<domain><devices>{xml}</devices></domain>")).map_err(xml_err)?;
+        if let Some(new) = parsed.interfaces.into_iter().next() {
+            let host_device = nic.host_device.take();
+            *nic = new;
+            nic.host_device = host_device;
+        }
+        Ok(())
+    }
+}
+
 /// Clones: a domain's definition is its full XML; the task that made it is read from the
 /// metadata of the XML it was defined with.
 impl FakeLibvirt {
@@ -416,6 +453,14 @@ impl FakeLibvirt {
     pub fn set_active(&self, name: &str, active: bool) {
         if let Some(d) = self.state().domains.get_mut(name) {
             d.active = active;
+        }
+    }
+
+    /// Restarts domain `name`: the running guest takes the definition's devices.
+    pub fn restart(&self, name: &str) {
+        if let Some(d) = self.state().domains.get_mut(name) {
+            d.active = true;
+            d.live = d.config.clone();
         }
     }
 }

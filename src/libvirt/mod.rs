@@ -11,9 +11,11 @@ pub mod events;
 pub mod facade;
 #[cfg(test)]
 pub mod fake;
+mod iftune;
 mod inventory;
 pub mod iscsi_direct;
 pub mod networks;
+pub mod nic;
 mod real;
 pub mod volume;
 pub mod volume_copy;

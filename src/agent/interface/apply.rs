@@ -4,11 +4,13 @@ use std::time::Duration;
 
 use kube::runtime::events::EventType;
 
+use super::fields;
 use super::plan::{Plan, Step};
 use super::reason::{Reason, Refusal};
 use crate::agent::device::{self, HotPlug};
 use crate::libvirt::LibvirtError;
 use crate::libvirt::facade::{Affect, DeviceChange, Domains};
+use crate::libvirt::nic::NicTuning;
 
 /// An Event to publish.
 pub type Event = (EventType, &'static str, String);
@@ -27,8 +29,47 @@ pub enum Applied {
     Stopped(Refusal),
 }
 
+/// The Event of a change of `fields`: `Updated`, `LinkChanged` for the link alone, or a Warning
+/// `DriftCorrected` when the spec had not changed (someone changed libvirt behind our back).
+fn changed_event(plan: &Plan, fields: &[&str], live: bool) -> Event {
+    let (vm, mac) = (plan.vm.as_str(), plan.mac.as_str());
+    let list = fields::list(fields);
+    if plan.drift {
+        let where_ = if live {
+            "the running guest"
+        } else {
+            "the definition"
+        };
+        return (
+            EventType::Warning,
+            "DriftCorrected",
+            format!(
+                "{list} of {mac} in {where_} of {vm} was changed outside virtplane; set back to the spec."
+            ),
+        );
+    }
+    if live && fields == ["linkState"] {
+        let state = if plan.link_down { "down" } else { "up" };
+        return (
+            EventType::Normal,
+            "LinkChanged",
+            format!("Link of {mac} set {state}."),
+        );
+    }
+    let note = match (live, plan.active) {
+        (true, _) => format!("Changed {list} of {mac} in the running {vm}."),
+        (false, true) => format!(
+            "Wrote {list} of {mac} to the definition of {vm}; the running guest has the spec's values once they are in effect (see RestartRequired)."
+        ),
+        (false, false) => {
+            format!("Wrote {list} of {mac} to the definition of {vm}; in effect when it starts.")
+        }
+    };
+    (EventType::Normal, "Updated", note)
+}
+
 /// Runs `plan`.
-pub async fn apply<V: Domains>(virt: &V, plan: &Plan) -> Result<Applied, LibvirtError> {
+pub async fn apply<V: Domains + NicTuning>(virt: &V, plan: &Plan) -> Result<Applied, LibvirtError> {
     let (vm, mac, xml) = (plan.vm.as_str(), plan.mac.as_str(), plan.xml.as_str());
     let mut events = Vec::new();
     let mut restart = None;
@@ -92,17 +133,14 @@ pub async fn apply<V: Domains>(virt: &V, plan: &Plan) -> Result<Applied, Libvirt
                     });
                 }
             },
-            Step::UpdateLinkLive => {
+            Step::UpdateLive { xml, fields } => {
                 virt.change_device(vm, xml, DeviceChange::Update, Affect::Live)
                     .await?;
-                events.push((
-                    EventType::Normal,
-                    "LinkChanged",
-                    format!(
-                        "Link of {mac} set {}.",
-                        if plan.link_down { "down" } else { "up" }
-                    ),
-                ));
+                events.push(changed_event(plan, fields, true));
+            }
+            Step::SetBandwidthLive => {
+                virt.set_live_bandwidth(vm, mac, &plan.bandwidth).await?;
+                events.push(changed_event(plan, &["bandwidth"], true));
             }
             Step::AddConfig { drift } => {
                 if let Err(message) =
@@ -123,9 +161,24 @@ pub async fn apply<V: Domains>(virt: &V, plan: &Plan) -> Result<Applied, Libvirt
                     ));
                 }
             }
-            Step::UpdateLinkConfig => {
+            Step::UpdateConfig { xml, fields } => {
                 virt.change_device(vm, xml, DeviceChange::Update, Affect::Config)
                     .await?;
+                // What the running guest took in place was announced with the live step.
+                let rest: Vec<&str> = fields
+                    .iter()
+                    .copied()
+                    .filter(|f| {
+                        !plan.steps.iter().any(|s| match s {
+                            Step::UpdateLive { fields: live, .. } => live.contains(f),
+                            Step::SetBandwidthLive => *f == "bandwidth",
+                            _ => false,
+                        })
+                    })
+                    .collect();
+                if !rest.is_empty() {
+                    events.push(changed_event(plan, &rest, false));
+                }
             }
         }
     }

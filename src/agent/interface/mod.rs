@@ -1,11 +1,13 @@
-//! `VMInterface`: network interfaces identified by their MAC: hot-plug, link state in place, the
-//! guest's own view (name and addresses), confirmed detach, drift repair.
+//! `VMInterface`: network interfaces identified by their MAC: hot-plug, every spec field changed
+//! in place, for the next boot or refused ([`fields`]), the guest's own view (name and
+//! addresses), confirmed detach, drift repair.
 //!
 //! One reconcile is a pipeline: [`observe`] reads libvirt and the cluster-wide MAC [`index`],
 //! [`plan`] decides (pure), [`apply`] runs the steps through the libvirt facade, [`report`]
 //! turns what happened into the status, conditions and Events (pure), written once here.
 
 mod apply;
+mod fields;
 pub mod index;
 pub(super) mod mac;
 mod observe;
@@ -156,6 +158,7 @@ async fn pipeline(
         alias,
         uid: &uid,
         created: obj.meta().creation_timestamp.as_ref(),
+        generation: obj.meta().generation,
     };
     let plan = match plan::plan(&id, &obj.spec, prev, &observed) {
         Ok(p) => p,
@@ -178,5 +181,7 @@ async fn pipeline(
     )))
 }
 
+#[cfg(test)]
+mod fields_tests;
 #[cfg(test)]
 mod tests;

@@ -3,12 +3,14 @@
 
 use std::time::Duration;
 
+use super::fields::{self, Outcome};
 use super::mac::valid_mac;
 use super::observe::Observed;
 use super::reason::{Reason, Refusal};
 use crate::api::{AttachMode, InterfaceType, LinkState, VMInterfaceSpec, VMInterfaceStatus};
-use crate::libvirt::domain::{self, DomainView, NicSpec, NicXml};
+use crate::libvirt::domain::{DomainView, NicXml};
 use crate::libvirt::networks::{HostInterface, NetworkState};
+use crate::libvirt::nic::{self, Bandwidth, Kept, NicSettings};
 use crate::tenancy::NicSource;
 
 /// Steps that make the spec real, in order.
@@ -30,15 +32,27 @@ pub enum Step {
         /// Whether it is put back rather than added.
         drift: bool,
     },
-    /// Set the live link state in place.
-    UpdateLinkLive,
+    /// Change the running guest's NIC in place (link state, network or bridge).
+    UpdateLive {
+        /// The `<interface>` as the running guest should have it.
+        xml: String,
+        /// The spec fields that change.
+        fields: Vec<&'static str>,
+    },
+    /// Set the running guest's bandwidth to [`Plan::bandwidth`].
+    SetBandwidthLive,
     /// Write the NIC into the definition; `drift` when it was there before.
     AddConfig {
         /// Whether it is put back rather than added.
         drift: bool,
     },
-    /// Set the link state of the definition's NIC.
-    UpdateLinkConfig,
+    /// Rewrite the definition's NIC with the spec's fields.
+    UpdateConfig {
+        /// The `<interface>` for the definition.
+        xml: String,
+        /// The spec fields that change.
+        fields: Vec<&'static str>,
+    },
 }
 
 /// What to do.
@@ -62,11 +76,18 @@ pub struct Plan {
     pub want_config: bool,
     /// Whether the domain runs.
     pub active: bool,
+    /// The bandwidth the spec asks for.
+    pub bandwidth: Bandwidth,
+    /// Spec fields the running guest has otherwise and gets only at its next boot.
+    pub waiting: Vec<&'static str>,
+    /// Whether the spec is the one already acted on: a difference found is drift.
+    pub drift: bool,
     /// The steps.
     pub steps: Vec<Step>,
 }
 
-fn type_name(t: InterfaceType) -> &'static str {
+/// libvirt's name of an interface type.
+pub fn type_name(t: InterfaceType) -> &'static str {
     match t {
         InterfaceType::Network => "network",
         InterfaceType::Bridge => "bridge",
@@ -145,9 +166,9 @@ fn validate(
         && *had != spec.vm
     {
         return Err(Refusal::fix(
-            Reason::InvalidSpec,
+            Reason::FieldImmutable,
             format!(
-                "spec.vm is immutable: the interface is attached to {had}. Set spec.vm back, or delete this object (which detaches it from {had}) and create one for {}.",
+                "spec.vm is immutable: the interface is attached to {had}. Set spec.vm back, or delete this object (which detaches it from {had}) and create one for {}. Nothing was changed.",
                 spec.vm
             ),
         ));
@@ -161,13 +182,15 @@ fn validate(
         && want != had
     {
         return Err(Refusal::fix(
-            Reason::InvalidSpec,
+            Reason::FieldImmutable,
             format!(
-                "spec.mac is immutable: the interface is {had}. Delete and recreate the object to change it."
+                "spec.mac is immutable: the interface is {had}. Set spec.mac back, or delete and recreate the object to change it. Nothing was changed."
             ),
         ));
     }
-    Ok((spec_mac, source_of(spec)?))
+    let source = source_of(spec)?;
+    fields::validate(spec)?;
+    Ok((spec_mac, source))
 }
 
 /// Refuses a new NIC whose network, bridge or device is missing on the node.
@@ -265,6 +288,46 @@ pub struct Identity<'a> {
     pub uid: &'a str,
     /// Its creation time.
     pub created: Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+    /// Its `metadata.generation`.
+    pub generation: Option<i64>,
+}
+
+/// The settings of a NIC as libvirt has it, and what an update keeps of it.
+fn read(dev: &NicXml) -> Result<(NicSettings, Kept), Refusal> {
+    nic::parse(&dev.xml).map_err(|e| {
+        Refusal::wait(
+            Reason::AttachFailed,
+            format!("The interface's XML in libvirt could not be read ({e}); the agent retries."),
+            Duration::from_secs(60),
+        )
+    })
+}
+
+/// Refuses a spec that changes an immutable field of the NIC as libvirt has it.
+fn check_immutable(want: &NicSettings, have: Option<&NicSettings>) -> Result<(), Refusal> {
+    let Some(have) = have else { return Ok(()) };
+    match fields::changed(want, have)
+        .into_iter()
+        .find(|f| fields::outcome(f, InterfaceType::Network) == Outcome::Immutable)
+    {
+        Some(f) => Err(fields::immutable(f, have)),
+        None => Ok(()),
+    }
+}
+
+/// Refuses a per-device boot order on a domain ordered by `<os><boot>`, which libvirt refuses.
+fn check_boot(spec: &VMInterfaceSpec, view: &DomainView) -> Result<(), Refusal> {
+    if spec.boot_order.is_none() || view.config.os_boot.is_empty() {
+        return Ok(());
+    }
+    Err(Refusal::fix(
+        Reason::InvalidSpec,
+        format!(
+            "spec.bootOrder cannot be set on {}: its definition orders booting with <os><boot dev='{}'/>, which libvirt does not mix with per-device boot orders. Remove spec.bootOrder, or replace the domain's <os><boot> elements by per-device boot orders (virsh edit). Nothing was changed.",
+            spec.vm,
+            view.config.os_boot.join("'/><boot dev='")
+        ),
+    ))
 }
 
 /// Plans one reconcile of a VMInterface.
@@ -300,16 +363,8 @@ pub fn plan(
         Some(LinkState::Up) => false,
         None => live_dev.or(config_dev).is_some_and(is_down),
     };
-    let xml = domain::nic_xml(&NicSpec {
-        type_: type_name(spec.type_).into(),
-        source,
-        mac: mac.clone(),
-        model: spec.model.clone(),
-        link_down,
-        mtu: spec.mtu,
-        boot_order: spec.boot_order,
-        alias: alias.to_string(),
-    });
+    let want = fields::wanted(spec, source, link_down);
+    let xml = nic::interface_xml(&want, &mac, alias, &Kept::default());
     let want_live = view.active && spec.attach == AttachMode::LiveAndPersistent;
     let want_config = view.persistent;
     let mut steps = Vec::new();
@@ -325,8 +380,17 @@ pub fn plan(
         config_dev = None;
     }
     let config_mac_drifted = !steps.is_empty();
+    let live_same_mac = live_dev.filter(|d| d.mac.as_deref() == Some(mac.as_str()));
+    // Both sides are read before any step: an immutable field is refused with nothing changed.
+    let config_now = config_dev.map(read).transpose()?;
+    let live_now = live_same_mac.map(read).transpose()?;
+    check_immutable(&want, config_now.as_ref().map(|(s, _)| s))?;
+    check_immutable(&want, live_now.as_ref().map(|(s, _)| s))?;
+    check_boot(spec, view)?;
+
+    let mut waiting = Vec::new();
     if let Some(dev) = live_dev
-        && dev.mac.as_deref() != Some(mac.as_str())
+        && live_same_mac.is_none()
     {
         steps.push(Step::UnplugDriftedLive {
             xml: dev.xml.clone(),
@@ -336,21 +400,46 @@ pub fn plan(
         steps.push(Step::PlugLive {
             drift: prev.live == Some(true),
         });
-    } else if let Some(dev) = live_dev
-        && is_down(dev) != link_down
-    {
-        steps.push(Step::UpdateLinkLive);
+    } else if let Some((have, kept)) = &live_now {
+        let changed = fields::changed(&want, have);
+        let live: Vec<&'static str> = changed
+            .iter()
+            .copied()
+            .filter(|f| *f != "bandwidth" && fields::outcome(f, spec.type_) == Outcome::Live)
+            .collect();
+        if !live.is_empty() {
+            steps.push(Step::UpdateLive {
+                xml: nic::interface_xml(&want, &mac, alias, kept),
+                fields: live,
+            });
+        }
+        if changed.contains(&"bandwidth") {
+            steps.push(Step::SetBandwidthLive);
+        }
+        waiting = changed
+            .into_iter()
+            .filter(|f| fields::outcome(f, spec.type_) == Outcome::NextBoot)
+            .collect();
     }
     if want_config && config_dev.is_none() {
         steps.push(Step::AddConfig {
             drift: prev.persistent == Some(true) && !config_mac_drifted,
         });
     }
-    if let Some(dev) = config_dev
-        && is_down(dev) != link_down
-    {
-        steps.push(Step::UpdateLinkConfig);
+    if let Some((have, kept)) = &config_now {
+        let changed = fields::changed(&want, have);
+        if !changed.is_empty() {
+            let kept = Kept {
+                address: kept.address.clone(),
+                restart_only: None,
+            };
+            steps.push(Step::UpdateConfig {
+                xml: nic::interface_xml(&want, &mac, alias, &kept),
+                fields: changed,
+            });
+        }
     }
+    let drift = prev.observed_generation.is_some() && prev.observed_generation == id.generation;
     Ok(Plan {
         vm: vm.to_string(),
         alias: alias.to_string(),
@@ -361,6 +450,9 @@ pub fn plan(
         want_live,
         want_config,
         active: view.active,
+        bandwidth: want.bandwidth,
+        waiting,
+        drift,
         steps,
     })
 }

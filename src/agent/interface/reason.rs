@@ -10,6 +10,10 @@ pub enum Reason {
     Attached,
     /// The spec breaks a rule the API server could not enforce.
     InvalidSpec,
+    /// The spec changes a field that cannot change without replacing the interface.
+    FieldImmutable,
+    /// The spec's fields are in the definition; some wait for the domain's next boot.
+    WaitingForRestart,
     /// The MAC address is already used by another interface.
     MacConflict,
     /// The domain is not defined on this node.
@@ -32,6 +36,8 @@ impl refusal::Reason for Reason {
     const ALL: &'static [Self] = &[
         Self::Attached,
         Self::InvalidSpec,
+        Self::FieldImmutable,
+        Self::WaitingForRestart,
         Self::MacConflict,
         Self::DomainNotFound,
         Self::NetworkNotFound,
@@ -45,6 +51,8 @@ impl refusal::Reason for Reason {
         match self {
             Self::Attached => "Attached",
             Self::InvalidSpec => "InvalidSpec",
+            Self::FieldImmutable => "FieldImmutable",
+            Self::WaitingForRestart => "WaitingForRestart",
             Self::MacConflict => "MACConflict",
             Self::DomainNotFound => "DomainNotFound",
             Self::NetworkNotFound => "NetworkNotFound",
@@ -56,7 +64,7 @@ impl refusal::Reason for Reason {
     }
 
     fn waiting(self) -> bool {
-        self == Self::DetachPending
+        matches!(self, Self::DetachPending | Self::WaitingForRestart)
     }
 }
 
@@ -77,6 +85,8 @@ mod tests {
             [
                 "Attached",
                 "InvalidSpec",
+                "FieldImmutable",
+                "WaitingForRestart",
                 "MACConflict",
                 "DomainNotFound",
                 "NetworkNotFound",

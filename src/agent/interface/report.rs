@@ -6,6 +6,7 @@ use std::time::Duration;
 use kube::runtime::controller::Action;
 
 use super::apply::Event;
+use super::fields;
 use super::observe::{AgentAnswer, GuestSeen};
 use super::plan::Plan;
 use super::reason::{Reason, Refusal};
@@ -14,6 +15,7 @@ use crate::agent::status;
 use crate::api::{GuestInfoSource, GuestInterface, LinkState, VMInterfaceStatus, condition};
 use crate::conditions::Desired;
 use crate::libvirt::domain::DomainView;
+use crate::libvirt::nic;
 
 /// The outcome of one reconcile.
 pub type Outcome = status::Outcome<VMInterfaceStatus>;
@@ -103,13 +105,32 @@ pub fn report(
                 LinkState::Up
             }
         }),
+        bandwidth: shown
+            .and_then(|d| nic::parse(&d.xml).ok())
+            .and_then(|(s, _)| fields::to_api(&s.bandwidth)),
+        waiting_for_restart: plan.waiting.iter().map(|f| f.to_string()).collect(),
         live: Some(live_now.is_some()),
         persistent: Some(config_now.is_some()),
         ..prev.clone()
     };
+    // Fields the running guest gets only at its next boot: in the definition, not in effect.
+    let restart = restart.or_else(|| {
+        (!plan.waiting.is_empty()).then(|| {
+            let one = plan.waiting.len() == 1;
+            format!(
+                "{} of {mac} {} written to the definition of {vm} and take{} effect at its next boot; restart the domain (a reboot from inside the guest is not enough).",
+                fields::list(&plan.waiting),
+                if one { "is" } else { "are" },
+                if one { "s" } else { "" },
+            )
+        })
+    });
     let placed =
         (!plan.want_live || live_now.is_some()) && (!plan.want_config || config_now.is_some());
-    let ready = if placed {
+    let waits = restart.clone().filter(|_| !plan.waiting.is_empty());
+    let ready = if placed && let Some(why) = waits {
+        Desired::falsy(condition::READY, Reason::WaitingForRestart.as_str(), why)
+    } else if placed {
         let where_ = match (live_now.is_some(), config_now.is_some()) {
             (true, true) => "live and persistent",
             (true, false) => "live",

@@ -72,6 +72,7 @@ pub(super) const ID: Identity<'static> = Identity {
     alias: ALIAS,
     uid: "u1",
     created: None,
+    generation: None,
 };
 
 fn reason_of(r: Result<Plan, super::reason::Refusal>) -> Option<(&'static str, Retry)> {
@@ -109,7 +110,7 @@ fn plan_refuses_every_reason_it_can() {
                 ..Default::default()
             },
             observed(shut_off()),
-            Some(("InvalidSpec", fix)),
+            Some(("FieldImmutable", fix)),
         ),
         (
             "multicast MAC",
@@ -123,7 +124,7 @@ fn plan_refuses_every_reason_it_can() {
             serde_json::json!({"mac": "52:54:00:00:00:08"}),
             recorded(M),
             observed(shut_off()),
-            Some(("InvalidSpec", fix)),
+            Some(("FieldImmutable", fix)),
         ),
         (
             "user with a source",
@@ -289,7 +290,8 @@ fn plan_refuses_every_reason_it_can() {
 
 #[test]
 fn an_existing_nic_is_not_checked_against_the_host_side() {
-    let mut o = observed(Some(view(false, "", &nic(M, "up"))));
+    let br = nic(M, "up").replace("type='user'>", "type='bridge'><source bridge='br9'/>");
+    let mut o = observed(Some(view(false, "", &br)));
     o.host = Some(HostInterface::Missing);
     let p = plan(
         &ID,
@@ -374,7 +376,16 @@ fn plan_steps_for_every_situation() {
             down(),
             was_placed.clone(),
             view(true, &nic(M, "up"), &nic(M, "up")),
-            vec![Step::UpdateLinkLive, Step::UpdateLinkConfig],
+            vec![
+                Step::UpdateLive {
+                    xml: nic(M, "down"),
+                    fields: vec!["linkState"],
+                },
+                Step::UpdateConfig {
+                    xml: nic(M, "down"),
+                    fields: vec!["linkState"],
+                },
+            ],
         ),
         (
             "removed from the running guest behind our back",
@@ -566,7 +577,8 @@ fn plan_refuses_what_the_namespace_is_not_granted() {
 #[test]
 fn a_revoked_grant_keeps_the_attached_nic_and_changes_nothing() {
     // Attached live and in the definition, link up; the spec now asks for the link down.
-    let attached = view(true, &nic(M, "up"), &nic(M, "up"));
+    let net = nic(M, "up").replace("type='user'>", "type='network'><source network='default'/>");
+    let attached = view(true, &net, &net);
     let placed = VMInterfaceStatus {
         mac: Some(M.into()),
         vm: Some("vm".into()),
