@@ -14,6 +14,7 @@ pub mod fake;
 mod inventory;
 pub mod networks;
 mod real;
+pub mod tuning;
 pub mod volume;
 
 use std::sync::{Arc, Mutex, MutexGuard};

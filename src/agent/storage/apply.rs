@@ -2,9 +2,10 @@
 
 use super::plan::{Plan, RestartCause, SCSI_CONTROLLER, Step};
 use crate::agent::device::{self, HotPlug};
-use crate::libvirt::LibvirtError;
 use crate::libvirt::domain::DomainView;
 use crate::libvirt::facade::{Affect, DeviceChange, Domains};
+use crate::libvirt::tuning::Tuning;
+use crate::libvirt::{ErrorKind, LibvirtError};
 
 /// What running a plan did.
 #[derive(Debug)]
@@ -24,6 +25,10 @@ pub struct Done {
     pub defined: bool,
     /// A CD medium was changed.
     pub media_changed: bool,
+    /// The device was rewritten in the definition (fields for the next boot).
+    pub redefined: bool,
+    /// The I/O limits were set, and where.
+    pub iotune_set: Option<Affect>,
     /// Why the device waits for the next boot, if it does.
     pub restart: Option<RestartCause>,
     /// The domain as libvirt has it now (default when it vanished meanwhile).
@@ -39,11 +44,15 @@ pub enum Failure {
     HotPlugRefused(String),
     /// The definition refused the device (the message says what became of the hot-plug).
     Definition(String),
+    /// libvirt refused the changed fields in the definition; nothing was changed.
+    Redefine(String),
+    /// libvirt refused the I/O limits; nothing was changed.
+    IoTune(String),
 }
 
 /// Runs the steps of `plan` in order, then reads the domain back. Errors are libvirt failures
 /// the reconcile retries (a lost connection, a failed media change, the read-back).
-pub async fn apply<D: Domains>(virt: &D, plan: &Plan) -> Result<Applied, LibvirtError> {
+pub async fn apply<D: Domains + Tuning>(virt: &D, plan: &Plan) -> Result<Applied, LibvirtError> {
     let vm = plan.vm.as_str();
     let mut done = Done {
         restart: plan.restart.clone(),
@@ -90,6 +99,25 @@ pub async fn apply<D: Domains>(virt: &D, plan: &Plan) -> Result<Applied, Libvirt
                 virt.change_device(vm, &plan.xml, DeviceChange::Update, affect)
                     .await?;
                 done.media_changed = true;
+            }
+            Step::Redefine => match virt.redefine_disk(vm, &plan.alias, &plan.xml).await {
+                Ok(()) => done.redefined = true,
+                Err(e) if e.kind() == ErrorKind::Refused => {
+                    return Ok(Applied::Failed(Failure::Redefine(e.to_string())));
+                }
+                Err(e) => return Err(e),
+            },
+            Step::SetIoTune(affect) => {
+                match virt
+                    .set_block_iotune(vm, &plan.target, plan.wanted.iotune, affect)
+                    .await
+                {
+                    Ok(()) => done.iotune_set = Some(affect),
+                    Err(e) if matches!(e.kind(), ErrorKind::Refused | ErrorKind::Unsupported) => {
+                        return Ok(Applied::Failed(Failure::IoTune(e.to_string())));
+                    }
+                    Err(e) => return Err(e),
+                }
             }
         }
     }

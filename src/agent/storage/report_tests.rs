@@ -23,6 +23,9 @@ fn plan(bus: Bus, want_live: bool) -> Plan {
         want_config: true,
         steps: Vec::new(),
         restart: None,
+        wanted: Default::default(),
+        redefined: Vec::new(),
+        iotune_drift: false,
     }
 }
 
@@ -48,6 +51,8 @@ fn done(view: DomainView, restart: Option<RestartCause>) -> Done {
         plugged: false,
         defined: false,
         media_changed: false,
+        redefined: false,
+        iotune_set: None,
         restart,
         view,
     }
@@ -323,6 +328,8 @@ fn events_table() {
         plugged,
         defined,
         media_changed,
+        redefined: false,
+        iotune_set: None,
         restart: None,
         view: DomainView::default(),
     };
