@@ -129,3 +129,7 @@ pub async fn apply<D: Domains + Tuning>(virt: &D, plan: &Plan) -> Result<Applied
 #[cfg(test)]
 #[path = "apply_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "apply_fields_tests.rs"]
+mod fields_tests;

@@ -430,3 +430,7 @@ mod tests;
 #[cfg(test)]
 #[path = "grants_tests.rs"]
 mod grants_tests;
+
+#[cfg(test)]
+#[path = "plan_fields_tests.rs"]
+mod fields_tests;
