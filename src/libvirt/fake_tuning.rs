@@ -76,4 +76,15 @@ impl crate::libvirt::tuning::Tuning for FakeLibvirt {
         }
         Ok(())
     }
+
+    async fn convert_boot_order(
+        &self,
+        _vm: &str,
+        _alias: &str,
+        _order: u32,
+    ) -> Result<Option<String>, LibvirtError> {
+        // The stand-in's domains have no `<os><boot dev>` list.
+        self.enter("convert the boot order", Some(Affect::Config))?;
+        Ok(None)
+    }
 }

@@ -246,6 +246,16 @@ pub trait Tuning: Send + Sync {
         alias: &str,
         disk_xml: &str,
     ) -> impl Future<Output = Result<(), LibvirtError>> + Send;
+
+    /// Turns the `<os><boot dev>` list of the persistent definition of `vm`, if it has one, into
+    /// per-device boot orders, leaving `order` free for the device with alias `alias`; says
+    /// what was converted (`None`: nothing to convert).
+    fn convert_boot_order(
+        &self,
+        vm: &str,
+        alias: &str,
+        order: u32,
+    ) -> impl Future<Output = Result<Option<String>, LibvirtError>> + Send;
 }
 
 const REDEFINE: &str = "write the device into the definition";
@@ -272,14 +282,7 @@ impl Tuning for Libvirt {
         alias: &str,
         disk_xml: &str,
     ) -> Result<(), LibvirtError> {
-        let name = vm.to_string();
-        // The secure XML, so nothing (a graphics password) is lost by defining it again.
-        let current = self
-            .call(REDEFINE, move |c| {
-                c.lookup_domain_by_name(&name)?
-                    .xml_desc(sys::VIR_DOMAIN_XML_INACTIVE | sys::VIR_DOMAIN_XML_SECURE)
-            })
-            .await?;
+        let current = self.definition(vm).await?;
         let next = match replace_disk(&current, alias, disk_xml) {
             Ok(next) => next,
             Err(RewriteError::Xml(source)) => {
@@ -293,6 +296,43 @@ impl Tuning for Libvirt {
         };
         self.call(REDEFINE, move |c| c.define_domain_xml(&next).map(|_| ()))
             .await
+    }
+
+    async fn convert_boot_order(
+        &self,
+        vm: &str,
+        alias: &str,
+        order: u32,
+    ) -> Result<Option<String>, LibvirtError> {
+        let current = self.definition(vm).await?;
+        let converted = match super::boot_order::convert(&current, alias, order) {
+            Ok(Some(c)) => c,
+            Ok(None) => return Ok(None),
+            Err(RewriteError::Xml(source)) => {
+                return Err(LibvirtError::Xml {
+                    action: REDEFINE.into(),
+                    source,
+                });
+            }
+            Err(RewriteError::NoDevice(_)) => return Ok(None),
+        };
+        let xml = converted.xml;
+        self.call(REDEFINE, move |c| c.define_domain_xml(&xml).map(|_| ()))
+            .await?;
+        Ok(Some(converted.summary))
+    }
+}
+
+impl Libvirt {
+    /// The persistent definition of `vm`, secure (nothing, such as a graphics password, is lost
+    /// by defining it again).
+    async fn definition(&self, vm: &str) -> Result<String, LibvirtError> {
+        let name = vm.to_string();
+        self.call(REDEFINE, move |c| {
+            c.lookup_domain_by_name(&name)?
+                .xml_desc(sys::VIR_DOMAIN_XML_INACTIVE | sys::VIR_DOMAIN_XML_SECURE)
+        })
+        .await
     }
 }
 

@@ -29,6 +29,8 @@ pub struct Done {
     pub redefined: bool,
     /// The I/O limits were set, and where.
     pub iotune_set: Option<Affect>,
+    /// The definition's `<os><boot dev>` list was turned into per-device boot orders: how.
+    pub boot_converted: Option<String>,
     /// Why the device waits for the next boot, if it does.
     pub restart: Option<RestartCause>,
     /// The domain as libvirt has it now (default when it vanished meanwhile).
@@ -78,7 +80,7 @@ pub async fn apply<D: Domains + Tuning>(virt: &D, plan: &Plan) -> Result<Applied
             }
             // Without a controller in the running guest there is nothing to plug into.
             Step::HotPlug if done.restart.is_some() => {}
-            Step::HotPlug => match device::attach_live(virt, vm, &plan.xml).await? {
+            Step::HotPlug => match device::attach_live(virt, vm, &plan.live_xml).await? {
                 HotPlug::Refused(e) => {
                     return Ok(Applied::Failed(Failure::HotPlugRefused(e.to_string())));
                 }
@@ -96,9 +98,24 @@ pub async fn apply<D: Domains + Tuning>(virt: &D, plan: &Plan) -> Result<Applied
                 done.defined = true;
             }
             Step::UpdateMedia(affect) => {
-                virt.change_device(vm, &plan.xml, DeviceChange::Update, affect)
+                let xml = if affect == Affect::Live {
+                    &plan.live_xml
+                } else {
+                    &plan.xml
+                };
+                virt.change_device(vm, xml, DeviceChange::Update, affect)
                     .await?;
                 done.media_changed = true;
+            }
+            Step::ConvertBootOrder => {
+                let order = plan.wanted.boot_order.unwrap_or(1);
+                match virt.convert_boot_order(vm, &plan.alias, order).await {
+                    Ok(converted) => done.boot_converted = converted,
+                    Err(e) if e.kind() == ErrorKind::Refused => {
+                        return Ok(Applied::Failed(Failure::Redefine(e.to_string())));
+                    }
+                    Err(e) => return Err(e),
+                }
             }
             Step::Redefine => match virt.redefine_disk(vm, &plan.alias, &plan.xml).await {
                 Ok(()) => done.redefined = true,

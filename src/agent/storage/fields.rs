@@ -60,6 +60,28 @@ pub fn wanted(spec: &VirtualMachineStorageSpec) -> Wanted {
     }
 }
 
+/// What the running guest can be given of `w`: a live device's next-boot fields as they are,
+/// with `w`'s I/O limits; for a new device everything but the boot order.
+pub fn as_running(w: &Wanted, live: Option<&DiskFields>) -> Wanted {
+    match live {
+        Some(f) => Wanted {
+            cache: f.cache.clone(),
+            io: f.io.clone(),
+            discard: f.discard.clone(),
+            detect_zeroes: f.detect_zeroes.clone(),
+            serial: f.serial.clone(),
+            shareable: f.shareable,
+            readonly: f.readonly,
+            boot_order: f.boot_order,
+            iotune: f.iotune,
+        },
+        None => Wanted {
+            boot_order: None,
+            ..w.clone()
+        },
+    }
+}
+
 /// The spec paths of the fields that take effect at the next boot and whose value in `have`
 /// is not the one asked for.
 pub fn differing(w: &Wanted, have: &DiskFields) -> Vec<&'static str> {

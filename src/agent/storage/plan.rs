@@ -37,6 +37,9 @@ pub enum Step {
     UpdateMedia(Affect),
     /// Rewrite the device in the definition: fields that take effect at the next boot changed.
     Redefine,
+    /// Turn the definition's `<os><boot dev>` list, if it has one, into per-device boot orders
+    /// (before a device with a boot order is written).
+    ConvertBootOrder,
     /// Set the disk's I/O limits (libvirt's block I/O tuning call).
     SetIoTune(Affect),
 }
@@ -65,8 +68,10 @@ pub struct Plan {
     pub bus: Bus,
     /// Whether the spec asks for the running guest too.
     pub attach: AttachMode,
-    /// The device's XML.
+    /// The device's XML, for the definition.
     pub xml: String,
+    /// The device's XML for the running guest (hot-plug, media change).
+    pub live_xml: String,
     /// The source path the device should have; `None` is an empty tray.
     pub source: Option<String>,
     /// Whether the device should be in the running guest.
@@ -238,11 +243,17 @@ pub fn plan(
     }
 
     let wanted = fields::wanted(spec);
-    let xml = tuning::with_extras(
-        &domain::disk_xml(&disk_spec(spec, resolved.as_ref(), &target, alias)),
-        wanted.serial.as_deref(),
-        wanted.shareable,
-        &wanted.iotune,
+    let xml = device_xml(spec, resolved.as_ref(), &target, alias, &wanted);
+    // What the running guest is given: its device's next-boot fields as they are (a media
+    // change may not touch them), and for a hot-plug no boot order (libvirt refuses one next
+    // to an `<os><boot dev>` list, and it only matters at the next boot anyway).
+    let live_fields = live_dev.map(|d| disk_fields(&d.xml));
+    let live_xml = device_xml(
+        spec,
+        resolved.as_ref(),
+        &target,
+        alias,
+        &fields::as_running(&wanted, live_fields.as_ref()),
     );
     let want_live = view.active && spec.attach == AttachMode::LiveAndPersistent;
     let want_config = view.persistent;
@@ -286,6 +297,17 @@ pub fn plan(
         Some(dev) if want_config => fields::differing(&wanted, &disk_fields(&dev.xml)),
         _ => Vec::new(),
     };
+    let boot_written = wanted.boot_order.is_some()
+        && (redefined.contains(&"bootOrder") || (want_config && config_dev.is_none()));
+    if boot_written {
+        steps.insert(
+            steps
+                .iter()
+                .position(|s| *s == Step::WriteDefinition)
+                .unwrap_or(steps.len()),
+            Step::ConvertBootOrder,
+        );
+    }
     if !redefined.is_empty() {
         steps.push(Step::Redefine);
     }
@@ -315,6 +337,7 @@ pub fn plan(
         bus: spec.bus,
         attach: spec.attach,
         xml,
+        live_xml,
         source: desired,
         want_live,
         want_config,
@@ -381,31 +404,24 @@ fn validate(
     Ok(())
 }
 
-/// What the device's `<disk>` contains.
-fn disk_spec(
+/// The device's `<disk>` with the tunable fields of `w`.
+fn device_xml(
     spec: &VirtualMachineStorageSpec,
     source: Option<&Resolved>,
     target: &str,
     alias: &str,
-) -> DiskSpec {
-    let mut driver = Vec::new();
-    if let Some(d) = &spec.driver {
-        let name =
-            |v: serde_json::Result<String>| v.unwrap_or_default().trim_matches('"').to_string();
-        if let Some(c) = d.cache {
-            driver.push(("cache", name(serde_json::to_string(&c))));
-        }
-        if let Some(i) = d.io {
-            driver.push(("io", name(serde_json::to_string(&i))));
-        }
-        if let Some(x) = d.discard {
-            driver.push(("discard", name(serde_json::to_string(&x))));
-        }
-        if let Some(z) = d.detect_zeroes {
-            driver.push(("detect_zeroes", name(serde_json::to_string(&z))));
-        }
-    }
-    DiskSpec {
+    w: &Wanted,
+) -> String {
+    let driver = [
+        ("cache", &w.cache),
+        ("io", &w.io),
+        ("discard", &w.discard),
+        ("detect_zeroes", &w.detect_zeroes),
+    ]
+    .into_iter()
+    .filter_map(|(k, v)| Some((k, v.clone()?)))
+    .collect();
+    let disk = DiskSpec {
         device: match spec.type_ {
             StorageType::Cdrom => "cdrom",
             StorageType::Disk => "disk",
@@ -416,11 +432,17 @@ fn disk_spec(
         format: source.map_or_else(|| "raw".into(), |s| s.format.clone()),
         target: target.to_string(),
         bus: bus_name(spec.bus).into(),
-        readonly: spec.type_ == StorageType::Cdrom || spec.read_only == Some(true),
-        boot_order: spec.boot_order,
+        readonly: w.readonly,
+        boot_order: w.boot_order,
         alias: alias.to_string(),
         driver,
-    }
+    };
+    tuning::with_extras(
+        &domain::disk_xml(&disk),
+        w.serial.as_deref(),
+        w.shareable,
+        &w.iotune,
+    )
 }
 
 #[cfg(test)]

@@ -171,6 +171,15 @@ pub fn events(prev: &Status, plan: &Plan, done: &Done) -> Vec<(EventType, &'stat
             },
         ));
     }
+    if let Some(how) = &done.boot_converted {
+        events.push((
+            EventType::Normal,
+            "BootOrderConverted",
+            format!(
+                "{vm} listed its boot devices by type (<os><boot dev>); for spec.bootOrder of {target} the list was turned into per-device boot orders in its definition: {how}."
+            ),
+        ));
+    }
     if let Some(affect) = done.iotune_set {
         let where_ = match affect {
             Affect::Live => "in the running guest",

@@ -18,6 +18,7 @@ fn plan(bus: Bus, want_live: bool) -> Plan {
             AttachMode::Persistent
         },
         xml: DISK.into(),
+        live_xml: DISK.into(),
         source: Some("/pool/a.img".into()),
         want_live,
         want_config: true,
@@ -53,6 +54,7 @@ fn done(view: DomainView, restart: Option<RestartCause>) -> Done {
         media_changed: false,
         redefined: false,
         iotune_set: None,
+        boot_converted: None,
         restart,
         view,
     }
@@ -330,6 +332,7 @@ fn events_table() {
         media_changed,
         redefined: false,
         iotune_set: None,
+        boot_converted: None,
         restart: None,
         view: DomainView::default(),
     };
