@@ -101,6 +101,9 @@ async fn main() {
                 boot_order: None,
                 attach: Default::default(),
                 driver: None,
+                iotune: None,
+                serial: None,
+                shareable: None,
             },
         );
         let start = Instant::now();

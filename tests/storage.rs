@@ -118,8 +118,8 @@ async fn shut_off_domain_gets_disk_and_cdrom_in_its_definition_and_loses_them_on
     )
     .await
     .unwrap();
-    let moved = wait_obj::<Vms>(&client, &ns.name, "disk1", "InvalidSpec", T, |o| {
-        cond(o, "Ready").is_some_and(|(_, r, m)| r == "InvalidSpec" && m.contains("spec.vm"))
+    let moved = wait_obj::<Vms>(&client, &ns.name, "disk1", "FieldImmutable", T, |o| {
+        cond(o, "Ready").is_some_and(|(_, r, m)| r == "FieldImmutable" && m.contains("spec.vm"))
     })
     .await;
     assert_eq!(

@@ -67,7 +67,8 @@ pub struct VirtualMachineStorageSpec {
     /// Image format of the source: `raw` or `qcow2`. Detected from the volume when not given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub format: Option<DiskFormat>,
-    /// Attach the device read-only. CD-ROMs are always read-only.
+    /// Attach the device read-only. CD-ROMs are always read-only. A change is written to the
+    /// definition and takes effect at the next boot (`RestartRequired` while the domain runs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub read_only: Option<bool>,
     /// Device name inside the domain definition (for example `sdb` or `vdc`). When empty the
@@ -75,7 +76,9 @@ pub struct VirtualMachineStorageSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(pattern(r"^(sd|vd|hd)[a-z]{1,2}$"))]
     pub target: Option<String>,
-    /// Boot priority of the device (1 boots first).
+    /// Boot priority of the device (1 boots first). A change is written to the definition and
+    /// takes effect at the next boot. On a domain that orders boot devices by type
+    /// (`<os><boot dev=.../>`) that order is first turned into per-device boot orders.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 65535))]
     pub boot_order: Option<u32>,
@@ -83,9 +86,67 @@ pub struct VirtualMachineStorageSpec {
     /// `Persistent` writes the definition only, for the next boot.
     #[serde(default)]
     pub attach: AttachMode,
-    /// Optional QEMU driver tuning for the device.
+    /// Optional QEMU driver tuning for the device. A change is written to the definition and
+    /// takes effect at the next boot (`RestartRequired` while the domain runs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub driver: Option<DriverTuning>,
+    /// Disk I/O limits (libvirt `<iotune>`), applied live to a running guest and to the
+    /// definition. Disks only. An unset limit is unlimited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iotune: Option<IoTune>,
+    /// Serial number the guest sees (libvirt `<serial>`). Takes effect at the next boot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(r"^[A-Za-z0-9_.+-]{1,20}$"))]
+    pub serial: Option<String>,
+    /// Whether several domains may use the image at once (libvirt `<shareable/>`; pair it with
+    /// `driver.cache: none`). Takes effect at the next boot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shareable: Option<bool>,
+}
+
+/// Disk I/O limits with libvirt's semantics: bytes or operations per second; `0` or unset is
+/// unlimited. Within each group (bytes, operations, and their `...Max` bursts) a total limit
+/// excludes the read and write ones. A burst (`...Max`) needs the matching base limit and may
+/// not be below it.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct IoTune {
+    /// Total throughput limit in bytes per second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_bytes_sec: Option<u64>,
+    /// Read throughput limit in bytes per second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_bytes_sec: Option<u64>,
+    /// Write throughput limit in bytes per second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub write_bytes_sec: Option<u64>,
+    /// Total I/O operations per second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_iops_sec: Option<u64>,
+    /// Read I/O operations per second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_iops_sec: Option<u64>,
+    /// Write I/O operations per second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub write_iops_sec: Option<u64>,
+    /// Burst of the total throughput, in bytes per second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_bytes_sec_max: Option<u64>,
+    /// Burst of the read throughput, in bytes per second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_bytes_sec_max: Option<u64>,
+    /// Burst of the write throughput, in bytes per second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub write_bytes_sec_max: Option<u64>,
+    /// Burst of the total I/O operations per second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_iops_sec_max: Option<u64>,
+    /// Burst of the read I/O operations per second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_iops_sec_max: Option<u64>,
+    /// Burst of the write I/O operations per second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub write_iops_sec_max: Option<u64>,
 }
 
 /// Kind of storage device.
@@ -170,6 +231,21 @@ pub struct DriverTuning {
     /// Whether discard (TRIM) requests from the guest are passed to the image.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub discard: Option<DiscardMode>,
+    /// Whether writes of zeroes are detected and turned into cheaper operations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detect_zeroes: Option<DetectZeroes>,
+}
+
+/// Zero-write detection of a disk (libvirt `driver/@detect_zeroes`).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum DetectZeroes {
+    /// No detection.
+    Off,
+    /// Detect zero writes and write zeroes efficiently.
+    On,
+    /// Detect zero writes and discard them (needs `discard: unmap`).
+    Unmap,
 }
 
 /// Host page-cache mode of a disk (libvirt `driver/@cache`).
@@ -218,7 +294,7 @@ pub enum DiscardMode {
 #[serde(rename_all = "camelCase")]
 pub struct VirtualMachineStorageStatus {
     /// Domain the device was attached to. `spec.vm` is immutable: a change is refused
-    /// (`InvalidSpec`) and the device stays on this domain until the object is deleted.
+    /// (`FieldImmutable`) and the device stays on this domain until the object is deleted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vm: Option<String>,
     /// Device name the device got in the domain (for example `sdb`); stable once chosen.
@@ -239,6 +315,14 @@ pub struct VirtualMachineStorageStatus {
     /// Whether the device is present in the persistent domain definition.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub persistent: Option<bool>,
+    /// The disk I/O limits in effect: the running guest's, or the definition's when the domain
+    /// is shut off. Absent when no limit is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iotune: Option<IoTune>,
+    /// Spec fields written to the definition that the running guest gets only at its next
+    /// boot (for example `driver.cache`); empty when everything is in effect.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pending_restart: Vec<String>,
     /// Node the object is bound to (set by the controller).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_name: Option<String>,

@@ -58,6 +58,8 @@ pub enum DomainEvent {
     DeviceRemoved(String),
     /// The guest refused to release the device with this alias.
     DeviceRemovalFailed(String),
+    /// A tunable changed (disk I/O limits, CPU or memory tuning), by anyone.
+    Tunable,
 }
 
 /// Domain lifecycle event types.
@@ -184,6 +186,21 @@ impl Registration {
                     ),
                     unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, *mut c_void),
                 >(lifecycle),
+                tx,
+            )?);
+            reg.domain_ids.push(register_domain(
+                conn,
+                sys::VIR_DOMAIN_EVENT_ID_TUNABLE,
+                std::mem::transmute::<
+                    unsafe extern "C" fn(
+                        sys::virConnectPtr,
+                        sys::virDomainPtr,
+                        sys::virTypedParameterPtr,
+                        c_int,
+                        *mut c_void,
+                    ),
+                    unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, *mut c_void),
+                >(domain_tunable),
                 tx,
             )?);
             for (id, cb) in [
@@ -382,6 +399,18 @@ unsafe extern "C" fn domain_lifecycle(
             DomainEvent::Lifecycle(Lifecycle::from_raw(event)),
         )
     }
+}
+
+unsafe extern "C" fn domain_tunable(
+    _conn: sys::virConnectPtr,
+    dom: sys::virDomainPtr,
+    _params: sys::virTypedParameterPtr,
+    _nparams: c_int,
+    opaque: *mut c_void,
+) {
+    // SAFETY: called by libvirt with the registration's arguments; the parameters are libvirt's
+    // and not kept.
+    unsafe { send_domain(dom, opaque, DomainEvent::Tunable) }
 }
 
 unsafe extern "C" fn device_added(

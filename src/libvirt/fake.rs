@@ -549,6 +549,9 @@ impl Clones for FakeLibvirt {
     }
 }
 
+#[path = "fake_tuning.rs"]
+mod tuning;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,6 +3,7 @@
 //! [`Libvirt`] owns one connection, reopens it after libvirtd comes back, and runs every blocking
 //! libvirt call on tokio's blocking pool, at most [`MAX_CONCURRENT_CALLS`] at a time.
 
+pub mod boot_order;
 pub mod clone_xml;
 pub mod clones;
 pub mod domain;
@@ -17,6 +18,7 @@ pub mod iscsi_direct;
 pub mod networks;
 pub mod nic;
 mod real;
+pub mod tuning;
 pub mod volume;
 pub mod volume_copy;
 

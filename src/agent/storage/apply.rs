@@ -2,9 +2,10 @@
 
 use super::plan::{Plan, RestartCause, SCSI_CONTROLLER, Step};
 use crate::agent::device::{self, HotPlug};
-use crate::libvirt::LibvirtError;
 use crate::libvirt::domain::DomainView;
 use crate::libvirt::facade::{Affect, DeviceChange, Domains};
+use crate::libvirt::tuning::Tuning;
+use crate::libvirt::{ErrorKind, LibvirtError};
 
 /// What running a plan did.
 #[derive(Debug)]
@@ -24,6 +25,12 @@ pub struct Done {
     pub defined: bool,
     /// A CD medium was changed.
     pub media_changed: bool,
+    /// The device was rewritten in the definition (fields for the next boot).
+    pub redefined: bool,
+    /// The I/O limits were set, and where.
+    pub iotune_set: Option<Affect>,
+    /// The definition's `<os><boot dev>` list was turned into per-device boot orders: how.
+    pub boot_converted: Option<String>,
     /// Why the device waits for the next boot, if it does.
     pub restart: Option<RestartCause>,
     /// The domain as libvirt has it now (default when it vanished meanwhile).
@@ -39,11 +46,15 @@ pub enum Failure {
     HotPlugRefused(String),
     /// The definition refused the device (the message says what became of the hot-plug).
     Definition(String),
+    /// libvirt refused the changed fields in the definition; nothing was changed.
+    Redefine(String),
+    /// libvirt refused the I/O limits; nothing was changed.
+    IoTune(String),
 }
 
 /// Runs the steps of `plan` in order, then reads the domain back. Errors are libvirt failures
 /// the reconcile retries (a lost connection, a failed media change, the read-back).
-pub async fn apply<D: Domains>(virt: &D, plan: &Plan) -> Result<Applied, LibvirtError> {
+pub async fn apply<D: Domains + Tuning>(virt: &D, plan: &Plan) -> Result<Applied, LibvirtError> {
     let vm = plan.vm.as_str();
     let mut done = Done {
         restart: plan.restart.clone(),
@@ -69,7 +80,7 @@ pub async fn apply<D: Domains>(virt: &D, plan: &Plan) -> Result<Applied, Libvirt
             }
             // Without a controller in the running guest there is nothing to plug into.
             Step::HotPlug if done.restart.is_some() => {}
-            Step::HotPlug => match device::attach_live(virt, vm, &plan.xml).await? {
+            Step::HotPlug => match device::attach_live(virt, vm, &plan.live_xml).await? {
                 HotPlug::Refused(e) => {
                     return Ok(Applied::Failed(Failure::HotPlugRefused(e.to_string())));
                 }
@@ -87,9 +98,43 @@ pub async fn apply<D: Domains>(virt: &D, plan: &Plan) -> Result<Applied, Libvirt
                 done.defined = true;
             }
             Step::UpdateMedia(affect) => {
-                virt.change_device(vm, &plan.xml, DeviceChange::Update, affect)
+                let xml = if affect == Affect::Live {
+                    &plan.live_xml
+                } else {
+                    &plan.xml
+                };
+                virt.change_device(vm, xml, DeviceChange::Update, affect)
                     .await?;
                 done.media_changed = true;
+            }
+            Step::ConvertBootOrder => {
+                let order = plan.wanted.boot_order.unwrap_or(1);
+                match virt.convert_boot_order(vm, &plan.alias, order).await {
+                    Ok(converted) => done.boot_converted = converted,
+                    Err(e) if e.kind() == ErrorKind::Refused => {
+                        return Ok(Applied::Failed(Failure::Redefine(e.to_string())));
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            Step::Redefine => match virt.redefine_disk(vm, &plan.alias, &plan.xml).await {
+                Ok(()) => done.redefined = true,
+                Err(e) if e.kind() == ErrorKind::Refused => {
+                    return Ok(Applied::Failed(Failure::Redefine(e.to_string())));
+                }
+                Err(e) => return Err(e),
+            },
+            Step::SetIoTune(affect) => {
+                match virt
+                    .set_block_iotune(vm, &plan.target, plan.wanted.iotune, affect)
+                    .await
+                {
+                    Ok(()) => done.iotune_set = Some(affect),
+                    Err(e) if matches!(e.kind(), ErrorKind::Refused | ErrorKind::Unsupported) => {
+                        return Ok(Applied::Failed(Failure::IoTune(e.to_string())));
+                    }
+                    Err(e) => return Err(e),
+                }
             }
         }
     }
@@ -101,3 +146,7 @@ pub async fn apply<D: Domains>(virt: &D, plan: &Plan) -> Result<Applied, Libvirt
 #[cfg(test)]
 #[path = "apply_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "apply_fields_tests.rs"]
+mod fields_tests;

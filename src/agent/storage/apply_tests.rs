@@ -30,6 +30,9 @@ fn spec(type_: StorageType, bus: Bus, path: Option<&str>) -> VirtualMachineStora
         boot_order: None,
         attach: AttachMode::LiveAndPersistent,
         driver: None,
+        iotune: None,
+        serial: None,
+        shareable: None,
     }
 }
 

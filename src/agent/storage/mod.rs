@@ -6,6 +6,7 @@
 //! [`report`] (pure) turns what happened into status, conditions and Events, written once here.
 
 mod apply;
+mod fields;
 mod observe;
 mod plan;
 pub(super) mod reason;

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use super::fields::{self, Wanted};
 use super::observe::Observed;
 use super::reason::StorageReason;
 use super::source::{self, Resolved};
@@ -12,6 +13,7 @@ use crate::api::{
 };
 use crate::libvirt::domain::{self, DiskSpec};
 use crate::libvirt::facade::Affect;
+use crate::libvirt::tuning::{self, disk_fields};
 
 type Refused = Refusal<StorageReason>;
 
@@ -33,6 +35,13 @@ pub enum Step {
     WriteDefinition,
     /// Change the CD medium in place (insert, swap, eject).
     UpdateMedia(Affect),
+    /// Rewrite the device in the definition: fields that take effect at the next boot changed.
+    Redefine,
+    /// Turn the definition's `<os><boot dev>` list, if it has one, into per-device boot orders
+    /// (before a device with a boot order is written).
+    ConvertBootOrder,
+    /// Set the disk's I/O limits (libvirt's block I/O tuning call).
+    SetIoTune(Affect),
 }
 
 /// Why the device waits for the next boot.
@@ -59,8 +68,10 @@ pub struct Plan {
     pub bus: Bus,
     /// Whether the spec asks for the running guest too.
     pub attach: AttachMode,
-    /// The device's XML.
+    /// The device's XML, for the definition.
     pub xml: String,
+    /// The device's XML for the running guest (hot-plug, media change).
+    pub live_xml: String,
     /// The source path the device should have; `None` is an empty tray.
     pub source: Option<String>,
     /// Whether the device should be in the running guest.
@@ -71,6 +82,13 @@ pub struct Plan {
     pub steps: Vec<Step>,
     /// A restart already known to be needed (a bus that cannot hot-plug).
     pub restart: Option<RestartCause>,
+    /// The tunable fields the spec asks for.
+    pub wanted: Wanted,
+    /// The fields [`Step::Redefine`] changes in the definition.
+    pub redefined: Vec<&'static str>,
+    /// The running guest's I/O limits were changed outside virtplane (the spec and the last
+    /// status agree, libvirt does not).
+    pub iotune_drift: bool,
 }
 
 /// libvirt's name of a bus.
@@ -101,7 +119,8 @@ pub fn plan(
     observed: &Observed,
 ) -> Result<Plan, Refused> {
     let vm = spec.vm.as_str();
-    validate(spec, prev).map_err(|m| Refusal::fix(StorageReason::InvalidSpec, m))?;
+    validate(spec, prev)?;
+    fields::validate(spec).map_err(|m| Refusal::fix(StorageReason::InvalidSpec, m))?;
     // Grants are checked first, so a refusal never tells whether the domain exists. A grant
     // revoked after the attach stops changes; the device stays.
     let grants = &observed.grants;
@@ -139,7 +158,7 @@ pub fn plan(
         && dev.device != want_type
     {
         return Err(Refusal::fix(
-            StorageReason::InvalidSpec,
+            StorageReason::FieldImmutable,
             format!(
                 "spec.type is immutable: the device is a {}. Delete and recreate the object.",
                 dev.device
@@ -202,14 +221,38 @@ pub fn plan(
             ));
         }
         return Err(Refusal::fix(
-            StorageReason::SourceImmutable,
+            StorageReason::FieldImmutable,
             format!(
-                "The source of a disk cannot change (it is {now}); nothing was detached. Restore spec.source, or delete this object and create a new one."
+                "spec.source of a disk is immutable (it is {now}); nothing was detached. Restore spec.source, or delete this object and create a new one."
+            ),
+        ));
+    }
+    if spec.type_ == StorageType::Disk
+        && let (Some(dev), Some(format)) = (existing, spec.format)
+        && let Some(have) = disk_fields(&dev.xml).format
+        && have != fields::libvirt_name(&format)
+    {
+        return Err(Refusal::fix(
+            StorageReason::FieldImmutable,
+            format!(
+                "spec.format of a disk is immutable (the device is {have}); nothing was changed. Restore spec.format, or delete this object and create a new one."
             ),
         ));
     }
 
-    let xml = domain::disk_xml(&disk_spec(spec, resolved.as_ref(), &target, alias));
+    let wanted = fields::wanted(spec);
+    let xml = device_xml(spec, resolved.as_ref(), &target, alias, &wanted);
+    // What the running guest is given: its device's next-boot fields as they are (a media
+    // change may not touch them), and for a hot-plug no boot order (libvirt refuses one next
+    // to an `<os><boot dev>` list, and it only matters at the next boot anyway).
+    let live_fields = live_dev.map(|d| disk_fields(&d.xml));
+    let live_xml = device_xml(
+        spec,
+        resolved.as_ref(),
+        &target,
+        alias,
+        &fields::as_running(&wanted, live_fields.as_ref()),
+    );
     let want_live = view.active && spec.attach == AttachMode::LiveAndPersistent;
     let want_config = view.persistent;
     let mut steps = Vec::new();
@@ -246,15 +289,45 @@ pub fn plan(
     if want_config && config_dev.is_none() {
         steps.push(Step::WriteDefinition);
     }
+    // Fields that take effect at the next boot: the definition's device is rewritten (with the
+    // medium, for a CD). The running guest keeps its values until then (see `report`).
+    let redefined = match config_dev {
+        Some(dev) if want_config => fields::differing(&wanted, &disk_fields(&dev.xml)),
+        _ => Vec::new(),
+    };
+    let boot_written = wanted.boot_order.is_some()
+        && (redefined.contains(&"bootOrder") || (want_config && config_dev.is_none()));
+    if boot_written {
+        steps.insert(
+            steps
+                .iter()
+                .position(|s| *s == Step::WriteDefinition)
+                .unwrap_or(steps.len()),
+            Step::ConvertBootOrder,
+        );
+    }
+    if !redefined.is_empty() {
+        steps.push(Step::Redefine);
+    }
     // CD media: insert, swap or eject in place, live and persistent, forcing a locked tray.
     if spec.type_ == StorageType::Cdrom {
-        if config_dev.is_some_and(|d| d.source_label() != desired) {
+        if redefined.is_empty() && config_dev.is_some_and(|d| d.source_label() != desired) {
             steps.push(Step::UpdateMedia(Affect::Config));
         }
         if want_live && live_dev.is_some_and(|d| d.source_label() != desired) {
             steps.push(Step::UpdateMedia(Affect::Live));
         }
     }
+    // I/O limits: live and in the definition (a redefinition already carries them).
+    let iotune_of = |d: Option<&domain::DiskXml>| d.map(|d| disk_fields(&d.xml).iotune);
+    let live_io = want_live && iotune_of(live_dev).is_some_and(|v| v != wanted.iotune);
+    let config_io = want_config
+        && redefined.is_empty()
+        && iotune_of(config_dev).is_some_and(|v| v != wanted.iotune);
+    if let Some(affect) = Affect::of(live_io, config_io) {
+        steps.push(Step::SetIoTune(affect));
+    }
+    let iotune_drift = live_io && prev.iotune == tuning::iotune_of(wanted.iotune);
     Ok(Plan {
         vm: vm.to_string(),
         alias: alias.to_string(),
@@ -262,11 +335,15 @@ pub fn plan(
         bus: spec.bus,
         attach: spec.attach,
         xml,
+        live_xml,
         source: desired,
         want_live,
         want_config,
         steps,
         restart,
+        wanted,
+        redefined,
+        iotune_drift,
     })
 }
 
@@ -275,30 +352,32 @@ pub fn plan(
 fn validate(
     spec: &VirtualMachineStorageSpec,
     prev: &VirtualMachineStorageStatus,
-) -> Result<(), String> {
+) -> Result<(), Refused> {
+    let immutable = |m: String| Err(Refusal::fix(StorageReason::FieldImmutable, m));
+    let invalid = |m: String| Err(Refusal::fix(StorageReason::InvalidSpec, m));
     if let Some(had) = &prev.vm
         && *had != spec.vm
     {
-        return Err(format!(
+        return immutable(format!(
             "spec.vm is immutable: the device is attached to {had}. Set spec.vm back, or delete this object (which detaches it from {had}) and create one for {}.",
             spec.vm
         ));
     }
     if spec.type_ == StorageType::Disk && spec.source.is_none() {
-        return Err(
+        return invalid(
             "A disk needs a source (path, volume or isoDownload); only a cdrom may be empty."
                 .into(),
         );
     }
     if spec.type_ == StorageType::Cdrom && spec.bus == Bus::Virtio {
-        return Err(
+        return invalid(
             "A CD-ROM cannot sit on the virtio bus; use scsi (hot-pluggable) or sata.".into(),
         );
     }
     if let Some(t) = &spec.target
         && !t.starts_with(target_prefix(spec.bus))
     {
-        return Err(format!(
+        return invalid(format!(
             "Target {t} does not fit bus {}: its names start with {}.",
             bus_name(spec.bus),
             target_prefix(spec.bus)
@@ -307,7 +386,7 @@ fn validate(
     if let (Some(t), Some(had)) = (&spec.target, &prev.target)
         && t != had
     {
-        return Err(format!(
+        return immutable(format!(
             "spec.target is immutable: the device is {had}. Delete and recreate the object to move it."
         ));
     }
@@ -315,7 +394,7 @@ fn validate(
         && had != spec.bus
         && prev.alias.is_some()
     {
-        return Err(format!(
+        return immutable(format!(
             "spec.bus is immutable: the device is on {}. Delete and recreate the object to move it.",
             bus_name(had)
         ));
@@ -323,28 +402,24 @@ fn validate(
     Ok(())
 }
 
-/// What the device's `<disk>` contains.
-fn disk_spec(
+/// The device's `<disk>` with the tunable fields of `w`.
+fn device_xml(
     spec: &VirtualMachineStorageSpec,
     source: Option<&Resolved>,
     target: &str,
     alias: &str,
-) -> DiskSpec {
-    let mut driver = Vec::new();
-    if let Some(d) = &spec.driver {
-        let name =
-            |v: serde_json::Result<String>| v.unwrap_or_default().trim_matches('"').to_string();
-        if let Some(c) = d.cache {
-            driver.push(("cache", name(serde_json::to_string(&c))));
-        }
-        if let Some(i) = d.io {
-            driver.push(("io", name(serde_json::to_string(&i))));
-        }
-        if let Some(x) = d.discard {
-            driver.push(("discard", name(serde_json::to_string(&x))));
-        }
-    }
-    DiskSpec {
+    w: &Wanted,
+) -> String {
+    let driver = [
+        ("cache", &w.cache),
+        ("io", &w.io),
+        ("discard", &w.discard),
+        ("detect_zeroes", &w.detect_zeroes),
+    ]
+    .into_iter()
+    .filter_map(|(k, v)| Some((k, v.clone()?)))
+    .collect();
+    let disk = DiskSpec {
         device: match spec.type_ {
             StorageType::Cdrom => "cdrom",
             StorageType::Disk => "disk",
@@ -355,12 +430,18 @@ fn disk_spec(
         format: source.map_or_else(|| "raw".into(), |s| s.format.clone()),
         target: target.to_string(),
         bus: bus_name(spec.bus).into(),
-        readonly: spec.type_ == StorageType::Cdrom || spec.read_only == Some(true),
-        boot_order: spec.boot_order,
+        readonly: w.readonly,
+        boot_order: w.boot_order,
         alias: alias.to_string(),
         driver,
         volume: source.and_then(|s| s.volume.clone()),
-    }
+    };
+    tuning::with_extras(
+        &domain::disk_xml(&disk),
+        w.serial.as_deref(),
+        w.shareable,
+        &w.iotune,
+    )
 }
 
 #[cfg(test)]
@@ -370,3 +451,7 @@ mod tests;
 #[cfg(test)]
 #[path = "grants_tests.rs"]
 mod grants_tests;
+
+#[cfg(test)]
+#[path = "plan_fields_tests.rs"]
+mod fields_tests;

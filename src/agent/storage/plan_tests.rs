@@ -28,6 +28,9 @@ pub(super) fn spec(type_: StorageType, bus: Bus, path: Option<&str>) -> VirtualM
         boot_order: None,
         attach: AttachMode::LiveAndPersistent,
         driver: None,
+        iotune: None,
+        serial: None,
+        shareable: None,
     }
 }
 
@@ -82,8 +85,10 @@ pub(super) fn namespaced(mut obs: Observed, domains: &str, pools: &str) -> Obser
 
 pub(super) fn disk_on(target: &str, alias: Option<&str>, source: &str, device: &str) -> String {
     let alias = alias.map_or(String::new(), |a| format!("<alias name='{a}'/>"));
+    // libvirt marks every CD-ROM read-only.
+    let ro = if device == "cdrom" { "<readonly/>" } else { "" };
     format!(
-        "<disk type='file' device='{device}'><source file='{source}'/><target dev='{target}' bus='scsi'/>{alias}</disk>"
+        "<disk type='file' device='{device}'><source file='{source}'/><target dev='{target}' bus='scsi'/>{ro}{alias}</disk>"
     )
 }
 
@@ -143,7 +148,7 @@ fn every_refusal_reason_has_its_case() {
             with(&|s| s.vm = "other".into()),
             attached.clone(),
             observed(running(), path(IMG)),
-            R::InvalidSpec,
+            R::FieldImmutable,
             Retry::OnChange,
         ),
         (
@@ -175,7 +180,7 @@ fn every_refusal_reason_has_its_case() {
             with(&|s| s.target = Some("sdc".into())),
             attached.clone(),
             observed(running(), path(IMG)),
-            R::InvalidSpec,
+            R::FieldImmutable,
             Retry::OnChange,
         ),
         (
@@ -185,7 +190,7 @@ fn every_refusal_reason_has_its_case() {
             }),
             attached.clone(),
             observed(running(), path(IMG)),
-            R::InvalidSpec,
+            R::FieldImmutable,
             Retry::OnChange,
         ),
         (
@@ -204,7 +209,7 @@ fn every_refusal_reason_has_its_case() {
                 Some(view(true, &disk_on("sda", Some(ALIAS), IMG, "cdrom"))),
                 path(IMG),
             ),
-            R::InvalidSpec,
+            R::FieldImmutable,
             Retry::OnChange,
         ),
         (
@@ -371,7 +376,7 @@ fn every_refusal_reason_has_its_case() {
                 Some(view(true, &disk_on("sda", Some(ALIAS), IMG, "disk"))),
                 path("/pool/new.img"),
             ),
-            R::SourceImmutable,
+            R::FieldImmutable,
             Retry::OnChange,
         ),
         (
@@ -622,6 +627,13 @@ fn the_disk_xml_carries_format_driver_and_flags() {
         cache: Some(crate::api::CacheMode::Writeback),
         io: Some(crate::api::IoMode::IoUring),
         discard: Some(crate::api::DiscardMode::Unmap),
+        detect_zeroes: Some(crate::api::DetectZeroes::Unmap),
+    });
+    s.serial = Some("SN-1".into());
+    s.shareable = Some(true);
+    s.iotune = Some(crate::api::IoTune {
+        read_bytes_sec: Some(1000),
+        ..Default::default()
     });
     let p = plan(
         &s,
@@ -635,6 +647,10 @@ fn the_disk_xml_carries_format_driver_and_flags() {
         "cache='writeback'",
         "io='io_uring'",
         "discard='unmap'",
+        "detect_zeroes='unmap'",
+        "<serial>SN-1</serial>",
+        "<shareable/>",
+        "<iotune><read_bytes_sec>1000</read_bytes_sec></iotune>",
         "<readonly/>",
         "<boot order='2'/>",
         "dev='vda' bus='virtio'",

@@ -22,11 +22,12 @@ pub enum StorageReason {
     WaitingForDownload,
     /// Another device has the target.
     TargetConflict,
-    /// A disk's source cannot change.
-    SourceImmutable,
+    /// A field that cannot change without replacing the device was changed (`vm`, `type`,
+    /// `target`, `bus`, a disk's source or format); nothing was changed in libvirt.
+    FieldImmutable,
     /// A disk's source was changed in libvirt, outside virtplane.
     DriftDetected,
-    /// The device is in the definition but could not be hot-plugged.
+    /// The device, or a changed field, is in the definition and takes effect at the next boot.
     RestartRequired,
     /// libvirt refused the change.
     AttachFailed,
@@ -42,7 +43,7 @@ impl Reason for StorageReason {
         Self::SourceNotFound,
         Self::WaitingForDownload,
         Self::TargetConflict,
-        Self::SourceImmutable,
+        Self::FieldImmutable,
         Self::DriftDetected,
         Self::RestartRequired,
         Self::AttachFailed,
@@ -58,7 +59,7 @@ impl Reason for StorageReason {
             Self::SourceNotFound => "SourceNotFound",
             Self::WaitingForDownload => "WaitingForDownload",
             Self::TargetConflict => "TargetConflict",
-            Self::SourceImmutable => "SourceImmutable",
+            Self::FieldImmutable => "FieldImmutable",
             Self::DriftDetected => "DriftDetected",
             Self::RestartRequired => "RestartRequired",
             Self::AttachFailed => "AttachFailed",

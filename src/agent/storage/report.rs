@@ -8,12 +8,15 @@ use kube::runtime::events::EventType;
 
 use super::Outcome;
 use super::apply::{Applied, Done, Failure};
+use super::fields;
 use super::plan::{Plan, RestartCause, bus_name};
 use super::reason::StorageReason;
 use crate::agent::refusal::{Reason, Refusal};
 use crate::api::{AttachMode, VirtualMachineStorageStatus, condition};
 use crate::conditions::Desired;
 use crate::libvirt::LibvirtError;
+use crate::libvirt::facade::Affect;
+use crate::libvirt::tuning::{self, disk_fields};
 
 type Status = VirtualMachineStorageStatus;
 
@@ -60,8 +63,43 @@ fn failed(prev: &Status, plan: &Plan, failure: Failure) -> Outcome {
             later,
         ),
         Failure::Definition(message) => (message, Action::await_change()),
+        Failure::Redefine(e) => (
+            format!(
+                "libvirt refused {} of {} in the definition of {vm}: {e}. Nothing was changed; fix the spec.",
+                spec_fields(&plan.redefined),
+                plan.target
+            ),
+            Action::await_change(),
+        ),
+        Failure::IoTune(e) => (
+            format!(
+                "libvirt refused the I/O limits (spec.iotune) of {} on {vm}: {e}. Nothing was changed; fix spec.iotune.",
+                plan.target
+            ),
+            Action::await_change(),
+        ),
     };
     Outcome::not_ready(prev, StorageReason::AttachFailed.as_str(), message, action)
+}
+
+/// `spec.a, spec.b` of field paths.
+pub fn spec_fields(names: &[&str]) -> String {
+    names
+        .iter()
+        .map(|n| format!("spec.{n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The `RestartRequired` message of fields that wait for the next boot.
+pub fn pending_message(pending: &[&str], target: &str, vm: &str) -> String {
+    format!(
+        "{} of {target} {} in the definition of {vm} and take{} effect at its next boot; the running guest still has the old value{}.",
+        spec_fields(pending),
+        if pending.len() == 1 { "is" } else { "are" },
+        if pending.len() == 1 { "s" } else { "" },
+        if pending.len() == 1 { "" } else { "s" },
+    )
 }
 
 /// Why a restart is needed, as the `RestartRequired` condition says it.
@@ -119,6 +157,51 @@ pub fn events(prev: &Status, plan: &Plan, done: &Done) -> Vec<(EventType, &'stat
             ));
         }
     }
+    if done.redefined {
+        let what = spec_fields(&plan.redefined);
+        events.push((
+            EventType::Normal,
+            "Updated",
+            if done.view.active {
+                format!(
+                    "Wrote {what} of {target} into the definition of {vm}; it takes effect at the next boot."
+                )
+            } else {
+                format!("Wrote {what} of {target} into the definition of {vm}.")
+            },
+        ));
+    }
+    if let Some(how) = &done.boot_converted {
+        events.push((
+            EventType::Normal,
+            "BootOrderConverted",
+            format!(
+                "{vm} listed its boot devices by type (<os><boot dev>); for spec.bootOrder of {target} the list was turned into per-device boot orders in its definition: {how}."
+            ),
+        ));
+    }
+    if let Some(affect) = done.iotune_set {
+        let where_ = match affect {
+            Affect::Live => "in the running guest",
+            Affect::Config => "in the definition",
+            Affect::Both => "in the running guest and the definition",
+        };
+        events.push(if plan.iotune_drift {
+            (
+                EventType::Warning,
+                "DriftCorrected",
+                format!(
+                    "The I/O limits of {target} on {vm} were changed outside virtplane; spec.iotune was set again {where_}."
+                ),
+            )
+        } else {
+            (
+                EventType::Normal,
+                "IoTuneChanged",
+                format!("Set the I/O limits of {target} on {vm} {where_}."),
+            )
+        });
+    }
     if done.media_changed {
         events.push(match &plan.source {
             Some(p) => (
@@ -146,8 +229,28 @@ fn done_outcome(prev: &Status, plan: &Plan, done: &Done) -> Outcome {
     } else {
         config_now
     };
+    // What is in effect: the running guest's values, else the definition's.
+    let effective = current.map(|d| disk_fields(&d.xml));
+    let config_fields = config_now.map(|d| disk_fields(&d.xml));
+    // Fields the definition has as asked but the running guest not yet: they wait for a boot.
+    let pending: Vec<&'static str> = match (live_now, &config_fields) {
+        (Some(live), Some(config)) if view.active => {
+            let in_config = fields::differing(&plan.wanted, config);
+            fields::differing(&plan.wanted, &disk_fields(&live.xml))
+                .into_iter()
+                .filter(|f| !in_config.contains(f))
+                .collect()
+        }
+        _ => Vec::new(),
+    };
+    let iotune_in_effect = live_now
+        .into_iter()
+        .chain(config_now)
+        .all(|d| disk_fields(&d.xml).iotune == plan.wanted.iotune);
     let status = Status {
         vm: Some(vm.clone()),
+        iotune: effective.and_then(|f| tuning::iotune_of(f.iotune)),
+        pending_restart: pending.iter().map(|f| f.to_string()).collect(),
         target: Some(target.clone()),
         bus: Some(plan.bus),
         alias: Some(alias.clone()),
@@ -161,8 +264,24 @@ fn done_outcome(prev: &Status, plan: &Plan, done: &Done) -> Outcome {
     } else {
         true
     } && (config_now.is_some() || !view.persistent);
-    let restart = done.restart.as_ref().map(|c| restart_message(c, vm));
-    let ready = if placed {
+    let restart = done
+        .restart
+        .as_ref()
+        .map(|c| restart_message(c, vm))
+        .or_else(|| (!pending.is_empty()).then(|| pending_message(&pending, target, vm)));
+    let ready = if placed && !pending.is_empty() {
+        Desired::falsy(
+            condition::READY,
+            StorageReason::RestartRequired.as_str(),
+            pending_message(&pending, target, vm),
+        )
+    } else if placed && !iotune_in_effect {
+        Desired::falsy(
+            condition::READY,
+            StorageReason::AttachFailed.as_str(),
+            format!("The I/O limits of {target} on {vm} are not in effect yet; the agent retries."),
+        )
+    } else if placed {
         let where_ = match (live_now.is_some(), config_now.is_some()) {
             (true, true) => "live and persistent",
             (true, false) => "live",
@@ -192,7 +311,7 @@ fn done_outcome(prev: &Status, plan: &Plan, done: &Done) -> Outcome {
             format!("{target} is not attached to {vm} yet; the agent retries."),
         )
     };
-    let action = if placed {
+    let action = if placed && iotune_in_effect {
         Action::requeue(Duration::from_secs(600))
     } else {
         Action::requeue(Duration::from_secs(30))

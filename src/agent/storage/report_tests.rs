@@ -18,11 +18,15 @@ fn plan(bus: Bus, want_live: bool) -> Plan {
             AttachMode::Persistent
         },
         xml: DISK.into(),
+        live_xml: DISK.into(),
         source: Some("/pool/a.img".into()),
         want_live,
         want_config: true,
         steps: Vec::new(),
         restart: None,
+        wanted: Default::default(),
+        redefined: Vec::new(),
+        iotune_drift: false,
     }
 }
 
@@ -48,6 +52,9 @@ fn done(view: DomainView, restart: Option<RestartCause>) -> Done {
         plugged: false,
         defined: false,
         media_changed: false,
+        redefined: false,
+        iotune_set: None,
+        boot_converted: None,
         restart,
         view,
     }
@@ -323,6 +330,9 @@ fn events_table() {
         plugged,
         defined,
         media_changed,
+        redefined: false,
+        iotune_set: None,
+        boot_converted: None,
         restart: None,
         view: DomainView::default(),
     };

@@ -1,0 +1,90 @@
+//! The in-memory stand-in's device tuning (a child of `fake`, so it shares its state).
+
+use super::{FakeLibvirt, not_found};
+use crate::libvirt::LibvirtError;
+use crate::libvirt::domain::parse_domain;
+use crate::libvirt::facade::Affect;
+
+/// Tuning: I/O limits rewrite the `<iotune>` of the disk's XML on each side; a redefinition
+/// replaces the definition's disk.
+impl crate::libvirt::tuning::Tuning for FakeLibvirt {
+    async fn set_block_iotune(
+        &self,
+        vm: &str,
+        target: &str,
+        values: [u64; 12],
+        affect: Affect,
+    ) -> Result<(), LibvirtError> {
+        let action = "set the disk's I/O limits";
+        self.enter(action, Some(affect))?;
+        let mut st = self.state();
+        let dom = st.domains.get_mut(vm).ok_or_else(|| not_found(action))?;
+        let mut sides = Vec::new();
+        if affect.live() {
+            sides.push(&mut dom.live);
+        }
+        if affect.config() {
+            sides.push(&mut dom.config);
+        }
+        for side in sides {
+            let disk = side
+                .disks
+                .iter_mut()
+                .find(|d| d.target.as_deref() == Some(target))
+                .ok_or_else(|| not_found(action))?;
+            let doc =
+                roxmltree::Document::parse(&disk.xml).map_err(|source| LibvirtError::Xml {
+                    action: action.into(),
+                    source,
+                })?;
+            let mut bare = disk.xml.clone();
+            if let Some(t) = doc
+                .root_element()
+                .children()
+                .find(|c| c.has_tag_name("iotune"))
+            {
+                bare.replace_range(t.range(), "");
+            }
+            disk.xml = crate::libvirt::tuning::with_extras(&bare, None, false, &values);
+        }
+        Ok(())
+    }
+
+    async fn redefine_disk(
+        &self,
+        vm: &str,
+        alias: &str,
+        disk_xml: &str,
+    ) -> Result<(), LibvirtError> {
+        let action = "write the device into the definition";
+        self.enter(action, Some(Affect::Config))?;
+        let device = parse_domain(&format!("<domain><devices>{disk_xml}</devices></domain>"))
+            .map_err(|source| LibvirtError::Xml {
+                action: action.into(),
+                source,
+            })?;
+        let mut st = self.state();
+        let dom = st.domains.get_mut(vm).ok_or_else(|| not_found(action))?;
+        if let (Some(have), Some(new)) = (
+            dom.config
+                .disks
+                .iter_mut()
+                .find(|d| d.alias.as_deref() == Some(alias)),
+            device.disks.first(),
+        ) {
+            *have = new.clone();
+        }
+        Ok(())
+    }
+
+    async fn convert_boot_order(
+        &self,
+        _vm: &str,
+        _alias: &str,
+        _order: u32,
+    ) -> Result<Option<String>, LibvirtError> {
+        // The stand-in's domains have no `<os><boot dev>` list.
+        self.enter("convert the boot order", Some(Affect::Config))?;
+        Ok(None)
+    }
+}
