@@ -36,6 +36,7 @@ async fn a_paused_agent_writes_nothing_and_a_dead_one_flips_each_object_once_eac
     let client = client().await;
     install_crds(&client).await;
     let ns = TestNamespace::new(&client, "vp-lease").await;
+    let _leftovers = Leftovers(ns.name.clone());
     let agent = Agent::start(&unique("vp-node"), &["--heartbeat-seconds", "1"]);
     let _controller = start_controller(
         &unique("vp-ctl"),
@@ -55,11 +56,20 @@ async fn a_paused_agent_writes_nothing_and_a_dead_one_flips_each_object_once_eac
     )
     .await;
 
-    // At rest, nothing is written.
-    let rest = snapshot(&client, &ns.name).await;
-    tokio::time::sleep(Duration::from_secs(GRACE)).await;
-    let w = writes(&rest, &snapshot(&client, &ns.name).await);
-    assert!(w.is_empty(), "writes at rest: {w:?}");
+    // At rest, nothing is written: two reads of every object GRACE apart are the same.
+    let (took, w) = wait_quiet(
+        &client,
+        &ns.name,
+        Duration::from_secs(GRACE),
+        Duration::from_secs(60),
+    )
+    .await;
+    assert!(
+        w.is_empty(),
+        "still written {took:?} after all were Ready: {} objects, first {:?}",
+        w.len(),
+        &w[..w.len().min(3)]
+    );
 
     // Paused for less than the grace period: not one write.
     let before = snapshot(&client, &ns.name).await;

@@ -73,6 +73,8 @@ async fn renew_until_shutdown(
     let lease = name(&node);
     let params = PatchParams::apply(FIELD_MANAGER).force();
     let duration = i32::try_from(every.as_secs().saturating_mul(4)).unwrap_or(i32::MAX);
+    let deadline =
+        Duration::from_secs(u64::try_from(duration).unwrap_or(40)).max(Duration::from_secs(5));
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing = false;
@@ -91,13 +93,11 @@ async fn renew_until_shutdown(
                 "renewTime": MicroTime(Timestamp::now()),
             },
         });
-        // Bounded, so a hung connection cannot hold renewals back for longer than one period.
-        match tokio::time::timeout(
-            every.max(Duration::from_secs(1)),
-            api.patch(&lease, &params, &Patch::Apply(body)),
-        )
-        .await
-        {
+        // Bounded by the Lease's own duration, so a hung connection cannot hold renewals back
+        // for longer; a slow API server is waited for (dropping a slow renewal only adds load).
+        let patch = Patch::Apply(body);
+        let request = api.patch(&lease, &params, &patch);
+        match tokio::time::timeout(deadline, request).await {
             Ok(Ok(_)) => {
                 if failing {
                     tracing::info!(lease = %lease, "node Lease renewed again");

@@ -186,11 +186,12 @@ pub fn writes(before: &Snapshot, after: &Snapshot) -> Vec<(String, Vec<String>)>
                 .collect::<BTreeMap<_, _>>()
         };
         let (e0, e1) = (entries(obj0), entries(obj));
-        let managers: Vec<String> = e1
+        let mut managers: Vec<String> = e1
             .iter()
             .filter(|(m, t)| e0.get(*m) != Some(t))
             .map(|(m, _)| m.clone())
             .collect();
+        managers.push(format!("changed: {}", changed_fields(obj0, obj).join(",")));
         out.push((name.clone(), managers));
     }
     for name in before.keys() {
@@ -199,6 +200,87 @@ pub fn writes(before: &Snapshot, after: &Snapshot) -> Vec<(String, Vec<String>)>
         }
     }
     out
+}
+
+/// Which parts of the object differ: metadata fields, spec, status fields, condition types.
+fn changed_fields(a: &VirtualMachineStorage, b: &VirtualMachineStorage) -> Vec<String> {
+    let (a, b) = (
+        serde_json::to_value(a).unwrap(),
+        serde_json::to_value(b).unwrap(),
+    );
+    let mut out = Vec::new();
+    for part in ["metadata", "spec", "status"] {
+        let (pa, pb) = (&a[part], &b[part]);
+        let keys: std::collections::BTreeSet<&String> = pa
+            .as_object()
+            .into_iter()
+            .chain(pb.as_object())
+            .flat_map(|o| o.keys())
+            .collect();
+        for k in keys {
+            if matches!(k.as_str(), "resourceVersion" | "managedFields") || pa[k] == pb[k] {
+                continue;
+            }
+            if k == "conditions" {
+                let types = |v: &serde_json::Value| {
+                    v.as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|c| (c["type"].to_string(), c.to_string()))
+                        .collect::<BTreeMap<_, _>>()
+                };
+                let (ca, cb) = (types(&pa[k]), types(&pb[k]));
+                for (t, c) in &cb {
+                    if ca.get(t) != Some(c) {
+                        out.push(format!("{part}.conditions[{t}]: {c}"));
+                    }
+                }
+            } else {
+                out.push(format!("{part}.{k}: {} -> {}", pa[k], pb[k]));
+            }
+        }
+    }
+    out
+}
+
+/// Strips the finalizers of every object left in the namespace when dropped (declare it after
+/// the TestNamespace, so it runs first): a failed run leaves nothing stuck, quickly.
+pub struct Leftovers(pub String);
+
+impl Drop for Leftovers {
+    fn drop(&mut self) {
+        let ns = &self.0;
+        let _ = std::process::Command::new("sh")
+            .args([
+                "-c",
+                &format!(
+                    "kubectl get virtualmachinestorages -n {ns} -o name | xargs -r -P 16 -I{{}} \
+                     kubectl patch -n {ns} {{}} --type=merge -p '{{\"metadata\":{{\"finalizers\":null}}}}' >/dev/null 2>&1"
+                ),
+            ])
+            .status();
+    }
+}
+
+/// Waits until two reads of every object `gap` apart are the same (at most `timeout`);
+/// returns how long that took and the writes seen in the last pair when it gave up.
+pub async fn wait_quiet(
+    client: &Client,
+    ns: &str,
+    gap: Duration,
+    timeout: Duration,
+) -> (Duration, Vec<(String, Vec<String>)>) {
+    let start = Instant::now();
+    let mut prev = snapshot(client, ns).await;
+    loop {
+        tokio::time::sleep(gap).await;
+        let next = snapshot(client, ns).await;
+        let w = writes(&prev, &next);
+        if w.is_empty() || start.elapsed() > timeout {
+            return (start.elapsed(), w);
+        }
+        prev = next;
+    }
 }
 
 /// Every Apply event of the objects of `ns` from now until `stop` fires: (name, resourceVersion,
