@@ -255,7 +255,8 @@ impl Drop for Leftovers {
                 "-c",
                 &format!(
                     "kubectl get virtualmachinestorages -n {ns} -o name | xargs -r -P 16 -I{{}} \
-                     kubectl patch -n {ns} {{}} --type=merge -p '{{\"metadata\":{{\"finalizers\":null}}}}' >/dev/null 2>&1"
+                     kubectl patch -n {ns} {{}} --type=merge -p '{{\"metadata\":{{\"finalizers\":null}}}}' >/dev/null 2>&1; \
+                     kubectl delete virtualmachinestorages --all -n {ns} --wait=false >/dev/null 2>&1"
                 ),
             ])
             .status();
