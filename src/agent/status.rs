@@ -310,7 +310,10 @@ mod tests {
         other.status = "False".into();
         let next = status(merge(&prev.conditions, &[other, c("RestartRequired")]));
         assert!(changed(&next, &prev, Some(1)));
-        assert!(changed(&prev, &prev, Some(2)), "a new generation is a change");
+        assert!(
+            changed(&prev, &prev, Some(2)),
+            "a new generation is a change"
+        );
     }
 
     use super::*;
