@@ -70,7 +70,8 @@ stop() {
   fi
   log "deleting Hypervisor $NODE and Lease $LEASE"
   if kubectl delete hypervisors.virtplane.io "$NODE" --ignore-not-found --timeout=30s >&2 &&
-    kubectl delete lease -n "${LEASE%%/*}" "${LEASE#*/}" --ignore-not-found --timeout=30s >&2; then
+    kubectl delete lease -n "${LEASE%%/*}" "${LEASE#*/}" --ignore-not-found --timeout=30s >&2 &&
+    kubectl delete lease -n kube-node-lease "virtplane-node-$NODE" --ignore-not-found --timeout=30s >&2; then
     rm -f "$MARKER"
   else
     log "could not delete them (is the apiserver up? eval \"\$(hack/env-up.sh)\"); run --stop again"

@@ -40,9 +40,15 @@ enum Command {
         /// Address of the /healthz and /readyz endpoint.
         #[arg(long, default_value = "0.0.0.0:8081")]
         http_addr: SocketAddr,
-        /// Seconds between inventory refreshes and heartbeats (events refresh sooner).
+        /// Seconds between renewals of this node's Lease (the heartbeat the controller judges
+        /// the node by) and between inventory re-reads (libvirt events refresh sooner; the
+        /// Hypervisor is written only when the inventory changed).
         #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
         heartbeat_seconds: u64,
+        /// Namespace of this node's Lease (`virtplane-node-<node>`), like the kubelets' Leases;
+        /// must match the controller's --node-lease-namespace.
+        #[arg(long, default_value = "kube-node-lease")]
+        lease_namespace: String,
         /// A directory whose files may back disks and CD-ROMs (repeatable), with `--tenancy open`
         /// only. The target paths of active storage pools are always allowed; nothing else is.
         /// In namespaced mode a source must lie inside a pool granted to the object's namespace:
@@ -112,7 +118,11 @@ enum Command {
         /// when the leader dies without releasing it).
         #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(2..=600))]
         lease_seconds: u64,
-        /// Seconds without a heartbeat after which a node counts as unreachable.
+        /// Namespace of the agents' node Leases (must match the agents' --lease-namespace).
+        #[arg(long, default_value = "kube-node-lease")]
+        node_lease_namespace: String,
+        /// Seconds without a renewal of a node's Lease after which the node counts as
+        /// unreachable. It counts as reachable again after two renewals at most this far apart.
         #[arg(long, default_value_t = 40, value_parser = clap::value_parser!(u64).range(1..=3600))]
         node_grace_seconds: u64,
         /// namespaced: an object is bound only to a domain or pool its namespace's annotations
@@ -139,6 +149,7 @@ async fn main() -> anyhow::Result<()> {
             libvirt_uri,
             http_addr,
             heartbeat_seconds,
+            lease_namespace,
             allowed_paths,
             max_downloads,
             download_deny_cidrs,
@@ -190,6 +201,7 @@ async fn main() -> anyhow::Result<()> {
                 libvirt_uri,
                 http_addr,
                 heartbeat_interval: Duration::from_secs(heartbeat_seconds),
+                lease_namespace,
                 allowed_paths,
                 downloads,
                 max_clones: usize::try_from(max_clones).unwrap_or(2),
@@ -206,6 +218,7 @@ async fn main() -> anyhow::Result<()> {
             identity,
             lease_seconds,
             node_grace_seconds,
+            node_lease_namespace,
             tenancy,
         } => {
             let identity = match identity {
@@ -228,6 +241,7 @@ async fn main() -> anyhow::Result<()> {
                 identity,
                 lease_duration: Duration::from_secs(lease_seconds),
                 node_grace: Duration::from_secs(node_grace_seconds),
+                node_lease_namespace,
                 tenancy,
             };
             virtplane::controller::run(client, config, shutdown).await?;

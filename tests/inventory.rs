@@ -6,6 +6,7 @@ mod common;
 
 use std::time::Duration;
 
+use kube::ResourceExt;
 use kube::api::Api;
 use virtplane::api::Hypervisor;
 use virtplane::conditions::{find, is_true};
@@ -101,34 +102,35 @@ async fn inventory_follows_libvirt_domain_events() {
 
 #[tokio::test]
 async fn heartbeat_advances_and_agent_stops_cleanly_on_sigterm() {
+    use k8s_openapi::api::coordination::v1::Lease;
     let client = client().await;
     install_crds(&client).await;
     let node = unique("vp-hb");
     let mut agent = Agent::start(&node, &["--heartbeat-seconds", "1"]);
 
-    let first = wait_hypervisor(
-        &client,
-        &node,
-        "a heartbeat",
-        Duration::from_secs(60),
-        |h| {
-            h.status
-                .as_ref()
-                .is_some_and(|s| s.last_heartbeat_time.is_some())
-        },
-    )
-    .await
-    .status
-    .unwrap()
-    .last_heartbeat_time
-    .unwrap();
-    let api: Api<Hypervisor> = Api::all(client.clone());
-    eventually("a later heartbeat", Duration::from_secs(20), || async {
-        let hb = api.get(&node).await.ok()?.status?.last_heartbeat_time?;
-        (hb.0 > first.0).then_some(())
+    // The heartbeat is the node Lease, renewed every second; the Hypervisor is not rewritten.
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "kube-node-lease");
+    let lease = format!("virtplane-node-{node}");
+    let renewed = |l: Lease| l.spec?.renew_time.map(|t| t.0);
+    let first = eventually("a heartbeat", Duration::from_secs(60), || async {
+        renewed(leases.get(&lease).await.ok()?)
     })
     .await;
-
+    eventually("a later heartbeat", Duration::from_secs(20), || async {
+        let hb = renewed(leases.get(&lease).await.ok()?)?;
+        (hb > first).then_some(())
+    })
+    .await;
+    let l = leases.get(&lease).await.unwrap();
+    assert_eq!(
+        l.labels().get("virtplane.io/node"),
+        Some(&node),
+        "the controller finds node Leases by this label"
+    );
+    assert_eq!(
+        l.spec.unwrap().holder_identity.as_deref(),
+        Some(node.as_str())
+    );
     assert!(
         agent.process.terminate(),
         "the agent did not exit cleanly on SIGTERM:\n{}",

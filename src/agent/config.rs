@@ -16,8 +16,11 @@ pub struct AgentConfig {
     pub libvirt_uri: String,
     /// Address of the health/readiness endpoint.
     pub http_addr: SocketAddr,
-    /// How often the inventory is re-read and the heartbeat written, events or not.
+    /// How often the node Lease is renewed, and the inventory re-read (written only when it
+    /// changed), events or not.
     pub heartbeat_interval: Duration,
+    /// Namespace of this node's Lease.
+    pub lease_namespace: String,
     /// Directories whose files may back devices, besides the active storage pools.
     pub allowed_paths: Vec<PathBuf>,
     /// Download slots, destinations, sizes and rates.

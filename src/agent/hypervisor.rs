@@ -1,10 +1,14 @@
-//! Keeps this node's `Hypervisor` object current: inventory, readiness and heartbeat.
+//! Keeps this node's `Hypervisor` object current: inventory and readiness, written only when they
+//! change. Liveness is not written here: the node Lease (lease.rs) carries the heartbeat, so a
+//! thousand bound objects never depend on this loop keeping time.
 
 use std::time::Duration;
 
+use futures::{Stream, StreamExt};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource};
 use serde_json::json;
 use tokio::sync::broadcast::error::RecvError;
@@ -29,10 +33,20 @@ pub mod reason {
 /// How long to gather a burst of libvirt events into one inventory refresh.
 const DEBOUNCE: Duration = Duration::from_millis(150);
 
-/// What this loop last wrote, to skip writes that would change nothing but the heartbeat.
+/// What this loop last wrote, to skip writes that would change nothing.
 struct Written {
     status: HypervisorStatus,
-    at: std::time::Instant,
+}
+
+/// What woke the loop.
+enum Wake {
+    /// A libvirt event or the periodic re-read: read the inventory again.
+    Refresh,
+    /// Someone else changed (or deleted) this Hypervisor's Ready condition, for example the
+    /// controller marking the node unreachable while this agent was stopped: take it back.
+    Overwritten(Option<Vec<Condition>>),
+    /// Stop.
+    Shutdown,
 }
 
 pub(super) async fn run(
@@ -77,6 +91,14 @@ pub(super) async fn run(
     let mut registered = Some(registered);
     let mut heartbeat = tokio::time::interval(config.heartbeat_interval);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let own = watcher(
+        api.clone(),
+        watcher::Config::default().fields(&format!("metadata.name={node}")),
+    )
+    .default_backoff();
+    let mut own = std::pin::pin!(own);
+    let mut overwritten = false;
+    let mut own_ended = false;
 
     loop {
         let ready = match libvirt.inventory().await {
@@ -101,25 +123,10 @@ pub(super) async fn run(
                 format!("{err}. The inventory shown is the last one read and may be stale."),
             ),
         };
-        // After a gap in this loop's writes the controller may have marked the node unreachable:
-        // start from the conditions on the server, so Ready's transition time tells the truth.
-        let gap = written
-            .as_ref()
-            .is_some_and(|w| w.at.elapsed() > config.heartbeat_interval * 3);
-        if gap && let Ok(h) = api.get_status(&node).await {
-            conditions = h.status.map(|s| s.conditions).unwrap_or_default();
-            written = None;
-        }
         conditions = conditions::compute(&conditions, &[ready], None, Timestamp::now());
         let status = build_status(last_inventory.as_ref(), conditions.clone());
 
-        let due = written.as_ref().is_none_or(|w| {
-            w.status != status
-                || w.at.elapsed()
-                    >= config
-                        .heartbeat_interval
-                        .saturating_sub(Duration::from_millis(500))
-        });
+        let due = overwritten || written.as_ref().is_none_or(|w| w.status != status);
         if due {
             let mut body = status.clone();
             body.last_heartbeat_time = Some(Time(Timestamp::now()));
@@ -133,10 +140,8 @@ pub(super) async fn run(
             }
             match result {
                 Ok(()) => {
-                    written = Some(Written {
-                        status,
-                        at: std::time::Instant::now(),
-                    });
+                    written = Some(Written { status });
+                    overwritten = false;
                     if let Some(gate) = registered.take() {
                         gate.open();
                     }
@@ -147,30 +152,80 @@ pub(super) async fn run(
             }
         }
 
-        if !wait_for_change(&mut events, &mut heartbeat, &mut shutdown).await {
-            return Ok(());
+        loop {
+            match wait_for_change(
+                &mut events,
+                &mut heartbeat,
+                &mut own,
+                &mut own_ended,
+                &mut shutdown,
+            )
+            .await
+            {
+                Wake::Refresh => break,
+                Wake::Overwritten(server) => {
+                    if server
+                        .as_deref()
+                        .is_some_and(|s| same_ready(s, &conditions))
+                    {
+                        // The echo of this loop's own write.
+                        continue;
+                    }
+                    // Start from the conditions on the server, so Ready's transition time
+                    // tells the truth, and write Ready back.
+                    if let Some(server) = server {
+                        conditions = server;
+                    }
+                    overwritten = true;
+                    break;
+                }
+                Wake::Shutdown => return Ok(()),
+            }
         }
     }
 }
 
-/// Waits for a relevant libvirt event (then gathers the rest of its burst), the heartbeat, or
-/// shutdown; returns false on shutdown.
+/// Whether both lists say the same of `Ready` (status, reason, message; times are not compared:
+/// the server keeps them to the second).
+fn same_ready(a: &[Condition], b: &[Condition]) -> bool {
+    let key = |c: &[Condition]| {
+        conditions::find(c, condition::READY)
+            .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+    };
+    key(a) == key(b)
+}
+
+/// Waits for a relevant libvirt event (then gathers the rest of its burst), the periodic
+/// re-read, a change of this node's Hypervisor on the server, or shutdown.
 async fn wait_for_change(
     events: &mut tokio::sync::broadcast::Receiver<Event>,
     heartbeat: &mut tokio::time::Interval,
+    own: &mut (impl Stream<Item = Result<watcher::Event<Hypervisor>, watcher::Error>> + Unpin),
+    own_ended: &mut bool,
     shutdown: &mut Shutdown,
-) -> bool {
+) -> Wake {
     loop {
         tokio::select! {
             ev = events.recv() => {
                 if is_relevant(&ev) {
                     tokio::time::sleep(DEBOUNCE).await;
                     while events.try_recv().is_ok() {}
-                    return true;
+                    return Wake::Refresh;
                 }
             }
-            _ = heartbeat.tick() => return true,
-            _ = shutdown.changed() => return false,
+            _ = heartbeat.tick() => return Wake::Refresh,
+            ev = own.next(), if !*own_ended => match ev {
+                Some(Ok(watcher::Event::Apply(h) | watcher::Event::InitApply(h))) => {
+                    return Wake::Overwritten(Some(h.status.map(|s| s.conditions).unwrap_or_default()));
+                }
+                Some(Ok(watcher::Event::Delete(_))) => return Wake::Overwritten(None),
+                Some(Ok(_)) => {}
+                Some(Err(err)) => tracing::debug!(error = %err, "watch of this node's Hypervisor"),
+                // The watcher retries with back-off and never ends; if it did, libvirt events and
+                // the periodic re-read still drive this loop.
+                None => *own_ended = true,
+            },
+            _ = shutdown.changed() => return Wake::Shutdown,
         }
     }
 }

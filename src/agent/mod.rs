@@ -13,6 +13,7 @@ mod index;
 mod interface;
 mod iso;
 mod jobs;
+mod lease;
 mod refusal;
 mod status;
 mod storage;
@@ -234,6 +235,10 @@ pub async fn run(
         shutdown.clone(),
     );
 
+    // The heartbeat: its own thread, runtime and client.
+    if let Err(err) = lease::spawn(&config, shutdown.clone()) {
+        tracing::error!(error = %err, "failed to start the node Lease thread; the controller will count this node unreachable");
+    }
     let inventory = hypervisor::run(
         client,
         libvirt.clone(),

@@ -166,10 +166,27 @@ where
         prev.node_name(),
         merge(prev.conditions(), &mine),
     );
-    if next != *prev {
+    if changed(&next, prev, obj.meta().generation) {
         apply_status(api, obj, agent_status(&next, &mine)).await?;
     }
     Ok(())
+}
+
+/// Whether `next` differs from `prev` other than in the order of the conditions: the server keeps
+/// them in the order they were first written (the controller's `Scheduled` often first), so
+/// comparing lists would write every reconcile, and an old API server bumps the
+/// resourceVersion of even a no-op apply, which wakes the object again: a write loop at rest.
+fn changed<S: AgentStatus>(next: &S, prev: &S, generation: Option<i64>) -> bool {
+    let mut conds = next.conditions().to_vec();
+    conds.sort_by_key(|c| {
+        prev.conditions()
+            .iter()
+            .position(|p| p.type_ == c.type_)
+            .unwrap_or(usize::MAX)
+    });
+    let mut in_prev_order = next.clone();
+    in_prev_order.set_common(generation, next.node_name(), conds);
+    in_prev_order != *prev
 }
 
 /// What one reconcile of a device kind decided: its status fields, `Ready`, `RestartRequired`,
@@ -267,6 +284,38 @@ fn warnings(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_order_of_conditions_on_the_server_is_no_change() {
+        use crate::api::VirtualMachineStorageStatus;
+        let c = |t: &str| Condition {
+            type_: t.into(),
+            status: "True".into(),
+            reason: "R".into(),
+            message: "m".into(),
+            observed_generation: Some(1),
+            last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                Timestamp::from_second(1).unwrap(),
+            ),
+        };
+        let status = |conds: Vec<Condition>| VirtualMachineStorageStatus {
+            observed_generation: Some(1),
+            conditions: conds,
+            ..Default::default()
+        };
+        let prev = status(vec![c("Scheduled"), c("Ready"), c("RestartRequired")]);
+        let next = status(merge(&prev.conditions, &[c("Ready"), c("RestartRequired")]));
+        assert_ne!(next, prev, "merge sorts by type");
+        assert!(!changed(&next, &prev, Some(1)));
+        let mut other = c("Ready");
+        other.status = "False".into();
+        let next = status(merge(&prev.conditions, &[other, c("RestartRequired")]));
+        assert!(changed(&next, &prev, Some(1)));
+        assert!(
+            changed(&prev, &prev, Some(2)),
+            "a new generation is a change"
+        );
+    }
+
     use super::*;
 
     fn cond(type_: &str, status: &str, reason: &str) -> Condition {

@@ -75,7 +75,9 @@ pub struct HypervisorStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "atomic"))]
     pub networks: Vec<NetworkSummary>,
-    /// When the agent last reported; the controller marks the node unreachable when this is stale.
+    /// When the agent last wrote this status (written only when the inventory or readiness
+    /// changed). The node's heartbeat is its Lease, kube-node-lease/virtplane-node-<node>: the
+    /// controller marks the node unreachable when that is not renewed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_heartbeat_time: Option<Time>,
     /// Ready: the agent is connected to libvirt and the inventory is current.

@@ -2,6 +2,7 @@
 //! may run; one leader, chosen through a `coordination.k8s.io/v1` Lease, does the work.
 
 pub mod binding;
+pub mod health;
 
 use std::collections::HashMap;
 use std::fmt::Debug;
@@ -28,7 +29,7 @@ use crate::conditions::{self, Desired};
 use crate::http::{self, Gate, Readiness};
 use crate::shutdown::Shutdown;
 use crate::tenancy::{self, NamespaceGrants};
-use binding::{Bindable, Decision, reason, time_until_stale};
+use binding::{Bindable, Decision, reason};
 
 /// Field manager of everything the controller writes.
 pub const FIELD_MANAGER: &str = "virtplane-controller";
@@ -46,8 +47,10 @@ pub struct ControllerConfig {
     pub identity: String,
     /// How long a leader's Lease is valid without renewal.
     pub lease_duration: Duration,
-    /// How long a Hypervisor may go without a heartbeat before its node counts as unreachable.
+    /// How long a node's Lease may go without renewal before the node counts as unreachable.
     pub node_grace: Duration,
+    /// Namespace of the agents' node Leases.
+    pub node_lease_namespace: String,
     /// Whether namespaces reach only the domains and pools granted to them.
     pub tenancy: tenancy::Mode,
 }
@@ -80,6 +83,8 @@ struct Context {
     /// What each namespace is granted (fed by a watch of the Namespaces).
     grants: NamespaceGrants,
     grace: SignedDuration,
+    /// Which nodes are reachable, judged from their Leases.
+    health: health::Health,
     backoff: Backoff,
 }
 
@@ -151,8 +156,15 @@ async fn lead(client: Client, config: &ControllerConfig, readiness: Readiness, s
         hypervisors: reader.clone(),
         grants,
         grace: SignedDuration::try_from(config.node_grace).unwrap_or(SignedDuration::from_secs(40)),
+        health: health::Health::new(config.node_grace),
         backoff: Backoff::default(),
     });
+    let node_health = health::run(
+        client.clone(),
+        config.node_lease_namespace.clone(),
+        reader.clone(),
+        ctx.health.clone(),
+    );
     // Not ready again until this leader's view of the Hypervisors is synced.
     let syncing = readiness.gate();
     let ready = {
@@ -172,13 +184,7 @@ async fn lead(client: Client, config: &ControllerConfig, readiness: Readiness, s
         bind::<VMInterface>(client.clone(), ctx.clone(), readiness.gate()),
         bind::<VMClone>(client.clone(), ctx.clone(), readiness.gate()),
         bind::<IsoDownload>(client.clone(), ctx.clone(), readiness.gate()),
-        Controller::new(hv_api, watcher::Config::default())
-            .run(
-                check_node,
-                |_, _, _| Action::requeue(Duration::from_secs(10)),
-                ctx.clone()
-            )
-            .for_each(|_| futures::future::ready(())),
+        node_health,
     );
 }
 
@@ -197,6 +203,7 @@ where
         + 'static,
 {
     ctx.grants.ready().await;
+    ctx.health.ready().await;
     let ctrl = Controller::new(Api::<K>::all(client.clone()), watcher::Config::default());
     let store = ctrl.store();
     let synced = store.clone();
@@ -212,6 +219,19 @@ where
                 .map(|o| ObjectRef::from_obj(&*o))
                 .collect();
             futures::stream::iter(waiting)
+        })
+    };
+    // A node's reachability changed: its objects' Scheduled condition follows, once per change.
+    let health_changed = {
+        let store = store.clone();
+        ctx.health.changes().flat_map(move |node| {
+            let bound: Vec<ObjectRef<K>> = store
+                .state()
+                .into_iter()
+                .filter(|o| o.labels().get(NODE_LABEL) == Some(&node))
+                .map(|o| ObjectRef::from_obj(&*o))
+                .collect();
+            futures::stream::iter(bound)
         })
     };
     let seen = std::sync::Mutex::new(HashMap::<String, u64>::new());
@@ -237,6 +257,7 @@ where
             },
         )
         .reconcile_on(regranted)
+        .reconcile_on(health_changed)
         .run(
             |obj, ctx| async move {
                 let start = std::time::Instant::now();
@@ -317,26 +338,24 @@ where
 
     let (node, desired, action) = match obj.labels().get(NODE_LABEL) {
         Some(node) => {
-            let hv = hypervisors.iter().find(|h| h.name_any() == *node);
-            match hv.and_then(|h| time_until_stale(h, ctx.grace, now)) {
-                Some(left) => (
+            // Reachability changes wake the object (health_changed); no timer is needed.
+            match ctx.health.is_up(node) {
+                true => (
                     Some(node.clone()),
                     Desired::truthy(
                         condition::SCHEDULED,
                         reason::BOUND,
                         format!("Bound to node {node}."),
                     ),
-                    Action::requeue(
-                        Duration::try_from(left).unwrap_or_default() + Duration::from_secs(1),
-                    ),
+                    Action::requeue(Duration::from_secs(300)),
                 ),
-                None => (
+                false => (
                     Some(node.clone()),
                     Desired::truthy(
                         condition::SCHEDULED,
                         reason::NODE_UNREACHABLE,
                         format!(
-                            "Bound to node {node}, whose agent has not reported for more than {}s; changes wait until it is back. Check the virtplane agent on {node}.",
+                            "Bound to node {node}, whose agent has not renewed its Lease for more than {}s; changes wait until it is back. Check the virtplane agent on {node}.",
                             ctx.grace.as_secs()
                         ),
                     ),
@@ -345,10 +364,9 @@ where
             }
         }
         None => {
-            let now = Timestamp::now();
             let hvs: Vec<(&Hypervisor, bool)> = hypervisors
                 .iter()
-                .map(|h| (h.as_ref(), time_until_stale(h, ctx.grace, now).is_some()))
+                .map(|h| (h.as_ref(), ctx.health.is_up(&h.name_any())))
                 .collect();
             let grants = ctx.grants.grants(&ns);
             match binding::decide(obj.node_name(), obj.target(), &grants, &hvs) {
@@ -411,53 +429,4 @@ where
         })?;
     }
     Ok(action)
-}
-
-/// Marks a Hypervisor whose agent stopped reporting `Ready=False`, like the node lifecycle
-/// controller does for Nodes. The agent takes the condition back with its next heartbeat.
-async fn check_node(hv: Arc<Hypervisor>, ctx: Arc<Context>) -> Result<Action, ControllerError> {
-    let now = Timestamp::now();
-    if let Some(left) = time_until_stale(&hv, ctx.grace, now) {
-        return Ok(Action::requeue(
-            Duration::try_from(left).unwrap_or_default() + Duration::from_secs(1),
-        ));
-    }
-    let conds = hv
-        .status
-        .as_ref()
-        .map(|s| s.conditions.as_slice())
-        .unwrap_or_default();
-    if conditions::find(conds, condition::READY)
-        .is_some_and(|c| c.reason == reason::NODE_UNREACHABLE)
-    {
-        return Ok(Action::await_change());
-    }
-    let name = hv.name_any();
-    let since = binding::last_heartbeat(&hv).map_or("never".to_string(), |t| t.to_string());
-    let desired = Desired::falsy(
-        condition::READY,
-        reason::NODE_UNREACHABLE,
-        format!(
-            "The virtplane agent on node {name} has not reported since {since}. Check that it runs and can reach the API server."
-        ),
-    );
-    let body = json!({
-        "apiVersion": Hypervisor::api_version(&()), "kind": Hypervisor::kind(&()),
-        "metadata": { "name": name },
-        "status": { "conditions": conditions::compute(conds, &[desired], None, now) },
-    });
-    Api::<Hypervisor>::all(ctx.client.clone())
-        .patch_status(
-            &name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(body),
-        )
-        .await
-        .map_err(|source| ControllerError::Api {
-            action: "mark unreachable",
-            object: format!("Hypervisor/{name}"),
-            source,
-        })?;
-    tracing::warn!(node = %name, "node unreachable");
-    Ok(Action::await_change())
 }

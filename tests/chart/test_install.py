@@ -244,9 +244,13 @@ def test_controller_permissions(release: Release) -> None:
         ("create", "events", "-n", "default"), ("create", "events.events.k8s.io", "-n", "default"),
         # Tenancy: the grant annotations of every namespace.
         ("list", "namespaces"), ("watch", "namespaces"), ("get", "namespaces/default"),
+        # Node health: the agents' Leases, read only.
+        ("list", "leases.coordination.k8s.io", "-n", "kube-node-lease"),
+        ("watch", "leases.coordination.k8s.io", "-n", "kube-node-lease"),
     ]
     denied = [
         ("patch", "namespaces/default"), ("update", "namespaces/default"), ("create", "namespaces"),
+        ("patch", "leases.coordination.k8s.io", "-n", "kube-node-lease"),
         ("create", "secrets", "-n", "RELNS"), ("get", "secrets", "-n", "RELNS"),
         ("list", "secrets", "-A"), ("get", "configmaps", "-n", "default"),
         ("delete", "hypervisors.virtplane.io"), ("create", "hypervisors.virtplane.io"),
@@ -285,9 +289,13 @@ def test_agent_permissions(release: Release) -> None:
         ("get", "secrets", "-n", "default"), ("get", "configmaps", "-n", "default"),
         # Tenancy: the grant annotations of every namespace.
         ("list", "namespaces"), ("watch", "namespaces"), ("get", "namespaces/default"),
+        # The heartbeat: its node Lease.
+        ("create", "leases.coordination.k8s.io", "-n", "kube-node-lease"),
+        ("patch", "leases.coordination.k8s.io/virtplane-node-x", "-n", "kube-node-lease"),
     ]
     denied = [
         ("patch", "namespaces/default"), ("update", "namespaces/default"), ("create", "namespaces"),
+        ("delete", "leases.coordination.k8s.io/virtplane-node-x", "-n", "kube-node-lease"),
         ("list", "secrets", "-A"), ("watch", "secrets", "-n", "default"),
         ("list", "configmaps", "-n", "default"), ("create", "secrets", "-n", "default"),
         ("create", "leases.coordination.k8s.io", "-n", "RELNS"),

@@ -339,6 +339,19 @@ impl Drop for Agent {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status();
+        let _ = Command::new("kubectl")
+            .args([
+                "delete",
+                "lease",
+                "-n",
+                "kube-node-lease",
+                &format!("virtplane-node-{}", self.node),
+                "--wait=false",
+                "--ignore-not-found",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
     }
 }
 

@@ -50,9 +50,11 @@ pub(super) async fn reconcile(
         &obj.spec.vm,
     );
     let lock = ctx.locks.get(&vm);
-    let _guard = lock.lock().await;
 
     finalizer::finalizer(&api, obj, |event| async {
+        // The domain's lock covers the libvirt work and the status write, not the finalizer's
+        // own API calls: adding or removing a finalizer never holds up the domain's other objects.
+        let _guard = lock.lock().await;
         match event {
             finalizer::Event::Cleanup(obj) => Ok(finalizer::Step::Cleanup(
                 cleanup(&api, &obj, &ctx, &vm, &alias).await?,
