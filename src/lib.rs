@@ -10,6 +10,7 @@ pub mod copy;
 pub mod crdgen;
 pub mod download;
 pub mod http;
+pub mod image;
 pub mod libvirt;
 pub mod metrics;
 pub mod shutdown;

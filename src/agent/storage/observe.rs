@@ -212,13 +212,9 @@ fn inspect_blocking(path: PathBuf, allowed: &[PathBuf]) -> PathFacts {
     }
 }
 
+/// The image's header as [`crate::image::qcow2::judge`] reads it (empty when unreadable).
 fn read_header(path: &Path) -> Vec<u8> {
-    use std::io::Read;
-    let mut buf = Vec::with_capacity(16);
-    if let Ok(f) = std::fs::File::open(path) {
-        let _ = f.take(16).read_to_end(&mut buf);
-    }
-    buf
+    crate::image::qcow2::read_header(path).unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -375,6 +375,24 @@ fn every_refusal_reason_has_its_case() {
             Retry::OnChange,
         ),
         (
+            "a qcow2 image with an external data file",
+            disk.clone(),
+            none.clone(),
+            observed(
+                running(),
+                SourceFacts::Path(PathFacts {
+                    requested: IMG.into(),
+                    found: Found::Present {
+                        real: IMG.into(),
+                        kind: Ok(FileKind::File),
+                        header: Some(crate::image::qcow2::sample(1 << 2, None)),
+                    },
+                }),
+            ),
+            R::UnsafeImage,
+            Retry::OnChange,
+        ),
+        (
             "disk source changed in libvirt",
             disk.clone(),
             attached.clone(),
