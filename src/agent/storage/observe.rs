@@ -136,6 +136,11 @@ pub async fn observe(
                 iso,
             }
         }
+        StorageSource {
+            path: None,
+            volume: None,
+            iso_download: None,
+        } => SourceFacts::Empty,
         _ => SourceFacts::Ambiguous,
     };
     observed.source = source;

@@ -78,6 +78,8 @@ pub enum SourceFacts {
     None,
     /// More than one of path, volume and isoDownload is set.
     Ambiguous,
+    /// `source` is set but names nothing (`source: {}`).
+    Empty,
     /// `source.path`.
     Path(PathFacts),
     /// `source.volume`: the lookup, and the volume's file when found.
@@ -152,6 +154,12 @@ pub fn resolve(
             return Err(Refusal::fix(
                 StorageReason::InvalidSpec,
                 "Set at most one of source.path, source.volume and source.isoDownload.",
+            ));
+        }
+        SourceFacts::Empty => {
+            return Err(Refusal::fix(
+                StorageReason::InvalidSpec,
+                "spec.source is empty: set one of source.path, source.volume and source.isoDownload, or leave source out for an empty CD-ROM tray.",
             ));
         }
         SourceFacts::Path(file) => file,

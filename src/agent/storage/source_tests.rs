@@ -258,3 +258,37 @@ fn a_volume_resolves_to_its_file() {
         (PathBuf::from("/pool/v.img"), "raw")
     );
 }
+
+#[test]
+fn an_empty_source_says_it_is_empty() {
+    let r = resolve(&SourceFacts::Empty, &allowed(), &open(), None, "n1").unwrap_err();
+    assert_eq!(r.reason, StorageReason::InvalidSpec);
+    assert!(
+        r.message.starts_with("spec.source is empty"),
+        "{}",
+        r.message
+    );
+    let r = resolve(&SourceFacts::Ambiguous, &allowed(), &open(), None, "n1").unwrap_err();
+    assert!(r.message.starts_with("Set at most one"), "{}", r.message);
+}
+
+#[test]
+fn unsafe_image_messages_name_the_finding_and_the_fix() {
+    let header = crate::image::qcow2::sample(1 << 2 | 1 << 12, None);
+    let r = check_path(
+        &present("/pool/a.q", FileKind::File, &header),
+        &allowed(),
+        &open(),
+        None,
+    )
+    .unwrap_err();
+    assert_eq!(r.reason, StorageReason::UnsafeImage);
+    assert!(
+        r.message
+            .starts_with("/pool/a.q is a qcow2 image with an external data file")
+            && r.message.contains("feature bit(s) 12 ")
+            && r.message.contains("qemu-img convert"),
+        "{}",
+        r.message
+    );
+}
