@@ -14,6 +14,7 @@ mod interface;
 mod iso;
 mod jobs;
 mod refusal;
+mod roots;
 mod status;
 mod storage;
 mod wiring;

@@ -209,7 +209,7 @@ pub fn parse(bytes: &[u8]) -> Result<Option<Header>, Qcow2Error> {
             return Err(Qcow2Error::Truncated(bytes.len()));
         }
         let len = be32(bytes, 100);
-        let ok = (V3_HEADER_LEN as u32..=cluster as u32).contains(&len) && len % 8 == 0;
+        let ok = (V3_HEADER_LEN as u32..=cluster as u32).contains(&len) && len.is_multiple_of(8);
         if !ok {
             return Err(Qcow2Error::HeaderLength(len));
         }

@@ -9,6 +9,7 @@ use kube::api::Api;
 
 use super::source::{self, FileKind, Found, IsoFacts, PathFacts, SourceFacts};
 use crate::agent::context::{Context, ReconcileError};
+use crate::agent::roots;
 use crate::api::{IsoDownload, NODE_LABEL, StorageSource, VirtualMachineStorage};
 use crate::libvirt::LibvirtError;
 use crate::libvirt::domain::DomainView;
@@ -161,15 +162,19 @@ async fn look(
         observed.grants.clone(),
     );
     let (pools, allowed_paths, facts) = tokio::task::spawn_blocking(move || {
-        let pools: Vec<(String, PathBuf)> = pools
-            .into_iter()
-            .filter(|p| p.active)
-            .filter_map(|p| Some((p.name, std::fs::canonicalize(p.path?).ok()?)))
-            .collect();
-        let extra: Vec<PathBuf> = extra
-            .into_iter()
-            .filter_map(|d| std::fs::canonicalize(d).ok())
-            .collect();
+        let pools = roots::usable(
+            pools
+                .into_iter()
+                .filter(|p| p.active)
+                .filter_map(|p| Some((p.name, std::fs::canonicalize(p.path?).ok()?)))
+                .collect(),
+        );
+        let extra = roots::usable_dirs(
+            extra
+                .into_iter()
+                .filter_map(|d| std::fs::canonicalize(d).ok())
+                .collect(),
+        );
         let dirs = source::usable_dirs(&grants, &pools, &extra);
         let facts = inspect_blocking(path, &dirs);
         (pools, extra, facts)
