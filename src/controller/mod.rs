@@ -2,6 +2,7 @@
 //! may run; one leader, chosen through a `coordination.k8s.io/v1` Lease, does the work.
 
 pub mod binding;
+pub mod label;
 
 use std::collections::HashMap;
 use std::fmt::Debug;
@@ -29,6 +30,7 @@ use crate::http::{self, Gate, Readiness};
 use crate::shutdown::Shutdown;
 use crate::tenancy::{self, NamespaceGrants};
 use binding::{Bindable, Decision, reason, time_until_stale};
+use label::LabelAction;
 
 /// Field manager of everything the controller writes.
 pub const FIELD_MANAGER: &str = "virtplane-controller";
@@ -315,7 +317,25 @@ where
     let api: Api<K> = Api::namespaced(ctx.client.clone(), &ns);
     let object = format!("{}/{ns}/{name}", K::kind(&()));
 
-    let (node, desired, action) = match obj.labels().get(NODE_LABEL) {
+    // The label is the controller's: anyone else's edit is put back, a label naming no node
+    // is removed (`label`).
+    let found = obj.labels().get(NODE_LABEL).map(String::as_str);
+    let exists = |n: &str| hypervisors.iter().any(|h| h.name_any() == n);
+    let bound = match label::judge(found, obj.status_node(), exists) {
+        LabelAction::Decide => None,
+        LabelAction::Keep(node) => Some(node),
+        LabelAction::Restore { node, found } => {
+            tracing::warn!(%node, found = found.as_deref().unwrap_or("(removed)"), "the node label was changed by someone else; putting the binding back");
+            set_label(&api, &name, Some(&node), &object).await?;
+            Some(node)
+        }
+        LabelAction::Remove(ghost) => {
+            tracing::warn!(label = %ghost, "the node label names no node; removing it");
+            set_label(&api, &name, None, &object).await?;
+            None
+        }
+    };
+    let (node, desired, action) = match bound.as_ref() {
         Some(node) => {
             let hv = hypervisors.iter().find(|h| h.name_any() == *node);
             match hv.and_then(|h| time_until_stale(h, ctx.grace, now)) {
@@ -411,6 +431,31 @@ where
         })?;
     }
     Ok(action)
+}
+
+/// Sets (or, with `None`, removes) the node label of `name`, whoever set it before.
+async fn set_label<K>(
+    api: &Api<K>,
+    name: &str,
+    node: Option<&str>,
+    object: &str,
+) -> Result<(), ControllerError>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
+{
+    let body = json!({ "metadata": { "labels": { NODE_LABEL: node } } });
+    api.patch(
+        name,
+        &PatchParams::apply(FIELD_MANAGER),
+        &Patch::Merge(body),
+    )
+    .await
+    .map(|_| ())
+    .map_err(|source| ControllerError::Api {
+        action: "label",
+        object: object.to_string(),
+        source,
+    })
 }
 
 /// Marks a Hypervisor whose agent stopped reporting `Ready=False`, like the node lifecycle
