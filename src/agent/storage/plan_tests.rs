@@ -500,8 +500,11 @@ fn a_transient_domain_gets_its_controller_live() {
         &observed(Some(v), SourceFacts::Path(file(IMG))),
     )
     .unwrap();
-    assert_eq!(p.steps[0], Step::AddScsiController(Affect::Live));
-    assert!(!p.steps.contains(&Step::WriteDefinition));
+    // Once: no second hot-plug of the same controller.
+    assert_eq!(
+        p.steps,
+        [Step::AddScsiController(Affect::Live), Step::HotPlug]
+    );
 }
 
 #[test]
