@@ -20,11 +20,19 @@ type Vms = VirtualMachineStorage;
 const T: Duration = Duration::from_secs(60);
 
 fn cdrom(name: &str, vm: &str, label: Option<&str>) -> String {
+    cdrom_on(name, vm, label, None)
+}
+
+/// With `node`, `spec.nodeName` (two agents on one libvirtd both report every domain).
+fn cdrom_on(name: &str, vm: &str, label: Option<&str>, node: Option<&str>) -> String {
     let labels = label
         .map(|l| format!("  labels:\n    {NODE_LABEL}: {l}\n"))
         .unwrap_or_default();
+    let node = node
+        .map(|n| format!("  nodeName: {n}\n"))
+        .unwrap_or_default();
     format!(
-        "apiVersion: virtplane.io/v1alpha1\nkind: VirtualMachineStorage\nmetadata:\n  name: {name}\n{labels}spec:\n  vm: {vm}\n  type: cdrom\n  bus: scsi\n"
+        "apiVersion: virtplane.io/v1alpha1\nkind: VirtualMachineStorage\nmetadata:\n  name: {name}\n{labels}spec:\n  vm: {vm}\n  type: cdrom\n  bus: scsi\n{node}"
     )
 }
 
@@ -69,7 +77,10 @@ async fn a_tenant_cannot_move_or_drop_a_binding() {
     let domain = TestDomain::define("vp-hb-move");
     let api: Api<Vms> = Api::namespaced(client.clone(), &ns.name);
 
-    kubectl_apply(&ns.name, &cdrom("cd", &domain.name, None));
+    kubectl_apply(
+        &ns.name,
+        &cdrom_on("cd", &domain.name, None, Some(&op.agent.node)),
+    );
     wait_obj::<Vms>(&client, &ns.name, "cd", "Ready=True", T, ready).await;
     let node = op.agent.node.as_str();
     let bound = wait_label(&client, &ns.name, "cd", Some(node)).await;
@@ -94,12 +105,8 @@ async fn a_tenant_cannot_move_or_drop_a_binding() {
         Some(node),
         "the controller's record is unchanged"
     );
-    // (Ready is not asserted here: while the label named the other node, that node's agent may
-    // have written its own view of the object's status; see the report of issue 18.)
-    let o = wait_obj::<Vms>(&client, &ns.name, "cd", "Scheduled=Bound", T, |o| {
-        scheduled(o).is_some_and(|(s, r, _)| s == "True" && r == "Bound")
-    })
-    .await;
+    let o = wait_obj::<Vms>(&client, &ns.name, "cd", "Ready=True", T, ready).await;
+    assert_eq!(scheduled(&o).unwrap().1, "Bound");
     assert_eq!(o.labels().get(NODE_LABEL).map(String::as_str), Some(node));
     assert_eq!(
         config_xml(&domain.name),
