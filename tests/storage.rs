@@ -364,8 +364,8 @@ async fn bad_input_is_refused_with_a_reason_and_leaves_the_domain_alone() {
             &format!("  nodeName: {}\n  type: cdrom\n", op.agent.node),
         ),
     );
-    // A qcow2 header of a version QEMU does not know: libvirt would take it into the definition,
-    // QEMU refuses it on hot-plug. Nothing is written (a restart would only fail to boot).
+    // A qcow2 header of a version QEMU does not know: the agent's header check refuses it before
+    // libvirt sees it.
     let corrupt = pool.path.join("corrupt.qcow2");
     let mut header = b"QFI\xfb\0\0\0\x63".to_vec();
     header.resize(1 << 20, 0);
@@ -396,7 +396,7 @@ async fn bad_input_is_refused_with_a_reason_and_leaves_the_domain_alone() {
         ),
     );
     for (name, reason) in [
-        ("corrupt", "AttachFailed"),
+        ("corrupt", "UnsafeImage"),
         ("notqcow", "InvalidSpec"),
         ("shadow", "PathNotAllowed"),
         ("escape", "PathNotAllowed"),

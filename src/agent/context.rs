@@ -90,20 +90,28 @@ pub struct Context {
 
 impl Context {
     /// Directories whose files may back devices: the configured ones and the target paths of the
-    /// active storage pools, with symlinks resolved.
+    /// active storage pools, with symlinks resolved, none a system directory (`roots`).
     pub async fn allowed_dirs(&self) -> Result<Vec<PathBuf>, LibvirtError> {
         let pools = self.libvirt.storage_pools().await?;
-        let mut dirs: Vec<PathBuf> = self.allowed_paths.clone();
-        dirs.extend(
-            pools
+        let extra = self.allowed_paths.clone();
+        // Canonicalising can block (a hung NFS pool): off the async runtime. System
+        // directories never count (`roots`).
+        Ok(tokio::task::spawn_blocking(move || {
+            let canonical = |d: &str| std::fs::canonicalize(d).ok();
+            let pools = pools
                 .into_iter()
                 .filter(|p| p.active)
-                .filter_map(|p| p.path.map(PathBuf::from)),
-        );
-        Ok(dirs
-            .into_iter()
-            .filter_map(|d| std::fs::canonicalize(d).ok())
-            .collect())
+                .filter_map(|p| Some((p.name, canonical(p.path.as_deref()?)?)))
+                .collect();
+            let extra = extra
+                .iter()
+                .filter_map(|d| std::fs::canonicalize(d).ok())
+                .collect();
+            let mut dirs = super::roots::usable_dirs(extra);
+            dirs.extend(super::roots::usable(pools).into_iter().map(|(_, d)| d));
+            dirs
+        })
+        .await?)
     }
 }
 

@@ -103,6 +103,7 @@ pub(super) async fn run(
     loop {
         let ready = match libvirt.inventory().await {
             Ok(inventory) => {
+                super::roots::warn_about(&inventory.storage_pools).await;
                 last_inventory = Some(inventory);
                 Desired::truthy(
                     condition::READY,

@@ -15,6 +15,7 @@ mod iso;
 mod jobs;
 mod lease;
 mod refusal;
+mod roots;
 mod status;
 mod storage;
 mod wiring;

@@ -3,6 +3,7 @@
 
 pub mod binding;
 pub mod health;
+pub mod label;
 
 use std::collections::HashMap;
 use std::fmt::Debug;
@@ -30,6 +31,7 @@ use crate::http::{self, Gate, Readiness};
 use crate::shutdown::Shutdown;
 use crate::tenancy::{self, NamespaceGrants};
 use binding::{Bindable, Decision, reason};
+use label::LabelAction;
 
 /// Field manager of everything the controller writes.
 pub const FIELD_MANAGER: &str = "virtplane-controller";
@@ -336,7 +338,25 @@ where
     let api: Api<K> = Api::namespaced(ctx.client.clone(), &ns);
     let object = format!("{}/{ns}/{name}", K::kind(&()));
 
-    let (node, desired, action) = match obj.labels().get(NODE_LABEL) {
+    // The label is the controller's: anyone else's edit is put back, a label naming no node
+    // is removed (`label`).
+    let found = obj.labels().get(NODE_LABEL).map(String::as_str);
+    let exists = |n: &str| hypervisors.iter().any(|h| h.name_any() == n);
+    let bound = match label::judge(found, obj.status_node(), exists) {
+        LabelAction::Decide => None,
+        LabelAction::Keep(node) => Some(node),
+        LabelAction::Restore { node, found } => {
+            tracing::warn!(%node, found = found.as_deref().unwrap_or("(removed)"), "the node label was changed by someone else; putting the binding back");
+            set_label(&api, &name, Some(&node), &object).await?;
+            Some(node)
+        }
+        LabelAction::Remove(ghost) => {
+            tracing::warn!(label = %ghost, "the node label names no node; removing it");
+            set_label(&api, &name, None, &object).await?;
+            None
+        }
+    };
+    let (node, desired, action) = match bound.as_ref() {
         Some(node) => {
             // Reachability changes wake the object (health_changed); no timer is needed.
             match ctx.health.is_up(node) {
@@ -429,4 +449,29 @@ where
         })?;
     }
     Ok(action)
+}
+
+/// Sets (or, with `None`, removes) the node label of `name`, whoever set it before.
+async fn set_label<K>(
+    api: &Api<K>,
+    name: &str,
+    node: Option<&str>,
+    object: &str,
+) -> Result<(), ControllerError>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
+{
+    let body = json!({ "metadata": { "labels": { NODE_LABEL: node } } });
+    api.patch(
+        name,
+        &PatchParams::apply(FIELD_MANAGER),
+        &Patch::Merge(body),
+    )
+    .await
+    .map(|_| ())
+    .map_err(|source| ControllerError::Api {
+        action: "label",
+        object: object.to_string(),
+        source,
+    })
 }

@@ -1,3 +1,5 @@
-//! Image files as the agent reads them: what their first bytes say they are.
+//! Disk images as the agent reads them: what a file's first bytes say it is, and what a qcow2
+//! header names, read without opening anything the header names.
 
+pub mod qcow2;
 pub mod sniff;

@@ -22,6 +22,8 @@ pub enum ErrorKind {
     Unreachable,
     /// libvirt or QEMU refused the request itself (a bad image, a locked file, bad XML).
     Refused,
+    /// The call did not return in time (a hung storage backend or QEMU monitor).
+    Timeout,
 }
 
 /// Errors of the libvirt layer.
@@ -63,6 +65,17 @@ pub enum LibvirtError {
     /// The event loop could not be started.
     #[error("failed to start the libvirt event loop: {0}")]
     EventLoop(#[source] virt::error::Error),
+    /// A call did not return within the agent's bound.
+    #[error(
+        "libvirt did not answer within {}s to {action} (a hung storage pool or QEMU?); the agent tries again later",
+        .after.as_secs()
+    )]
+    Timeout {
+        /// What was being done.
+        action: String,
+        /// The bound.
+        after: std::time::Duration,
+    },
     /// A blocking task panicked or was cancelled.
     #[error("libvirt worker task failed: {0}")]
     Worker(#[from] tokio::task::JoinError),
@@ -100,6 +113,7 @@ impl LibvirtError {
                 };
                 classify(self.code(), domain)
             }
+            Self::Timeout { .. } => ErrorKind::Timeout,
             Self::Xml { .. } | Self::EventLoop(_) | Self::Worker(_) => ErrorKind::Refused,
             #[cfg(test)]
             Self::Fake { kind, .. } => *kind,
@@ -181,5 +195,19 @@ mod tests {
         for (code, domain, want) in cases {
             assert_eq!(classify(code, domain), want, "{code:?} from {domain:?}");
         }
+    }
+
+    #[test]
+    fn a_timed_out_call_says_what_and_how_long() {
+        let e = LibvirtError::Timeout {
+            action: "refresh a storage pool".into(),
+            after: std::time::Duration::from_secs(120),
+        };
+        assert_eq!(e.kind(), ErrorKind::Timeout);
+        assert!(
+            e.to_string()
+                .starts_with("libvirt did not answer within 120s to refresh a storage pool"),
+            "{e}"
+        );
     }
 }

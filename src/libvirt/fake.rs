@@ -35,6 +35,8 @@ struct Failure {
     action: &'static str,
     affect: Option<Affect>,
     kind: ErrorKind,
+    /// Matching calls to let through first.
+    skip: usize,
 }
 
 /// State of the stand-in.
@@ -99,10 +101,22 @@ impl FakeLibvirt {
     /// Makes the next call whose action is `action` (and, for device changes, whose affect is
     /// `affect`) fail with `kind`.
     pub fn fail_next(&self, action: &'static str, affect: Option<Affect>, kind: ErrorKind) {
+        self.fail_after(action, affect, 0, kind);
+    }
+
+    /// Like [`FakeLibvirt::fail_next`], after letting `skip` matching calls through.
+    pub fn fail_after(
+        &self,
+        action: &'static str,
+        affect: Option<Affect>,
+        skip: usize,
+        kind: ErrorKind,
+    ) {
         self.state().failures.push_back(Failure {
             action,
             affect,
             kind,
+            skip,
         });
     }
 
@@ -133,6 +147,12 @@ impl FakeLibvirt {
             .failures
             .iter()
             .position(|f| f.action == action && (f.affect.is_none() || f.affect == affect));
+        if let Some(f) = hit.and_then(|i| st.failures.get_mut(i))
+            && f.skip > 0
+        {
+            f.skip -= 1;
+            return Ok(());
+        }
         match hit.and_then(|i| st.failures.remove(i)) {
             Some(f) => Err(LibvirtError::Fake {
                 action: action.to_string(),
@@ -175,6 +195,11 @@ fn apply_change(side: &mut DomainXml, device: &DomainXml, change: DeviceChange) 
         DeviceChange::Detach => {
             side.disks.retain(|d| !same_disk(&d.alias));
             side.interfaces.retain(|n| !same_nic(&n.alias));
+            for c in &device.controllers {
+                if let Some(i) = side.controllers.iter().position(|x| x == c) {
+                    side.controllers.remove(i);
+                }
+            }
         }
     }
 }

@@ -35,6 +35,12 @@ pub use inventory::{Inventory, collect_inventory, collect_storage_pools, format_
 /// Upper bound of libvirt calls in flight at once.
 pub const MAX_CONCURRENT_CALLS: usize = 8;
 
+/// How long one libvirt call may take before the caller gives up on it
+/// ([`LibvirtError::Timeout`]): a call hung on a dead NFS pool or a stuck QEMU monitor then
+/// fails for the object that made it, and frees its slot for everyone else's calls. The blocking
+/// thread itself cannot be cancelled; it ends when libvirt returns.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// A live connection and its event callbacks. Field order matters: callbacks are deregistered
 /// before the connection is released.
 struct Live {
@@ -202,7 +208,17 @@ impl Libvirt {
                 uri: self.inner.uri.clone(),
             })?;
         let start = std::time::Instant::now();
-        let result = tokio::task::spawn_blocking(move || f(&conn)).await?;
+        let call = tokio::task::spawn_blocking(move || f(&conn));
+        let result = match tokio::time::timeout(CALL_TIMEOUT, call).await {
+            Ok(joined) => joined?,
+            Err(_) => {
+                tracing::warn!(action, after = ?CALL_TIMEOUT, "libvirt call timed out");
+                return Err(LibvirtError::Timeout {
+                    action: action.to_string(),
+                    after: CALL_TIMEOUT,
+                });
+            }
+        };
         crate::metrics::get()
             .libvirt_call_seconds
             .get_or_create(&crate::metrics::CallLabels {

@@ -10,8 +10,10 @@ use kube::api::Api;
 
 use super::plan::{self, FileFacts, Observed, Source};
 use crate::agent::context::{Context, ReconcileError, object_name};
+use crate::agent::roots;
 use crate::api::{VMClone, VMCloneStatus};
 use crate::copy;
+use crate::image::qcow2;
 use crate::libvirt::clones::Clones;
 use crate::libvirt::facade::{Domains, Storage, VolumeLookup};
 
@@ -77,7 +79,25 @@ pub async fn observe(
         obs.target_task = v.clone_domain(t).await?.and_then(|d| d.task);
     }
     obs.pools = v.storage_pools().await?;
-    obs.pool_dirs = obs
+    obs.allowed = ctx.allowed_dirs().await?;
+    // Canonicalising, extent maps, image headers and directory listings can block (a hung NFS
+    // pool): off the async runtime.
+    let spec = spec.clone();
+    obs = tokio::task::spawn_blocking(move || inspect_files(obs, &spec, paths))
+        .await
+        .map_err(crate::libvirt::LibvirtError::from)?;
+    Ok(obs)
+}
+
+/// The filesystem part of [`observe`]: the pools' directories (a pool on a system directory is
+/// left out, see `roots`), each source file's facts and image header, the free space, and the
+/// files in the destination directories. Blocking.
+fn inspect_files(
+    mut obs: Observed,
+    spec: &crate::api::VMCloneSpec,
+    paths: Vec<String>,
+) -> Observed {
+    let dirs: Vec<(String, PathBuf)> = obs
         .pools
         .iter()
         .filter_map(|p| {
@@ -85,7 +105,10 @@ pub async fn observe(
             Some((p.name.clone(), dir))
         })
         .collect();
-    obs.allowed = ctx.allowed_dirs().await?;
+    let bad = roots::unsafe_pools(&dirs);
+    obs.pools
+        .retain(|p| !bad.iter().any(|(name, _)| *name == p.name));
+    obs.pool_dirs = roots::usable(dirs).into_iter().collect();
     for p in paths {
         let path = PathBuf::from(&p);
         let dir = path
@@ -94,6 +117,14 @@ pub async fn observe(
             .unwrap_or_default();
         let allocated = copy::allocated_bytes(&path).unwrap_or(0);
         let data = copy::data_bytes(&path).unwrap_or(allocated);
+        // Read only inside the allowed directories; what lies outside is refused by the plan.
+        let unsafe_image = std::fs::canonicalize(&path)
+            .ok()
+            .filter(|real| obs.allowed.iter().any(|a| real.starts_with(a)))
+            .and_then(|real| match qcow2::judge_file(&real) {
+                Ok(verdict) => verdict.refusal(),
+                Err(e) => Some(format!("an image whose header cannot be read ({e})")),
+            });
         obs.free
             .entry(dir.clone())
             .or_insert_with(|| available(&dir));
@@ -103,6 +134,7 @@ pub async fn observe(
                 dir,
                 allocated,
                 data,
+                unsafe_image,
             },
         );
     }
@@ -110,7 +142,7 @@ pub async fn observe(
         .iter()
         .flat_map(|d| files_in(d))
         .collect();
-    Ok(obs)
+    obs
 }
 
 fn available(dir: &Path) -> u64 {

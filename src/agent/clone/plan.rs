@@ -37,6 +37,9 @@ pub struct FileFacts {
     pub allocated: u64,
     /// Its data extents (what progress counts).
     pub data: u64,
+    /// Why its image is refused ([`crate::image::qcow2::Verdict::refusal`]); `None` when it
+    /// may be copied.
+    pub unsafe_image: Option<String>,
 }
 
 /// Everything the plan reads, gathered by `observe`.
@@ -348,6 +351,20 @@ pub fn plan(
             CloneReason::UnsupportedDisk,
             refused.join(" "),
         ));
+    }
+    // A copy would still make QEMU open what the image names (a backing or data file).
+    for step in &steps {
+        let Step::Copy { path, .. } = step else {
+            continue;
+        };
+        if let Some(why) = obs.files.get(path).and_then(|f| f.unsafe_image.as_ref()) {
+            return Err(Refusal::fix(
+                CloneReason::UnsafeImage,
+                format!(
+                    "{path} of {source} is {why}. virtplane copies only standalone images; convert it with qemu-img convert, then clone."
+                ),
+            ));
+        }
     }
 
     let names = &obs.names;

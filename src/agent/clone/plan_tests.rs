@@ -44,6 +44,7 @@ pub(super) fn facts(dir: &str, allocated: u64) -> FileFacts {
         dir: dir.into(),
         allocated,
         data: allocated / 2,
+        unsafe_image: None,
     }
 }
 
@@ -106,6 +107,23 @@ fn every_reason_the_plan_reports() {
             CloneReason::SourceRunning,
             true,
             "web is running",
+        ),
+        (
+            "an image with an external data file",
+            spec(None, "default"),
+            Observed {
+                files: HashMap::from([(
+                    "/p/a.img".into(),
+                    FileFacts {
+                        unsafe_image: Some("a qcow2 image with an external data file".into()),
+                        ..facts("/p", GIB)
+                    },
+                )]),
+                ..node(&a)
+            },
+            CloneReason::UnsafeImage,
+            false,
+            "/p/a.img of web is a qcow2 image with an external data file",
         ),
         (
             "writable block disk",

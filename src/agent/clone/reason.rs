@@ -16,6 +16,9 @@ pub enum CloneReason {
     /// A disk lies outside the agent's allowed directories, or a pool is missing or cannot hold
     /// file copies.
     StorageNotUsable,
+    /// A disk to copy is an image that could make QEMU open another file (a backing or data
+    /// file), or one the agent does not understand.
+    UnsafeImage,
     /// A writable disk is not a file (a block device, a network disk, a volume of a pool that is
     /// not a directory): a clone would write to the same storage as the source.
     UnsupportedDisk,
@@ -42,6 +45,7 @@ impl Reason for CloneReason {
         Self::InsufficientSpace,
         Self::StorageNotUsable,
         Self::UnsupportedDisk,
+        Self::UnsafeImage,
         Self::NotGranted,
         Self::Copying,
         Self::Defining,
@@ -58,6 +62,7 @@ impl Reason for CloneReason {
             Self::InsufficientSpace => "InsufficientSpace",
             Self::StorageNotUsable => "StorageNotUsable",
             Self::UnsupportedDisk => "UnsupportedDisk",
+            Self::UnsafeImage => "UnsafeImage",
             Self::NotGranted => "NotGranted",
             Self::Copying => "Copying",
             Self::Defining => "Defining",
@@ -86,7 +91,7 @@ mod tests {
     #[test]
     fn reasons_are_distinct_camel_case() {
         crate::agent::refusal::assert_reasons::<CloneReason>();
-        assert_eq!(CloneReason::ALL.len(), 12);
+        assert_eq!(CloneReason::ALL.len(), 13);
     }
 
     #[test]
@@ -103,6 +108,7 @@ mod tests {
                 "InsufficientSpace",
                 "StorageNotUsable",
                 "UnsupportedDisk",
+                "UnsafeImage",
                 "NotGranted",
                 "CopyFailed",
                 "DefineFailed"

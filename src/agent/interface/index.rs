@@ -1,8 +1,10 @@
 //! Which VMInterfaces claim which MAC, cluster-wide, fed by a watch (linkerd policy-controller's
 //! `index` pattern): a reconcile asks the index instead of listing every VMInterface.
 //!
-//! An object claims the MAC recorded in its status; until it records one, the valid MAC its spec
-//! requests. Between two claims the rules of [`Claim::beats`] decide.
+//! An object claims the MAC recorded in its status (it was attached with it); until it records
+//! one, the valid MAC its spec requests, but only once it is bound to a node: an object that
+//! never binds (its domain exists nowhere) cannot squat a MAC. Between two claims the rules of
+//! [`Claim::beats`] decide.
 
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
@@ -17,7 +19,7 @@ use kube::{Client, ResourceExt};
 use tokio::sync::watch;
 
 use super::mac::valid_mac;
-use crate::api::VMInterface;
+use crate::api::{NODE_LABEL, VMInterface};
 use crate::shutdown::{self, Shutdown};
 
 /// What one object claims.
@@ -26,7 +28,7 @@ struct Entry {
     created: Option<Time>,
     /// `status.mac`.
     recorded: Option<String>,
-    /// A valid `spec.mac`.
+    /// A valid `spec.mac`, when the object is bound (has the node label).
     requested: Option<String>,
 }
 
@@ -35,7 +37,11 @@ impl Entry {
         Self {
             created: obj.creation_timestamp(),
             recorded: obj.status.as_ref().and_then(|s| s.mac.clone()),
-            requested: obj.spec.mac.as_deref().and_then(|m| valid_mac(m).ok()),
+            requested: obj
+                .labels()
+                .contains_key(NODE_LABEL)
+                .then(|| obj.spec.mac.as_deref().and_then(|m| valid_mac(m).ok()))
+                .flatten(),
         }
     }
 
@@ -221,6 +227,7 @@ mod tests {
                 .unwrap(),
         );
         o.metadata.uid = Some(uid.into());
+        o.metadata.labels = Some([(NODE_LABEL.to_string(), "n1".to_string())].into());
         o.metadata.creation_timestamp = Some(Time(
             k8s_openapi::jiff::Timestamp::from_second(created).unwrap(),
         ));
@@ -337,6 +344,25 @@ mod tests {
             None,
         )));
         assert!(index.claims("01:00:5e:00:00:01", "z").is_empty());
+    }
+
+    #[test]
+    fn an_unbound_request_claims_nothing() {
+        let index = MacIndex::default();
+        // Never bound (its domain exists nowhere): its spec.mac blocks no one.
+        let mut squatter = nic("s", 1, Some(M), None);
+        squatter.metadata.labels = None;
+        index.handle(watcher::Event::Apply(squatter.clone()));
+        assert!(index.claims(M, "z").is_empty());
+        assert!(index.macs("z").is_empty());
+        // Once bound it claims like any request.
+        index.handle(watcher::Event::Apply(nic("s", 1, Some(M), None)));
+        assert_eq!(index.claims(M, "z"), [claim(&squatter, false)]);
+        // An attached object's recorded MAC counts even without the label.
+        let mut attached = nic("t", 2, None, Some("52:54:00:00:00:07"));
+        attached.metadata.labels = None;
+        index.handle(watcher::Event::Apply(attached));
+        assert_eq!(index.claims("52:54:00:00:00:07", "z").len(), 1);
     }
 
     #[test]

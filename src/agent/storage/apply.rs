@@ -60,6 +60,32 @@ pub async fn apply<D: Domains + Tuning>(virt: &D, plan: &Plan) -> Result<Applied
         restart: plan.restart.clone(),
         ..Done::default()
     };
+    // The SCSI controllers this run added, taken back if the device then fails.
+    let mut added = Vec::new();
+    if let Some(failure) = run_steps(virt, plan, &mut done, &mut added).await? {
+        for affect in added {
+            if let Err(e) = virt
+                .change_device(vm, SCSI_CONTROLLER, DeviceChange::Detach, affect)
+                .await
+            {
+                tracing::warn!(domain = vm, error = %e, ?affect, "failed to remove the SCSI controller added for a device that failed");
+            }
+        }
+        return Ok(Applied::Failed(failure));
+    }
+    // Report what libvirt now has, not what was asked for.
+    done.view = virt.domain(vm).await?.unwrap_or_default();
+    Ok(Applied::Done(Box::new(done)))
+}
+
+/// Runs the steps; `Ok(Some(_))` when one failed and the rest did not run.
+async fn run_steps<D: Domains>(
+    virt: &D,
+    plan: &Plan,
+    done: &mut Done,
+    added: &mut Vec<Affect>,
+) -> Result<Option<Failure>, LibvirtError> {
+    let vm = plan.vm.as_str();
     for step in &plan.steps {
         match *step {
             Step::AddScsiController(affect) => {
@@ -67,22 +93,27 @@ pub async fn apply<D: Domains + Tuning>(virt: &D, plan: &Plan) -> Result<Applied
                     .change_device(vm, SCSI_CONTROLLER, DeviceChange::Attach, affect)
                     .await
                 {
-                    return Ok(Applied::Failed(Failure::ScsiController(e.to_string())));
+                    return Ok(Some(Failure::ScsiController(e.to_string())));
                 }
+                added.push(affect);
             }
             Step::HotPlugScsiController => {
-                if let Err(e) = virt
+                match virt
                     .change_device(vm, SCSI_CONTROLLER, DeviceChange::Attach, Affect::Live)
                     .await
                 {
-                    done.restart = Some(RestartCause::ScsiControllerHotPlugFailed(e.to_string()));
+                    Ok(()) => added.push(Affect::Live),
+                    Err(e) => {
+                        done.restart =
+                            Some(RestartCause::ScsiControllerHotPlugFailed(e.to_string()));
+                    }
                 }
             }
             // Without a controller in the running guest there is nothing to plug into.
             Step::HotPlug if done.restart.is_some() => {}
             Step::HotPlug => match device::attach_live(virt, vm, &plan.live_xml).await? {
                 HotPlug::Refused(e) => {
-                    return Ok(Applied::Failed(Failure::HotPlugRefused(e.to_string())));
+                    return Ok(Some(Failure::HotPlugRefused(e.to_string())));
                 }
                 HotPlug::Limit(e) => {
                     done.restart = Some(RestartCause::HotPlugLimit(e.to_string()));
@@ -93,7 +124,7 @@ pub async fn apply<D: Domains + Tuning>(virt: &D, plan: &Plan) -> Result<Applied
                 if let Err(message) =
                     device::attach_config(virt, vm, &plan.xml, done.plugged, "device").await
                 {
-                    return Ok(Applied::Failed(Failure::Definition(message)));
+                    return Ok(Some(Failure::Definition(message)));
                 }
                 done.defined = true;
             }
@@ -138,9 +169,7 @@ pub async fn apply<D: Domains + Tuning>(virt: &D, plan: &Plan) -> Result<Applied
             }
         }
     }
-    // Report what libvirt now has, not what was asked for.
-    done.view = virt.domain(vm).await?.unwrap_or_default();
-    Ok(Applied::Done(Box::new(done)))
+    Ok(None)
 }
 
 #[cfg(test)]

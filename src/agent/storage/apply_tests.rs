@@ -289,3 +289,54 @@ async fn a_shut_off_domain_gets_its_definition_written() {
     );
     assert!(has(&fake, false));
 }
+
+#[tokio::test]
+async fn a_controller_added_for_a_refused_device_is_removed_again() {
+    // Running guest: controller defined and hot-plugged, then the guest refuses the disk.
+    let fake = FakeLibvirt::default().with_domain("vm", true, "");
+    fake.fail_after("attach a device", Some(Affect::Live), 1, ErrorKind::Refused);
+    let p = plan_on(
+        &fake,
+        &spec(StorageType::Disk, Bus::Scsi, Some("/pool/a.img")),
+    )
+    .await;
+    assert!(matches!(
+        failure(apply(&fake, &p).await.unwrap()),
+        Failure::HotPlugRefused(_)
+    ));
+    let state = fake.domain_state("vm").unwrap();
+    assert!(
+        !state.config.has_controller("scsi", None),
+        "{:?}",
+        fake.calls()
+    );
+    assert!(
+        !state.live.has_controller("scsi", None),
+        "{:?}",
+        fake.calls()
+    );
+    // Shut off: controller defined, then the definition refuses the disk.
+    let fake = FakeLibvirt::default().with_domain("vm", false, "");
+    fake.fail_after(
+        "attach a device",
+        Some(Affect::Config),
+        1,
+        ErrorKind::Refused,
+    );
+    let p = plan_on(
+        &fake,
+        &spec(StorageType::Disk, Bus::Scsi, Some("/pool/a.img")),
+    )
+    .await;
+    assert!(matches!(
+        failure(apply(&fake, &p).await.unwrap()),
+        Failure::Definition(_)
+    ));
+    assert!(
+        !fake
+            .domain_state("vm")
+            .unwrap()
+            .config
+            .has_controller("scsi", None)
+    );
+}

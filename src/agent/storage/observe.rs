@@ -9,6 +9,7 @@ use kube::api::Api;
 
 use super::source::{self, FileKind, Found, IsoFacts, PathFacts, SourceFacts};
 use crate::agent::context::{Context, ReconcileError};
+use crate::agent::roots;
 use crate::api::{IsoDownload, NODE_LABEL, StorageSource, VirtualMachineStorage};
 use crate::libvirt::LibvirtError;
 use crate::libvirt::domain::DomainView;
@@ -146,6 +147,11 @@ pub async fn observe(
                 iso,
             }
         }
+        StorageSource {
+            path: None,
+            volume: None,
+            iso_download: None,
+        } => SourceFacts::Empty,
         _ => SourceFacts::Ambiguous,
     };
     observed.source = source;
@@ -166,15 +172,19 @@ async fn look(
         observed.grants.clone(),
     );
     let (pools, allowed_paths, facts) = tokio::task::spawn_blocking(move || {
-        let pools: Vec<(String, PathBuf)> = pools
-            .into_iter()
-            .filter(|p| p.active)
-            .filter_map(|p| Some((p.name, std::fs::canonicalize(p.path?).ok()?)))
-            .collect();
-        let extra: Vec<PathBuf> = extra
-            .into_iter()
-            .filter_map(|d| std::fs::canonicalize(d).ok())
-            .collect();
+        let pools = roots::usable(
+            pools
+                .into_iter()
+                .filter(|p| p.active)
+                .filter_map(|p| Some((p.name, std::fs::canonicalize(p.path?).ok()?)))
+                .collect(),
+        );
+        let extra = roots::usable_dirs(
+            extra
+                .into_iter()
+                .filter_map(|d| std::fs::canonicalize(d).ok())
+                .collect(),
+        );
         let dirs = source::usable_dirs(&grants, &pools, &extra);
         let facts = inspect_blocking(path, &dirs);
         (pools, extra, facts)
@@ -222,13 +232,9 @@ fn inspect_blocking(path: PathBuf, allowed: &[PathBuf]) -> PathFacts {
     }
 }
 
+/// The image's header as [`crate::image::qcow2::judge`] reads it (empty when unreadable).
 fn read_header(path: &Path) -> Vec<u8> {
-    use std::io::Read;
-    let mut buf = Vec::with_capacity(16);
-    if let Ok(f) = std::fs::File::open(path) {
-        let _ = f.take(16).read_to_end(&mut buf);
-    }
-    buf
+    crate::image::qcow2::read_header(path).unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -260,20 +260,20 @@ pub fn plan(
 
     // A scsi device needs a SCSI controller.
     if spec.bus == Bus::Scsi && existing.is_none() && !view.config.has_controller("scsi", None) {
-        // A transient domain has no definition: its controller goes to the running guest.
-        let affect = if want_config {
-            Affect::Config
-        } else {
-            Affect::Live
-        };
-        steps.push(Step::AddScsiController(affect));
-        if want_live
+        let live_lacks = want_live
             && !view
                 .live
                 .as_ref()
-                .is_some_and(|l| l.has_controller("scsi", None))
-        {
-            steps.push(Step::HotPlugScsiController);
+                .is_some_and(|l| l.has_controller("scsi", None));
+        if want_config {
+            steps.push(Step::AddScsiController(Affect::Config));
+            if live_lacks {
+                steps.push(Step::HotPlugScsiController);
+            }
+        } else if live_lacks {
+            // A transient domain has no definition: its controller goes to the running guest,
+            // once.
+            steps.push(Step::AddScsiController(Affect::Live));
         }
     }
     // The running guest first: a device QEMU refuses (an image it cannot open, or one another

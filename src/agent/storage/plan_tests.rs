@@ -380,6 +380,24 @@ fn every_refusal_reason_has_its_case() {
             Retry::OnChange,
         ),
         (
+            "a qcow2 image with an external data file",
+            disk.clone(),
+            none.clone(),
+            observed(
+                running(),
+                SourceFacts::Path(PathFacts {
+                    requested: IMG.into(),
+                    found: Found::Present {
+                        real: IMG.into(),
+                        kind: Ok(FileKind::File),
+                        header: Some(crate::image::qcow2::sample(1 << 2, None)),
+                    },
+                }),
+            ),
+            R::UnsafeImage,
+            Retry::OnChange,
+        ),
+        (
             "disk source changed in libvirt",
             disk.clone(),
             attached.clone(),
@@ -487,8 +505,11 @@ fn a_transient_domain_gets_its_controller_live() {
         &observed(Some(v), SourceFacts::Path(file(IMG))),
     )
     .unwrap();
-    assert_eq!(p.steps[0], Step::AddScsiController(Affect::Live));
-    assert!(!p.steps.contains(&Step::WriteDefinition));
+    // Once: no second hot-plug of the same controller.
+    assert_eq!(
+        p.steps,
+        [Step::AddScsiController(Affect::Live), Step::HotPlug]
+    );
 }
 
 #[test]

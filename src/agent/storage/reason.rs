@@ -16,6 +16,9 @@ pub enum StorageReason {
     NotGranted,
     /// The path is outside the allowed directories (open mode).
     PathNotAllowed,
+    /// The image could make QEMU open another file (a backing file, an external data file), or
+    /// has a qcow2 feature or header the agent does not understand.
+    UnsafeImage,
     /// The source file, pool or volume does not exist.
     SourceNotFound,
     /// Waiting for an IsoDownload to complete.
@@ -40,6 +43,7 @@ impl Reason for StorageReason {
         Self::DomainNotFound,
         Self::NotGranted,
         Self::PathNotAllowed,
+        Self::UnsafeImage,
         Self::SourceNotFound,
         Self::WaitingForDownload,
         Self::TargetConflict,
@@ -56,6 +60,7 @@ impl Reason for StorageReason {
             Self::DomainNotFound => "DomainNotFound",
             Self::NotGranted => "NotGranted",
             Self::PathNotAllowed => "PathNotAllowed",
+            Self::UnsafeImage => "UnsafeImage",
             Self::SourceNotFound => "SourceNotFound",
             Self::WaitingForDownload => "WaitingForDownload",
             Self::TargetConflict => "TargetConflict",

@@ -7,6 +7,7 @@ use std::time::Duration;
 use super::reason::StorageReason;
 use crate::agent::refusal::Refusal;
 use crate::api::{DiskFormat, DownloadPhase};
+use crate::image::qcow2;
 use crate::libvirt::facade::VolumeLookup;
 use crate::libvirt::volume::{self, DiskRoute, VolumeSource};
 use crate::tenancy::Grants;
@@ -39,8 +40,9 @@ pub enum Found {
         real: PathBuf,
         /// Its file type, or why it could not be read.
         kind: Result<FileKind, String>,
-        /// Its first 16 bytes; `None` when it was not opened (not a file or block device, or
-        /// outside the allowed directories: observe never opens those).
+        /// Its header ([`qcow2::read_header`]: a qcow2 image's first cluster, else its first
+        /// bytes); `None` when it was not opened (not a file or block device, or outside the
+        /// allowed directories: observe never opens those).
         header: Option<Vec<u8>>,
     },
 }
@@ -77,6 +79,8 @@ pub enum SourceFacts {
     None,
     /// More than one of path, volume and isoDownload is set.
     Ambiguous,
+    /// `source` is set but names nothing (`source: {}`).
+    Empty,
     /// `source.path`.
     Path(PathFacts),
     /// `source.volume`: the lookup, and the volume's file when found.
@@ -164,6 +168,12 @@ pub fn resolve(
             return Err(Refusal::fix(
                 StorageReason::InvalidSpec,
                 "Set at most one of source.path, source.volume and source.isoDownload.",
+            ));
+        }
+        SourceFacts::Empty => {
+            return Err(Refusal::fix(
+                StorageReason::InvalidSpec,
+                "spec.source is empty: set one of source.path, source.volume and source.isoDownload, or leave source out for an empty CD-ROM tray.",
             ));
         }
         SourceFacts::Path(file) => file,
@@ -271,9 +281,11 @@ fn pool_volume(
     })
 }
 
-/// Checks the resolved path lies in an allowed directory and exists, and works out the format.
-/// A qcow2 image with a backing file is refused: its chain could reach files outside the allowed
-/// directories. Outside them is `NotGranted` in namespaced mode, `PathNotAllowed` in open mode.
+/// Checks the resolved path lies in an allowed directory and exists, and works out the format
+/// from the header (see [`qcow2::judge`]): a qcow2 image with a backing file, an external data
+/// file, an incompatible feature the agent does not know or a malformed header is
+/// `UnsafeImage`; a declared format the header contradicts is `InvalidSpec`. Outside the
+/// directories is `NotGranted` in namespaced mode, `PathNotAllowed` in open mode.
 pub fn check_path(
     file: &PathFacts,
     allowed: &[PathBuf],
@@ -317,27 +329,29 @@ pub fn check_path(
             format!("{} is neither a file nor a block device.", real.display()),
         ));
     }
-    let header = header.as_deref().unwrap_or_default();
-    let is_qcow2 = header.starts_with(b"QFI\xfb");
-    if is_qcow2
-        && header.len() >= 16
-        && header[8..16].iter().any(|b| *b != 0)
-        && format != Some(DiskFormat::Raw)
-    {
+    // Decided from the header, never left to QEMU's probing; what could make QEMU open
+    // another file is refused, whatever format is declared.
+    let verdict = qcow2::judge(header.as_deref().unwrap_or_default());
+    if let Some(why) = verdict.refusal() {
         return Err(Refusal::fix(
-            StorageReason::PathNotAllowed,
+            StorageReason::UnsafeImage,
             format!(
-                "{} is a qcow2 image with a backing file; virtplane refuses backing chains, which could reach files outside the allowed directories. Flatten it with qemu-img convert.",
+                "{} is {why}. virtplane uses only standalone images; make one with qemu-img convert -O qcow2 (or -O raw) and use that.",
                 real.display()
             ),
         ));
     }
-    if format == Some(DiskFormat::Qcow2) && !is_qcow2 {
-        // libvirt takes it into the definition; the domain would then not boot.
+    let is_qcow2 = verdict.is_qcow2();
+    let mismatch = match format {
+        Some(DiskFormat::Qcow2) if !is_qcow2 => Some(("is not a qcow2 image", "qcow2")),
+        Some(DiskFormat::Raw) if is_qcow2 => Some(("is a qcow2 image", "raw")),
+        _ => None,
+    };
+    if let Some((found, declared)) = mismatch {
         return Err(Refusal::fix(
             StorageReason::InvalidSpec,
             format!(
-                "{} is not a qcow2 image, but spec.format says qcow2; fix spec.format or the image.",
+                "{} {found}, but spec.format says {declared}; fix spec.format (or leave it out: the format is read from the image) or the image.",
                 real.display()
             ),
         ));

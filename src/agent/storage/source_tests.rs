@@ -20,9 +20,7 @@ fn open() -> Grants {
 }
 
 fn qcow2(backing: bool) -> Vec<u8> {
-    let mut h = b"QFI\xfb\0\0\0\x03".to_vec();
-    h.extend_from_slice(&[0, 0, 0, 0, 0, 0, u8::from(backing), 0]);
-    h
+    crate::image::qcow2::sample(0, backing.then_some(&b"base.img"[..]))
 }
 
 #[test]
@@ -66,13 +64,51 @@ fn path_checks_table() {
             "raw over a qcow2 header with backing",
             present("/pool/a.q", FileKind::File, &qcow2(true)),
             Some(DiskFormat::Raw),
-            Ok(("raw", false)),
+            Err(R::UnsafeImage),
+        ),
+        (
+            "raw declared, qcow2 found",
+            present("/pool/a.q", FileKind::File, &qcow2(false)),
+            Some(DiskFormat::Raw),
+            Err(R::InvalidSpec),
+        ),
+        (
+            "qcow2 declared and found",
+            present("/pool/a.q", FileKind::File, &qcow2(false)),
+            Some(DiskFormat::Qcow2),
+            Ok(("qcow2", false)),
         ),
         (
             "backing chain",
             present("/pool/a.q", FileKind::File, &qcow2(true)),
             None,
-            Err(R::PathNotAllowed),
+            Err(R::UnsafeImage),
+        ),
+        (
+            "external data file",
+            present(
+                "/pool/a.q",
+                FileKind::File,
+                &crate::image::qcow2::sample(1 << 2, None),
+            ),
+            Some(DiskFormat::Qcow2),
+            Err(R::UnsafeImage),
+        ),
+        (
+            "unknown incompatible feature on a block device",
+            present(
+                "/pool/dev",
+                FileKind::Block,
+                &crate::image::qcow2::sample(1 << 7, None),
+            ),
+            None,
+            Err(R::UnsafeImage),
+        ),
+        (
+            "qcow2 magic over a truncated header",
+            present("/pool/a.q", FileKind::File, b"QFI\xfb\0\0\0\x03"),
+            None,
+            Err(R::UnsafeImage),
         ),
         (
             "qcow2 claimed, raw found",
@@ -220,5 +256,39 @@ fn a_volume_resolves_to_its_file() {
     assert_eq!(
         (r.path, r.format.as_str()),
         (PathBuf::from("/pool/v.img"), "raw")
+    );
+}
+
+#[test]
+fn an_empty_source_says_it_is_empty() {
+    let r = resolve(&SourceFacts::Empty, &allowed(), &open(), None, "n1").unwrap_err();
+    assert_eq!(r.reason, StorageReason::InvalidSpec);
+    assert!(
+        r.message.starts_with("spec.source is empty"),
+        "{}",
+        r.message
+    );
+    let r = resolve(&SourceFacts::Ambiguous, &allowed(), &open(), None, "n1").unwrap_err();
+    assert!(r.message.starts_with("Set at most one"), "{}", r.message);
+}
+
+#[test]
+fn unsafe_image_messages_name_the_finding_and_the_fix() {
+    let header = crate::image::qcow2::sample(1 << 2 | 1 << 12, None);
+    let r = check_path(
+        &present("/pool/a.q", FileKind::File, &header),
+        &allowed(),
+        &open(),
+        None,
+    )
+    .unwrap_err();
+    assert_eq!(r.reason, StorageReason::UnsafeImage);
+    assert!(
+        r.message
+            .starts_with("/pool/a.q is a qcow2 image with an external data file")
+            && r.message.contains("feature bit(s) 12 ")
+            && r.message.contains("qemu-img convert"),
+        "{}",
+        r.message
     );
 }
