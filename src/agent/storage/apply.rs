@@ -79,7 +79,7 @@ pub async fn apply<D: Domains + Tuning>(virt: &D, plan: &Plan) -> Result<Applied
 }
 
 /// Runs the steps; `Ok(Some(_))` when one failed and the rest did not run.
-async fn run_steps<D: Domains>(
+async fn run_steps<D: Domains + Tuning>(
     virt: &D,
     plan: &Plan,
     done: &mut Done,
@@ -143,7 +143,7 @@ async fn run_steps<D: Domains>(
                 match virt.convert_boot_order(vm, &plan.alias, order).await {
                     Ok(converted) => done.boot_converted = converted,
                     Err(e) if e.kind() == ErrorKind::Refused => {
-                        return Ok(Applied::Failed(Failure::Redefine(e.to_string())));
+                        return Ok(Some(Failure::Redefine(e.to_string())));
                     }
                     Err(e) => return Err(e),
                 }
@@ -151,7 +151,7 @@ async fn run_steps<D: Domains>(
             Step::Redefine => match virt.redefine_disk(vm, &plan.alias, &plan.xml).await {
                 Ok(()) => done.redefined = true,
                 Err(e) if e.kind() == ErrorKind::Refused => {
-                    return Ok(Applied::Failed(Failure::Redefine(e.to_string())));
+                    return Ok(Some(Failure::Redefine(e.to_string())));
                 }
                 Err(e) => return Err(e),
             },
@@ -162,7 +162,7 @@ async fn run_steps<D: Domains>(
                 {
                     Ok(()) => done.iotune_set = Some(affect),
                     Err(e) if matches!(e.kind(), ErrorKind::Refused | ErrorKind::Unsupported) => {
-                        return Ok(Applied::Failed(Failure::IoTune(e.to_string())));
+                        return Ok(Some(Failure::IoTune(e.to_string())));
                     }
                     Err(e) => return Err(e),
                 }
