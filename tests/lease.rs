@@ -16,10 +16,10 @@ use common::*;
 use fleet::*;
 
 /// Objects in the test: `DOMAINS` shut-off domains with `PER_DOMAIN` scsi disks each.
-const DOMAINS: usize = 100;
+const DOMAINS: usize = 30;
 const PER_DOMAIN: usize = 10;
 /// The controller's grace (seconds); the agent renews its Lease every second.
-const GRACE: u64 = 6;
+const GRACE: u64 = 10;
 
 fn signal(pid: u32, sig: &str) {
     let ok = Command::new("kill")
