@@ -429,7 +429,9 @@ async fn every_field_on_a_running_guest_until_its_restart_drift_revert_and_refus
         let (st, r, msg) = cond(&o, "Ready").unwrap();
         assert_eq!((st.as_str(), r.as_str()), ("False", reason), "{bad}: {msg}");
         assert!(msg.contains(field), "{bad}: {msg}");
-        has_event(&client, &ns.name, "nic", reason, field).await;
+        // By reason only: kube's Recorder folds Events of one reason into a series that keeps
+        // its first message (a known gap); the condition above names the field.
+        has_event(&client, &ns.name, "nic", reason, "").await;
         assert_eq!(element(&live_xml(&vm), &m), live, "{bad}: live unchanged");
         assert_eq!(
             element(&config_xml(&vm), &m),
