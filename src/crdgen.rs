@@ -21,7 +21,37 @@ pub fn render() -> Result<String, serde_yaml::Error> {
     let mut out = String::new();
     for crd in all() {
         out.push_str("---\n");
-        out.push_str(&serde_yaml::to_string(&crd)?);
+        for line in serde_yaml::to_string(&crd)?.lines() {
+            out.push_str(&quote_yaml11_bool(line));
+            out.push('\n');
+        }
     }
     Ok(out)
+}
+
+/// `- on` with the scalar quoted when YAML 1.1 would read it as a boolean. serde_yaml writes
+/// YAML 1.2, where `on` and `off` are strings, but kubectl, Helm and PyYAML read YAML 1.1 and
+/// would turn an enum value such as `detectZeroes: on` into `true`.
+fn quote_yaml11_bool(line: &str) -> std::borrow::Cow<'_, str> {
+    const YAML11_BOOLS: [&str; 8] = ["on", "off", "yes", "no", "y", "n", "On", "Off"];
+    match line.trim_start().strip_prefix("- ") {
+        Some(item) if YAML11_BOOLS.contains(&item) => {
+            let indent = &line[..line.len() - line.trim_start().len()];
+            format!("{indent}- '{item}'").into()
+        }
+        _ => line.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn yaml11_booleans_in_lists_are_quoted() {
+        assert_eq!(quote_yaml11_bool("    - on"), "    - 'on'");
+        assert_eq!(quote_yaml11_bool("  - off"), "  - 'off'");
+        assert_eq!(quote_yaml11_bool("  - unmap"), "  - unmap");
+        assert_eq!(quote_yaml11_bool("  type: string"), "  type: string");
+    }
 }

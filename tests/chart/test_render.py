@@ -94,11 +94,14 @@ def test_default_render() -> None:
     kinds = sorted(o["kind"] for o in objs)
     assert kinds == sorted(
         ["ServiceAccount"] * 2 + ["ClusterRole"] * 5 + ["ClusterRoleBinding"] * 2
-        + ["Role", "RoleBinding", "Service", "Service", "Deployment", "DaemonSet"]
+        + ["Role"] * 3 + ["RoleBinding"] * 3
+        + ["Service", "Service", "Deployment", "DaemonSet"]
     )
     for o in objs:
         if o["kind"] not in ("ClusterRole", "ClusterRoleBinding"):
-            assert o["metadata"]["namespace"] == "virtplane-system", o["metadata"]
+            # The node Leases' Roles live where the Leases are (agent.leaseNamespace).
+            want = "kube-node-lease" if "node-lease" in o["metadata"]["name"] else "virtplane-system"
+            assert o["metadata"]["namespace"] == want, o["metadata"]
 
     # Controller: 2 replicas, non-root, read-only root, no capabilities, probes, downward API.
     deploy = one(objs, "Deployment")
@@ -144,6 +147,9 @@ def test_default_render() -> None:
     assert c["args"] == [
         "agent", "--log-format=json", "--http-addr=0.0.0.0:8081", "--libvirt-uri=qemu:///system",
         "--heartbeat-seconds=10", "--max-downloads=2", "--tenancy=namespaced",
+        "--max-clones=2", "--state-dir=/var/lib/virtplane", "--download-max-bytes=68719476736",
+        "--download-min-free-bytes=1073741824", "--download-min-rate-bytes=1024",
+        "--download-rate-window-seconds=120", "--download-deadline-seconds=86400",
     ]
     assert c["env"] == [{"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}]
     host = {v["name"]: v["hostPath"] for v in pod["volumes"] if "hostPath" in v}
@@ -152,6 +158,8 @@ def test_default_render() -> None:
         "host-0": {"path": "/var/lib/libvirt/images", "type": "Directory"},
         # VMClone copies a UEFI guest's variable store there.
         "host-1": {"path": "/var/lib/libvirt/qemu/nvram", "type": "Directory"},
+        # The agent's record of what each clone created (--state-dir).
+        "state": {"path": "/var/lib/virtplane", "type": "DirectoryOrCreate"},
     }
     mounts = {m["name"]: m for m in c["volumeMounts"]}
     assert mounts["libvirt-run"] == {"name": "libvirt-run", "mountPath": "/run/libvirt", "readOnly": True}
@@ -162,7 +170,7 @@ def test_default_render() -> None:
     assert rules(one(objs, "ClusterRole", "-controller")) == CONTROLLER_RULES
     assert rules(one(objs, "ClusterRole", "-agent")) == AGENT_RULES | CREDENTIALS
     assert_tenant_roles(objs, "vp-virtplane")
-    lease_role = one(objs, "Role")
+    lease_role = one(objs, "Role", "-leader-election")
     assert lease_role["metadata"]["namespace"] == "virtplane-system"
     assert rules(lease_role) == expand(["coordination.k8s.io"], ["leases"], ["create"]) | expand(
         ["coordination.k8s.io"], ["leases"], ["get", "update", "patch"], ["virtplane-controller"]
@@ -295,7 +303,11 @@ def test_custom_values_render() -> None:
     assert c["args"] == [
         "agent", "--log-format=plain", "--http-addr=0.0.0.0:9091",
         "--libvirt-uri=qemu+unix:///system", "--heartbeat-seconds=5", "--max-downloads=5",
-        "--tenancy=open", "--download-deny-cidr=169.254.0.0/16", "--download-deny-cidr=fe80::/10",
+        "--tenancy=open",
+        "--max-clones=2", "--state-dir=/var/lib/virtplane", "--download-max-bytes=68719476736",
+        "--download-min-free-bytes=1073741824", "--download-min-rate-bytes=1024",
+        "--download-rate-window-seconds=120", "--download-deadline-seconds=86400",
+        "--download-deny-cidr=169.254.0.0/16", "--download-deny-cidr=fe80::/10",
         "--download-deny-cidr=10.0.0.0/8",
         "--allowed-path=/srv/iso", "--allowed-path=/data/images",
     ]
@@ -303,7 +315,7 @@ def test_custom_values_render() -> None:
     # allowedPaths and hostPaths, each mounted once, at the same path as on the host.
     host_dirs = sorted(v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v)
     assert host_dirs == sorted(["/run/libvirt", "/srv/iso", "/data/images",
-                                "/var/lib/libvirt/images", "/data/pool"])
+                                "/var/lib/libvirt/images", "/data/pool", "/var/lib/virtplane"])
     by_name = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
     for m in c["volumeMounts"]:
         if m["name"] in by_name:
