@@ -9,28 +9,9 @@ use serde::Serialize;
 use crate::api::{CacheMode, IoMode, StorageType, VirtualMachineStorageSpec};
 use crate::libvirt::tuning::{DiskFields, IOTUNE_FIELDS};
 
-/// The values of the tunable fields the spec asks for, in libvirt's terms.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Wanted {
-    /// `driver/@cache`.
-    pub cache: Option<String>,
-    /// `driver/@io`.
-    pub io: Option<String>,
-    /// `driver/@discard`.
-    pub discard: Option<String>,
-    /// `driver/@detect_zeroes`.
-    pub detect_zeroes: Option<String>,
-    /// `<serial>`.
-    pub serial: Option<String>,
-    /// `<shareable/>`.
-    pub shareable: bool,
-    /// `<readonly/>` (always on a CD-ROM).
-    pub readonly: bool,
-    /// `boot/@order`.
-    pub boot_order: Option<u32>,
-    /// The I/O limits; `0` is unlimited.
-    pub iotune: [u64; 12],
-}
+/// The values of the tunable fields the spec asks for, in libvirt's terms: the fields libvirt
+/// has, without `format` (a disk's format is its source's, not a tunable).
+pub type Wanted = DiskFields;
 
 /// libvirt's name of an enum value: its serde name.
 pub fn libvirt_name<T: Serialize>(v: &T) -> String {
@@ -44,6 +25,7 @@ pub fn libvirt_name<T: Serialize>(v: &T) -> String {
 pub fn wanted(spec: &VirtualMachineStorageSpec) -> Wanted {
     let driver = spec.driver.clone().unwrap_or_default();
     Wanted {
+        format: None,
         // libvirt writes no attribute for the default cache mode.
         cache: driver
             .cache
@@ -65,15 +47,8 @@ pub fn wanted(spec: &VirtualMachineStorageSpec) -> Wanted {
 pub fn as_running(w: &Wanted, live: Option<&DiskFields>) -> Wanted {
     match live {
         Some(f) => Wanted {
-            cache: f.cache.clone(),
-            io: f.io.clone(),
-            discard: f.discard.clone(),
-            detect_zeroes: f.detect_zeroes.clone(),
-            serial: f.serial.clone(),
-            shareable: f.shareable,
-            readonly: f.readonly,
-            boot_order: f.boot_order,
-            iotune: f.iotune,
+            format: None,
+            ..f.clone()
         },
         None => Wanted {
             boot_order: None,
