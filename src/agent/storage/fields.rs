@@ -42,8 +42,9 @@ pub fn wanted(spec: &VirtualMachineStorageSpec) -> Wanted {
     }
 }
 
-/// What the running guest can be given of `w`: a live device's next-boot fields as they are,
-/// with `w`'s I/O limits; for a new device everything but the boot order.
+/// What the running guest can be given of `w`: a live device's fields as they are (its I/O
+/// limits change through their own call, `SetIoTune`); for a new device everything but the
+/// boot order.
 pub fn as_running(w: &Wanted, live: Option<&DiskFields>) -> Wanted {
     match live {
         Some(f) => Wanted {
