@@ -40,6 +40,17 @@ log() { printf '[env-up] %s\n' "$*" >&2; }
 warn() { printf '[env-up] WARNING: %s\n' "$*" >&2; }
 die() { printf '[env-up] ERROR: %s\n' "$*" >&2; exit 1; }
 
+# Close every descriptor above stderr in the current (sub)shell, so that a daemon started
+# from it holds none of the caller's (the test lock above all).
+close_inherited_fds() {
+  local fd
+  for fd in /proc/$BASHPID/fd/*; do
+    fd=${fd##*/}
+    ((fd > 2)) && eval "exec $fd>&-"
+  done
+  return 0
+}
+
 [[ $(id -u) -eq 0 ]] || die "must run as root"
 
 if [[ ${VIRTPLANE_SKIP_INSTALL:-0} != 1 ]]; then
@@ -73,8 +84,9 @@ start_bg() {
   printf '\n=== %s: starting %s\n' "$(date -Is)" "$*" >>"$LOGS/$name.log"
   # Without job control a background job is no process-group leader, so
   # setsid(1) calls setsid() itself without forking: $! is the daemon's pid.
-  # 9>&-: do not hand our lock fd to the daemon (it would hold the lock).
-  setsid "$@" >>"$LOGS/$name.log" 2>&1 </dev/null 9>&- &
+  # The daemon gets no inherited descriptor (a caller's lock, e.g. `flock FILE CMD`,
+  # would stay held for the daemon's life).
+  (close_inherited_fds; exec setsid "$@" >>"$LOGS/$name.log" 2>&1 </dev/null) &
   printf '%s\n' "$!" >"$RUN/$name.pid"
 }
 
@@ -137,7 +149,7 @@ start_libvirt() {
     fi
     log "starting $d -d (log: /var/log/libvirt/$d.log)"
     # LIBVIRT_LOG_OUTPUTS: log to a file (there is no journald here).
-    LIBVIRT_LOG_OUTPUTS="3:file:/var/log/libvirt/$d.log" "$d" -d 9>&-
+    (close_inherited_fds; LIBVIRT_LOG_OUTPUTS="3:file:/var/log/libvirt/$d.log" exec "$d" -d)
     grep -qx "$d" "$STATE/libvirt-started" 2>/dev/null || echo "$d" >>"$STATE/libvirt-started"
   done
   wait_for "libvirtd (virsh version)" 60 "" "${VIRSH[@]}" version
