@@ -21,6 +21,7 @@ mod real;
 pub mod tuning;
 pub mod volume;
 pub mod volume_copy;
+pub mod block_clone;
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
