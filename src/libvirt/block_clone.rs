@@ -45,6 +45,8 @@ pub struct BlockVolume {
     pub pool_volumes: Vec<String>,
     /// The source device of a `disk` pool, which names its partitions itself.
     pub disk_device: Option<String>,
+    /// Bytes the pool has available for new volumes.
+    pub pool_available: u64,
 }
 
 /// Whether a pool of this type can create volumes, so that a copy is a new volume of the same
@@ -60,10 +62,7 @@ pub fn can_create_volumes(pool_type: &str) -> bool {
 /// The name of the next copy in a pool: `wanted`, except in a `disk` pool, whose partitions
 /// libvirt names itself (the next partition of its device).
 pub fn in_pool_name(wanted: &str, disk_device: Option<&str>, pool_volumes: &[String]) -> String {
-    disk_device.map_or_else(
-        || wanted.to_string(),
-        |d| next_partition(d, pool_volumes),
-    )
+    disk_device.map_or_else(|| wanted.to_string(), |d| next_partition(d, pool_volumes))
 }
 
 /// Block and network volumes of clone tasks.
@@ -120,6 +119,7 @@ fn describe(p: &StoragePool, v: &StorageVol) -> Result<BlockVolume, virt::error:
         capacity: v.info()?.capacity,
         pool_volumes: p.list_volumes()?,
         disk_device,
+        pool_available: p.info()?.available,
     })
 }
 
@@ -230,7 +230,10 @@ mod tests {
             assert!(!can_create_volumes(t), "{t}");
         }
         let vols = vec!["loop3p1".to_string(), "loop3p2".to_string()];
-        assert_eq!(in_pool_name("x-clone1", Some("/dev/loop3"), &vols), "loop3p3");
+        assert_eq!(
+            in_pool_name("x-clone1", Some("/dev/loop3"), &vols),
+            "loop3p3"
+        );
         assert_eq!(in_pool_name("lv-clone1", None, &vols), "lv-clone1");
     }
 }

@@ -189,7 +189,10 @@ pub fn clone_xml(source: &str, e: &CloneEdits) -> Result<String, roxmltree::Erro
 
 /// The file a block or volume disk's `<source>` becomes, with the attribute naming the device
 /// (`dev`, or `pool` for a volume).
-fn to_file<'e>(source: roxmltree::Node<'_, '_>, e: &'e CloneEdits) -> Option<(&'e String, &'static str)> {
+fn to_file<'e>(
+    source: roxmltree::Node<'_, '_>,
+    e: &'e CloneEdits,
+) -> Option<(&'e String, &'static str)> {
     if let Some(dev) = source.attribute("dev")
         && let Some(new) = e.block_to_file.get(dev)
     {
@@ -362,7 +365,10 @@ mod tests {
             <disk type='block' device='cdrom'><source dev='/dev/sr0'/><target dev='sda'/><readonly/></disk>\
             </devices></domain>";
         let edits = CloneEdits {
-            block_to_file: HashMap::from([("/dev/loop7p1".into(), "/img/loop7p1-clone1.img".into())]),
+            block_to_file: HashMap::from([(
+                "/dev/loop7p1".into(),
+                "/img/loop7p1-clone1.img".into(),
+            )]),
             volume_to_file: HashMap::from([(
                 ("iscsi".into(), "unit:0:0:1".into()),
                 "/img/unit-0-0-1-clone1.img".into(),

@@ -286,9 +286,9 @@ impl Storage for FakeLibvirt {
     async fn delete_volume(&self, pool: &str, volume: &str) -> Result<(), LibvirtError> {
         self.enter("delete a storage volume", None)?;
         let mut st = self.state();
-        st.volumes
-            .remove(&(pool.to_string(), volume.to_string()));
-        st.block.retain(|b| (b.pool.as_str(), b.volume.as_str()) != (pool, volume));
+        st.volumes.remove(&(pool.to_string(), volume.to_string()));
+        st.block
+            .retain(|b| (b.pool.as_str(), b.volume.as_str()) != (pool, volume));
         Ok(())
     }
 }

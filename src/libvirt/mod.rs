@@ -3,6 +3,7 @@
 //! [`Libvirt`] owns one connection, reopens it after libvirtd comes back, and runs every blocking
 //! libvirt call on tokio's blocking pool, at most [`MAX_CONCURRENT_CALLS`] at a time.
 
+pub mod block_clone;
 pub mod boot_order;
 pub mod clone_xml;
 pub mod clones;
@@ -21,7 +22,6 @@ mod real;
 pub mod tuning;
 pub mod volume;
 pub mod volume_copy;
-pub mod block_clone;
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;

@@ -17,10 +17,10 @@ use crate::agent::jobs::{JobCtx, Stop};
 use crate::agent::refusal::Refusal;
 use crate::api::{CloneDisk, ClonePhase, CopyStrategy, VMCloneStatus};
 use crate::copy::{self, Strategy, StrategyUsed};
+use crate::libvirt::block_clone::{BlockClones, BlockRef};
 use crate::libvirt::clone_xml::{self, CloneEdits};
 use crate::libvirt::clones::{Clones, Copies, Defined};
 use crate::libvirt::domain::{self, DomainXml};
-use crate::libvirt::block_clone::{BlockClones, BlockRef};
 use crate::libvirt::facade::{Domains, Storage};
 use crate::libvirt::networks::Networks;
 

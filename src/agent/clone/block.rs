@@ -132,12 +132,9 @@ pub fn plan_block(
         v.pool, v.pool_type, c.spec.storage.pool
     );
     if can_create_volumes(&v.pool_type) {
-        let available = c
-            .obs
-            .pools
-            .iter()
-            .find(|p| p.name == v.pool && p.active)
-            .map_or(0, |p| p.available);
+        // From the volume's pool itself: a pool on a system directory (`/dev`) is left out of
+        // the observed pools, which are the file copies' destinations.
+        let available = v.pool_available;
         let already = need.pools.get(&v.pool).copied().unwrap_or(0);
         if already + size <= available {
             *need.pools.entry(v.pool.clone()).or_default() += size;
@@ -210,13 +207,21 @@ pub fn block_refs(
         .iter()
         .filter_map(|d| match disk_use(d, source) {
             DiskUse::Block(dev) => Some(BlockRef::Device(dev)),
-            DiskUse::Volume { pool, volume } => match volumes.get(&(pool.clone(), volume.clone())) {
-                Some(VolumeLookup::Found(v)) if !(v.is_file && volume::holds_files(&v.pool_type)) => {
-                    Some(BlockRef::Volume { pool, volume })
+            DiskUse::Volume { pool, volume } => {
+                match volumes.get(&(pool.clone(), volume.clone())) {
+                    Some(VolumeLookup::Found(v))
+                        if !(v.is_file && volume::holds_files(&v.pool_type)) =>
+                    {
+                        Some(BlockRef::Volume { pool, volume })
+                    }
+                    _ => None,
                 }
-                _ => None,
-            },
+            }
             _ => None,
         })
         .collect()
 }
+
+#[cfg(test)]
+#[path = "block_tests.rs"]
+mod tests;

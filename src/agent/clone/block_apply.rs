@@ -108,15 +108,17 @@ async fn copy_in_pool<V: BlockClones + Storage>(
             return Ok(()); // Copied before an agent restart.
         }
         // A copy of this task cut short by a restart: started over.
-        v.delete_volume(&pool, &target)
-            .await
-            .map_err(failed(&d))?;
+        v.delete_volume(&pool, &target).await.map_err(failed(&d))?;
         vols.drop_one(&pool, &target).map_err(ledger_failed)?;
     }
     if stop.load(Ordering::SeqCst) {
         return Err(Halt::Stopped);
     }
-    let src = v.block_volume(r).await.map_err(failed(&d))?.ok_or_else(gone)?;
+    let src = v
+        .block_volume(r)
+        .await
+        .map_err(failed(&d))?
+        .ok_or_else(gone)?;
     // A disk pool names the partition itself: the next one now.
     let name = in_pool_name(&target, src.disk_device.as_deref(), &src.pool_volumes);
     vols.record(&pool, &name).map_err(ledger_failed)?;
@@ -134,7 +136,9 @@ async fn copy_in_pool<V: BlockClones + Storage>(
     disk.strategy = Some("Copy".into());
     disk.total_bytes = Some(made.capacity);
     disk.copied_bytes = Some(made.capacity);
-    crate::metrics::get().clone_copied_bytes.inc_by(made.capacity);
+    crate::metrics::get()
+        .clone_copied_bytes
+        .inc_by(made.capacity);
     Ok(())
 }
 
@@ -277,7 +281,10 @@ pub async fn edits<V: BlockClones>(
         edits.disk_paths.remove(&d.source);
         match (&r, in_pool(d)) {
             (BlockRef::Device(dev), true) => {
-                let Some(path) = v.pool_volume_path(&pool, &target).await.map_err(failed(d))?
+                let Some(path) = v
+                    .pool_volume_path(&pool, &target)
+                    .await
+                    .map_err(failed(d))?
                 else {
                     continue;
                 };
@@ -320,3 +327,7 @@ pub fn forget_volumes(ledger: &Ledger) {
         tracing::warn!(%error, "failed to drop the record of the task's volumes");
     }
 }
+
+#[cfg(test)]
+#[path = "block_apply_tests.rs"]
+mod tests;

@@ -183,8 +183,15 @@ fn target_of(d: &DiskXml) -> &str {
 /// copied from a volume that is no file (see `block`).
 enum Step {
     Shared(String),
-    Copy { path: String, pool: Option<String> },
-    Block { disk: String, label: String, volume: BlockVolume },
+    Copy {
+        path: String,
+        pool: Option<String>,
+    },
+    Block {
+        disk: String,
+        label: String,
+        volume: BlockVolume,
+    },
 }
 
 fn storage(message: String) -> Refusal<CloneReason> {

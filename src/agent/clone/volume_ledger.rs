@@ -96,7 +96,10 @@ mod tests {
         assert!(v.owns("disk", "loop0p2") && !v.owns("disk", "loop0p1"));
         assert_eq!(side.ledger("u-1").files(), Vec::<std::path::PathBuf>::new());
         v.drop_one("disk", "loop0p2").unwrap();
-        assert_eq!(v.list(), vec![("lvm".to_string(), "root-clone1".to_string())]);
+        assert_eq!(
+            v.list(),
+            vec![("lvm".to_string(), "root-clone1".to_string())]
+        );
         v.forget().unwrap();
         assert!(v.list().is_empty());
         assert!(!dir.path().join("clones/u-1.volumes.json").exists());
