@@ -370,3 +370,54 @@ async fn no_space_refuses_and_deletion_or_restart_mid_stream_leave_nothing_stray
     );
     assert_eq!(sha256(&lun.luns[0]), lun_before, "the LUN is unchanged");
 }
+
+#[tokio::test]
+async fn a_disk_pool_without_room_streams_the_partition_into_a_file_of_the_pool() {
+    let client = client().await;
+    install_crds(&client).await;
+    let ns = TestNamespace::new(&client, "vp-bcv-full").await;
+    let _op = Operator::start(&ns.name, &[]);
+    // A 24 MiB device with a 14 MiB partition: no room for a second one.
+    let pool = DiskPool::create("vp-bcv-full", 24 << 20);
+    let (name, dev) = pool.volume(14 << 20);
+    write_pattern(Path::new(&dev), 1 << 20, 3 << 20, 13);
+    let before = sha256(Path::new(&dev));
+    let files = TestPool::create("vp-bcv-full");
+    let domain = TestDomain::define("vp-bcv-full");
+    add_devices(
+        &domain.name,
+        &format!(
+            "<disk type='block' device='disk'><driver name='qemu' type='raw'/><source dev='{dev}'/><target dev='vda' bus='virtio'/></disk>"
+        ),
+    );
+
+    kubectl_apply(&ns.name, &manifest("full", &domain.name, &files.name));
+    let done = finished(&client, &ns.name, "full").await;
+    assert_eq!(
+        phase(&done),
+        Some(ClonePhase::Completed),
+        "{:?}",
+        done.status
+    );
+    let st = done.status.unwrap();
+    let target = st.target_name.clone().unwrap();
+    let _c = adopt(&target);
+    let copy = files.path.join(format!("{name}-clone1.img"));
+    let d = &st.disks[0];
+    assert_eq!(d.target.as_deref(), Some(copy.to_str().unwrap()), "{d:?}");
+    assert!(
+        d.message.as_deref().unwrap_or("").contains("lacks room"),
+        "{d:?}"
+    );
+    assert_eq!(
+        disks(&target),
+        vec![(
+            "vda".into(),
+            "file".into(),
+            Some(copy.display().to_string())
+        )]
+    );
+    assert_eq!(sha256(&copy), before, "same bytes as the partition");
+    assert_eq!(pool.volumes(), vec![name], "no partition was added");
+    assert_eq!(sha256(Path::new(&dev)), before, "the source is unchanged");
+}
