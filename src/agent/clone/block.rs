@@ -39,13 +39,25 @@ pub struct Ctx<'a> {
     pub number: u32,
 }
 
-/// Bytes planned so far: files by destination directory (bytes, available, name), as the
-/// file copies count them, and new volumes by pool.
-pub struct Need<'a> {
-    /// Files, by directory.
-    pub dirs: &'a mut HashMap<PathBuf, (u64, u64, String)>,
-    /// New volumes, by pool.
-    pub pools: &'a mut HashMap<String, u64>,
+/// A writable block disk of the source, with its volume.
+pub struct Disk {
+    /// Its target (`vda`).
+    disk: String,
+    /// What the status calls its source: the device path, or `volume V of pool P`.
+    label: String,
+    /// The volume.
+    volume: BlockVolume,
+}
+
+impl Disk {
+    /// Disk `disk`, labelled `label`, whose volume is `volume`.
+    pub fn new(disk: &str, label: String, volume: &BlockVolume) -> Self {
+        Self {
+            disk: disk.to_string(),
+            label,
+            volume: volume.clone(),
+        }
+    }
 }
 
 fn storage(message: String) -> Refusal<CloneReason> {
@@ -107,15 +119,17 @@ pub fn file_copy_name(
     free_copy_name(dir, Path::new(&base), number, planned, &obs.existing)
 }
 
-/// Plans the copy of block disk `label` (disk `disk` of the source), whose volume is `v`.
+/// Plans the copy of block disk `b`, after the copies `planned`. `dirs` counts the bytes of
+/// files by destination directory (bytes, available, name) as the file copies do; `pools` the
+/// bytes of new volumes by pool.
 pub fn plan_block(
     c: &Ctx<'_>,
-    disk: &str,
-    label: &str,
-    v: &BlockVolume,
+    b: &Disk,
     planned: &[CloneDisk],
-    need: &mut Need<'_>,
+    dirs: &mut HashMap<PathBuf, (u64, u64, String)>,
+    pools: &mut HashMap<String, u64>,
 ) -> Result<CloneDisk, Refusal<CloneReason>> {
+    let (disk, label, v) = (&b.disk, &b.label, &b.volume);
     let source = &c.spec.source;
     let size = v.capacity;
     let copy = |target: String, pool: &str, message: Option<String>| CloneDisk {
@@ -135,9 +149,9 @@ pub fn plan_block(
         // From the volume's pool itself: a pool on a system directory (`/dev`) is left out of
         // the observed pools, which are the file copies' destinations.
         let available = v.pool_available;
-        let already = need.pools.get(&v.pool).copied().unwrap_or(0);
+        let already = pools.get(&v.pool).copied().unwrap_or(0);
         if already + size <= available {
-            *need.pools.entry(v.pool.clone()).or_default() += size;
+            *pools.entry(v.pool.clone()).or_default() += size;
             return Ok(copy(in_pool_copy_name(v, c.number, planned), &v.pool, None));
         }
         if !readable(v) {
@@ -183,8 +197,7 @@ pub fn plan_block(
         }
     };
     let dir = PathBuf::from(fallback.path.clone().unwrap_or_default());
-    need.dirs
-        .entry(dir.clone())
+    dirs.entry(dir.clone())
         .or_insert((0, fallback.available, fallback.name.clone()))
         .0 += size;
     let dest = file_copy_name(&dir, v, c.number, planned, c.obs);

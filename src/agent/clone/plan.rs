@@ -183,15 +183,8 @@ fn target_of(d: &DiskXml) -> &str {
 /// copied from a volume that is no file (see `block`).
 enum Step {
     Shared(String),
-    Copy {
-        path: String,
-        pool: Option<String>,
-    },
-    Block {
-        disk: String,
-        label: String,
-        volume: BlockVolume,
-    },
+    Copy { path: String, pool: Option<String> },
+    Block(block::Disk),
 }
 
 fn storage(message: String) -> Refusal<CloneReason> {
@@ -336,11 +329,7 @@ pub fn plan(
             DiskUse::Block(dev) => match obs.block.get(&BlockRef::Device(dev.clone())) {
                 Some(v) => {
                     check_copy_source(d, source, "", Some(&v.pool), obs)?;
-                    steps.push(Step::Block {
-                        disk: target_of(d).to_string(),
-                        label: dev,
-                        volume: v.clone(),
-                    });
+                    steps.push(Step::Block(block::Disk::new(target_of(d), dev, v)));
                 }
                 None => refused.push(unsupported(
                     d,
@@ -366,11 +355,8 @@ pub fn plan(
                             volume: volume.clone(),
                         }) =>
                     {
-                        steps.push(Step::Block {
-                            disk: target_of(d).to_string(),
-                            label: d.source_label().unwrap_or_default(),
-                            volume: v.clone(),
-                        });
+                        let label = d.source_label().unwrap_or_default();
+                        steps.push(Step::Block(block::Disk::new(target_of(d), label, v)));
                         continue;
                     }
                     Some(VolumeLookup::Found(v)) => {
@@ -462,26 +448,23 @@ pub fn plan(
     // Bytes each destination directory must hold, with its available bytes.
     let mut need: HashMap<PathBuf, (u64, u64, String)> = HashMap::new();
     let mut pool_need: HashMap<String, u64> = HashMap::new();
+    let bctx = block::Ctx {
+        spec,
+        obs,
+        fallback: &fallback,
+        fallback_granted,
+        number,
+    };
     for step in steps {
         let (src, vol_pool) = match step {
-            Step::Block {
-                disk,
-                label,
-                volume,
-            } => {
-                let c = block::Ctx {
-                    spec,
-                    obs,
-                    fallback: &fallback,
-                    fallback_granted,
-                    number,
-                };
-                let mut n = block::Need {
-                    dirs: &mut need,
-                    pools: &mut pool_need,
-                };
-                let planned = block::plan_block(&c, &disk, &label, &volume, &disks, &mut n)?;
-                disks.push(planned);
+            Step::Block(b) => {
+                disks.push(block::plan_block(
+                    &bctx,
+                    &b,
+                    &disks,
+                    &mut need,
+                    &mut pool_need,
+                )?);
                 continue;
             }
             Step::Shared(label) => {
