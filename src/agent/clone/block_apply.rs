@@ -68,7 +68,7 @@ pub async fn copy<V: BlockClones + Storage>(
     stop: &Arc<AtomicBool>,
 ) -> Result<(), Halt> {
     if in_pool(&status.disks[i]) {
-        copy_in_pool(v, job, status, i, r, stop).await?;
+        copy_in_pool(v, job, status, i, r, ctx, stop).await?;
     } else {
         copy_to_file(v, job, status, i, r, ctx, stop).await?;
     }
@@ -83,6 +83,7 @@ async fn copy_in_pool<V: BlockClones + Storage>(
     status: &mut VMCloneStatus,
     i: usize,
     r: &BlockRef,
+    ctx: &JobCtx<Progress>,
     stop: &Arc<AtomicBool>,
 ) -> Result<(), Halt> {
     let d = status.disks[i].clone();
@@ -122,7 +123,9 @@ async fn copy_in_pool<V: BlockClones + Storage>(
     // A disk pool names the partition itself: the next one now.
     let name = in_pool_name(&target, src.disk_device.as_deref(), &src.pool_volumes);
     vols.record(&pool, &name).map_err(ledger_failed)?;
+    // The name in the status too, so that a restart finds the volume this task records.
     status.disks[i].target = Some(name.clone());
+    ctx.report(Some(status.clone()));
     let made = match v.copy_in_pool(&pool, &src.volume, &name).await {
         Ok(m) => m,
         Err(e) => {
