@@ -158,7 +158,8 @@ pub struct CloneDisk {
     /// Path of the source disk (for a shared disk that is no file, its volume or network
     /// source).
     pub source: String,
-    /// Path of the copy (or of the shared medium when it is referenced, not copied).
+    /// Path of the copy (or of the shared medium when it is referenced, not copied); for a copy
+    /// made as a new volume of the source's pool, the volume's name in `pool`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target: Option<String>,
     /// Pool the copy went to, and why when it is not the source's pool.

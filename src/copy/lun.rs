@@ -43,12 +43,10 @@ pub enum LunCopyError {
     #[error("failed to run {QEMU_IMG} (package qemu-block-extra provides its iSCSI driver): {0}")]
     Spawn(#[source] io::Error),
     /// `qemu-img info` failed or said something unexpected.
-    #[error("failed to read the size of LUN {lun} of {target}: {message}")]
+    #[error("failed to read the size of {source_name}: {message}")]
     Info {
-        /// The target's IQN.
-        target: String,
-        /// The LUN.
-        lun: u32,
+        /// What was read (`LUN N of IQN`, or a device path).
+        source_name: String,
         /// What went wrong (qemu-img's own message).
         message: String,
     },
@@ -65,12 +63,10 @@ pub enum LunCopyError {
         source: io::Error,
     },
     /// `qemu-img convert` failed.
-    #[error("failed to copy LUN {lun} of {target} to {path}: {message}")]
+    #[error("failed to copy {source_name} to {path}: {message}")]
     Convert {
-        /// The target's IQN.
-        target: String,
-        /// The LUN.
-        lun: u32,
+        /// What was read (`LUN N of IQN`, or a device path).
+        source_name: String,
         /// The destination path.
         path: PathBuf,
         /// qemu-img's message.
@@ -94,17 +90,32 @@ pub fn image_opts(lun: &IscsiLun) -> String {
     )
 }
 
+/// QEMU's `--image-opts` string for a raw block device (a comma doubled).
+pub fn device_opts(path: &Path) -> String {
+    format!(
+        "driver=raw,file.driver=host_device,file.filename={}",
+        path.display().to_string().replace(',', ",,")
+    )
+}
+
+fn lun_name(lun: &IscsiLun) -> String {
+    format!("LUN {} of {}", lun.lun, lun.target)
+}
+
 /// The LUN's size in bytes, as the target reports it (`qemu-img info`).
 pub fn lun_size(lun: &IscsiLun) -> Result<u64, LunCopyError> {
+    image_size(&image_opts(lun), &lun_name(lun))
+}
+
+fn image_size(opts: &str, name: &str) -> Result<u64, LunCopyError> {
     let out = Command::new(QEMU_IMG)
         .args(["info", "--output=json", "--image-opts"])
-        .arg(image_opts(lun))
+        .arg(opts)
         .stdin(Stdio::null())
         .output()
         .map_err(LunCopyError::Spawn)?;
     let info_error = |message: String| LunCopyError::Info {
-        target: lun.target.clone(),
-        lun: lun.lun,
+        source_name: name.to_string(),
         message,
     };
     if !out.status.success() {
@@ -142,10 +153,38 @@ impl Drop for RemoveOnDrop<'_> {
 pub fn copy_lun(
     lun: &IscsiLun,
     dst: &Path,
+    progress: impl FnMut(u64, u64),
+    cancel: &AtomicBool,
+) -> Result<LunCopyReport, LunCopyError> {
+    convert(&image_opts(lun), &lun_name(lun), dst, progress, cancel)
+}
+
+/// Copies the raw block device `device` (a volume of a pool whose volumes are device nodes)
+/// into the new file `dst` the same way as [`copy_lun`]: created exclusively, only non-zero
+/// blocks written, removed on error or cancellation. Blocking.
+pub fn copy_device(
+    device: &Path,
+    dst: &Path,
+    progress: impl FnMut(u64, u64),
+    cancel: &AtomicBool,
+) -> Result<LunCopyReport, LunCopyError> {
+    convert(
+        &device_opts(device),
+        &device.display().to_string(),
+        dst,
+        progress,
+        cancel,
+    )
+}
+
+fn convert(
+    opts: &str,
+    name: &str,
+    dst: &Path,
     mut progress: impl FnMut(u64, u64),
     cancel: &AtomicBool,
 ) -> Result<LunCopyReport, LunCopyError> {
-    let size = lun_size(lun)?;
+    let size = image_size(opts, name)?;
     let file = OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -178,7 +217,7 @@ pub fn copy_lun(
             "raw",
         ])
         .arg("--image-opts")
-        .arg(image_opts(lun))
+        .arg(opts)
         .arg(dst)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -235,8 +274,7 @@ pub fn copy_lun(
             let _ = e.read_to_string(&mut message);
         }
         return Err(LunCopyError::Convert {
-            target: lun.target.clone(),
-            lun: lun.lun,
+            source_name: name.to_string(),
             path: dst.to_path_buf(),
             message: message.trim().to_string(),
         });

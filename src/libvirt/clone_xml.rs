@@ -22,6 +22,12 @@ pub struct CloneEdits {
     pub disk_paths: HashMap<String, String>,
     /// New `(pool, volume)` of each copied `type='volume'` disk, by the original's.
     pub volumes: HashMap<(String, String), (String, String)>,
+    /// New file of each `type='block'` disk copied into a file, by the device's path: the disk
+    /// becomes `type='file'`.
+    pub block_to_file: HashMap<String, String>,
+    /// New file of each `type='volume'` disk copied into a file, by `(pool, volume)`: the disk
+    /// becomes `type='file'`.
+    pub volume_to_file: HashMap<(String, String), String>,
     /// New MAC address of each interface, in document order.
     pub macs: Vec<String>,
     /// New path of the UEFI variable store, if the source has one.
@@ -96,6 +102,26 @@ pub fn clone_xml(source: &str, e: &CloneEdits) -> Result<String, roxmltree::Erro
                 }
                 mac_index += 1;
             }
+            ("disk", "source") if to_file(node, e).is_some() => {
+                if let Some((new, attr)) = to_file(node, e)
+                    && let Some(disk) = node.parent_element()
+                    && let Some(kind) = attr_range(disk, "type")
+                {
+                    edits.push((kind, "file".into()));
+                    let mut first = true;
+                    for a in node.attributes() {
+                        if [attr, "pool", "volume", "mode"].contains(&a.name()) {
+                            let text = if first {
+                                format!("file='{}'", escape_attr(new))
+                            } else {
+                                String::new()
+                            };
+                            first = false;
+                            edits.push((a.range(), text));
+                        }
+                    }
+                }
+            }
             ("disk", "source") => {
                 for attr in ["file", "dev"] {
                     if let Some(a) = node.attributes().find(|a| a.name() == attr)
@@ -159,6 +185,24 @@ pub fn clone_xml(source: &str, e: &CloneEdits) -> Result<String, roxmltree::Erro
         out.replace_range(range, &text);
     }
     Ok(out)
+}
+
+/// The file a block or volume disk's `<source>` becomes, with the attribute naming the device
+/// (`dev`, or `pool` for a volume).
+fn to_file<'e>(
+    source: roxmltree::Node<'_, '_>,
+    e: &'e CloneEdits,
+) -> Option<(&'e String, &'static str)> {
+    if let Some(dev) = source.attribute("dev")
+        && let Some(new) = e.block_to_file.get(dev)
+    {
+        return Some((new, "dev"));
+    }
+    let key = (
+        source.attribute("pool")?.to_string(),
+        source.attribute("volume")?.to_string(),
+    );
+    e.volume_to_file.get(&key).map(|new| (new, "pool"))
 }
 
 /// Whether an SMBIOS `<entry>` names one machine: a serial number, a UUID, or any value that is
@@ -310,6 +354,46 @@ mod tests {
             (Some("p1"), Some("media.iso")),
             "media are shared"
         );
+    }
+
+    #[test]
+    fn block_and_volume_disks_copied_into_files_become_file_disks() {
+        let src = "<domain><name>w</name><devices>\
+            <disk type='block' device='disk'><driver name='qemu' type='raw'/><source dev='/dev/loop7p1'/><target dev='vda'/></disk>\
+            <disk type='volume' device='disk'><source pool='iscsi' volume='unit:0:0:1' mode='host'/><target dev='vdb'/></disk>\
+            <disk type='block' device='disk'><source dev='/dev/loop7p2'/><target dev='vdc'/></disk>\
+            <disk type='block' device='cdrom'><source dev='/dev/sr0'/><target dev='sda'/><readonly/></disk>\
+            </devices></domain>";
+        let edits = CloneEdits {
+            block_to_file: HashMap::from([(
+                "/dev/loop7p1".into(),
+                "/img/loop7p1-clone1.img".into(),
+            )]),
+            volume_to_file: HashMap::from([(
+                ("iscsi".into(), "unit:0:0:1".into()),
+                "/img/unit-0-0-1-clone1.img".into(),
+            )]),
+            disk_paths: HashMap::from([("/dev/loop7p2".into(), "/dev/loop7p3".into())]),
+            ..Default::default()
+        };
+        let out = clone_xml(src, &edits).unwrap();
+        let d = super::super::domain::parse_domain(&out).unwrap();
+        let got: Vec<_> = d
+            .disks
+            .iter()
+            .map(|d| (d.kind.as_str(), d.source.as_deref(), d.pool.as_deref()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("file", Some("/img/loop7p1-clone1.img"), None),
+                ("file", Some("/img/unit-0-0-1-clone1.img"), None),
+                ("block", Some("/dev/loop7p3"), None),
+                ("block", Some("/dev/sr0"), None),
+            ],
+            "{out}"
+        );
+        assert!(!out.contains("mode="), "{out}");
     }
 
     #[test]

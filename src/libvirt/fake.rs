@@ -51,6 +51,8 @@ struct State {
     /// Clones: the full XML and the task that made each domain that has them.
     xml: BTreeMap<String, String>,
     tasks: BTreeMap<String, String>,
+    /// Volumes that are no files (block clone routes, see `fake_block`).
+    block: Vec<super::block_clone::BlockVolume>,
 }
 
 /// In-memory libvirt.
@@ -283,9 +285,10 @@ impl Storage for FakeLibvirt {
 
     async fn delete_volume(&self, pool: &str, volume: &str) -> Result<(), LibvirtError> {
         self.enter("delete a storage volume", None)?;
-        self.state()
-            .volumes
-            .remove(&(pool.to_string(), volume.to_string()));
+        let mut st = self.state();
+        st.volumes.remove(&(pool.to_string(), volume.to_string()));
+        st.block
+            .retain(|b| (b.pool.as_str(), b.volume.as_str()) != (pool, volume));
         Ok(())
     }
 }
@@ -576,6 +579,9 @@ impl Clones for FakeLibvirt {
 
 #[path = "fake_tuning.rs"]
 mod tuning;
+
+#[path = "fake_block.rs"]
+mod block;
 
 #[cfg(test)]
 mod tests {

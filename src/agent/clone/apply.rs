@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use tokio::sync::Semaphore;
 
+use super::block_apply;
 use super::ledger::Ledger;
 use super::plan::{DiskUse, SHARED, disk_use};
 use super::reason::CloneReason;
@@ -16,10 +17,11 @@ use crate::agent::jobs::{JobCtx, Stop};
 use crate::agent::refusal::Refusal;
 use crate::api::{CloneDisk, ClonePhase, CopyStrategy, VMCloneStatus};
 use crate::copy::{self, Strategy, StrategyUsed};
+use crate::libvirt::block_clone::{BlockClones, BlockRef};
 use crate::libvirt::clone_xml::{self, CloneEdits};
 use crate::libvirt::clones::{Clones, Copies, Defined};
 use crate::libvirt::domain::{self, DomainXml};
-use crate::libvirt::facade::Domains;
+use crate::libvirt::facade::{Domains, Storage};
 use crate::libvirt::networks::Networks;
 
 /// What a job gets: the task as planned and recorded in its status.
@@ -78,18 +80,18 @@ fn strategy_of(s: CopyStrategy) -> Strategy {
 }
 
 /// How a step of the job failed.
-enum Halt {
+pub(super) enum Halt {
     Stopped,
     Failed(Refusal<CloneReason>),
 }
 
-fn fail(reason: CloneReason, message: String) -> Halt {
+pub(super) fn fail(reason: CloneReason, message: String) -> Halt {
     Halt::Failed(Refusal::fix(reason, message))
 }
 
 /// Runs a task: copies, definition, start; on failure (or when the task is abandoned) removes
 /// everything it made.
-pub async fn run<V: Clones + Domains + Networks>(
+pub async fn run<V: Clones + Domains + Networks + BlockClones + Storage>(
     v: &V,
     job: Job,
     ctx: &JobCtx<Progress>,
@@ -116,7 +118,7 @@ pub async fn run<V: Clones + Domains + Networks>(
         }
         return JobEnd::Stopped;
     }
-    let result = match copy_all(&job, &mut status, ctx, &stop).await {
+    let result = match copy_all(v, &job, &mut status, ctx, &stop).await {
         Ok(()) => {
             let _ = v.refresh_active_pools().await;
             define(v, &job, &mut status, ctx, &stop).await
@@ -132,6 +134,7 @@ pub async fn run<V: Clones + Domains + Networks>(
             if let Err(error) = job.ledger.forget() {
                 tracing::warn!(%error, "failed to drop the record of the task's files");
             }
+            block_apply::forget_volumes(&job.ledger);
             JobEnd::Completed { status, started }
         }
         Err(Halt::Stopped) => {
@@ -153,7 +156,8 @@ pub async fn run<V: Clones + Domains + Networks>(
 }
 
 /// Copies every disk not copied yet.
-async fn copy_all(
+async fn copy_all<V: BlockClones + Storage>(
+    v: &V,
     job: &Job,
     status: &mut VMCloneStatus,
     ctx: &JobCtx<Progress>,
@@ -164,6 +168,11 @@ async fn copy_all(
     for i in 0..status.disks.len() {
         let d = status.disks[i].clone();
         if d.strategy.as_deref() == Some(SHARED) {
+            continue;
+        }
+        // A disk that is no file takes its own route.
+        if let Some(r) = block_apply::block_ref_of(&job.config, &job.source, &d) {
+            block_apply::copy(v, job, status, i, &r, ctx, stop).await?;
             continue;
         }
         let (Some(dst), total) = (d.target.clone(), d.total_bytes.unwrap_or(0)) else {
@@ -274,7 +283,7 @@ async fn macs_in_use<V: Networks>(v: &V) -> Result<Vec<String>, crate::libvirt::
 /// Checks `stop` before each step that makes something (the UEFI variable store, the
 /// definition, the start): a task deleted meanwhile stops there, and its cleanup removes what
 /// was made, including a domain this task defined.
-async fn define<V: Clones + Domains + Networks>(
+async fn define<V: Clones + Domains + Networks + BlockClones>(
     v: &V,
     job: &Job,
     status: &mut VMCloneStatus,
@@ -331,7 +340,7 @@ async fn define<V: Clones + Domains + Networks>(
 }
 
 /// The clone's XML: new MACs, its own UEFI variable store, every writable disk on its copy.
-async fn clone_definition<V: Clones + Domains + Networks>(
+async fn clone_definition<V: Clones + Domains + Networks + BlockClones>(
     v: &V,
     job: &Job,
     status: &mut VMCloneStatus,
@@ -443,10 +452,20 @@ async fn clone_definition<V: Clones + Domains + Networks>(
         )
     };
     let parsed = domain::parse_domain(&xml).map_err(unreadable)?;
+    let blocks = block_apply::edits(v, job, status, &mut edits).await?;
     // Every writable disk must point at its copy: never share one by mistake.
     for d in &parsed.disks {
         let missing = match disk_use(d, source) {
             DiskUse::File(path) => !copies.contains_key(&path),
+            DiskUse::Block(dev) => !blocks.contains(&BlockRef::Device(dev)),
+            DiskUse::Volume { pool, volume }
+                if blocks.contains(&BlockRef::Volume {
+                    pool: pool.clone(),
+                    volume: volume.clone(),
+                }) =>
+            {
+                false
+            }
             DiskUse::Volume { pool, volume } => {
                 match v
                     .copy_volume(&pool, &volume, &copies)
@@ -479,14 +498,14 @@ async fn clone_definition<V: Clones + Domains + Networks>(
 
 /// Records a file the task just created; a failure is logged (the file is then left behind
 /// rather than risked: nothing removes a file that is not recorded).
-fn record(ledger: &Ledger, path: &Path) {
+pub(super) fn record(ledger: &Ledger, path: &Path) {
     if let Err(error) = ledger.record(path) {
         tracing::warn!(%error, path = %path.display(), "failed to record a created file");
     }
 }
 
 /// The refusal when a copy's destination exists and this task did not create it.
-fn taken(dst: &str) -> Halt {
+pub(super) fn taken(dst: &str) -> Halt {
     fail(
         CloneReason::NameConflict,
         format!(
@@ -498,7 +517,7 @@ fn taken(dst: &str) -> Halt {
 /// Undoes a task that did not complete: undefines the clone if this task defined it (the
 /// domain's metadata names the task), then removes the files the agent's record says this task
 /// created (never a path from the status). What is already gone is fine.
-pub async fn remove_leftovers<V: Clones>(
+pub async fn remove_leftovers<V: Clones + Storage>(
     v: &V,
     uid: &str,
     target: &str,
@@ -507,6 +526,7 @@ pub async fn remove_leftovers<V: Clones>(
     if !target.is_empty() && !uid.is_empty() {
         v.undefine_owned_clone(target, uid).await?;
     }
+    block_apply::remove_volumes(v, ledger).await?;
     let ledger = ledger.clone();
     let removed = tokio::task::spawn_blocking(move || ledger.remove_all()).await;
     match removed {

@@ -60,7 +60,7 @@ fn sanitize(uid: &str) -> String {
 /// The record of one task.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Ledger {
-    path: PathBuf,
+    pub(super) path: PathBuf,
 }
 
 impl Ledger {

@@ -7,11 +7,14 @@
 //! what an unfinished task made.
 
 mod apply;
+mod block;
+mod block_apply;
 mod ledger;
 mod observe;
 mod plan;
 pub(super) mod reason;
 mod report;
+mod volume_ledger;
 
 use std::sync::Arc;
 

@@ -14,6 +14,7 @@ use crate::agent::roots;
 use crate::api::{VMClone, VMCloneStatus};
 use crate::copy;
 use crate::image::qcow2;
+use crate::libvirt::block_clone::BlockClones;
 use crate::libvirt::clones::Clones;
 use crate::libvirt::facade::{Domains, Storage, VolumeLookup};
 
@@ -69,10 +70,19 @@ pub async fn observe(
     let mut paths = plan::file_disks(&config, &spec.source);
     for (pool, volume) in plan::volume_disks(&config, &spec.source) {
         let found = v.volume(&pool, &volume).await?;
-        if let VolumeLookup::Found(f) = &found {
+        // Volumes that are no files take the block routes (see `block`).
+        if let VolumeLookup::Found(f) = &found
+            && f.is_file
+            && crate::libvirt::volume::holds_files(&f.pool_type)
+        {
             paths.push(f.path.clone());
         }
         obs.volumes.insert((pool, volume), found);
+    }
+    for r in super::block::block_refs(&config, &spec.source, &obs.volumes) {
+        if let Some(b) = v.block_volume(&r).await? {
+            obs.block.insert(r, b);
+        }
     }
     obs.names = v.domain_names().await?;
     if let Some(t) = &spec.target_name {

@@ -5,9 +5,11 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use super::block;
 use super::reason::CloneReason;
 use crate::agent::refusal::Refusal;
 use crate::api::{CloneDisk, ClonePhase, StoragePoolSummary, VMCloneSpec, VMCloneStatus};
+use crate::libvirt::block_clone::{BlockRef, BlockVolume};
 use crate::libvirt::domain::{DiskXml, DomainXml};
 use crate::libvirt::facade::VolumeLookup;
 use crate::libvirt::volume;
@@ -67,6 +69,9 @@ pub struct Observed {
     pub existing: HashSet<PathBuf>,
     /// What the task's namespace is granted (everything in open mode).
     pub grants: Grants,
+    /// The volumes behind writable block disks and volume disks of pools that hold no files
+    /// (absent: no active pool holds it).
+    pub block: HashMap<BlockRef, BlockVolume>,
 }
 
 /// The task's plan: the clone's name and one entry per disk of the source.
@@ -124,6 +129,8 @@ pub enum DiskUse {
         /// The volume.
         volume: String,
     },
+    /// A writable `type='block'` disk: copied when a pool holds its device (see `block`).
+    Block(String),
     /// A writable disk that is no file: the task is refused with this message.
     Unsupported(String),
 }
@@ -142,13 +149,17 @@ pub fn disk_use(d: &DiskXml, source: &str) -> DiskUse {
             pool: pool.clone(),
             volume: volume.clone(),
         },
+        ("block", Some(dev), _, _) => DiskUse::Block(dev.clone()),
         (kind, _, _, _) => {
             let what = match kind {
-                "block" => "block device",
                 "network" => "network disk",
                 _ => kind,
             };
-            DiskUse::Unsupported(unsupported(d, &format!("{what} {label}"), source))
+            DiskUse::Unsupported(unsupported(
+                d,
+                &format!("{what} {label}, which names no storage pool"),
+                source,
+            ))
         }
     }
 }
@@ -156,9 +167,10 @@ pub fn disk_use(d: &DiskXml, source: &str) -> DiskUse {
 /// The refusal message of a writable disk the clone cannot copy.
 fn unsupported(d: &DiskXml, what: &str, source: &str) -> String {
     format!(
-        "Disk {} ({what}) of {source} is writable and not a file that can be copied, so the clone \
-         would write to the same storage as {source}: mark it <readonly/> or <shareable/> in \
-         {source} to share it with the clone, or convert it to a file in a dir, fs or netfs pool.",
+        "Disk {} ({what}) of {source} is writable and nothing on this node can create a copy of \
+         it, so the clone would write to the same storage as {source}: mark it <readonly/> or \
+         <shareable/> in {source} to share it with the clone, or make it a volume of a storage \
+         pool (a file in a dir, fs or netfs pool, or a volume of a disk, logical or iSCSI pool).",
         target_of(d),
     )
 }
@@ -167,10 +179,12 @@ fn target_of(d: &DiskXml) -> &str {
     d.target.as_deref().unwrap_or("without target")
 }
 
-/// A disk as planned: shared, or copied from a file (of a known pool, for a volume disk).
+/// A disk as planned: shared, copied from a file (of a known pool, for a volume disk), or
+/// copied from a volume that is no file (see `block`).
 enum Step {
     Shared(String),
     Copy { path: String, pool: Option<String> },
+    Block(block::Disk),
 }
 
 fn storage(message: String) -> Refusal<CloneReason> {
@@ -312,6 +326,17 @@ pub fn plan(
                 steps.push(Step::Copy { path, pool: None });
             }
             DiskUse::Unsupported(message) => refused.push(message),
+            DiskUse::Block(dev) => match obs.block.get(&BlockRef::Device(dev.clone())) {
+                Some(v) => {
+                    check_copy_source(d, source, "", Some(&v.pool), obs)?;
+                    steps.push(Step::Block(block::Disk::new(target_of(d), dev, v)));
+                }
+                None => refused.push(unsupported(
+                    d,
+                    &format!("block device {dev}, which belongs to no active storage pool"),
+                    source,
+                )),
+            },
             DiskUse::Volume { pool, volume } => {
                 check_copy_source(d, source, "", Some(&pool), obs)?;
                 let why = match obs.volumes.get(&(pool.clone(), volume.clone())) {
@@ -322,6 +347,16 @@ pub fn plan(
                             path: v.path.clone(),
                             pool: Some(pool),
                         });
+                        continue;
+                    }
+                    Some(VolumeLookup::Found(_))
+                        if let Some(v) = obs.block.get(&BlockRef::Volume {
+                            pool: pool.clone(),
+                            volume: volume.clone(),
+                        }) =>
+                    {
+                        let label = d.source_label().unwrap_or_default();
+                        steps.push(Step::Block(block::Disk::new(target_of(d), label, v)));
                         continue;
                     }
                     Some(VolumeLookup::Found(v)) => {
@@ -412,8 +447,26 @@ pub fn plan(
     let mut disks = Vec::new();
     // Bytes each destination directory must hold, with its available bytes.
     let mut need: HashMap<PathBuf, (u64, u64, String)> = HashMap::new();
+    let mut pool_need: HashMap<String, u64> = HashMap::new();
+    let bctx = block::Ctx {
+        spec,
+        obs,
+        fallback: &fallback,
+        fallback_granted,
+        number,
+    };
     for step in steps {
         let (src, vol_pool) = match step {
+            Step::Block(b) => {
+                disks.push(block::plan_block(
+                    &bctx,
+                    &b,
+                    &disks,
+                    &mut need,
+                    &mut pool_need,
+                )?);
+                continue;
+            }
             Step::Shared(label) => {
                 disks.push(CloneDisk {
                     source: label.clone(),

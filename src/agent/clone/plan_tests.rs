@@ -131,7 +131,7 @@ fn every_reason_the_plan_reports() {
             node(&format!("{a}{block}")),
             CloneReason::UnsupportedDisk,
             false,
-            "Disk vdc (block device /dev/vg/lv) of web is writable",
+            "Disk vdc (block device /dev/vg/lv, which belongs to no active storage pool) of web is writable",
         ),
         (
             "volume of a logical pool",
@@ -534,32 +534,34 @@ fn writable_disks_that_are_no_files_are_refused() {
     let empty = disk("<disk type='file' device='cdrom'><target dev='sda'/><readonly/></disk>");
     assert_eq!(disk_use(&empty, "web"), DiskUse::Empty);
 
-    for (xml, what) in [
+    // Writable block devices take the block routes when a pool holds them (see `block`).
+    for (xml, dev) in [
         (
             "<disk type='block' device='disk'><source dev='/dev/vg/lv'/><target dev='vdc'/></disk>",
-            "vdc (block device /dev/vg/lv)",
-        ),
-        (
-            "<disk type='network' device='disk'><source protocol='iscsi' name='iqn.x/1'><host name='san'/></source><target dev='vdd'/></disk>",
-            "vdd (network disk iscsi://san/iqn.x/1)",
+            "/dev/vg/lv",
         ),
         (
             "<disk type='block' device='lun'><source dev='/dev/sdx'/><target dev='sdb'/></disk>",
-            "sdb (block device /dev/sdx)",
+            "/dev/sdx",
         ),
     ] {
-        let DiskUse::Unsupported(m) = disk_use(&disk(xml), "web") else {
-            panic!("{xml} is not refused");
-        };
-        assert!(
-            m.starts_with(&format!("Disk {what} of web is writable")),
-            "{m}"
-        );
-        assert!(
-            m.contains("<readonly/> or <shareable/>") && m.contains("dir, fs or netfs pool"),
-            "{m}"
-        );
+        assert_eq!(disk_use(&disk(xml), "web"), DiskUse::Block(dev.into()));
     }
+    // A network disk names no pool: nothing can create a copy of it.
+    let net = "<disk type='network' device='disk'><source protocol='iscsi' name='iqn.x/1'><host name='san'/></source><target dev='vdd'/></disk>";
+    let DiskUse::Unsupported(m) = disk_use(&disk(net), "web") else {
+        panic!("{net} is not refused");
+    };
+    assert!(
+        m.starts_with(
+            "Disk vdd (network disk iscsi://san/iqn.x/1, which names no storage pool) of web is writable"
+        ),
+        "{m}"
+    );
+    assert!(
+        m.contains("<readonly/> or <shareable/>") && m.contains("dir, fs or netfs pool"),
+        "{m}"
+    );
 
     for xml in [
         "<disk type='block' device='disk'><source dev='/dev/vg/lv'/><target dev='vdc'/><readonly/></disk>",
