@@ -4,9 +4,10 @@ use super::{FakeLibvirt, not_found};
 use crate::libvirt::LibvirtError;
 use crate::libvirt::domain::parse_domain;
 use crate::libvirt::facade::Affect;
+use crate::libvirt::tuning::disk_fields;
 
 /// Tuning: I/O limits rewrite the `<iotune>` of the disk's XML on each side; a redefinition
-/// replaces the definition's disk.
+/// replaces the definition's disk, or adds it.
 impl crate::libvirt::tuning::Tuning for FakeLibvirt {
     async fn set_block_iotune(
         &self,
@@ -55,7 +56,7 @@ impl crate::libvirt::tuning::Tuning for FakeLibvirt {
         vm: &str,
         alias: &str,
         disk_xml: &str,
-    ) -> Result<(), LibvirtError> {
+    ) -> Result<Option<String>, LibvirtError> {
         let action = "write the device into the definition";
         self.enter(action, Some(Affect::Config))?;
         let device = parse_domain(&format!("<domain><devices>{disk_xml}</devices></domain>"))
@@ -63,28 +64,28 @@ impl crate::libvirt::tuning::Tuning for FakeLibvirt {
                 action: action.into(),
                 source,
             })?;
+        let Some(new) = device.disks.first() else {
+            return Ok(None);
+        };
         let mut st = self.state();
         let dom = st.domains.get_mut(vm).ok_or_else(|| not_found(action))?;
-        if let (Some(have), Some(new)) = (
-            dom.config
-                .disks
-                .iter_mut()
-                .find(|d| d.alias.as_deref() == Some(alias)),
-            device.disks.first(),
-        ) {
-            *have = new.clone();
+        // Like the real one: a boot order turns the `<os><boot dev>` list into per-device
+        // orders in the same define (the stand-in's other devices keep theirs unchanged).
+        let converted = (disk_fields(disk_xml).boot_order.is_some()
+            && !dom.config.os_boot.is_empty())
+        .then(|| {
+            let list = std::mem::take(&mut dom.config.os_boot);
+            format!("{} -> no device", list.join(", "))
+        });
+        match dom
+            .config
+            .disks
+            .iter_mut()
+            .find(|d| d.alias.as_deref() == Some(alias))
+        {
+            Some(have) => *have = new.clone(),
+            None => dom.config.disks.push(new.clone()),
         }
-        Ok(())
-    }
-
-    async fn convert_boot_order(
-        &self,
-        _vm: &str,
-        _alias: &str,
-        _order: u32,
-    ) -> Result<Option<String>, LibvirtError> {
-        // The stand-in's domains have no `<os><boot dev>` list.
-        self.enter("convert the boot order", Some(Affect::Config))?;
-        Ok(None)
+        Ok(converted)
     }
 }

@@ -226,6 +226,55 @@ pub fn replace_disk(domain_xml: &str, alias: &str, disk_xml: &str) -> Result<Str
     ))
 }
 
+/// `domain_xml` with the disk whose alias is `alias` written as `disk_xml`: replaced (see
+/// [`replace_disk`]) or, when the definition has none, added. When `disk_xml` carries a boot
+/// order and the definition lists its boot devices by type (`<os><boot dev>`), the list is turned
+/// into per-device orders in the same rewrite (see [`super::boot_order::convert`]); the second
+/// value says what was converted.
+///
+/// One rewrite, so one define: converting first and writing the disk after would define a domain
+/// without any boot element whenever no other device takes an order, and libvirt puts
+/// `<boot dev='hd'/>` back into such a definition, so the disk's order would be refused again.
+pub fn write_disk(
+    domain_xml: &str,
+    alias: &str,
+    disk_xml: &str,
+) -> Result<(String, Option<String>), RewriteError> {
+    let (xml, converted) = match disk_fields(disk_xml).boot_order {
+        Some(order) => match super::boot_order::convert(domain_xml, alias, order)? {
+            Some(c) => (c.xml, Some(c.summary)),
+            None => (domain_xml.to_string(), None),
+        },
+        None => (domain_xml.to_string(), None),
+    };
+    let written = match replace_disk(&xml, alias, disk_xml) {
+        Err(RewriteError::NoDevice(_)) => add_device(&xml, disk_xml)?,
+        other => other?,
+    };
+    Ok((written, converted))
+}
+
+/// `domain_xml` with `device_xml` appended to its `<devices>`.
+fn add_device(domain_xml: &str, device_xml: &str) -> Result<String, RewriteError> {
+    let doc = roxmltree::Document::parse(domain_xml)?;
+    let devices = doc
+        .root_element()
+        .children()
+        .find(|c| c.has_tag_name("devices"))
+        .ok_or_else(|| RewriteError::NoDevice("devices".into()))?;
+    let range = devices.range();
+    let text = &domain_xml[range.clone()];
+    let inner = match text.strip_suffix("</devices>") {
+        Some(body) => format!("{body}{device_xml}</devices>"),
+        None => format!("<devices>{device_xml}</devices>"),
+    };
+    Ok(format!(
+        "{}{inner}{}",
+        &domain_xml[..range.start],
+        &domain_xml[range.end..]
+    ))
+}
+
 /// Tuning of a domain's devices.
 pub trait Tuning: Send + Sync {
     /// Sets the twelve I/O limits of disk `target` of `vm` (`0` is unlimited), live and/or in
@@ -238,23 +287,15 @@ pub trait Tuning: Send + Sync {
         affect: Affect,
     ) -> impl Future<Output = Result<(), LibvirtError>> + Send;
 
-    /// Replaces the disk whose alias is `alias` in the persistent definition of `vm` by
-    /// `disk_xml` (its address kept); the running guest is not changed.
+    /// Writes `disk_xml` as the disk with alias `alias` into the persistent definition of `vm`
+    /// in one define (see [`write_disk`]): replaced, its address kept, or added; a boot order
+    /// in it turns an `<os><boot dev>` list into per-device orders in the same define. Says
+    /// what was converted. The running guest is not changed.
     fn redefine_disk(
         &self,
         vm: &str,
         alias: &str,
         disk_xml: &str,
-    ) -> impl Future<Output = Result<(), LibvirtError>> + Send;
-
-    /// Turns the `<os><boot dev>` list of the persistent definition of `vm`, if it has one, into
-    /// per-device boot orders, leaving `order` free for the device with alias `alias`; says
-    /// what was converted (`None`: nothing to convert).
-    fn convert_boot_order(
-        &self,
-        vm: &str,
-        alias: &str,
-        order: u32,
     ) -> impl Future<Output = Result<Option<String>, LibvirtError>> + Send;
 }
 
@@ -281,45 +322,22 @@ impl Tuning for Libvirt {
         vm: &str,
         alias: &str,
         disk_xml: &str,
-    ) -> Result<(), LibvirtError> {
-        let current = self.definition(vm).await?;
-        let next = match replace_disk(&current, alias, disk_xml) {
-            Ok(next) => next,
-            Err(RewriteError::Xml(source)) => {
-                return Err(LibvirtError::Xml {
-                    action: REDEFINE.into(),
-                    source,
-                });
-            }
-            // Removed behind the agent's back meanwhile: the next reconcile puts it back.
-            Err(RewriteError::NoDevice(_)) => return Ok(()),
-        };
-        self.call(REDEFINE, move |c| c.define_domain_xml(&next).map(|_| ()))
-            .await
-    }
-
-    async fn convert_boot_order(
-        &self,
-        vm: &str,
-        alias: &str,
-        order: u32,
     ) -> Result<Option<String>, LibvirtError> {
         let current = self.definition(vm).await?;
-        let converted = match super::boot_order::convert(&current, alias, order) {
-            Ok(Some(c)) => c,
-            Ok(None) => return Ok(None),
+        let (next, converted) = match write_disk(&current, alias, disk_xml) {
+            Ok(written) => written,
             Err(RewriteError::Xml(source)) => {
                 return Err(LibvirtError::Xml {
                     action: REDEFINE.into(),
                     source,
                 });
             }
+            // A definition without <devices>: nothing virtplane wrote; leave it.
             Err(RewriteError::NoDevice(_)) => return Ok(None),
         };
-        let xml = converted.xml;
-        self.call(REDEFINE, move |c| c.define_domain_xml(&xml).map(|_| ()))
+        self.call(REDEFINE, move |c| c.define_domain_xml(&next).map(|_| ()))
             .await?;
-        Ok(Some(converted.summary))
+        Ok(converted)
     }
 }
 

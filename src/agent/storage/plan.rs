@@ -31,15 +31,16 @@ pub enum Step {
     HotPlugScsiController,
     /// Hot-plug the device into the running guest.
     HotPlug,
-    /// Write the device into the definition (taking a hot-plug back if libvirt refuses).
+    /// Write the device into the definition (taking a hot-plug back if libvirt refuses). A
+    /// device with a boot order is written by a redefinition that also turns an
+    /// `<os><boot dev>` list into per-device orders, in one define.
     WriteDefinition,
     /// Change the CD medium in place (insert, swap, eject).
     UpdateMedia(Affect),
     /// Rewrite the device in the definition: fields that take effect at the next boot changed.
+    /// A boot order turns the definition's `<os><boot dev>` list, if it has one, into
+    /// per-device boot orders in the same define.
     Redefine,
-    /// Turn the definition's `<os><boot dev>` list, if it has one, into per-device boot orders
-    /// (before a device with a boot order is written).
-    ConvertBootOrder,
     /// Set the disk's I/O limits (libvirt's block I/O tuning call).
     SetIoTune(Affect),
 }
@@ -295,17 +296,6 @@ pub fn plan(
         Some(dev) if want_config => fields::differing(&wanted, &disk_fields(&dev.xml)),
         _ => Vec::new(),
     };
-    let boot_written = wanted.boot_order.is_some()
-        && (redefined.contains(&"bootOrder") || (want_config && config_dev.is_none()));
-    if boot_written {
-        steps.insert(
-            steps
-                .iter()
-                .position(|s| *s == Step::WriteDefinition)
-                .unwrap_or(steps.len()),
-            Step::ConvertBootOrder,
-        );
-    }
     if !redefined.is_empty() {
         steps.push(Step::Redefine);
     }
