@@ -4,7 +4,6 @@ use super::{FakeLibvirt, not_found};
 use crate::libvirt::LibvirtError;
 use crate::libvirt::domain::parse_domain;
 use crate::libvirt::facade::Affect;
-use crate::libvirt::tuning::disk_fields;
 
 /// Tuning: I/O limits rewrite the `<iotune>` of the disk's XML on each side; a redefinition
 /// replaces the definition's disk, or adds it.
@@ -51,40 +50,54 @@ impl crate::libvirt::tuning::Tuning for FakeLibvirt {
         Ok(())
     }
 
-    async fn redefine_disk(
+    async fn redefine_device(
         &self,
         vm: &str,
         alias: &str,
-        disk_xml: &str,
+        device_xml: &str,
     ) -> Result<Option<String>, LibvirtError> {
         let action = "write the device into the definition";
         self.enter(action, Some(Affect::Config))?;
-        let device = parse_domain(&format!("<domain><devices>{disk_xml}</devices></domain>"))
+        let device = parse_domain(&format!("<domain><devices>{device_xml}</devices></domain>"))
             .map_err(|source| LibvirtError::Xml {
                 action: action.into(),
                 source,
             })?;
-        let Some(new) = device.disks.first() else {
-            return Ok(None);
-        };
         let mut st = self.state();
         let dom = st.domains.get_mut(vm).ok_or_else(|| not_found(action))?;
         // Like the real one: a boot order turns the `<os><boot dev>` list into per-device
         // orders in the same define (the stand-in's other devices keep theirs unchanged).
-        let converted = (disk_fields(disk_xml).boot_order.is_some()
-            && !dom.config.os_boot.is_empty())
-        .then(|| {
+        let doc = roxmltree::Document::parse(device_xml).map_err(|source| LibvirtError::Xml {
+            action: action.into(),
+            source,
+        })?;
+        let booted = doc
+            .root_element()
+            .children()
+            .any(|c| c.has_tag_name("boot"));
+        let converted = (booted && !dom.config.os_boot.is_empty()).then(|| {
             let list = std::mem::take(&mut dom.config.os_boot);
             format!("{} -> no device", list.join(", "))
         });
-        match dom
-            .config
-            .disks
-            .iter_mut()
-            .find(|d| d.alias.as_deref() == Some(alias))
-        {
-            Some(have) => *have = new.clone(),
-            None => dom.config.disks.push(new.clone()),
+        let config = &mut dom.config;
+        if let Some(new) = device.disks.first() {
+            match config
+                .disks
+                .iter_mut()
+                .find(|d| d.alias.as_deref() == Some(alias))
+            {
+                Some(have) => *have = new.clone(),
+                None => config.disks.push(new.clone()),
+            }
+        } else if let Some(new) = device.interfaces.first() {
+            match config
+                .interfaces
+                .iter_mut()
+                .find(|d| d.alias.as_deref() == Some(alias))
+            {
+                Some(have) => *have = new.clone(),
+                None => config.interfaces.push(new.clone()),
+            }
         }
         Ok(converted)
     }

@@ -121,14 +121,15 @@ async fn run_steps<D: Domains + Tuning>(
                 HotPlug::Plugged => done.plugged = true,
             },
             Step::WriteDefinition if plan.wanted.boot_order.is_some() => {
-                match virt.redefine_disk(vm, &plan.alias, &plan.xml).await {
+                match virt.redefine_device(vm, &plan.alias, &plan.xml).await {
                     Ok(converted) => {
                         done.defined = true;
                         done.boot_converted = converted;
                     }
                     Err(e) if e.kind() == ErrorKind::Refused => {
                         return Ok(Some(Failure::Definition(
-                            take_back(virt, plan, done.plugged, &e).await,
+                            device::take_back(virt, vm, &plan.live_xml, done.plugged, "device", &e)
+                                .await,
                         )));
                     }
                     Err(e) => return Err(e),
@@ -152,7 +153,7 @@ async fn run_steps<D: Domains + Tuning>(
                     .await?;
                 done.media_changed = true;
             }
-            Step::Redefine => match virt.redefine_disk(vm, &plan.alias, &plan.xml).await {
+            Step::Redefine => match virt.redefine_device(vm, &plan.alias, &plan.xml).await {
                 Ok(converted) => {
                     done.redefined = true;
                     done.boot_converted = converted;
@@ -177,33 +178,6 @@ async fn run_steps<D: Domains + Tuning>(
         }
     }
     Ok(None)
-}
-
-/// The message of a definition libvirt refused for a new device (`refused`), after taking its
-/// hot-plug back when there was one.
-async fn take_back<D: Domains>(
-    virt: &D,
-    plan: &Plan,
-    plugged: bool,
-    refused: &LibvirtError,
-) -> String {
-    let vm = &plan.vm;
-    if !plugged {
-        return format!(
-            "libvirt refused the device: {refused}. Nothing was changed; fix the spec."
-        );
-    }
-    match virt
-        .change_device(vm, &plan.live_xml, DeviceChange::Detach, Affect::Live)
-        .await
-    {
-        Ok(()) => format!(
-            "libvirt refused the device in the definition: {refused}. The hot-plug was unplugged again; fix the spec."
-        ),
-        Err(e) => format!(
-            "libvirt refused the device in the definition ({refused}) after it was hot-plugged, and unplugging it again failed ({e}); detach it from {vm} by hand."
-        ),
-    }
 }
 
 #[cfg(test)]
