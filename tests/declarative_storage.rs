@@ -502,7 +502,66 @@ async fn shut_off_domain_takes_every_field_in_its_definition() {
     let _op = Operator::start(&ns.name, &[]);
     let pool = TestPool::create("vp-ds-off");
     let domain = TestDomain::define("vp-ds-off");
-    disk_object(&client, &ns.name, &pool, &domain.name).await;
+    // A disk virtplane does not manage: the conversion of <os><boot dev='hd'/> gives it the
+    // order after the requested one.
+    let os_disk = pool.path.join("os.img");
+    std::fs::File::create(&os_disk)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    virsh(&[
+        "attach-disk",
+        &domain.name,
+        os_disk.to_str().unwrap(),
+        "vdz",
+        "--targetbus",
+        "virtio",
+        "--config",
+    ]);
+    let o = disk_object(&client, &ns.name, &pool, &domain.name).await;
+    let (a, t) = (
+        alias(&o),
+        o.status.as_ref().unwrap().target.clone().unwrap(),
+    );
     let waiting = apply_edits(&client, &ns.name, "data", &domain.name, false).await;
     assert!(waiting.is_empty());
+    has_event(
+        &client,
+        &ns.name,
+        "data",
+        "BootOrderConverted",
+        "hd -> vdz=2",
+    )
+    .await;
+    assert_eq!(
+        boot_orders(&config_xml(&domain.name)),
+        [(t, 1), (s("vdz"), 2)]
+    );
+
+    // Deleting the object removes its disk with its boot order; the other disk keeps the order
+    // the conversion gave it, so the domain boots from it as it did before, and no order is
+    // left twice or dangling.
+    let api: Api<Vms> = Api::namespaced(client.clone(), &ns.name);
+    api.delete("data", &Default::default()).await.unwrap();
+    wait_gone::<Vms>(&client, &ns.name, "data", T).await;
+    let config = config_xml(&domain.name);
+    assert!(fields_in(&config, &a).is_none(), "{config}");
+    assert_eq!(boot_orders(&config), [(s("vdz"), 2)], "{config}");
+    assert!(!config.contains("<boot dev="), "{config}");
+}
+
+fn s(v: &str) -> String {
+    v.to_string()
+}
+
+/// The (target, boot order) of the definition's disks that have an order.
+fn boot_orders(xml: &str) -> Vec<(String, u32)> {
+    let mut out: Vec<(String, u32)> = parse_domain(xml)
+        .unwrap()
+        .disks
+        .iter()
+        .filter_map(|d| Some((d.target.clone()?, disk_fields(&d.xml).boot_order?)))
+        .collect();
+    out.sort();
+    out
 }
