@@ -459,3 +459,25 @@ fn a_new_nic_with_a_boot_order_hot_plugs_without_it_on_a_guest_ordered_by_type()
     assert!(p.xml.contains("<boot order='1'/>"), "{}", p.xml);
     assert!(!p.live_xml.contains("<boot"), "{}", p.live_xml);
 }
+
+#[test]
+fn an_unset_boot_order_keeps_the_one_the_definition_has() {
+    // A disk's bootOrder converted <os><boot dev> and gave this NIC order 3: it stays.
+    let ordered = NicSettings {
+        boot_order: Some(3),
+        ..base()
+    };
+    let p = planned(serde_json::json!({}), domain(true, &base(), &ordered), 2).unwrap();
+    assert!(kinds(&p).is_empty(), "{:?}", kinds(&p));
+    let p = planned(
+        serde_json::json!({"mtu": 1400}),
+        domain(true, &base(), &ordered),
+        2,
+    )
+    .unwrap();
+    assert_eq!(kinds(&p), ["config mtu"]);
+    let Some(Step::UpdateConfig { xml, .. }) = p.steps.first() else {
+        panic!("{:?}", p.steps);
+    };
+    assert!(xml.contains("<boot order='3'/>"), "{xml}");
+}

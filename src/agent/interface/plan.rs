@@ -438,8 +438,12 @@ pub fn plan(
                 address: kept.address.clone(),
                 restart_only: None,
             };
+            let keep_order = NicSettings {
+                boot_order: want.boot_order.or(have.boot_order),
+                ..want.clone()
+            };
             steps.push(Step::UpdateConfig {
-                xml: nic::interface_xml(&want, &mac, alias, &kept),
+                xml: nic::interface_xml(&keep_order, &mac, alias, &kept),
                 fields: changed,
             });
         }

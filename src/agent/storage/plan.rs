@@ -242,7 +242,15 @@ pub fn plan(
     }
 
     let wanted = fields::wanted(spec);
-    let xml = device_xml(spec, resolved.as_ref(), &target, alias, &wanted);
+    // The definition's device as the spec wants it; without spec.bootOrder it keeps the order
+    // it has (see `fields::differing`).
+    let keep_order = Wanted {
+        boot_order: wanted
+            .boot_order
+            .or_else(|| config_dev.and_then(|d| disk_fields(&d.xml).boot_order)),
+        ..wanted.clone()
+    };
+    let xml = device_xml(spec, resolved.as_ref(), &target, alias, &keep_order);
     // What the running guest is given: its device's next-boot fields as they are (a media
     // change may not touch them), and for a hot-plug no boot order (libvirt refuses one next
     // to an `<os><boot dev>` list, and it only matters at the next boot anyway).
