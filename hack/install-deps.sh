@@ -41,10 +41,11 @@ STORAGE_BPO_PKGS=(libvirt-daemon-driver-storage-iscsi-direct libvirt-daemon-driv
   qemu-block-extra qemu-utils)
 BPO_PKGS+=("${STORAGE_BPO_PKGS[@]}")
 # Installed from bookworm itself.
-# (python3: env-up's port picker; dnsmasq-base: libvirt's default network.)
+# (python3: env-up's port picker; dnsmasq-base: libvirt's default network; xorriso, isolinux,
+# syslinux-common: the bootable ISO of tests/install_from_iso.rs.)
 PKGS=(etcd-server golang-go golang-github-modern-go-reflect2-dev dpkg-dev
   pkg-config openssl curl busybox-static python3 dnsmasq-base
-  tgt parted)
+  tgt parted xorriso isolinux syslinux-common)
 
 REFLECT2_SRC=/usr/share/gocode/src/github.com/modern-go/reflect2
 

@@ -229,24 +229,35 @@ pub async fn attach_config<D: Domains>(
     else {
         return Ok(());
     };
+    Err(take_back(virt, vm, xml, plugged, what, &e).await)
+}
+
+/// The message of a definition libvirt refused (`refused`) for a new device, after taking its
+/// hot-plug (`live_xml`, when `plugged`) back out of the running guest.
+pub async fn take_back<D: Domains>(
+    virt: &D,
+    vm: &str,
+    live_xml: &str,
+    plugged: bool,
+    what: &str,
+    refused: &LibvirtError,
+) -> String {
     if !plugged {
-        return Err(format!(
-            "libvirt refused the {what}: {e}. Nothing was changed; fix the spec."
-        ));
+        return format!(
+            "libvirt refused the {what}: {refused}. Nothing was changed; fix the spec."
+        );
     }
-    Err(
-        match virt
-            .change_device(vm, xml, DeviceChange::Detach, Affect::Live)
-            .await
-        {
-            Ok(()) => format!(
-                "libvirt refused the {what} in the definition: {e}. The hot-plug was unplugged again; fix the spec."
-            ),
-            Err(e2) => format!(
-                "libvirt refused the {what} in the definition ({e}) after it was hot-plugged, and unplugging it again failed ({e2}); detach it from {vm} by hand."
-            ),
-        },
-    )
+    match virt
+        .change_device(vm, live_xml, DeviceChange::Detach, Affect::Live)
+        .await
+    {
+        Ok(()) => format!(
+            "libvirt refused the {what} in the definition: {refused}. The hot-plug was unplugged again; fix the spec."
+        ),
+        Err(e) => format!(
+            "libvirt refused the {what} in the definition ({refused}) after it was hot-plugged, and unplugging it again failed ({e}); detach it from {vm} by hand."
+        ),
+    }
 }
 
 /// The outcome of a detach the guest has not confirmed yet (pure): `Ready=False DetachPending`

@@ -77,13 +77,26 @@ where
     let ev = KubeEvent {
         type_,
         reason: reason.to_string(),
+        action: event_action(reason, &note),
         note: Some(note),
-        action: reason.to_string(),
         secondary: None,
     };
     if let Err(err) = recorder.publish(&ev, &obj.object_ref(&())).await {
         tracing::warn!(error = %err, reason, "failed to publish event");
     }
+}
+
+/// The Event's `action`: its reason and a short hash of its note. kube's `Recorder` folds Events
+/// with the same type, reason and action about one object into a series that keeps the first
+/// note, so each distinct message needs its own action; the same message repeated still counts
+/// up one series.
+pub fn event_action(reason: &str, note: &str) -> String {
+    use std::hash::{Hash, Hasher};
+    // `DefaultHasher::new()` has fixed keys: the same note gives the same action in a process,
+    // which is as long as the Recorder's cache lives.
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    note.hash(&mut h);
+    format!("{reason}-{:08x}", h.finish() as u32)
 }
 
 /// A status the agent writes; gives access to the fields every kind's status shares.
@@ -317,6 +330,27 @@ mod tests {
     }
 
     use super::*;
+
+    #[test]
+    fn each_distinct_note_has_its_own_event_action() {
+        let a = event_action(
+            "Updated",
+            "Wrote spec.serial of sda into the definition of vm.",
+        );
+        let b = event_action(
+            "Updated",
+            "Wrote spec.shareable of sda into the definition of vm.",
+        );
+        assert_ne!(a, b);
+        assert_eq!(
+            a,
+            event_action(
+                "Updated",
+                "Wrote spec.serial of sda into the definition of vm."
+            )
+        );
+        assert!(a.starts_with("Updated-") && a.len() <= 128, "{a}");
+    }
 
     fn cond(type_: &str, status: &str, reason: &str) -> Condition {
         Condition {

@@ -101,8 +101,13 @@ pub struct VMInterfaceSpec {
     /// empty for no limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bandwidth: Option<Bandwidth>,
-    /// Boot priority of the interface (1 boots first). A change takes effect at the next boot.
-    /// Not yet possible on a domain whose definition orders booting with `<os><boot dev=.../>`.
+    /// Boot priority of the interface (1 boots first). A change is written to the definition and
+    /// takes effect at the next boot. On a domain that orders boot devices by type
+    /// (`<os><boot dev=.../>`) that order is turned into per-device boot orders in the same
+    /// write, keeping the other devices' relative order (an Event says how). Deleting the object
+    /// removes the interface with its order; the other devices keep theirs.
+    /// Unset leaves the order the definition has (such as one a conversion gave it), so
+    /// removing the field does not remove an order.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 65535))]
     pub boot_order: Option<u32>,

@@ -78,7 +78,11 @@ pub struct VirtualMachineStorageSpec {
     pub target: Option<String>,
     /// Boot priority of the device (1 boots first). A change is written to the definition and
     /// takes effect at the next boot. On a domain that orders boot devices by type
-    /// (`<os><boot dev=.../>`) that order is first turned into per-device boot orders.
+    /// (`<os><boot dev=.../>`) that order is turned into per-device boot orders in the same
+    /// write, keeping the other devices' relative order (an Event says how). Deleting the object
+    /// removes the device with its order; the other devices keep theirs.
+    /// Unset leaves the order the definition has (such as one a conversion gave it), so
+    /// removing the field does not remove an order.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 65535))]
     pub boot_order: Option<u32>,

@@ -6,7 +6,7 @@ use crate::libvirt::domain::parse_domain;
 use crate::libvirt::facade::Affect;
 
 /// Tuning: I/O limits rewrite the `<iotune>` of the disk's XML on each side; a redefinition
-/// replaces the definition's disk.
+/// replaces the definition's disk, or adds it.
 impl crate::libvirt::tuning::Tuning for FakeLibvirt {
     async fn set_block_iotune(
         &self,
@@ -50,41 +50,55 @@ impl crate::libvirt::tuning::Tuning for FakeLibvirt {
         Ok(())
     }
 
-    async fn redefine_disk(
+    async fn redefine_device(
         &self,
         vm: &str,
         alias: &str,
-        disk_xml: &str,
-    ) -> Result<(), LibvirtError> {
+        device_xml: &str,
+    ) -> Result<Option<String>, LibvirtError> {
         let action = "write the device into the definition";
         self.enter(action, Some(Affect::Config))?;
-        let device = parse_domain(&format!("<domain><devices>{disk_xml}</devices></domain>"))
+        let device = parse_domain(&format!("<domain><devices>{device_xml}</devices></domain>"))
             .map_err(|source| LibvirtError::Xml {
                 action: action.into(),
                 source,
             })?;
         let mut st = self.state();
         let dom = st.domains.get_mut(vm).ok_or_else(|| not_found(action))?;
-        if let (Some(have), Some(new)) = (
-            dom.config
+        // Like the real one: a boot order turns the `<os><boot dev>` list into per-device
+        // orders in the same define (the stand-in's other devices keep theirs unchanged).
+        let doc = roxmltree::Document::parse(device_xml).map_err(|source| LibvirtError::Xml {
+            action: action.into(),
+            source,
+        })?;
+        let booted = doc
+            .root_element()
+            .children()
+            .any(|c| c.has_tag_name("boot"));
+        let converted = (booted && !dom.config.os_boot.is_empty()).then(|| {
+            let list = std::mem::take(&mut dom.config.os_boot);
+            format!("{} -> no device", list.join(", "))
+        });
+        let config = &mut dom.config;
+        if let Some(new) = device.disks.first() {
+            match config
                 .disks
                 .iter_mut()
-                .find(|d| d.alias.as_deref() == Some(alias)),
-            device.disks.first(),
-        ) {
-            *have = new.clone();
+                .find(|d| d.alias.as_deref() == Some(alias))
+            {
+                Some(have) => *have = new.clone(),
+                None => config.disks.push(new.clone()),
+            }
+        } else if let Some(new) = device.interfaces.first() {
+            match config
+                .interfaces
+                .iter_mut()
+                .find(|d| d.alias.as_deref() == Some(alias))
+            {
+                Some(have) => *have = new.clone(),
+                None => config.interfaces.push(new.clone()),
+            }
         }
-        Ok(())
-    }
-
-    async fn convert_boot_order(
-        &self,
-        _vm: &str,
-        _alias: &str,
-        _order: u32,
-    ) -> Result<Option<String>, LibvirtError> {
-        // The stand-in's domains have no `<os><boot dev>` list.
-        self.enter("convert the boot order", Some(Affect::Config))?;
-        Ok(None)
+        Ok(converted)
     }
 }

@@ -198,29 +198,97 @@ pub enum RewriteError {
     NoDevice(String),
 }
 
-/// `domain_xml` with its `<disk>` whose alias is `alias` replaced by `disk_xml`, keeping the old
-/// element's `<address>` so the device stays where the guest knows it.
-pub fn replace_disk(domain_xml: &str, alias: &str, disk_xml: &str) -> Result<String, RewriteError> {
+/// `domain_xml` with its device whose alias is `alias` (of `device_xml`'s element, `<disk>` or
+/// `<interface>`) replaced by `device_xml`, keeping the old element's `<address>`, unless
+/// `device_xml` has one, so the device stays where the guest knows it.
+pub fn replace_device(
+    domain_xml: &str,
+    alias: &str,
+    device_xml: &str,
+) -> Result<String, RewriteError> {
+    let device = roxmltree::Document::parse(device_xml)?;
+    let tag = device.root_element().tag_name().name().to_string();
+    let new_has_address = child(device.root_element(), "address").is_some();
     let doc = roxmltree::Document::parse(domain_xml)?;
     let old = doc
         .descendants()
-        .filter(|n| n.has_tag_name("disk"))
-        .find(|d| {
-            d.children()
-                .any(|c| c.has_tag_name("alias") && c.attribute("name") == Some(alias))
-        })
+        .filter(|n| n.has_tag_name(tag.as_str()))
+        .find(|d| child(*d, "alias").and_then(|a| a.attribute("name")) == Some(alias))
         .ok_or_else(|| RewriteError::NoDevice(alias.to_string()))?;
-    let address = old
-        .children()
-        .find(|c| c.has_tag_name("address"))
-        .map(|a| &domain_xml[a.range()]);
-    let new = match (address, disk_xml.strip_suffix("</disk>")) {
-        (Some(a), Some(body)) => format!("{body}{a}</disk>"),
-        _ => disk_xml.to_string(),
+    let address = child(old, "address").map(|a| &domain_xml[a.range()]);
+    let close = format!("</{tag}>");
+    let new = match (address, device_xml.strip_suffix(close.as_str())) {
+        (Some(a), Some(body)) if !new_has_address => format!("{body}{a}{close}"),
+        _ => device_xml.to_string(),
     };
     let range = old.range();
     Ok(format!(
         "{}{new}{}",
+        &domain_xml[..range.start],
+        &domain_xml[range.end..]
+    ))
+}
+
+/// The child element `tag` of `n`.
+fn child<'a, 'i>(n: roxmltree::Node<'a, 'i>, tag: &str) -> Option<roxmltree::Node<'a, 'i>> {
+    n.children().find(|c| c.has_tag_name(tag))
+}
+
+/// The `<boot order>` of a device element.
+fn boot_order_of(device_xml: &str) -> Result<Option<u32>, RewriteError> {
+    let doc = roxmltree::Document::parse(device_xml)?;
+    Ok(doc
+        .root_element()
+        .children()
+        .find(|c| c.has_tag_name("boot"))
+        .and_then(|b| b.attribute("order"))
+        .and_then(|o| o.parse().ok()))
+}
+
+/// `domain_xml` with the device whose alias is `alias` written as `device_xml` (a `<disk>` or an
+/// `<interface>`): replaced (see [`replace_device`]) or, when the definition has none, added.
+/// When `device_xml` carries a boot order and the definition lists its boot devices by type
+/// (`<os><boot dev>`), the list is turned into per-device orders in the same rewrite (see
+/// [`super::boot_order::convert`]); the second value says what was converted.
+///
+/// One rewrite, so one define: converting first and writing the device after would define a
+/// domain without any boot element whenever no other device takes an order, and libvirt puts
+/// `<boot dev='hd'/>` back into such a definition, so the device's order would be refused again.
+pub fn write_device(
+    domain_xml: &str,
+    alias: &str,
+    device_xml: &str,
+) -> Result<(String, Option<String>), RewriteError> {
+    let (xml, converted) = match boot_order_of(device_xml)? {
+        Some(order) => match super::boot_order::convert(domain_xml, alias, order)? {
+            Some(c) => (c.xml, Some(c.summary)),
+            None => (domain_xml.to_string(), None),
+        },
+        None => (domain_xml.to_string(), None),
+    };
+    let written = match replace_device(&xml, alias, device_xml) {
+        Err(RewriteError::NoDevice(_)) => add_device(&xml, device_xml)?,
+        other => other?,
+    };
+    Ok((written, converted))
+}
+
+/// `domain_xml` with `device_xml` appended to its `<devices>`.
+fn add_device(domain_xml: &str, device_xml: &str) -> Result<String, RewriteError> {
+    let doc = roxmltree::Document::parse(domain_xml)?;
+    let devices = doc
+        .root_element()
+        .children()
+        .find(|c| c.has_tag_name("devices"))
+        .ok_or_else(|| RewriteError::NoDevice("devices".into()))?;
+    let range = devices.range();
+    let text = &domain_xml[range.clone()];
+    let inner = match text.strip_suffix("</devices>") {
+        Some(body) => format!("{body}{device_xml}</devices>"),
+        None => format!("<devices>{device_xml}</devices>"),
+    };
+    Ok(format!(
+        "{}{inner}{}",
         &domain_xml[..range.start],
         &domain_xml[range.end..]
     ))
@@ -238,23 +306,16 @@ pub trait Tuning: Send + Sync {
         affect: Affect,
     ) -> impl Future<Output = Result<(), LibvirtError>> + Send;
 
-    /// Replaces the disk whose alias is `alias` in the persistent definition of `vm` by
-    /// `disk_xml` (its address kept); the running guest is not changed.
-    fn redefine_disk(
+    /// Writes `device_xml` (a `<disk>` or an `<interface>`) as the device with alias `alias`
+    /// into the persistent definition of `vm` in one define (see [`write_device`]): replaced,
+    /// its address kept, or added; a boot order in it turns an `<os><boot dev>` list into
+    /// per-device orders in the same define. Says what was converted. The running guest is not
+    /// changed.
+    fn redefine_device(
         &self,
         vm: &str,
         alias: &str,
-        disk_xml: &str,
-    ) -> impl Future<Output = Result<(), LibvirtError>> + Send;
-
-    /// Turns the `<os><boot dev>` list of the persistent definition of `vm`, if it has one, into
-    /// per-device boot orders, leaving `order` free for the device with alias `alias`; says
-    /// what was converted (`None`: nothing to convert).
-    fn convert_boot_order(
-        &self,
-        vm: &str,
-        alias: &str,
-        order: u32,
+        device_xml: &str,
     ) -> impl Future<Output = Result<Option<String>, LibvirtError>> + Send;
 }
 
@@ -276,50 +337,27 @@ impl Tuning for Libvirt {
         .await
     }
 
-    async fn redefine_disk(
+    async fn redefine_device(
         &self,
         vm: &str,
         alias: &str,
-        disk_xml: &str,
-    ) -> Result<(), LibvirtError> {
-        let current = self.definition(vm).await?;
-        let next = match replace_disk(&current, alias, disk_xml) {
-            Ok(next) => next,
-            Err(RewriteError::Xml(source)) => {
-                return Err(LibvirtError::Xml {
-                    action: REDEFINE.into(),
-                    source,
-                });
-            }
-            // Removed behind the agent's back meanwhile: the next reconcile puts it back.
-            Err(RewriteError::NoDevice(_)) => return Ok(()),
-        };
-        self.call(REDEFINE, move |c| c.define_domain_xml(&next).map(|_| ()))
-            .await
-    }
-
-    async fn convert_boot_order(
-        &self,
-        vm: &str,
-        alias: &str,
-        order: u32,
+        device_xml: &str,
     ) -> Result<Option<String>, LibvirtError> {
         let current = self.definition(vm).await?;
-        let converted = match super::boot_order::convert(&current, alias, order) {
-            Ok(Some(c)) => c,
-            Ok(None) => return Ok(None),
+        let (next, converted) = match write_device(&current, alias, device_xml) {
+            Ok(written) => written,
             Err(RewriteError::Xml(source)) => {
                 return Err(LibvirtError::Xml {
                     action: REDEFINE.into(),
                     source,
                 });
             }
+            // A definition without <devices>: nothing virtplane wrote; leave it.
             Err(RewriteError::NoDevice(_)) => return Ok(None),
         };
-        let xml = converted.xml;
-        self.call(REDEFINE, move |c| c.define_domain_xml(&xml).map(|_| ()))
+        self.call(REDEFINE, move |c| c.define_domain_xml(&next).map(|_| ()))
             .await?;
-        Ok(Some(converted.summary))
+        Ok(converted)
     }
 }
 

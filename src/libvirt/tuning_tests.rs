@@ -82,7 +82,7 @@ fn a_disk_is_replaced_in_place_keeping_its_address() {
         "<domain><name>d</name><os><type>hvm</type></os><devices><disk type='file' device='disk'><target dev='sda'/><alias name='other'/></disk>{DISK}<controller type='scsi'/></devices></domain>"
     );
     let new = "<disk type='file' device='disk'><driver name='qemu' type='qcow2' cache='writeback'/><source file='/p/a.img'/><target dev='sdb' bus='scsi'/><alias name='ua-vps-1'/></disk>";
-    let out = replace_disk(&domain, "ua-vps-1", new).unwrap();
+    let out = replace_device(&domain, "ua-vps-1", new).unwrap();
     let parsed = crate::libvirt::domain::parse_domain(&out).unwrap();
     assert_eq!(parsed.disks.len(), 2);
     assert_eq!(parsed.disks[0].alias.as_deref(), Some("other"));
@@ -96,11 +96,57 @@ fn a_disk_is_replaced_in_place_keeping_its_address() {
     );
     assert!(out.contains("<controller type='scsi'/>"));
     assert!(matches!(
-        replace_disk(&domain, "ua-vps-9", new),
+        replace_device(&domain, "ua-vps-9", new),
         Err(RewriteError::NoDevice(_))
     ));
     assert!(matches!(
-        replace_disk("<domain", "a", new),
+        replace_device("<domain", "a", new),
         Err(RewriteError::Xml(_))
     ));
+}
+
+/// A domain libvirt ordered by type whose only bootable device is the one getting an order.
+const BY_TYPE: &str = "<domain><name>d</name><os><type>hvm</type><boot dev='hd'/></os><devices>\
+    <disk type='file' device='disk'><source file='/p/a.img'/><target dev='vdb' bus='virtio'/><alias name='ua-vps-1'/><address type='pci' slot='0x05'/></disk>\
+    </devices></domain>";
+
+#[test]
+fn a_boot_order_and_the_conversion_are_written_in_one_rewrite() {
+    // Converting alone leaves no boot element at all here (the only disk is the one skipped);
+    // libvirt puts <boot dev='hd'/> back into such a definition, so a second define with the
+    // disk's order would be refused again, forever. One rewrite carries both.
+    let alone = crate::libvirt::boot_order::convert(BY_TYPE, "ua-vps-1", 1)
+        .unwrap()
+        .unwrap();
+    assert!(!alone.xml.contains("<boot"), "{}", alone.xml);
+    let disk = "<disk type='file' device='disk'><source file='/p/a.img'/><target dev='vdb' bus='virtio'/><boot order='1'/><alias name='ua-vps-1'/></disk>";
+    let (xml, converted) = write_device(BY_TYPE, "ua-vps-1", disk).unwrap();
+    assert!(!xml.contains("<boot dev"), "{xml}");
+    let parsed = crate::libvirt::domain::parse_domain(&xml).unwrap();
+    assert!(parsed.os_boot.is_empty());
+    let d = parsed.disk("ua-vps-1").unwrap();
+    assert_eq!(disk_fields(&d.xml).boot_order, Some(1));
+    assert!(d.xml.contains("slot='0x05'"), "address kept: {}", d.xml);
+    assert_eq!(converted.as_deref(), Some("hd -> no device"));
+    // Once converted, writing it again changes nothing more.
+    let (again, converted) = write_device(&xml, "ua-vps-1", disk).unwrap();
+    assert_eq!((again, converted), (xml, None));
+}
+
+#[test]
+fn a_disk_without_a_boot_order_keeps_the_list_and_a_missing_disk_is_added() {
+    let disk = "<disk type='file' device='disk'><source file='/p/b.img'/><target dev='vdc' bus='virtio'/><alias name='ua-vps-2'/></disk>";
+    let (xml, converted) = write_device(BY_TYPE, "ua-vps-2", disk).unwrap();
+    assert_eq!(converted, None);
+    let parsed = crate::libvirt::domain::parse_domain(&xml).unwrap();
+    assert_eq!(parsed.os_boot, ["hd"]);
+    assert!(parsed.disk("ua-vps-1").is_some() && parsed.disk("ua-vps-2").is_some());
+    let (xml, _) = write_device(
+        "<domain><os><type>hvm</type></os><devices/></domain>",
+        "ua-vps-2",
+        disk,
+    )
+    .unwrap();
+    assert!(xml.contains("<devices><disk"), "{xml}");
+    assert!(write_device("<domain", "a", disk).is_err());
 }

@@ -8,9 +8,10 @@ use super::fields;
 use super::plan::{Plan, Step};
 use super::reason::{Reason, Refusal};
 use crate::agent::device::{self, HotPlug};
-use crate::libvirt::LibvirtError;
 use crate::libvirt::facade::{Affect, DeviceChange, Domains};
 use crate::libvirt::nic::NicTuning;
+use crate::libvirt::tuning::Tuning;
+use crate::libvirt::{ErrorKind, LibvirtError};
 
 /// An Event to publish.
 pub type Event = (EventType, &'static str, String);
@@ -68,8 +69,37 @@ fn changed_event(plan: &Plan, fields: &[&str], live: bool) -> Event {
     (EventType::Normal, "Updated", note)
 }
 
+/// The Warning of a NIC put back into the definition.
+fn put_back(plan: &Plan) -> Event {
+    (
+        EventType::Warning,
+        "DriftCorrected",
+        format!(
+            "{} was removed from the definition of {} outside virtplane; it was put back.",
+            plan.mac, plan.vm
+        ),
+    )
+}
+
+/// The Event of a definition whose `<os><boot dev>` list was turned into per-device orders.
+fn converted_event(plan: &Plan, converted: Option<String>) -> Option<Event> {
+    converted.map(|how| {
+        (
+            EventType::Normal,
+            "BootOrderConverted",
+            format!(
+                "{} listed its boot devices by type (<os><boot dev>); for spec.bootOrder of {} the list was turned into per-device boot orders in its definition: {how}.",
+                plan.vm, plan.mac
+            ),
+        )
+    })
+}
+
 /// Runs `plan`.
-pub async fn apply<V: Domains + NicTuning>(virt: &V, plan: &Plan) -> Result<Applied, LibvirtError> {
+pub async fn apply<V: Domains + NicTuning + Tuning>(
+    virt: &V,
+    plan: &Plan,
+) -> Result<Applied, LibvirtError> {
     let (vm, mac, xml) = (plan.vm.as_str(), plan.mac.as_str(), plan.xml.as_str());
     let mut events = Vec::new();
     let mut restart = None;
@@ -99,24 +129,25 @@ pub async fn apply<V: Domains + NicTuning>(virt: &V, plan: &Plan) -> Result<Appl
                     Duration::from_secs(2),
                 )));
             }
-            Step::PlugLive { drift } => match device::attach_live(virt, vm, xml).await? {
-                HotPlug::Refused(e) => {
-                    return Ok(Applied::Stopped(Refusal::wait(
-                        Reason::AttachFailed,
-                        format!(
-                            "The running {vm} refused the interface: {e}. Nothing was changed; fix the spec."
-                        ),
-                        Duration::from_secs(300),
-                    )));
-                }
-                HotPlug::Limit(e) => {
-                    restart = Some(format!(
-                        "Hot-plugging into the running {vm} failed ({e}); the interface is in the definition and appears at the next boot."
-                    ));
-                }
-                HotPlug::Plugged => {
-                    plugged = true;
-                    events.push(if *drift {
+            Step::PlugLive { drift } => {
+                match device::attach_live(virt, vm, &plan.live_xml).await? {
+                    HotPlug::Refused(e) => {
+                        return Ok(Applied::Stopped(Refusal::wait(
+                            Reason::AttachFailed,
+                            format!(
+                                "The running {vm} refused the interface: {e}. Nothing was changed; fix the spec."
+                            ),
+                            Duration::from_secs(300),
+                        )));
+                    }
+                    HotPlug::Limit(e) => {
+                        restart = Some(format!(
+                            "Hot-plugging into the running {vm} failed ({e}); the interface is in the definition and appears at the next boot."
+                        ));
+                    }
+                    HotPlug::Plugged => {
+                        plugged = true;
+                        events.push(if *drift {
                         (
                             EventType::Warning,
                             "DriftCorrected",
@@ -131,8 +162,9 @@ pub async fn apply<V: Domains + NicTuning>(virt: &V, plan: &Plan) -> Result<Appl
                             format!("Hot-plugged {mac} into {vm}."),
                         )
                     });
+                    }
                 }
-            },
+            }
             Step::UpdateLive { xml, fields } => {
                 virt.change_device(vm, xml, DeviceChange::Update, Affect::Live)
                     .await?;
@@ -141,6 +173,22 @@ pub async fn apply<V: Domains + NicTuning>(virt: &V, plan: &Plan) -> Result<Appl
             Step::SetBandwidthLive => {
                 virt.set_live_bandwidth(vm, mac, &plan.bandwidth).await?;
                 events.push(changed_event(plan, &["bandwidth"], true));
+            }
+            Step::AddConfig { drift } if plan.convert_boot => {
+                match virt.redefine_device(vm, &plan.alias, xml).await {
+                    Ok(converted) => events.extend(converted_event(plan, converted)),
+                    Err(e) if e.kind() == ErrorKind::Refused => {
+                        return Ok(Applied::Stopped(Refusal::fix(
+                            Reason::AttachFailed,
+                            device::take_back(virt, vm, &plan.live_xml, plugged, "interface", &e)
+                                .await,
+                        )));
+                    }
+                    Err(e) => return Err(e),
+                }
+                if *drift {
+                    events.push(put_back(plan));
+                }
             }
             Step::AddConfig { drift } => {
                 if let Err(message) =
@@ -152,18 +200,27 @@ pub async fn apply<V: Domains + NicTuning>(virt: &V, plan: &Plan) -> Result<Appl
                     )));
                 }
                 if *drift {
-                    events.push((
-                        EventType::Warning,
-                        "DriftCorrected",
-                        format!(
-                            "{mac} was removed from the definition of {vm} outside virtplane; it was put back."
-                        ),
-                    ));
+                    events.push(put_back(plan));
                 }
             }
             Step::UpdateConfig { xml, fields } => {
-                virt.change_device(vm, xml, DeviceChange::Update, Affect::Config)
-                    .await?;
+                if plan.convert_boot {
+                    match virt.redefine_device(vm, &plan.alias, xml).await {
+                        Ok(converted) => events.extend(converted_event(plan, converted)),
+                        Err(e) if e.kind() == ErrorKind::Refused => {
+                            return Ok(Applied::Stopped(Refusal::fix(
+                                Reason::AttachFailed,
+                                format!(
+                                    "libvirt refused spec.bootOrder of {mac} in the definition of {vm}: {e}. Nothing was changed; fix the spec."
+                                ),
+                            )));
+                        }
+                        Err(e) => return Err(e),
+                    }
+                } else {
+                    virt.change_device(vm, xml, DeviceChange::Update, Affect::Config)
+                        .await?;
+                }
                 // What the running guest took in place was announced with the live step.
                 let rest: Vec<&str> = fields
                     .iter()

@@ -55,7 +55,9 @@ pub fn changed(want: &NicSettings, have: &NicSettings) -> Vec<&'static str> {
             "linkState" => want.link_down != have.link_down,
             "mtu" => want.mtu != have.mtu,
             "queues" => want.queues != have.queues,
-            "bootOrder" => want.boot_order != have.boot_order,
+            // Unset leaves the order the definition has (one a conversion of `<os><boot dev>`
+            // gave it keeps the NIC bootable).
+            "bootOrder" => want.boot_order.is_some() && want.boot_order != have.boot_order,
             _ => want.bandwidth != have.bandwidth,
         })
         .collect()

@@ -247,11 +247,6 @@ fn drift_goes_through_the_same_comparison() {
 #[test]
 fn every_refusal_names_the_field_and_plans_nothing() {
     let running = || domain(true, &base(), &base());
-    let os_boot = || {
-        let mut v = running();
-        v.config.os_boot = vec!["hd".into()];
-        v
-    };
     let cases: Vec<(serde_json::Value, DomainView, &str, &str)> = vec![
         (
             serde_json::json!({"type": "bridge", "source": "br0"}),
@@ -282,12 +277,6 @@ fn every_refusal_names_the_field_and_plans_nothing() {
             running(),
             "InvalidSpec",
             "spec.bandwidth.inbound.peak",
-        ),
-        (
-            serde_json::json!({"bootOrder": 1}),
-            os_boot(),
-            "InvalidSpec",
-            "spec.bootOrder",
         ),
     ];
     for (edit, v, reason, field) in cases {
@@ -391,4 +380,104 @@ async fn an_immutable_field_changes_nothing_in_libvirt() {
     let v = fake.domain("vm").await.unwrap().unwrap();
     assert!(planned(serde_json::json!({"type": "bridge", "source": "br0"}), v, 2).is_err());
     assert_eq!(fake.calls(), ["read the domain"], "a refusal runs no step");
+}
+
+/// A domain as `virsh define` leaves it (`<os><boot dev='hd'/>`) with the base NIC.
+fn ordered_by_type(fake: FakeLibvirt, nic_xml: &str) -> FakeLibvirt {
+    let fake = fake.with_domain_xml(
+        "vm",
+        &format!(
+            "<domain><name>vm</name><os><type>hvm</type><boot dev='hd'/></os><devices>{nic_xml}</devices></domain>"
+        ),
+    );
+    fake.set_active("vm", true);
+    fake
+}
+
+#[tokio::test]
+async fn a_boot_order_on_a_domain_ordered_by_type_is_converted_in_one_define() {
+    let fake = ordered_by_type(FakeLibvirt::default(), &xml(&base()));
+    let edit = serde_json::json!({"bootOrder": 2});
+    let v = fake.domain("vm").await.unwrap().unwrap();
+    let p = planned(edit.clone(), v, 2).unwrap();
+    assert!(p.convert_boot);
+    assert_eq!(kinds(&p), ["config bootOrder"]);
+    let out = reconcile(&fake, edit.clone(), 2).await;
+    let reasons: Vec<&str> = out.events.iter().map(|(_, r, _)| *r).collect();
+    assert_eq!(
+        reasons,
+        ["BootOrderConverted", "Updated"],
+        "{:?}",
+        out.events
+    );
+    let defines = |calls: &[String]| {
+        calls
+            .iter()
+            .filter(|c| c.starts_with("write the device into the definition"))
+            .count()
+    };
+    assert_eq!(defines(&fake.calls()), 1, "{:?}", fake.calls());
+    let d = fake.domain_state("vm").unwrap();
+    assert!(d.config.os_boot.is_empty());
+    let config = nic::parse(&d.config.nic(ALIAS).unwrap().xml).unwrap().0;
+    assert_eq!(config.boot_order, Some(2));
+    assert_eq!(out.status.waiting_for_restart, ["bootOrder"]);
+    // Looked at again (the DEFINED event wakes it): nothing more is written.
+    let before = fake.calls().len();
+    let again = reconcile(&fake, edit.clone(), 2).await;
+    assert!(again.events.is_empty(), "{:?}", again.events);
+    assert_eq!(defines(&fake.calls()[before..]), 0, "{:?}", fake.calls());
+    // After the restart the order is in effect.
+    fake.restart("vm");
+    let out = reconcile(&fake, edit, 2).await;
+    assert!(out.status.waiting_for_restart.is_empty());
+    assert_eq!((out.ready.status, out.ready.reason), (true, "Attached"));
+}
+
+#[test]
+fn a_new_nic_with_a_boot_order_hot_plugs_without_it_on_a_guest_ordered_by_type() {
+    let mut v = DomainView {
+        active: true,
+        persistent: true,
+        live: Some(devices("")),
+        config: devices(""),
+    };
+    v.config.os_boot = vec!["hd".into()];
+    if let Some(l) = v.live.as_mut() {
+        l.os_boot = vec!["hd".into()];
+    }
+    let mut o = observed(Some(v));
+    o.macs = None;
+    let p = plan(
+        &ID,
+        &spec_of(serde_json::json!({"bootOrder": 1})),
+        &super::tests::recorded(M),
+        &o,
+    )
+    .unwrap();
+    assert!(p.convert_boot);
+    assert!(p.xml.contains("<boot order='1'/>"), "{}", p.xml);
+    assert!(!p.live_xml.contains("<boot"), "{}", p.live_xml);
+}
+
+#[test]
+fn an_unset_boot_order_keeps_the_one_the_definition_has() {
+    // A disk's bootOrder converted <os><boot dev> and gave this NIC order 3: it stays.
+    let ordered = NicSettings {
+        boot_order: Some(3),
+        ..base()
+    };
+    let p = planned(serde_json::json!({}), domain(true, &base(), &ordered), 2).unwrap();
+    assert!(kinds(&p).is_empty(), "{:?}", kinds(&p));
+    let p = planned(
+        serde_json::json!({"mtu": 1400}),
+        domain(true, &base(), &ordered),
+        2,
+    )
+    .unwrap();
+    assert_eq!(kinds(&p), ["config mtu"]);
+    let Some(Step::UpdateConfig { xml, .. }) = p.steps.first() else {
+        panic!("{:?}", p.steps);
+    };
+    assert!(xml.contains("<boot order='3'/>"), "{xml}");
 }

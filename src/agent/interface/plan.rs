@@ -70,6 +70,14 @@ pub struct Plan {
     pub record_mac: bool,
     /// The `<interface>` to attach or update.
     pub xml: String,
+    /// The `<interface>` to hot-plug: without a boot order when the running guest orders
+    /// booting by type (`<os><boot dev>`, which libvirt does not mix with per-device orders; the
+    /// order takes effect at the next boot anyway).
+    pub live_xml: String,
+    /// The definition orders booting by type and the spec asks for a boot order: the NIC is
+    /// written by a redefinition that turns that list into per-device orders in the same define
+    /// (like virt-manager).
+    pub convert_boot: bool,
     /// Whether the NIC belongs in the running guest.
     pub want_live: bool,
     /// Whether it belongs in the definition.
@@ -315,21 +323,6 @@ fn check_immutable(want: &NicSettings, have: Option<&NicSettings>) -> Result<(),
     }
 }
 
-/// Refuses a per-device boot order on a domain ordered by `<os><boot>`, which libvirt refuses.
-fn check_boot(spec: &VMInterfaceSpec, view: &DomainView) -> Result<(), Refusal> {
-    if spec.boot_order.is_none() || view.config.os_boot.is_empty() {
-        return Ok(());
-    }
-    Err(Refusal::fix(
-        Reason::InvalidSpec,
-        format!(
-            "spec.bootOrder cannot be set on {}: its definition orders booting with <os><boot dev='{}'/>, which libvirt does not mix with per-device boot orders. Remove spec.bootOrder, or replace the domain's <os><boot> elements by per-device boot orders (virsh edit). Nothing was changed.",
-            spec.vm,
-            view.config.os_boot.join("'/><boot dev='")
-        ),
-    ))
-}
-
 /// Plans one reconcile of a VMInterface.
 pub fn plan(
     id: &Identity<'_>,
@@ -365,6 +358,19 @@ pub fn plan(
     };
     let want = fields::wanted(spec, source, link_down);
     let xml = nic::interface_xml(&want, &mac, alias, &Kept::default());
+    let by_type = |side: Option<&crate::libvirt::domain::DomainXml>| {
+        want.boot_order.is_some() && side.is_some_and(|d| !d.os_boot.is_empty())
+    };
+    let live_xml = if by_type(view.live.as_ref()) {
+        let unbooted = NicSettings {
+            boot_order: None,
+            ..want.clone()
+        };
+        nic::interface_xml(&unbooted, &mac, alias, &Kept::default())
+    } else {
+        xml.clone()
+    };
+    let convert_boot = view.persistent && by_type(Some(&view.config));
     let want_live = view.active && spec.attach == AttachMode::LiveAndPersistent;
     let want_config = view.persistent;
     let mut steps = Vec::new();
@@ -386,7 +392,6 @@ pub fn plan(
     let live_now = live_same_mac.map(read).transpose()?;
     check_immutable(&want, config_now.as_ref().map(|(s, _)| s))?;
     check_immutable(&want, live_now.as_ref().map(|(s, _)| s))?;
-    check_boot(spec, view)?;
 
     let mut waiting = Vec::new();
     if let Some(dev) = live_dev
@@ -433,8 +438,12 @@ pub fn plan(
                 address: kept.address.clone(),
                 restart_only: None,
             };
+            let keep_order = NicSettings {
+                boot_order: want.boot_order.or(have.boot_order),
+                ..want.clone()
+            };
             steps.push(Step::UpdateConfig {
-                xml: nic::interface_xml(&want, &mac, alias, &kept),
+                xml: nic::interface_xml(&keep_order, &mac, alias, &kept),
                 fields: changed,
             });
         }
@@ -447,6 +456,8 @@ pub fn plan(
         link_down,
         record_mac: prev.mac.is_none(),
         xml,
+        live_xml,
+        convert_boot,
         want_live,
         want_config,
         active: view.active,

@@ -120,6 +120,21 @@ async fn run_steps<D: Domains + Tuning>(
                 }
                 HotPlug::Plugged => done.plugged = true,
             },
+            Step::WriteDefinition if plan.wanted.boot_order.is_some() => {
+                match virt.redefine_device(vm, &plan.alias, &plan.xml).await {
+                    Ok(converted) => {
+                        done.defined = true;
+                        done.boot_converted = converted;
+                    }
+                    Err(e) if e.kind() == ErrorKind::Refused => {
+                        return Ok(Some(Failure::Definition(
+                            device::take_back(virt, vm, &plan.live_xml, done.plugged, "device", &e)
+                                .await,
+                        )));
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
             Step::WriteDefinition => {
                 if let Err(message) =
                     device::attach_config(virt, vm, &plan.xml, done.plugged, "device").await
@@ -138,18 +153,11 @@ async fn run_steps<D: Domains + Tuning>(
                     .await?;
                 done.media_changed = true;
             }
-            Step::ConvertBootOrder => {
-                let order = plan.wanted.boot_order.unwrap_or(1);
-                match virt.convert_boot_order(vm, &plan.alias, order).await {
-                    Ok(converted) => done.boot_converted = converted,
-                    Err(e) if e.kind() == ErrorKind::Refused => {
-                        return Ok(Some(Failure::Redefine(e.to_string())));
-                    }
-                    Err(e) => return Err(e),
+            Step::Redefine => match virt.redefine_device(vm, &plan.alias, &plan.xml).await {
+                Ok(converted) => {
+                    done.redefined = true;
+                    done.boot_converted = converted;
                 }
-            }
-            Step::Redefine => match virt.redefine_disk(vm, &plan.alias, &plan.xml).await {
-                Ok(()) => done.redefined = true,
                 Err(e) if e.kind() == ErrorKind::Refused => {
                     return Ok(Some(Failure::Redefine(e.to_string())));
                 }

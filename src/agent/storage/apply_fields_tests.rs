@@ -259,3 +259,106 @@ async fn a_refused_change_is_reported_and_changes_nothing() {
         o.ready.message
     );
 }
+
+#[tokio::test]
+async fn a_boot_order_on_a_domain_ordered_by_type_converges_in_one_define() {
+    let fake = FakeLibvirt::default().with_domain_xml(
+        "vm",
+        "<domain><name>vm</name><os><type>hvm</type><boot dev='hd'/></os>\
+         <devices><controller type='scsi' model='virtio-scsi'/></devices></domain>",
+    );
+    fake.set_active("vm", true);
+    let (o, _) = reconcile(&fake, &base(), &Default::default()).await;
+    let prev = o.status;
+    let edited = VirtualMachineStorageSpec {
+        boot_order: Some(1),
+        ..base()
+    };
+    let before = fake.calls().len();
+    let (o, steps) = reconcile(&fake, &edited, &prev).await;
+    assert_eq!(steps, [Step::Redefine]);
+    // The conversion and the device's order went into the definition in one define.
+    let defines = fake.calls()[before..]
+        .iter()
+        .filter(|c| c.starts_with("write the device into the definition"))
+        .count();
+    assert_eq!(defines, 1, "{:?}", fake.calls());
+    let config = fake.domain_state("vm").unwrap().config;
+    assert!(config.os_boot.is_empty());
+    assert_eq!(disk(&fake, false).boot_order, Some(1));
+    assert_eq!(disk(&fake, true).boot_order, None);
+    assert!(
+        reasons(&o).contains(&"BootOrderConverted"),
+        "{:?}",
+        o.events
+    );
+    assert_eq!(o.ready.reason, "RestartRequired");
+    assert_eq!(o.status.pending_restart, ["bootOrder"]);
+    // The next reconcile (the domain's DEFINED event wakes it) has nothing left to do.
+    let before = fake.calls().len();
+    let (again, steps) = reconcile(&fake, &edited, &o.status).await;
+    assert!(steps.is_empty(), "{steps:?}");
+    assert!(again.events.is_empty(), "{:?}", again.events);
+    assert!(
+        fake.calls()[before..]
+            .iter()
+            .all(|c| !c.starts_with("write the device")),
+        "{:?}",
+        fake.calls()
+    );
+    assert_eq!(again.status, o.status);
+    // After a boot the order is in effect.
+    boot(&fake).await;
+    let (o, steps) = reconcile(&fake, &edited, &again.status).await;
+    assert!(steps.is_empty(), "{steps:?}");
+    assert_eq!(o.ready.reason, "Attached");
+    assert!(o.status.pending_restart.is_empty());
+}
+
+#[tokio::test]
+async fn a_new_device_with_a_boot_order_is_defined_with_the_conversion() {
+    let fake = FakeLibvirt::default().with_domain_xml(
+        "vm",
+        "<domain><name>vm</name><os><type>hvm</type><boot dev='hd'/></os>\
+         <devices><controller type='scsi' model='virtio-scsi'/></devices></domain>",
+    );
+    let spec = VirtualMachineStorageSpec {
+        boot_order: Some(1),
+        ..base()
+    };
+    let (o, steps) = reconcile(&fake, &spec, &Default::default()).await;
+    assert_eq!(steps, [Step::WriteDefinition]);
+    assert!(fake.domain_state("vm").unwrap().config.os_boot.is_empty());
+    assert_eq!(disk(&fake, false).boot_order, Some(1));
+    assert!(
+        reasons(&o).contains(&"BootOrderConverted"),
+        "{:?}",
+        o.events
+    );
+    assert_eq!(o.ready.reason, "Attached");
+    // libvirt refusing it (an order another device holds) leaves nothing behind.
+    let fake = FakeLibvirt::default().with_domain(
+        "vm",
+        false,
+        "<controller type='scsi' model='virtio-scsi'/>",
+    );
+    fake.fail_next(
+        "write the device into the definition",
+        Some(Affect::Config),
+        ErrorKind::Refused,
+    );
+    let (o, _) = reconcile(&fake, &spec, &Default::default()).await;
+    assert_eq!(o.ready.reason, "AttachFailed");
+    assert!(
+        o.ready.message.contains("Nothing was changed"),
+        "{}",
+        o.ready.message
+    );
+    assert!(
+        fake.domain_state("vm")
+            .unwrap()
+            .config
+            .disk(ALIAS)
+            .is_none()
+    );
+}

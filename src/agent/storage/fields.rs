@@ -74,7 +74,12 @@ pub fn differing(w: &Wanted, have: &DiskFields) -> Vec<&'static str> {
     check("serial", w.serial == have.serial);
     check("shareable", w.shareable == have.shareable);
     check("readOnly", w.readonly == have.readonly);
-    check("bootOrder", w.boot_order == have.boot_order);
+    // Unset leaves the order the definition has: one a conversion of `<os><boot dev>` gave the
+    // device keeps it bootable.
+    check(
+        "bootOrder",
+        w.boot_order.is_none() || w.boot_order == have.boot_order,
+    );
     out
 }
 

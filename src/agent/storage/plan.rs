@@ -31,15 +31,16 @@ pub enum Step {
     HotPlugScsiController,
     /// Hot-plug the device into the running guest.
     HotPlug,
-    /// Write the device into the definition (taking a hot-plug back if libvirt refuses).
+    /// Write the device into the definition (taking a hot-plug back if libvirt refuses). A
+    /// device with a boot order is written by a redefinition that also turns an
+    /// `<os><boot dev>` list into per-device orders, in one define.
     WriteDefinition,
     /// Change the CD medium in place (insert, swap, eject).
     UpdateMedia(Affect),
     /// Rewrite the device in the definition: fields that take effect at the next boot changed.
+    /// A boot order turns the definition's `<os><boot dev>` list, if it has one, into
+    /// per-device boot orders in the same define.
     Redefine,
-    /// Turn the definition's `<os><boot dev>` list, if it has one, into per-device boot orders
-    /// (before a device with a boot order is written).
-    ConvertBootOrder,
     /// Set the disk's I/O limits (libvirt's block I/O tuning call).
     SetIoTune(Affect),
 }
@@ -241,7 +242,15 @@ pub fn plan(
     }
 
     let wanted = fields::wanted(spec);
-    let xml = device_xml(spec, resolved.as_ref(), &target, alias, &wanted);
+    // The definition's device as the spec wants it; without spec.bootOrder it keeps the order
+    // it has (see `fields::differing`).
+    let keep_order = Wanted {
+        boot_order: wanted
+            .boot_order
+            .or_else(|| config_dev.and_then(|d| disk_fields(&d.xml).boot_order)),
+        ..wanted.clone()
+    };
+    let xml = device_xml(spec, resolved.as_ref(), &target, alias, &keep_order);
     // What the running guest is given: its device's next-boot fields as they are (a media
     // change may not touch them), and for a hot-plug no boot order (libvirt refuses one next
     // to an `<os><boot dev>` list, and it only matters at the next boot anyway).
@@ -295,17 +304,6 @@ pub fn plan(
         Some(dev) if want_config => fields::differing(&wanted, &disk_fields(&dev.xml)),
         _ => Vec::new(),
     };
-    let boot_written = wanted.boot_order.is_some()
-        && (redefined.contains(&"bootOrder") || (want_config && config_dev.is_none()));
-    if boot_written {
-        steps.insert(
-            steps
-                .iter()
-                .position(|s| *s == Step::WriteDefinition)
-                .unwrap_or(steps.len()),
-            Step::ConvertBootOrder,
-        );
-    }
     if !redefined.is_empty() {
         steps.push(Step::Redefine);
     }

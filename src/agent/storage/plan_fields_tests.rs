@@ -168,14 +168,8 @@ fn every_field_against_every_outcome() {
             edit(&|s| s.boot_order = Some(1)),
             IMG,
             (
-                Steps(
-                    vec![Step::ConvertBootOrder, Step::Redefine],
-                    vec!["bootOrder"],
-                ),
-                Steps(
-                    vec![Step::ConvertBootOrder, Step::Redefine],
-                    vec!["bootOrder"],
-                ),
+                Steps(vec![Step::Redefine], vec!["bootOrder"]),
+                Steps(vec![Step::Redefine], vec!["bootOrder"]),
             ),
         ),
         (
@@ -392,19 +386,44 @@ fn a_disk_format_is_immutable() {
 }
 
 #[test]
-fn a_new_device_with_a_boot_order_converts_first_and_hot_plugs_without_it() {
+fn a_new_device_with_a_boot_order_hot_plugs_without_it() {
     let s = VirtualMachineStorageSpec {
         boot_order: Some(1),
         ..base()
     };
     let obs = |active| observed(Some(domain(active, "", "")), SourceFacts::Path(file(IMG)));
     let p = plan(&s, &Default::default(), ALIAS, &obs(true)).unwrap();
-    assert_eq!(
-        p.steps,
-        [Step::HotPlug, Step::ConvertBootOrder, Step::WriteDefinition]
-    );
+    assert_eq!(p.steps, [Step::HotPlug, Step::WriteDefinition]);
     assert!(p.xml.contains("<boot order='1'/>"), "{}", p.xml);
     assert!(!p.live_xml.contains("<boot"), "{}", p.live_xml);
     let p = plan(&s, &Default::default(), ALIAS, &obs(false)).unwrap();
-    assert_eq!(p.steps, [Step::ConvertBootOrder, Step::WriteDefinition]);
+    assert_eq!(p.steps, [Step::WriteDefinition]);
+}
+
+#[test]
+fn an_unset_boot_order_keeps_the_one_the_definition_has() {
+    // Another device's bootOrder converted <os><boot dev='hd'/> and gave this disk order 2: it
+    // stays, so the domain still boots from it.
+    let ordered = device_of(&VirtualMachineStorageSpec {
+        boot_order: Some(2),
+        ..base()
+    });
+    let plain = device_of(&base());
+    let obs = observed(
+        Some(domain(true, &plain, &ordered)),
+        SourceFacts::Path(file(IMG)),
+    );
+    let p = plan(&base(), &attached(), ALIAS, &obs).unwrap();
+    assert!(p.steps.is_empty(), "{:?}", p.steps);
+    // Another field rewrites the device with the order it has.
+    let s = VirtualMachineStorageSpec {
+        serial: Some("S1".into()),
+        ..base()
+    };
+    let p = plan(&s, &attached(), ALIAS, &obs).unwrap();
+    assert_eq!(
+        (p.steps.as_slice(), p.redefined.as_slice()),
+        ([Step::Redefine].as_slice(), ["serial"].as_slice())
+    );
+    assert!(p.xml.contains("<boot order='2'/>"), "{}", p.xml);
 }
