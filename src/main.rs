@@ -37,6 +37,10 @@ enum Command {
         /// libvirt connection URI.
         #[arg(long, env = "LIBVIRT_DEFAULT_URI", default_value = "qemu:///system")]
         libvirt_uri: String,
+        /// Seconds one libvirt call may take (a hung storage pool or QEMU monitor); the object
+        /// that made it then gets Ready=False with reason LibvirtTimeout and is retried.
+        #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=3600))]
+        libvirt_call_timeout: u64,
         /// Address of the /healthz and /readyz endpoint.
         #[arg(long, default_value = "0.0.0.0:8081")]
         http_addr: SocketAddr,
@@ -66,13 +70,19 @@ enum Command {
         /// A network (CIDR) IsoDownloads may never connect to (repeatable), in addition to the
         /// default deny list (loopback, 0.0.0.0/8, RFC 1918, CGNAT, link-local, IPv6
         /// unique-local, multicast, their IPv4-mapped/NAT64/6to4 forms, and `localhost`).
-        /// Wins over --download-allow-cidr. Add the cluster's pod and service ranges here.
+        /// Wins over --download-allow-cidr. The cluster's pod ranges are refused without it
+        /// (learned from the Nodes); its service range is given with --service-cidr.
         #[arg(long = "download-deny-cidr", value_name = "CIDR")]
         download_deny_cidrs: Vec<String>,
         /// A network (CIDR) of the default deny list that IsoDownloads may connect to
         /// (repeatable): a private mirror.
         #[arg(long = "download-allow-cidr", value_name = "CIDR")]
         download_allow_cidrs: Vec<String>,
+        /// The cluster's service range (repeatable, one per IP family), refused to IsoDownloads
+        /// like --download-deny-cidr. The pod ranges are learned from the Nodes' spec.podCIDRs;
+        /// the service range is not published by the API, so it is given here.
+        #[arg(long = "service-cidr", value_name = "CIDR")]
+        service_cidrs: Vec<String>,
         /// The largest file an IsoDownload may fetch, in bytes (an object may set less).
         #[arg(long, default_value_t = 64 << 30)]
         download_max_bytes: u64,
@@ -147,6 +157,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Agent {
             node_name,
             libvirt_uri,
+            libvirt_call_timeout,
             http_addr,
             heartbeat_seconds,
             lease_namespace,
@@ -154,6 +165,7 @@ async fn main() -> anyhow::Result<()> {
             max_downloads,
             download_deny_cidrs,
             download_allow_cidrs,
+            service_cidrs,
             download_max_bytes,
             download_min_free_bytes,
             download_min_rate_bytes,
@@ -172,9 +184,16 @@ async fn main() -> anyhow::Result<()> {
             }
             let downloads = virtplane::agent::DownloadSettings {
                 max_downloads: usize::try_from(max_downloads).unwrap_or(2),
-                deny: virtplane::agent::parse_cidrs(&download_deny_cidrs)
-                    .map_err(anyhow::Error::msg)
-                    .context("invalid --download-deny-cidr")?,
+                deny: [
+                    virtplane::agent::parse_cidrs(&download_deny_cidrs)
+                        .map_err(anyhow::Error::msg)
+                        .context("invalid --download-deny-cidr")?,
+                    virtplane::agent::parse_cidrs(&service_cidrs)
+                        .map_err(anyhow::Error::msg)
+                        .context("invalid --service-cidr")?,
+                ]
+                .concat(),
+                cluster: Default::default(),
                 allow: virtplane::agent::parse_cidrs(&download_allow_cidrs)
                     .map_err(anyhow::Error::msg)
                     .context("invalid --download-allow-cidr")?,
@@ -199,6 +218,7 @@ async fn main() -> anyhow::Result<()> {
             let config = virtplane::agent::AgentConfig {
                 node_name,
                 libvirt_uri,
+                libvirt_call_timeout: Duration::from_secs(libvirt_call_timeout),
                 http_addr,
                 heartbeat_interval: Duration::from_secs(heartbeat_seconds),
                 lease_namespace,

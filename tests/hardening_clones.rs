@@ -1,6 +1,7 @@
-//! Hardening of VMClone: two clones of the same two-disk source at once never destroy each
-//! other's disks, and a clone whose UEFI variable store name is another domain's fails with
-//! `NameConflict`, leaving that domain's variables untouched and nothing of its own behind.
+//! Hardening of VMClone: two clones of the same two-disk source at once reserve distinct names
+//! when planned, both complete and never destroy each other's disks, and a clone whose UEFI
+//! variable store name is another domain's fails with `NameConflict`, leaving that domain's
+//! variables untouched and nothing of its own behind.
 
 #![allow(clippy::unwrap_used)]
 
@@ -103,36 +104,55 @@ async fn two_concurrent_clones_of_a_two_disk_source_keep_each_others_disks() {
             manifest("two", &src.name, "")
         ),
     );
+    // Each reserved its own names when it was planned: both complete, on distinct copies.
     let mut expected = before.clone();
-    let mut completed = 0;
     let mut domains = Vec::new();
+    let mut copies = Vec::new();
     for name in ["one", "two"] {
         let o = finished(&client, &ns.name, name).await;
         let st = o.status.unwrap();
-        let reason = condition_of(&st.conditions, "Ready").unwrap();
-        if st.phase == Some(ClonePhase::Completed) {
-            completed += 1;
-            let target = st.target_name.clone().unwrap();
-            domains.push(TestDomain {
-                name: target.clone(),
-            });
-            for d in &st.disks {
-                let t = PathBuf::from(d.target.as_ref().unwrap());
-                assert_eq!(
-                    std::fs::read(&t).unwrap(),
-                    std::fs::read(&d.source).unwrap(),
-                    "{name}: {t:?} holds its source's data"
-                );
-                expected.insert(t);
-            }
-        } else {
-            assert_eq!(reason.1, "NameConflict", "{name}: {reason:?}");
+        let (_, reason, message) = condition_of(&st.conditions, "Ready").unwrap();
+        assert_eq!(
+            st.phase,
+            Some(ClonePhase::Completed),
+            "{name}: {reason}: {message}"
+        );
+        domains.push(TestDomain {
+            name: st.target_name.clone().unwrap(),
+        });
+        let mut mine = Vec::new();
+        for d in &st.disks {
+            let t = PathBuf::from(d.target.as_ref().unwrap());
+            assert_eq!(
+                std::fs::read(&t).unwrap(),
+                std::fs::read(&d.source).unwrap(),
+                "{name}: {t:?} holds its source's data"
+            );
+            assert!(
+                expected.insert(t.clone()),
+                "{name}: {t:?} is no other clone's"
+            );
+            mine.push(t);
         }
+        assert_eq!(mine.len(), 2, "{name}: {:?}", st.disks);
+        copies.push(mine);
     }
-    assert!(completed >= 1, "at least one clone completes");
-    // Every completed clone's copies are there; a failed one left nothing of its own.
+    assert_ne!(domains[0].name, domains[1].name);
     assert_eq!(files(&pool.path), expected);
-    assert_eq!(expected.len(), before.len() + 2 * completed);
+    assert_eq!(expected.len(), before.len() + 4);
+    let listed = virsh(&["list", "--all", "--name"]);
+    for d in &domains {
+        assert!(listed.lines().any(|l| l.trim() == d.name), "{listed}");
+    }
+
+    // Deleting one task leaves the other clone's disks (and its own completed ones) alone.
+    kubectl_delete(&ns.name, "vmclone", "one");
+    wait_gone::<VMClone>(&client, &ns.name, "one", T).await;
+    assert_eq!(files(&pool.path), expected);
+    let sources = [&a, &b];
+    for (t, src) in copies[1].iter().zip(sources) {
+        assert_eq!(std::fs::read(t).unwrap(), std::fs::read(src).unwrap());
+    }
     drop(domains);
 }
 

@@ -443,3 +443,171 @@ async fn a_checksum_of_the_wrong_length_is_refused_before_a_slot() {
     assert_eq!(server.requests.load(Ordering::SeqCst), 0, "never connected");
     assert!(pool_files(&pool).is_empty());
 }
+
+/// A tmpfs of `mib` MiB as a dir pool; unmounted when dropped (after the pool).
+struct SmallPool {
+    pool: Option<TestPool>,
+    dir: std::path::PathBuf,
+}
+
+impl SmallPool {
+    fn create(prefix: &str, mib: u64) -> Self {
+        let name = unique(prefix);
+        let dir = std::path::PathBuf::from("/var/lib/libvirt/images").join(&name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let size = format!("size={mib}m");
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &size, "tmpfs", dir.to_str().unwrap()])
+            .status()
+            .unwrap();
+        assert!(ok.success(), "mount a tmpfs");
+        virsh(&[
+            "pool-define-as",
+            &name,
+            "dir",
+            "--target",
+            dir.to_str().unwrap(),
+        ]);
+        virsh(&["pool-start", &name]);
+        Self {
+            pool: Some(TestPool {
+                name,
+                path: dir.clone(),
+            }),
+            dir,
+        }
+    }
+}
+
+impl Drop for SmallPool {
+    fn drop(&mut self) {
+        drop(self.pool.take());
+        let _ = std::process::Command::new("umount").arg(&self.dir).status();
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+#[tokio::test]
+async fn a_body_without_length_stops_at_the_free_space_floor() {
+    let client = client().await;
+    install_crds(&client).await;
+    let ns = TestNamespace::new(&client, "vp-hd-floor").await;
+    // 64 MiB of pool, 40 MiB kept free: an endless body without a length passes the check
+    // before the transfer and is stopped while it streams, long before the pool is full.
+    let _op = Operator::start(
+        &ns.name,
+        &[
+            "--download-allow-cidr",
+            "127.0.0.2/32",
+            "--download-min-free-bytes",
+            "41943040",
+        ],
+    );
+    let small = SmallPool::create("vp-hd-floor", 64);
+    let pool = small.pool.as_ref().unwrap();
+    let server = Hostile::start("127.0.0.2", config(2 << 20, 64 << 20));
+    kubectl_apply(
+        &ns.name,
+        &manifest(
+            "floor",
+            &server.url("/endless"),
+            &pool.name,
+            "  name: floor.iso\n",
+        ),
+    );
+    let m = wait_failed(&client, &ns.name, "floor", "InsufficientSpace").await;
+    assert!(m.contains("41943040 bytes kept free"), "{m}");
+    assert!(m.contains("Free space in the pool"), "{m}");
+    // The pool never filled up, and the failed download left nothing in it.
+    eventually("the partial data removed", T, || async {
+        pool_files(pool).is_empty().then_some(())
+    })
+    .await;
+}
+
+/// A Node object (no kubelet behind it) with pod ranges; deleted when dropped.
+struct FakeNode(String);
+
+impl FakeNode {
+    async fn create(client: &Client, prefix: &str, pod_cidrs: &[&str]) -> Self {
+        use k8s_openapi::api::core::v1::Node;
+        let name = unique(prefix);
+        let node: Node = serde_json::from_value(json!({
+            "metadata": { "name": name },
+            "spec": { "podCIDR": pod_cidrs[0], "podCIDRs": pod_cidrs },
+        }))
+        .unwrap();
+        Api::<Node>::all(client.clone())
+            .create(&Default::default(), &node)
+            .await
+            .unwrap();
+        Self(name)
+    }
+}
+
+impl Drop for FakeNode {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kubectl")
+            .args(["delete", "node", &self.0, "--wait=false"])
+            .stdout(std::process::Stdio::null())
+            .status();
+    }
+}
+
+#[tokio::test]
+async fn the_clusters_pod_and_service_ranges_are_refused() {
+    let client = client().await;
+    install_crds(&client).await;
+    let ns = TestNamespace::new(&client, "vp-hd-cluster").await;
+    // The test servers' loopback addresses stand in for the cluster's ranges: a Node's pod
+    // range and the --service-cidr win over the allow list that opens loopback.
+    let _node = FakeNode::create(&client, "vp-hd-podnet", &["127.0.0.2/32"]).await;
+    let op = Operator::start(
+        &ns.name,
+        &[
+            "--download-allow-cidr",
+            "127.0.0.0/8",
+            "--service-cidr",
+            "127.0.0.3/32",
+        ],
+    );
+    eventually("the agent learns the pod ranges", T, || async {
+        op.agent
+            .process
+            .log_text()
+            .contains("the cluster's pod ranges are refused")
+            .then_some(())
+    })
+    .await;
+    let pool = TestPool::create("vp-hd-cluster");
+    let pod = Hostile::start("127.0.0.2", config(64 << 10, 64 << 20));
+    let service = Hostile::start("127.0.0.3", config(64 << 10, 64 << 20));
+    let other = Hostile::start("127.0.0.4", config(64 << 10, 64 << 20));
+    for (name, server) in [("pod", &pod), ("service", &service), ("other", &other)] {
+        kubectl_apply(
+            &ns.name,
+            &manifest(
+                name,
+                &server.url("/ok/a.iso"),
+                &pool.name,
+                &format!("  name: {name}.iso\n"),
+            ),
+        );
+    }
+    for name in ["pod", "service"] {
+        let m = wait_failed(&client, &ns.name, name, "DestinationNotAllowed").await;
+        assert!(m.contains("pod range of the cluster"), "{name}: {m}");
+    }
+    // The same server elsewhere on loopback is reachable: the ranges made the difference.
+    wait_phase(&client, &ns.name, "other", DownloadPhase::Completed).await;
+    assert_eq!(pod.requests.load(Ordering::SeqCst), 0, "no connection made");
+    assert_eq!(
+        service.requests.load(Ordering::SeqCst),
+        0,
+        "no connection made"
+    );
+    eventually("only the reachable download's file", T, || async {
+        (pool_files(&pool) == ["other.iso"]).then_some(())
+    })
+    .await;
+}

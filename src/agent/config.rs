@@ -14,6 +14,8 @@ pub struct AgentConfig {
     pub node_name: String,
     /// libvirt connection URI.
     pub libvirt_uri: String,
+    /// How long one libvirt call may take before the object that made it reports a Timeout.
+    pub libvirt_call_timeout: Duration,
     /// Address of the health/readiness endpoint.
     pub http_addr: SocketAddr,
     /// How often the node Lease is renewed, and the inventory re-read (written only when it

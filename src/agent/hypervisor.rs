@@ -28,6 +28,8 @@ pub mod reason {
     pub const UNAVAILABLE: &str = "LibvirtUnavailable";
     /// Connected, but reading the inventory failed.
     pub const INVENTORY_FAILED: &str = "InventoryFailed";
+    /// Connected, but libvirt did not answer in time (`--libvirt-call-timeout`).
+    pub const LIBVIRT_TIMEOUT: &str = "LibvirtTimeout";
 }
 
 /// How long to gather a burst of libvirt events into one inventory refresh.
@@ -116,6 +118,13 @@ pub(super) async fn run(
                 reason::UNAVAILABLE,
                 format!(
                     "{err}. The inventory shown is the last one read and may be stale; check that libvirtd is running on the node."
+                ),
+            ),
+            Err(err) if err.kind() == crate::libvirt::ErrorKind::Timeout => Desired::falsy(
+                condition::READY,
+                reason::LIBVIRT_TIMEOUT,
+                format!(
+                    "{err}. The inventory shown is the last one read and may be stale; check libvirtd and the node's storage pools."
                 ),
             ),
             Err(err) => Desired::falsy(

@@ -18,6 +18,7 @@ mod refusal;
 mod roots;
 mod status;
 mod storage;
+mod timeout;
 mod wiring;
 
 use std::sync::Arc;
@@ -114,7 +115,7 @@ pub async fn run(
     declare_reasons::<VMClone, clone::reason::CloneReason>();
     declare_reasons::<IsoDownload, iso::reason::IsoReason>();
 
-    let libvirt = Libvirt::new(&config.libvirt_uri)?;
+    let libvirt = Libvirt::with_call_timeout(&config.libvirt_uri, config.libvirt_call_timeout)?;
     let supervisor = {
         let libvirt = libvirt.clone();
         let shutdown = shutdown.clone();
@@ -146,6 +147,11 @@ pub async fn run(
     let grants_feed = grants_feed.run(client.clone(), grants_synced, shutdown.clone());
     let mac_index = interface::index::watch(client.clone(), ctx.macs.clone(), shutdown.clone());
     let failures = wiring::record_removal_failures(ctx.clone(), shutdown.clone());
+    let pod_ranges = iso::ranges::watch(
+        client.clone(),
+        config.downloads.cluster.clone(),
+        shutdown.clone(),
+    );
     // On shutdown, stop copies and transfers at once (their tasks resume in the next agent):
     // a blocking copy would otherwise hold the process until it finished.
     let stop_jobs = {
@@ -247,7 +253,7 @@ pub async fn run(
         registered,
         shutdown.clone(),
     );
-    let (result, (), (), (), (), (), (), (), ()) = tokio::join!(
+    let (result, (), (), (), (), (), (), (), (), ()) = tokio::join!(
         inventory,
         storage,
         interfaces,
@@ -256,7 +262,8 @@ pub async fn run(
         failures,
         stop_jobs,
         mac_index,
-        grants_feed
+        grants_feed,
+        pod_ranges
     );
 
     let _ = supervisor.await;

@@ -27,6 +27,7 @@ pub trait AgentKind:
     Resource<DynamicType = (), Scope = NamespaceResourceScope>
     + Clone
     + DeserializeOwned
+    + serde::Serialize
     + Debug
     + Send
     + Sync
@@ -119,14 +120,15 @@ fn error_policy<K: Resource<DynamicType = ()>>(
     Action::requeue(after)
 }
 
-/// Runs a reconcile, records it in the metrics and resets the object's back-off on success.
+/// Runs a reconcile, records it in the metrics, reports a libvirt timeout on the object (see
+/// [`super::timeout`]) and resets the object's back-off on success.
 fn measured<K, Fut>(
     obj: Arc<K>,
     ctx: Arc<Context>,
     reconcile: fn(Arc<K>, Arc<Context>) -> Fut,
 ) -> impl Future<Output = Result<Action, ReconcileError>> + Send + 'static
 where
-    K: Resource<DynamicType = ()> + Send + Sync + 'static,
+    K: AgentKind,
     Fut: Future<Output = Result<Action, ReconcileError>> + Send + 'static,
 {
     // Logged before anything else looks at the object: what an agent receives is visible.
@@ -149,8 +151,9 @@ where
             start,
             result.as_ref().err().map(ReconcileError::class),
         );
-        if result.is_ok() {
-            ctx.backoff.succeeded(&*obj);
+        match &result {
+            Ok(_) => ctx.backoff.succeeded(&*obj),
+            Err(err) => super::timeout::report(&*obj, err, &ctx).await,
         }
         result
     }

@@ -257,6 +257,31 @@ pub fn copy_file(
     src: &Path,
     dst: &Path,
     strategy: Strategy,
+    progress: impl FnMut(u64, u64),
+    cancel: &AtomicBool,
+) -> Result<CopyReport, CopyError> {
+    copy_to(src, dst, false, strategy, progress, cancel)
+}
+
+/// Copies `src` into `dst`, a regular file the caller created exclusively beforehand (a
+/// destination reserved when the copy was planned), as [`copy_file`] does, except that `dst`
+/// is truncated first (a partial copy of an earlier attempt is started over), a symlink there
+/// is refused, and `dst` is kept on failure: its creator removes it.
+pub fn copy_into_reserved(
+    src: &Path,
+    dst: &Path,
+    strategy: Strategy,
+    progress: impl FnMut(u64, u64),
+    cancel: &AtomicBool,
+) -> Result<CopyReport, CopyError> {
+    copy_to(src, dst, true, strategy, progress, cancel)
+}
+
+fn copy_to(
+    src: &Path,
+    dst: &Path,
+    reserved: bool,
+    strategy: Strategy,
     mut progress: impl FnMut(u64, u64),
     cancel: &AtomicBool,
 ) -> Result<CopyReport, CopyError> {
@@ -281,22 +306,27 @@ pub fn copy_file(
         });
     }
 
-    let dst_file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(src_meta.permissions().mode() & 0o777)
-        .open(dst)
-        .map_err(|source| match source.kind() {
-            io::ErrorKind::AlreadyExists => CopyError::AlreadyExists {
-                path: dst.to_path_buf(),
-            },
-            _ => CopyError::CreateDestination {
-                path: dst.to_path_buf(),
-                source,
-            },
-        })?;
-    // From here on the destination is ours: any early return removes it.
-    let guard = RemoveOnDrop(Some(dst));
+    let mode = src_meta.permissions().mode() & 0o777;
+    let dst_file = if reserved {
+        open_reserved(dst, mode)?
+    } else {
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(dst)
+            .map_err(|source| match source.kind() {
+                io::ErrorKind::AlreadyExists => CopyError::AlreadyExists {
+                    path: dst.to_path_buf(),
+                },
+                _ => CopyError::CreateDestination {
+                    path: dst.to_path_buf(),
+                    source,
+                },
+            })?
+    };
+    // From here on the destination is ours: any early return removes a new one.
+    let guard = RemoveOnDrop((!reserved).then_some(dst));
     progress(0, data_bytes);
 
     let reflink_error = |errno: Errno| {
@@ -389,6 +419,36 @@ pub fn copy_file(
     })
 }
 
+/// Opens the reserved destination `dst` (never through a symlink), emptied, with `mode`.
+fn open_reserved(dst: &Path, mode: u32) -> Result<File, CopyError> {
+    let create = |source| CopyError::CreateDestination {
+        path: dst.to_path_buf(),
+        source,
+    };
+    let file = OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(dst)
+        .map_err(create)?;
+    let meta = file.metadata().map_err(|source| CopyError::Metadata {
+        path: dst.to_path_buf(),
+        source,
+    })?;
+    if !meta.file_type().is_file() {
+        return Err(CopyError::NotRegularFile {
+            path: dst.to_path_buf(),
+        });
+    }
+    file.set_len(0).map_err(|source| CopyError::SetLen {
+        path: dst.to_path_buf(),
+        len: 0,
+        source,
+    })?;
+    file.set_permissions(std::fs::Permissions::from_mode(mode))
+        .map_err(create)?;
+    Ok(file)
+}
+
 /// Whether `FICLONE` failed because these files cannot be reflinked at all (so a copy is the
 /// answer), as opposed to a reflink that was possible but failed.
 fn reflink_unsupported(errno: Errno) -> bool {
@@ -437,6 +497,27 @@ impl Drop for RemoveOnDrop<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reserved_destination_is_filled_and_kept_a_symlink_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (src, dst) = (dir.path().join("src.img"), dir.path().join("dst.img"));
+        std::fs::write(&src, vec![7u8; 300_000]).unwrap();
+        std::fs::write(&dst, b"an earlier partial copy").unwrap();
+        let no = AtomicBool::new(false);
+        copy_into_reserved(&src, &dst, Strategy::Copy, |_, _| {}, &no).unwrap();
+        assert_eq!(std::fs::read(&dst).unwrap(), std::fs::read(&src).unwrap());
+        // Cancelled: the reserved file stays (its creator removes it).
+        let yes = AtomicBool::new(true);
+        assert!(copy_into_reserved(&src, &dst, Strategy::Copy, |_, _| {}, &yes).is_err());
+        assert!(dst.exists());
+        let link = dir.path().join("link.img");
+        let victim = dir.path().join("victim.img");
+        std::fs::write(&victim, b"victim").unwrap();
+        std::os::unix::fs::symlink(&victim, &link).unwrap();
+        assert!(copy_into_reserved(&src, &link, Strategy::Copy, |_, _| {}, &no).is_err());
+        assert_eq!(std::fs::read(&victim).unwrap(), b"victim");
+    }
 
     #[test]
     fn unsupported_reflink_errors_fall_back_and_others_do_not() {

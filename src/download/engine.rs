@@ -375,6 +375,7 @@ impl<'a> Job<'a> {
                 file,
                 path: self.paths.partial.clone(),
                 start,
+                floor: self.options.min_free_bytes.map(super::limits::Floor::new),
                 sidecar: (start == 0).then(|| {
                     let mut sidecar = remote.sidecar(&self.display);
                     sidecar.owner = self.owner.clone();

@@ -193,6 +193,19 @@ pub enum DownloadError {
         /// Announced length.
         expected: u64,
     },
+    /// Writing more would leave less than the floor free on the destination's filesystem
+    /// (`--download-min-free-bytes`). The data written so far is kept.
+    #[error(
+        "failed to write {path}: {available} bytes are free there, below the {floor} bytes kept free, so the download stopped"
+    )]
+    InsufficientSpace {
+        /// The partial file.
+        path: PathBuf,
+        /// Bytes free when checked.
+        available: u64,
+        /// The floor.
+        floor: u64,
+    },
     /// The HTTP server answered a status the downloader cannot use.
     #[error("failed to download {url}: the server answered HTTP {status}")]
     HttpStatus {
@@ -277,6 +290,7 @@ impl DownloadError {
             Self::TooLarge { .. } => "TooLarge",
             Self::ErrorPage { .. } => "ErrorPage",
             Self::Interrupted { .. } => "TransferInterrupted",
+            Self::InsufficientSpace { .. } => "InsufficientSpace",
             Self::HttpStatus { .. } => "ServerError",
             Self::FtpReply { .. } => "ServerError",
             Self::Protocol { .. } => "ProtocolError",

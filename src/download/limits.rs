@@ -1,7 +1,10 @@
 //! The limits one attempt's response is held to, besides its announced length: the largest
 //! file, HTML or XML pages instead of the file, the minimum rate over a window and the
-//! deadline of an attempt. Pure: the streaming loop feeds it times and byte counts.
+//! deadline of an attempt. Pure: the streaming loop feeds it times and byte counts. And the
+//! free-space floor ([`Floor`]), which the writer checks as it writes.
 
+use std::fs::File;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use super::{DownloadError, DownloadOptions, MinRate};
@@ -136,9 +139,77 @@ impl Limits {
     }
 }
 
+/// Bytes written between two checks of the free space: a `statvfs` per 16 MiB is cheap, and
+/// the floor (1 GiB by default) is far above what one interval can write.
+pub const FLOOR_EVERY: u64 = 16 << 20;
+
+/// The free space the destination keeps while a download writes (`--download-min-free-bytes`),
+/// checked on the writer thread before every [`FLOOR_EVERY`] bytes (and the first buffer).
+pub(crate) struct Floor {
+    floor: u64,
+    since: u64,
+}
+
+impl Floor {
+    pub(crate) fn new(floor: u64) -> Self {
+        Self {
+            floor,
+            since: FLOOR_EVERY,
+        }
+    }
+
+    /// Counts `n` more bytes about to be written: whether the space is to be checked first.
+    pub(crate) fn due(&mut self, n: u64) -> bool {
+        let due = self.since >= FLOOR_EVERY;
+        if due {
+            self.since = 0;
+        }
+        self.since += n;
+        due
+    }
+
+    /// Refuses to go on when `available` bytes are below the floor.
+    pub(crate) fn judge(&self, available: u64, path: &Path) -> Result<(), DownloadError> {
+        if available < self.floor {
+            return Err(DownloadError::InsufficientSpace {
+                path: path.to_path_buf(),
+                available,
+                floor: self.floor,
+            });
+        }
+        Ok(())
+    }
+
+    /// [`Floor::judge`] of the free space of `file`'s filesystem. Blocking.
+    pub(crate) fn check(&self, file: &File, path: &Path) -> Result<(), DownloadError> {
+        let s = rustix::fs::fstatvfs(file)
+            .map_err(|e| DownloadError::io("check the free space of", path, e.into()))?;
+        self.judge(s.f_bavail.saturating_mul(s.f_frsize), path)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_floor_is_checked_first_and_then_every_interval() {
+        let mut f = Floor::new(100);
+        assert!(f.due(10), "before the first buffer");
+        assert!(!f.due(FLOOR_EVERY - 10));
+        assert!(f.due(1), "an interval later");
+        assert!(!f.due(1));
+        let p = Path::new("/pool/.x.partial");
+        assert!(f.judge(100, p).is_ok());
+        let e = f.judge(99, p).unwrap_err();
+        assert_eq!(e.reason(), "InsufficientSpace");
+        assert!(!e.is_transient());
+        assert!(e.to_string().contains("99 bytes are free"), "{e}");
+        // The real filesystem: nothing has u64::MAX bytes free.
+        let file = tempfile::tempfile().unwrap();
+        assert!(Floor::new(0).check(&file, p).is_ok());
+        assert!(Floor::new(u64::MAX).check(&file, p).is_err());
+    }
 
     fn options(
         max: Option<u64>,

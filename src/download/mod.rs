@@ -150,6 +150,10 @@ pub struct DownloadOptions {
     pub min_rate: Option<MinRate>,
     /// The longest one attempt may transfer before it fails with [`DownloadError::TooSlow`].
     pub deadline: Option<Duration>,
+    /// Bytes the destination's filesystem keeps free: checked while the data is written
+    /// (every [`limits::FLOOR_EVERY`] bytes), a transfer that would go below stops with
+    /// [`DownloadError::InsufficientSpace`], the data written so far kept.
+    pub min_free_bytes: Option<u64>,
 }
 
 /// A minimum transfer rate, averaged over a window.
@@ -174,6 +178,7 @@ impl Default for DownloadOptions {
             max_bytes: None,
             min_rate: None,
             deadline: None,
+            min_free_bytes: None,
         }
     }
 }

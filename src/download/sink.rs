@@ -13,6 +13,7 @@ use tokio::task::JoinHandle;
 
 use super::DownloadError;
 use super::checksum::Hasher;
+use super::limits::Floor;
 use super::state::{Sidecar, save_sidecar};
 
 /// What the writer starts from.
@@ -28,6 +29,8 @@ pub(crate) struct SinkStart {
     pub sidecar: Option<(PathBuf, Sidecar)>,
     /// The digest so far (already fed the first `start` bytes when resuming).
     pub hasher: Option<Hasher>,
+    /// The free space the file's filesystem keeps, checked as data is written.
+    pub floor: Option<Floor>,
 }
 
 /// What the writer ends with.
@@ -107,6 +110,7 @@ fn run(
         start,
         sidecar,
         mut hasher,
+        mut floor,
     } = start;
     let io = |action| {
         let path = path.clone();
@@ -122,6 +126,12 @@ fn run(
     let mut len = start;
     let mut result = Ok(());
     while let Some(mut buf) = rx.blocking_recv() {
+        // Before writing more: a filesystem at its floor stops the download, data kept.
+        if let Some(f) = floor.as_mut()
+            && f.due(buf.len() as u64)
+        {
+            f.check(&file, &path)?;
+        }
         if let Some(h) = hasher.as_mut() {
             h.update(&buf);
         }

@@ -36,7 +36,7 @@ pub use inventory::{Inventory, collect_inventory, collect_storage_pools, format_
 /// Upper bound of libvirt calls in flight at once.
 pub const MAX_CONCURRENT_CALLS: usize = 8;
 
-/// How long one libvirt call may take before the caller gives up on it
+/// How long one libvirt call may take, by default, before the caller gives up on it
 /// ([`LibvirtError::Timeout`]): a call hung on a dead NFS pool or a stuck QEMU monitor then
 /// fails for the object that made it, and frees its slot for everyone else's calls. The blocking
 /// thread itself cannot be cancelled; it ends when libvirt returns.
@@ -54,6 +54,7 @@ struct Inner {
     live: Mutex<Option<Live>>,
     permits: Semaphore,
     events: broadcast::Sender<Event>,
+    call_timeout: Duration,
 }
 
 /// A handle to libvirt on this node; cheap to clone.
@@ -65,6 +66,11 @@ pub struct Libvirt {
 impl Libvirt {
     /// A handle for `uri`; no connection is opened yet (see [`Libvirt::supervise`]).
     pub fn new(uri: &str) -> Result<Self, LibvirtError> {
+        Self::with_call_timeout(uri, CALL_TIMEOUT)
+    }
+
+    /// [`Libvirt::new`], each call bounded by `call_timeout` instead of [`CALL_TIMEOUT`].
+    pub fn with_call_timeout(uri: &str, call_timeout: Duration) -> Result<Self, LibvirtError> {
         virt::error::clear_error_callback();
         events::start_event_loop().map_err(LibvirtError::EventLoop)?;
         let (events, _) = broadcast::channel(4096);
@@ -74,6 +80,7 @@ impl Libvirt {
                 live: Mutex::new(None),
                 permits: Semaphore::new(MAX_CONCURRENT_CALLS),
                 events,
+                call_timeout,
             }),
         })
     }
@@ -210,13 +217,14 @@ impl Libvirt {
             })?;
         let start = std::time::Instant::now();
         let call = tokio::task::spawn_blocking(move || f(&conn));
-        let result = match tokio::time::timeout(CALL_TIMEOUT, call).await {
+        let bound = self.inner.call_timeout;
+        let result = match tokio::time::timeout(bound, call).await {
             Ok(joined) => joined?,
             Err(_) => {
-                tracing::warn!(action, after = ?CALL_TIMEOUT, "libvirt call timed out");
+                tracing::warn!(action, after = ?bound, "libvirt call timed out");
                 return Err(LibvirtError::Timeout {
                     action: action.to_string(),
-                    after: CALL_TIMEOUT,
+                    after: bound,
                 });
             }
         };

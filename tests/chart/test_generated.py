@@ -48,7 +48,8 @@ def test_chart_flags_exist_in_the_binary(virtplane_bin: str) -> None:
     """Every flag the chart passes (with every optional flag turned on) is one the binary
     accepts, except the PENDING_FLAGS, which must still be missing."""
     values = {"tenancy": "open",
-              "agent": {"allowedPaths": ["/srv/iso"], "downloadDenyCidrs": ["169.254.0.0/16"]}}
+              "agent": {"allowedPaths": ["/srv/iso"], "downloadDenyCidrs": ["169.254.0.0/16"],
+                        "serviceCidrs": ["172.30.0.0/16"]}}
     objs = objects(render(values))
     for kind, command in (("Deployment", "controller"), ("DaemonSet", "agent")):
         (workload,) = [o for o in objs if o["kind"] == kind]

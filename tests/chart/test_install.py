@@ -289,6 +289,8 @@ def test_agent_permissions(release: Release) -> None:
         ("get", "secrets", "-n", "default"), ("get", "configmaps", "-n", "default"),
         # Tenancy: the grant annotations of every namespace.
         ("list", "namespaces"), ("watch", "namespaces"), ("get", "namespaces/default"),
+        # The cluster's pod ranges, refused to downloads.
+        ("list", "nodes"), ("watch", "nodes"),
         # The heartbeat: its node Lease.
         ("create", "leases.coordination.k8s.io", "-n", "kube-node-lease"),
         ("patch", "leases.coordination.k8s.io/virtplane-node-x", "-n", "kube-node-lease"),
@@ -305,7 +307,7 @@ def test_agent_permissions(release: Release) -> None:
         ("delete", "virtualmachinestorages.virtplane.io", "-n", "default"),
         ("create", "virtualmachinestorages.virtplane.io", "-n", "default"),
         ("create", "vmclones.virtplane.io", "-n", "default"),
-        ("create", "pods", "-n", "default"), ("get", "nodes"),
+        ("create", "pods", "-n", "default"), ("patch", "nodes"),
         ("patch", "deployments.apps", "-n", "RELNS"),
     ]
     check_matrix(release, "agent", allowed, denied)

@@ -64,6 +64,8 @@ AGENT_RULES = (
     | expand(["virtplane.io"], ["hypervisors"], ["get", "list", "watch", "create", "patch"])
     | expand(["virtplane.io"], ["hypervisors/status"], ["get", "patch"])
     | NAMESPACES
+    # The cluster's pod ranges, refused to downloads.
+    | expand([""], ["nodes"], ["get", "list", "watch"])
     | EVENTS
 )
 CREDENTIALS = expand([""], ["secrets", "configmaps"], ["get"])
@@ -146,7 +148,7 @@ def test_default_render() -> None:
     }
     assert c["args"] == [
         "agent", "--log-format=json", "--http-addr=0.0.0.0:8081", "--libvirt-uri=qemu:///system",
-        "--heartbeat-seconds=10", "--max-downloads=2", "--tenancy=namespaced",
+        "--libvirt-call-timeout=120", "--heartbeat-seconds=10", "--max-downloads=2", "--tenancy=namespaced",
         "--max-clones=2", "--state-dir=/var/lib/virtplane", "--download-max-bytes=68719476736",
         "--download-min-free-bytes=1073741824", "--download-min-rate-bytes=1024",
         "--download-rate-window-seconds=120", "--download-deadline-seconds=86400",
@@ -259,6 +261,8 @@ CUSTOM = {
         "heartbeatSeconds": 5,
         "maxDownloads": 5,
         "downloadDenyCidrs": ["169.254.0.0/16", "fe80::/10", "10.0.0.0/8"],
+        "serviceCidrs": ["172.30.0.0/16", "fd00:30::/108"],
+        "libvirtCallTimeoutSeconds": 30,
         "allowedPaths": ["/srv/iso", "/data/images/"],
         "hostPaths": ["/var/lib/libvirt/images", "/srv/iso", "/data/pool"],
         "capabilities": [],
@@ -302,13 +306,15 @@ def test_custom_values_render() -> None:
     c = container(ds)
     assert c["args"] == [
         "agent", "--log-format=plain", "--http-addr=0.0.0.0:9091",
-        "--libvirt-uri=qemu+unix:///system", "--heartbeat-seconds=5", "--max-downloads=5",
+        "--libvirt-uri=qemu+unix:///system", "--libvirt-call-timeout=30", "--heartbeat-seconds=5",
+        "--max-downloads=5",
         "--tenancy=open",
         "--max-clones=2", "--state-dir=/var/lib/virtplane", "--download-max-bytes=68719476736",
         "--download-min-free-bytes=1073741824", "--download-min-rate-bytes=1024",
         "--download-rate-window-seconds=120", "--download-deadline-seconds=86400",
         "--download-deny-cidr=169.254.0.0/16", "--download-deny-cidr=fe80::/10",
         "--download-deny-cidr=10.0.0.0/8",
+        "--service-cidr=172.30.0.0/16", "--service-cidr=fd00:30::/108",
         "--allowed-path=/srv/iso", "--allowed-path=/data/images",
     ]
     assert c["securityContext"]["capabilities"] == {"drop": ["ALL"]}, "capabilities: [] adds none"
@@ -359,6 +365,8 @@ def test_rbac_create_false_renders_no_rbac() -> None:
         ({"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy"),
         ({"image": {"digest": "latest"}}, "/image/digest"),
         ({"agent": {"heartbeatSeconds": 0}}, "/agent/heartbeatSeconds"),
+        ({"agent": {"libvirtCallTimeoutSeconds": 0}}, "/agent/libvirtCallTimeoutSeconds"),
+        ({"agent": {"serviceCidrs": ["a service range"]}}, "/agent/serviceCidrs"),
         ({"controller": {"leaderElection": {"leaseSeconds": 1}}}, "/controller/leaderElection/leaseSeconds"),
         ({"controller": {"port": 80}}, "/controller/port"),
         ({"controller": {"runAsUser": 0}}, "/controller/runAsUser"),

@@ -185,14 +185,11 @@ async fn copy_all<V: BlockClones + Storage>(
         if stop.load(Ordering::SeqCst) {
             return Err(Halt::Stopped);
         }
-        // A partial copy of this task from before a restart is started over; a file this
-        // task did not create is never removed (the copy below then finds it taken).
-        if let Err(e) = job.ledger.remove_own(Path::new(&dst)) {
-            return Err(fail(
-                CloneReason::CopyFailed,
-                format!("Removing the partial copy {dst} failed: {e}."),
-            ));
-        }
+        // The destination was reserved (created empty) when the task was planned: the copy
+        // fills it, starting a partial copy from before a restart over. One not reserved (a
+        // task planned by an older agent) is created exclusively: a file this task did not
+        // create is never written or removed.
+        let reserved = ours && Path::new(&dst).is_file();
         // Progress as the copier counts it: bytes of data extents done, of their total.
         let done = Arc::new(AtomicU64::new(0));
         let of = Arc::new(AtomicU64::new(total));
@@ -206,7 +203,12 @@ async fn copy_all<V: BlockClones + Storage>(
         let ledger = job.ledger.clone();
         let mut task = tokio::task::spawn_blocking(move || {
             let mut recorded = false;
-            copy::copy_file(
+            let copy_file = if reserved {
+                copy::copy_into_reserved
+            } else {
+                copy::copy_file
+            };
+            copy_file(
                 &src,
                 &dst2,
                 strategy,

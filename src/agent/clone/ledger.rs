@@ -5,8 +5,16 @@
 //! them.
 //!
 //! One JSON file per task, `<state-dir>/clones/<uid>.json`, written atomically.
+//!
+//! A task reserves its names when it is planned, before anything is copied: each copy's
+//! destination is created (empty) exclusively, and the clone's domain name is claimed by an
+//! exclusive create of `<state-dir>/clones/names/<hex of the name>` holding the task's UID. Two
+//! tasks planned at once thus never share a name: the second finds it taken and plans the next.
+//! A claim is recorded like a file, and dropped once the task completes (the domain then holds
+//! the name) or is removed.
 
 use std::io::{ErrorKind, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -34,6 +42,7 @@ impl NodeSide {
     pub fn ledger(&self, uid: &str) -> Ledger {
         Ledger {
             path: self.dir.join(format!("{}.json", sanitize(uid))),
+            claims: self.dir.join("names"),
         }
     }
 }
@@ -57,10 +66,17 @@ fn sanitize(uid: &str) -> String {
         .collect()
 }
 
+/// A domain name as a file name, exactly (libvirt names may hold any character).
+fn hex(name: &str) -> String {
+    name.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
 /// The record of one task.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Ledger {
     pub(super) path: PathBuf,
+    /// Where domain-name claims are.
+    claims: PathBuf,
 }
 
 impl Ledger {
@@ -107,6 +123,48 @@ impl Ledger {
         }
     }
 
+    /// Creates `path` empty and exclusively for this task and records it: whether it is this
+    /// task's now (created now, or before by this task); `false` when someone else's file is
+    /// there, which is left untouched. Blocking.
+    pub fn reserve_file(&self, path: &Path) -> std::io::Result<bool> {
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+        {
+            Ok(_) => self.record(path).map(|()| true),
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(self.owns(path)),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Claims the domain name `name` for task `uid` on this node, and records the claim:
+    /// whether the name is this task's now; `false` when another task holds it. Blocking.
+    pub fn claim_name(&self, uid: &str, name: &str) -> std::io::Result<bool> {
+        std::fs::create_dir_all(&self.claims)?;
+        let path = self.claims.join(hex(name));
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+        {
+            Ok(mut f) => {
+                f.write_all(uid.as_bytes())?;
+                f.sync_all()?;
+            }
+            // This task's own claim from an earlier attempt (say, before an agent restart).
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => {
+                if std::fs::read(&path)? != uid.as_bytes() {
+                    return Ok(false);
+                }
+            }
+            Err(e) => return Err(e),
+        }
+        self.record(&path).map(|()| true)
+    }
+
     /// Removes every file recorded, then the record. Blocking.
     pub fn remove_all(&self) -> std::io::Result<()> {
         for f in self.files() {
@@ -119,8 +177,15 @@ impl Ledger {
         self.forget()
     }
 
-    /// Drops the record, keeping the files (the task completed: they are the clone's). Blocking.
+    /// Drops the record and the task's name claims, keeping the files (the task completed:
+    /// they are the clone's). Blocking.
     pub fn forget(&self) -> std::io::Result<()> {
+        for f in self.files().iter().filter(|f| f.starts_with(&self.claims)) {
+            match std::fs::remove_file(f) {
+                Err(e) if e.kind() != ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
         match std::fs::remove_file(&self.path) {
             Err(e) if e.kind() != ErrorKind::NotFound => Err(e),
             _ => Ok(()),
@@ -156,5 +221,34 @@ mod tests {
         ledger.forget().unwrap();
         assert!(theirs.exists());
         ledger.forget().unwrap();
+    }
+
+    #[test]
+    fn names_are_reserved_exclusively_and_claims_end_with_the_task() {
+        let dir = tempfile::tempdir().unwrap();
+        let side = NodeSide::new(&dir.path().join("state"), 1);
+        let (one, two) = (side.ledger("u-1"), side.ledger("u-2"));
+        let copy = dir.path().join("disk-clone1.img");
+        assert!(one.reserve_file(&copy).unwrap());
+        assert!(one.reserve_file(&copy).unwrap(), "its own, again");
+        assert!(!two.reserve_file(&copy).unwrap(), "taken");
+        assert_eq!(std::fs::metadata(&copy).unwrap().len(), 0);
+        assert!(one.claim_name("u-1", "web/clone1").unwrap());
+        assert!(
+            one.claim_name("u-1", "web/clone1").unwrap(),
+            "its own, again"
+        );
+        assert!(!two.claim_name("u-2", "web/clone1").unwrap(), "taken");
+        assert!(two.claim_name("u-2", "web-clone1").unwrap(), "another name");
+        // A task that does not complete frees both; the other task's claim stays.
+        one.remove_all().unwrap();
+        assert!(!copy.exists());
+        assert!(two.claim_name("u-2", "web/clone1").unwrap(), "free again");
+        // A completed task keeps its files and frees its names.
+        assert!(two.reserve_file(&copy).unwrap());
+        two.forget().unwrap();
+        assert!(copy.exists());
+        assert!(one.claim_name("u-1", "web-clone1").unwrap());
+        assert!(one.claim_name("u-1", "web/clone1").unwrap());
     }
 }

@@ -14,6 +14,7 @@ mod observe;
 mod plan;
 pub(super) mod reason;
 mod report;
+mod reserve;
 mod volume_ledger;
 
 use std::sync::Arc;
@@ -114,8 +115,16 @@ async fn apply(
         tracing::warn!("the Namespace grants have not synced yet; waiting");
         return Ok(Action::requeue(std::time::Duration::from_secs(5)));
     }
-    let observed = observe::observe(obj, ctx, &prev).await?;
-    let (r, config) = match plan::decide(spec, &uid, &ctx.node, &prev, &observed) {
+    // A task not started yet holds no reservation but what a plan whose status was never
+    // written left: released, so the plan sees those names free again.
+    let ledger = ctx.clone_side.ledger(&uid);
+    if !plan::resumes(&prev) {
+        let l = ledger.clone();
+        let _ = tokio::task::spawn_blocking(move || reserve::release(&l)).await;
+    }
+    let mut observed = observe::observe(obj, ctx, &prev).await?;
+    let decision = reserve::decide(spec, &uid, &ctx.node, &prev, &mut observed, &ledger).await?;
+    let (r, config) = match decision {
         plan::Decision::Wait(why) => {
             return write(api, obj, ctx, &prev, report::waiting(&prev, why)).await;
         }
@@ -141,7 +150,7 @@ async fn apply(
         strategy: spec.storage.strategy,
         config,
         status: r.status.clone(),
-        ledger: ctx.clone_side.ledger(&uid),
+        ledger,
         slots: ctx.clone_side.slots.clone(),
     };
     let action = write(api, obj, ctx, &prev, r).await?;

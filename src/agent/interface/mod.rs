@@ -112,6 +112,8 @@ async fn reconcile_apply(
         // The MAC index or the grants have not seen the cluster yet: look again shortly,
         // nothing decided.
         Ok(None) => return Ok(Action::requeue(Duration::from_secs(5))),
+        // A timed-out call is reported as such, like every kind's (see `timeout`).
+        Err(e) if super::timeout::ready(&e).is_some() => return Err(e),
         Err(ReconcileError::Libvirt(err)) if ctx.libvirt.is_connected() => {
             report::failed(&prev, &err)
         }

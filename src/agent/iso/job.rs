@@ -140,7 +140,9 @@ pub fn failure(e: &DownloadError) -> IsoRefusal {
              administrator opens a mirror's network with the agent's --download-allow-cidr."
         ),
         DownloadError::DestinationNotAllowed { .. } => {
-            format!("{e} (the agent's --download-deny-cidr).")
+            format!(
+                "{e} (the agent's --download-deny-cidr or --service-cidr, or a pod range of the cluster)."
+            )
         }
         DownloadError::TooLarge { .. } => format!(
             "{e}. Raise spec.maxBytes if the file is expected to be this large (the node's \
@@ -149,6 +151,10 @@ pub fn failure(e: &DownloadError) -> IsoRefusal {
         DownloadError::ErrorPage { .. } => format!(
             "{e}. Check that the URL still points at the file (an expired or moved link serves \
              a page); set spec.allowMarkup only if the file really is such a document."
+        ),
+        DownloadError::InsufficientSpace { .. } => format!(
+            "{e}. Free space in the pool (the node keeps --download-min-free-bytes free), then \
+             create the IsoDownload again."
         ),
         _ => format!("{e}."),
     };
@@ -407,7 +413,8 @@ mod tests {
         let r = failure(&denied);
         assert_eq!(r.reason, IsoReason::DestinationNotAllowed);
         assert!(
-            r.message.ends_with("(the agent's --download-deny-cidr)."),
+            r.message
+                .ends_with("(the agent's --download-deny-cidr or --service-cidr, or a pod range of the cluster)."),
             "{}",
             r.message
         );

@@ -14,6 +14,7 @@ mod downloads;
 mod job;
 mod observe;
 mod plan;
+pub mod ranges;
 pub(super) mod reason;
 mod report;
 mod settings;
@@ -36,6 +37,7 @@ use crate::api::IsoDownload;
 use checks::Place;
 
 pub use downloads::Downloads;
+pub use ranges::ClusterRanges;
 pub use settings::{DownloadSettings, parse_cidrs};
 
 /// Reconciles one IsoDownload.

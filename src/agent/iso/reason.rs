@@ -189,6 +189,7 @@ impl IsoReason {
             DownloadError::TooLarge { .. } => Self::TooLarge,
             DownloadError::ErrorPage { .. } => Self::ErrorPage,
             DownloadError::Interrupted { .. } => Self::TransferInterrupted,
+            DownloadError::InsufficientSpace { .. } => Self::InsufficientSpace,
             DownloadError::HttpStatus { .. } | DownloadError::FtpReply { .. } => Self::ServerError,
             DownloadError::Protocol { .. } => Self::ProtocolError,
             DownloadError::Io { .. } => Self::StorageError,

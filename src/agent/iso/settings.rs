@@ -11,8 +11,11 @@ use crate::download::{self, Cidr, DownloadOptions, MinRate};
 pub struct DownloadSettings {
     /// Downloads that may transfer at once on this node.
     pub max_downloads: usize,
-    /// Networks always refused (`--download-deny-cidr`), besides the default deny list.
+    /// Networks always refused (`--download-deny-cidr`, `--service-cidr`), besides the default
+    /// deny list.
     pub deny: Vec<Cidr>,
+    /// The cluster's pod ranges, learned from its Nodes: always refused too.
+    pub cluster: super::ClusterRanges,
     /// Networks of the default deny list that are opened (`--download-allow-cidr`).
     pub allow: Vec<Cidr>,
     /// The largest file (`--download-max-bytes`); an object may set a lower limit.
@@ -31,6 +34,7 @@ impl Default for DownloadSettings {
         Self {
             max_downloads: 2,
             deny: Vec::new(),
+            cluster: Default::default(),
             allow: Vec::new(),
             max_bytes: 64 << 30,
             min_free_bytes: 1 << 30,
@@ -47,12 +51,18 @@ impl DownloadSettings {
     /// The downloader's options for one object, whose own limit is `object_max` bytes.
     pub fn options(&self, object_max: Option<u64>) -> DownloadOptions {
         DownloadOptions {
-            deny: self.deny.clone(),
+            deny: self
+                .deny
+                .iter()
+                .copied()
+                .chain(self.cluster.get())
+                .collect(),
             default_deny: true,
             allow: self.allow.clone(),
             max_bytes: Some(self.max_bytes(object_max)),
             min_rate: self.min_rate,
             deadline: self.deadline,
+            min_free_bytes: Some(self.min_free_bytes),
             ..DownloadOptions::default()
         }
     }

@@ -63,6 +63,8 @@ pub(super) async fn reconcile(
                 let prev = obj.status.clone().unwrap_or_default();
                 let outcome = match pipeline(&obj, &ctx, &alias, &prev).await {
                     Ok(o) => o,
+                    // A timed-out call is reported as such, like every kind's (`timeout`).
+                    Err(e) if super::timeout::ready(&e).is_some() => return Err(e),
                     Err(ReconcileError::Libvirt(err)) if ctx.libvirt.is_connected() => {
                         report::libvirt_failed(&prev, &err)
                     }
