@@ -51,6 +51,8 @@ struct State {
     /// Clones: the full XML and the task that made each domain that has them.
     xml: BTreeMap<String, String>,
     tasks: BTreeMap<String, String>,
+    /// Volumes' capacities (volumes created through `Provision`), by pool and name.
+    capacities: BTreeMap<(String, String), u64>,
 }
 
 /// In-memory libvirt.
@@ -576,6 +578,9 @@ impl Clones for FakeLibvirt {
 
 #[path = "fake_tuning.rs"]
 mod tuning;
+
+#[path = "fake_provision.rs"]
+mod provision;
 
 #[cfg(test)]
 mod tests {
