@@ -496,3 +496,110 @@ async fn overlays_of_one_golden_image_are_written_independently() {
     assert!(base.exists());
     assert_eq!(sha256(&base), sum);
 }
+
+/// In namespaced mode: a volume or a golden image in a pool the namespace is not granted, and a
+/// golden image whose own backing file lies in such a pool, are refused before anything is
+/// created, and the messages never name the other pool's files.
+#[tokio::test]
+async fn overlays_stay_inside_the_granted_pools() {
+    use k8s_openapi::api::core::v1::Namespace;
+    use virtplane::api::NODE_LABEL;
+    let client = client().await;
+    install_crds(&client).await;
+    let ns = TestNamespace::new(&client, "vp-prov-ten").await;
+    let dom = TestDomain::define("vp-prov-ten");
+    let mine = TestPool::create("vp-prov-mine");
+    let gold = TestPool::create("vp-prov-gold");
+    let hidden = TestPool::create("vp-prov-hidden");
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    namespaces
+        .patch(
+            &ns.name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {
+                "virtplane.io/domains": dom.name,
+                "virtplane.io/pools": format!("{},{}", mine.name, gold.name),
+            }}})),
+        )
+        .await
+        .unwrap();
+    let node = unique("vp-node");
+    let _agent = Agent::start(
+        &node,
+        &["--heartbeat-seconds", "2", NAMESPACED[0], NAMESPACED[1]],
+    );
+    let run = |args: &[&str]| {
+        let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let secret = hidden.path.join("secret-base.qcow2");
+    run(&[
+        "qemu-img",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        secret.to_str().unwrap(),
+        "16M",
+    ]);
+    let mid = gold.path.join("mid.qcow2");
+    run(&[
+        "qemu-img",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-F",
+        "qcow2",
+        "-b",
+        secret.to_str().unwrap(),
+        mid.to_str().unwrap(),
+    ]);
+    virsh(&["pool-refresh", &hidden.name]);
+    virsh(&["pool-refresh", &gold.name]);
+    let apply = |name: &str, pool: &str, create: serde_json::Value| {
+        let mut m: serde_json::Value = serde_json::from_str(&manifest(
+            name,
+            &dom.name,
+            pool,
+            &format!("{name}.qcow2"),
+            create,
+        ))
+        .unwrap();
+        m["metadata"]["labels"] = json!({NODE_LABEL: node});
+        kubectl_apply(&ns.name, &m.to_string());
+    };
+    // The overlay's own pool not granted.
+    apply("own", &hidden.name, json!({"capacity": "16Mi"}));
+    // The golden image in a pool not granted.
+    apply(
+        "base",
+        &mine.name,
+        json!({"capacity": "16Mi", "backingVolume": {"pool": hidden.name, "name": "secret-base.qcow2"}}),
+    );
+    // A granted golden image whose own backing file is in the pool not granted.
+    apply(
+        "chain",
+        &mine.name,
+        json!({"capacity": "16Mi", "backingVolume": {"pool": gold.name, "name": "mid.qcow2"}}),
+    );
+    let own = wait_reason(&client, &ns.name, "own", "NotGranted").await;
+    let base = wait_reason(&client, &ns.name, "base", "NotGranted").await;
+    let chain = wait_reason(&client, &ns.name, "chain", "UnsafeImage").await;
+    let (_, _, msg) = ready(&chain).unwrap();
+    assert!(msg.contains("outside the pools granted"), "{msg}");
+    for o in [&own, &base, &chain] {
+        let (_, _, msg) = ready(o).unwrap();
+        assert!(!msg.contains("secret-base"), "{msg}");
+        assert!(!msg.contains(hidden.path.to_str().unwrap()), "{msg}");
+    }
+    // Nothing was created anywhere, and the golden images are untouched.
+    assert!(!hidden.path.join("own.qcow2").exists());
+    assert!(!mine.path.join("base.qcow2").exists());
+    assert!(!mine.path.join("chain.qcow2").exists());
+    assert!(!config_xml(&dom.name).contains("qcow2"), "nothing attached");
+}
