@@ -223,12 +223,13 @@ pub async fn ensure(
     };
     let uid = obj.uid().unwrap_or_default();
     let records = Created::of(ctx);
-    let ours = match records.read(&uid).await {
-        Ok(r) => r.is_some_and(|r| r.pool == v.pool && r.name == v.name),
+    let record = match records.read(&uid).await {
+        Ok(r) => r,
         Err(e) => return Ok(Ensured::Refused(record_failed(&e))),
     };
+    let recorded = record.as_ref().map(|r| (r.pool.as_str(), r.name.as_str()));
     let existing = ctx.libvirt.volume_capacity(&v.pool, &v.name).await?;
-    let step = match volume_plan::decide(create, &v.pool, &v.name, existing, ours, &chain) {
+    let step = match volume_plan::decide(create, &v.pool, &v.name, existing, recorded, &chain) {
         Ok(step) => step,
         Err(r) => return Ok(Ensured::Refused(r)),
     };

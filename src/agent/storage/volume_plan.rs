@@ -114,17 +114,29 @@ pub fn capacity(create: &VolumeCreate) -> Result<u64, Refused> {
 }
 
 /// Decides what to do with volume `name` of pool `pool`: `existing` is its capacity (`None`
-/// when there is none), `ours` whether this object's record names it, `chain` the judged
-/// backing chain of an overlay (see [`judge_chain`]).
+/// when there is none), `recorded` the (pool, name) of the volume this object's record says it
+/// created, `chain` the judged backing chain of an overlay (see [`judge_chain`]).
 pub fn decide(
     create: &VolumeCreate,
     pool: &str,
     name: &str,
     existing: Option<u64>,
-    ours: bool,
+    recorded: Option<(&str, &str)>,
     chain: &[BackingLink],
 ) -> Result<VolumeStep, Refused> {
     let invalid = |m: &str| Err(Refusal::fix(StorageReason::InvalidSpec, m.to_string()));
+    // Another volume would be created and the one this object made forgotten (never reclaimed).
+    if let Some((p, n)) = recorded
+        && (p, n) != (pool, name)
+    {
+        return Err(Refusal::fix(
+            StorageReason::FieldImmutable,
+            format!(
+                "This object created volume {n} in pool {p}; spec.source.volume cannot name another volume. Set it back, or delete this object and create a new one."
+            ),
+        ));
+    }
+    let ours = recorded.is_some();
     let want = capacity(create)?;
     let format = create.format.unwrap_or(DiskFormat::Qcow2);
     let prealloc = create.preallocation.unwrap_or_default();

@@ -42,11 +42,13 @@ fn quantities_in_bytes() {
     }
 }
 
+const OURS: Option<(&str, &str)> = Some(("p", "d"));
+
 #[test]
 fn decides_create_grow_keep_and_refusals() {
     let c = create("64Mi");
     // Missing: created, thin qcow2 by default.
-    let Ok(VolumeStep::Create(v)) = decide(&c, "p", "d.qcow2", None, false, &[]) else {
+    let Ok(VolumeStep::Create(v)) = decide(&c, "p", "d.qcow2", None, None, &[]) else {
         panic!()
     };
     assert_eq!(
@@ -56,23 +58,23 @@ fn decides_create_grow_keep_and_refusals() {
     // Someone else's volume of that name: NameConflict, whatever its size.
     for have in [1, 64 << 20, 1 << 40] {
         assert_eq!(
-            reason(decide(&c, "p", "d", Some(have), false, &[])),
+            reason(decide(&c, "p", "d", Some(have), None, &[])),
             "NameConflict"
         );
     }
     // Ours: kept, grown, never shrunk.
     assert_eq!(
-        decide(&c, "p", "d", Some(64 << 20), true, &[]),
+        decide(&c, "p", "d", Some(64 << 20), OURS, &[]),
         Ok(VolumeStep::Keep)
     );
     assert_eq!(
-        decide(&c, "p", "d", Some(32 << 20), true, &[]),
+        decide(&c, "p", "d", Some(32 << 20), OURS, &[]),
         Ok(VolumeStep::Grow {
             from: 32 << 20,
             to: 64 << 20
         })
     );
-    let shrink = decide(&c, "p", "d", Some(128 << 20), true, &[]).unwrap_err();
+    let shrink = decide(&c, "p", "d", Some(128 << 20), OURS, &[]).unwrap_err();
     assert_eq!(shrink.reason.as_str(), "InvalidSpec");
     assert!(
         shrink.message.contains("never shrunk"),
@@ -80,16 +82,27 @@ fn decides_create_grow_keep_and_refusals() {
         shrink.message
     );
     // A size that is no sector multiple is rounded up, so it compares stably.
-    let odd = decide(&create("1000"), "p", "d", None, false, &[]);
+    let odd = decide(&create("1000"), "p", "d", None, None, &[]);
     assert!(matches!(odd, Ok(VolumeStep::Create(v)) if v.capacity == 1024));
     assert_eq!(
-        decide(&create("1000"), "p", "d", Some(1024), true, &[]),
+        decide(&create("1000"), "p", "d", Some(1024), OURS, &[]),
         Ok(VolumeStep::Keep)
     );
     assert_eq!(
-        reason(decide(&create("lots"), "p", "d", None, false, &[])),
+        reason(decide(&create("lots"), "p", "d", None, None, &[])),
         "InvalidSpec"
     );
+    // This object created another volume: it cannot move to a new one (which would be
+    // created, and the first forgotten), whether the new name exists or not.
+    for existing in [None, Some(64 << 20)] {
+        let r = decide(&c, "p", "other", existing, OURS, &[]).unwrap_err();
+        assert_eq!(r.reason.as_str(), "FieldImmutable", "{}", r.message);
+    }
+    // Ours but gone (removed outside virtplane): made again.
+    assert!(matches!(
+        decide(&c, "p", "d", None, OURS, &[]),
+        Ok(VolumeStep::Create(_))
+    ));
 }
 
 #[test]
@@ -99,7 +112,7 @@ fn preallocation_and_overlay_rules() {
         preallocation: Some(Preallocation::Full),
         ..create("8Mi")
     };
-    let Ok(VolumeStep::Create(v)) = decide(&full, "p", "d", None, false, &[]) else {
+    let Ok(VolumeStep::Create(v)) = decide(&full, "p", "d", None, None, &[]) else {
         panic!()
     };
     assert_eq!((v.allocation, v.prealloc_metadata), (8 << 20, false));
@@ -108,14 +121,14 @@ fn preallocation_and_overlay_rules() {
         ..full.clone()
     };
     assert_eq!(
-        reason(decide(&meta_raw, "p", "d", None, false, &[])),
+        reason(decide(&meta_raw, "p", "d", None, None, &[])),
         "InvalidSpec"
     );
     let meta = VolumeCreate {
         format: None,
         ..meta_raw
     };
-    let Ok(VolumeStep::Create(v)) = decide(&meta, "p", "d", None, false, &[]) else {
+    let Ok(VolumeStep::Create(v)) = decide(&meta, "p", "d", None, None, &[]) else {
         panic!()
     };
     assert!(v.prealloc_metadata);
@@ -132,7 +145,7 @@ fn preallocation_and_overlay_rules() {
         path: "/g/base".into(),
         format: "qcow2".into(),
     }];
-    let Ok(VolumeStep::Create(v)) = decide(&overlay, "p", "o", None, false, &chain) else {
+    let Ok(VolumeStep::Create(v)) = decide(&overlay, "p", "o", None, None, &chain) else {
         panic!()
     };
     assert_eq!(v.backing.as_ref(), chain.first());
@@ -147,12 +160,12 @@ fn preallocation_and_overlay_rules() {
         },
     ] {
         assert_eq!(
-            reason(decide(&bad, "p", "o", None, false, &chain)),
+            reason(decide(&bad, "p", "o", None, None, &chain)),
             "InvalidSpec"
         );
     }
     assert_eq!(
-        reason(decide(&overlay, "g", "base", None, false, &chain)),
+        reason(decide(&overlay, "g", "base", None, None, &chain)),
         "InvalidSpec",
         "an overlay of itself"
     );
