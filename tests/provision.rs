@@ -603,3 +603,154 @@ async fn overlays_stay_inside_the_granted_pools() {
     assert!(!mine.path.join("chain.qcow2").exists());
     assert!(!config_xml(&dom.name).contains("qcow2"), "nothing attached");
 }
+
+/// A VMClone of a VM whose disk is an overlay copies the overlay and keeps the golden image
+/// shared: the copy is backed by the same golden image, which is never written.
+#[tokio::test]
+async fn a_clone_of_an_overlay_vm_keeps_the_golden_image_shared() {
+    use virtplane::api::{ClonePhase, VMClone};
+    let client = client().await;
+    install_crds(&client).await;
+    let ns = TestNamespace::new(&client, "vp-prov-clone").await;
+    let _op = Operator::start(&ns.name, &[]);
+    let golden = TestPool::create("vp-prov-cgold");
+    let pool = TestPool::create("vp-prov-cl");
+    let dom = TestDomain::define("vp-prov-cl");
+    let base = golden.path.join("base.qcow2");
+    let run = |args: &[&str]| {
+        let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&[
+        "qemu-img",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        base.to_str().unwrap(),
+        "16M",
+    ]);
+    run(&[
+        "qemu-io",
+        "-f",
+        "qcow2",
+        "-c",
+        "write -P 0x33 0 1M",
+        base.to_str().unwrap(),
+    ]);
+    virsh(&["pool-refresh", &golden.name]);
+    let sum = sha256(&base);
+    kubectl_apply(
+        &ns.name,
+        &manifest(
+            "ovl",
+            &dom.name,
+            &pool.name,
+            "ovl.qcow2",
+            json!({"capacity": "16Mi", "backingVolume": {"pool": golden.name, "name": "base.qcow2"}}),
+        ),
+    );
+    wait_ready(&client, &ns.name, "ovl").await;
+    let overlay = pool.path.join("ovl.qcow2");
+    run(&[
+        "qemu-io",
+        "-f",
+        "qcow2",
+        "-c",
+        "write -P 0x44 1M 1M",
+        overlay.to_str().unwrap(),
+    ]);
+
+    kubectl_apply(
+        &ns.name,
+        &format!(
+            "apiVersion: virtplane.io/v1alpha1\nkind: VMClone\nmetadata:\n  name: cl\nspec:\n  source: {}\n  storage:\n    strategy: Copy\n",
+            dom.name
+        ),
+    );
+    let done = wait_obj::<VMClone>(&client, &ns.name, "cl", "Completed or Failed", T, |o| {
+        matches!(
+            o.status.as_ref().and_then(|s| s.phase),
+            Some(ClonePhase::Completed | ClonePhase::Failed)
+        )
+    })
+    .await;
+    let st = done.status.clone().unwrap();
+    assert_eq!(st.phase, Some(ClonePhase::Completed), "{st:?}");
+    let _clone = TestDomain {
+        name: st.target_name.clone().unwrap(),
+    };
+    // The clone's disk: a copy of the overlay in the same pool, backed by the golden image.
+    let xml = config_xml(&st.target_name.unwrap());
+    let doc = roxmltree::Document::parse(&xml).unwrap();
+    let disk = doc
+        .descendants()
+        .filter(|n| n.has_tag_name("disk"))
+        .find(|d| {
+            d.children()
+                .any(|s| s.has_tag_name("source") && s.attribute("file").is_some())
+        })
+        .unwrap_or_else(|| panic!("{xml}"));
+    let copy = disk
+        .children()
+        .find(|n| n.has_tag_name("source"))
+        .and_then(|s| s.attribute("file"))
+        .map(std::path::PathBuf::from)
+        .unwrap();
+    assert_ne!(
+        std::fs::canonicalize(&copy).unwrap(),
+        std::fs::canonicalize(&overlay).unwrap()
+    );
+    let real_base = std::fs::canonicalize(&base).unwrap();
+    let info = img_info(&copy);
+    assert_eq!(
+        info["backing-filename"],
+        real_base.to_str().unwrap(),
+        "{info}"
+    );
+    let backing = disk
+        .children()
+        .find(|n| n.has_tag_name("backingStore"))
+        .and_then(|b| b.children().find(|n| n.has_tag_name("source")))
+        .and_then(|s| s.attribute("file"));
+    assert_eq!(backing, real_base.to_str(), "{xml}");
+    // The copy has the overlay's own data and reads the rest from the shared golden image.
+    let read = |img: &Path, pat: &str, off: &str| {
+        let out = Command::new("qemu-io")
+            .args([
+                "-U",
+                "-r",
+                "-f",
+                "qcow2",
+                "-c",
+                &format!("read -P {pat} {off} 1M"),
+            ])
+            .arg(img)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success() && !text.contains("Pattern verification failed"),
+            "{} at {off} is not {pat}: {text}",
+            img.display()
+        );
+    };
+    read(&copy, "0x33", "0");
+    read(&copy, "0x44", "1M");
+    // Written independently of the original overlay; the golden image is never written.
+    run(&[
+        "qemu-io",
+        "-f",
+        "qcow2",
+        "-c",
+        "write -P 0x55 0 1M",
+        copy.to_str().unwrap(),
+    ]);
+    read(&overlay, "0x33", "0");
+    read(&copy, "0x55", "0");
+    assert_eq!(sha256(&base), sum);
+}
