@@ -181,7 +181,7 @@ pub enum Bus {
 }
 
 /// What backs a disk or CD-ROM. At most one field may be set.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("maxProperties" = 1))]
 pub struct StorageSource {
@@ -201,7 +201,7 @@ pub struct StorageSource {
 }
 
 /// A libvirt storage volume.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct VolumeRef {
     /// Name of the storage pool.
@@ -210,6 +210,64 @@ pub struct VolumeRef {
     /// Name of the volume in the pool.
     #[schemars(length(min = 1, max = 255))]
     pub name: String,
+    /// Create the volume when it does not exist (a blank volume, or a qcow2 overlay of
+    /// `backingVolume`). The agent keeps a record on the node of the volumes it created; a
+    /// volume of this name that this object did not create is refused (`NameConflict`) and
+    /// left untouched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub create: Option<VolumeCreate>,
+}
+
+/// How to create a volume that does not exist yet.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeCreate {
+    /// Size the guest sees, as a Kubernetes quantity (`10Gi`, `512Mi`, `1G`). Raising it later
+    /// grows the volume, live when the guest runs (block resize); lowering it is refused.
+    pub capacity: k8s_openapi::apimachinery::pkg::api::resource::Quantity,
+    /// Image format of the new volume: `qcow2` (the default, and the only one for an overlay)
+    /// or `raw`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<DiskFormat>,
+    /// Space allocated up front: `off` (the default, thin), `metadata` (qcow2 metadata only)
+    /// or `full` (every byte allocated). Not allowed with `backingVolume`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preallocation: Option<Preallocation>,
+    /// Make the volume a qcow2 overlay whose backing store is this volume (a golden image).
+    /// Its pool must be granted, and its whole backing chain must lie in granted pools; it is
+    /// only ever read, and deleting the overlay never touches it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backing_volume: Option<BackingVolume>,
+    /// What deleting this object does to a volume it created: `Retain` (the default) keeps
+    /// it, `Delete` removes it once the device is detached. A volume this object did not
+    /// create is never removed.
+    #[serde(default)]
+    pub reclaim_policy: super::iso::ReclaimPolicy,
+}
+
+/// The backing store of an overlay: a volume of a storage pool on the node.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackingVolume {
+    /// Name of the storage pool (granted to the namespace).
+    #[schemars(length(min = 1, max = 255))]
+    pub pool: String,
+    /// Name of the volume in the pool.
+    #[schemars(length(min = 1, max = 255))]
+    pub name: String,
+}
+
+/// Space allocated when a volume is created.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Preallocation {
+    /// Thin: space is allocated as the guest writes.
+    #[default]
+    Off,
+    /// qcow2 metadata allocated up front (qcow2 only).
+    Metadata,
+    /// Every byte allocated up front.
+    Full,
 }
 
 /// Image format.

@@ -53,6 +53,8 @@ struct State {
     tasks: BTreeMap<String, String>,
     /// Volumes that are no files (block clone routes, see `fake_block`).
     block: Vec<super::block_clone::BlockVolume>,
+    /// Volumes' capacities (volumes created through `Provision`), by pool and name.
+    capacities: BTreeMap<(String, String), u64>,
 }
 
 /// In-memory libvirt.
@@ -582,6 +584,9 @@ mod tuning;
 
 #[path = "fake_block.rs"]
 mod block;
+
+#[path = "fake_provision.rs"]
+mod provision;
 
 #[cfg(test)]
 mod tests {

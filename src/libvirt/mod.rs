@@ -18,6 +18,7 @@ mod inventory;
 pub mod iscsi_direct;
 pub mod networks;
 pub mod nic;
+pub mod provision;
 mod real;
 pub mod tuning;
 pub mod volume;

@@ -13,6 +13,7 @@ use crate::agent::context::{Context, ReconcileError, object_name};
 use crate::agent::roots;
 use crate::api::{VMClone, VMCloneStatus};
 use crate::copy;
+use crate::image::chain as qcow2_chain;
 use crate::image::qcow2;
 use crate::libvirt::block_clone::BlockClones;
 use crate::libvirt::clones::Clones;
@@ -132,7 +133,9 @@ fn inspect_files(
             .ok()
             .filter(|real| obs.allowed.iter().any(|a| real.starts_with(a)))
             .and_then(|real| match qcow2::judge_file(&real) {
-                Ok(verdict) => verdict.refusal(),
+                // An overlay whose chain stays in the allowed directories is copied as an
+                // overlay: the copy keeps the shared base.
+                Ok(verdict) => qcow2_chain::refusal(&real, verdict, &chain_dirs(&obs)),
                 Err(e) => Some(format!("an image whose header cannot be read ({e})")),
             });
         obs.free
@@ -153,6 +156,21 @@ fn inspect_files(
         .flat_map(|d| files_in(d))
         .collect();
     obs
+}
+
+/// Where an overlay's backing chain may lie: the granted pools' directories, and in open mode
+/// the agent's allowed ones.
+fn chain_dirs(obs: &Observed) -> Vec<PathBuf> {
+    let pools = obs
+        .pool_dirs
+        .iter()
+        .filter(|(name, _)| obs.grants.pool(name))
+        .map(|(_, dir)| dir.clone());
+    if obs.grants.is_open() {
+        obs.allowed.iter().cloned().chain(pools).collect()
+    } else {
+        pools.collect()
+    }
 }
 
 fn available(dir: &Path) -> u64 {

@@ -3,6 +3,8 @@
 //!
 //! Every field has exactly one way of taking effect: I/O limits live and in the definition
 //! (libvirt's block I/O tuning call), the rest in the definition only, for the next boot.
+//! (`source.volume.create.capacity` is no device field: its growth is a live change, made on
+//! the volume before the plan, by block resize in a running guest; see `volume.rs`.)
 
 use serde::Serialize;
 

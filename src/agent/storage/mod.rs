@@ -12,6 +12,8 @@ mod plan;
 pub(super) mod reason;
 mod report;
 mod source;
+mod volume;
+mod volume_plan;
 
 use std::sync::Arc;
 
@@ -86,7 +88,12 @@ async fn pipeline(
     alias: &str,
     prev: &VirtualMachineStorageStatus,
 ) -> Result<Outcome, ReconcileError> {
-    let observed = observe::observe(obj, ctx).await?;
+    let mut observed = volume::observe(obj, ctx).await?;
+    match volume::ensure(obj, ctx, &observed, alias).await? {
+        volume::Ensured::Unchanged => {}
+        volume::Ensured::Changed => observed = volume::observe(obj, ctx).await?,
+        volume::Ensured::Refused(refusal) => return Ok(report::refused(prev, refusal)),
+    }
     let plan = match plan::plan(&obj.spec, prev, alias, &observed) {
         Ok(plan) => plan,
         Err(refusal) => return Ok(report::refused(prev, refusal)),
@@ -109,7 +116,7 @@ async fn cleanup(
         persistent: Some(false),
         ..prev.clone()
     };
-    device::finish_detach(
+    let done = device::finish_detach(
         api,
         obj,
         ctx,
@@ -121,5 +128,9 @@ async fn cleanup(
         &prev,
         pending,
     )
-    .await
+    .await?;
+    if matches!(done, finalizer::Cleanup::Done) {
+        volume::reclaim(obj, ctx).await?;
+    }
+    Ok(done)
 }

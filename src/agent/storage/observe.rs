@@ -34,6 +34,9 @@ pub struct Observed {
     pub pools: Vec<(String, PathBuf)>,
     /// The agent's `--allowed-path` directories, resolved (open mode only; read with `pools`).
     pub allowed_paths: Vec<PathBuf>,
+    /// The golden image of `source.volume.create.backingVolume` and its chain (read by
+    /// [`super::volume::observe_backing`]).
+    pub backing: Option<super::volume_plan::BackingFacts>,
 }
 
 impl Observed {
@@ -197,7 +200,7 @@ async fn look(
 
 /// Resolves symlinks and `..`, reads the file type, and the header of a file or block device
 /// inside the allowed directories (nothing outside them is opened).
-fn inspect_blocking(path: PathBuf, allowed: &[PathBuf]) -> PathFacts {
+pub(super) fn inspect_blocking(path: PathBuf, allowed: &[PathBuf]) -> PathFacts {
     if !path.is_absolute() {
         return PathFacts {
             requested: path,

@@ -6,13 +6,14 @@ use std::time::Duration;
 use super::fields::{self, Wanted};
 use super::observe::Observed;
 use super::reason::StorageReason;
-use super::source::{self, Resolved};
+use super::source::Resolved;
 use crate::agent::refusal::Refusal;
 use crate::api::{
     AttachMode, Bus, StorageType, VirtualMachineStorageSpec, VirtualMachineStorageStatus,
 };
 use crate::libvirt::domain::{self, DiskSpec};
 use crate::libvirt::facade::Affect;
+use crate::libvirt::provision::with_backing_chain;
 use crate::libvirt::tuning::{self, disk_fields};
 
 type Refused = Refusal<StorageReason>;
@@ -141,13 +142,7 @@ pub fn plan(
             Duration::from_secs(300),
         ));
     };
-    let resolved = source::resolve(
-        &observed.source,
-        &observed.usable_dirs(),
-        grants,
-        spec.format,
-        &observed.node,
-    )?;
+    let (resolved, chain) = super::volume_plan::resolve(spec, observed)?;
     let config_dev = view.config.disk(alias);
     let live_dev = view.live.as_ref().and_then(|l| l.disk(alias));
     let existing = config_dev.or(live_dev);
@@ -250,17 +245,23 @@ pub fn plan(
             .or_else(|| config_dev.and_then(|d| disk_fields(&d.xml).boot_order)),
         ..wanted.clone()
     };
-    let xml = device_xml(spec, resolved.as_ref(), &target, alias, &keep_order);
+    let xml = with_backing_chain(
+        &device_xml(spec, resolved.as_ref(), &target, alias, &keep_order),
+        &chain,
+    );
     // What the running guest is given: its device's next-boot fields as they are (a media
     // change may not touch them), and for a hot-plug no boot order (libvirt refuses one next
     // to an `<os><boot dev>` list, and it only matters at the next boot anyway).
     let live_fields = live_dev.map(|d| disk_fields(&d.xml));
-    let live_xml = device_xml(
-        spec,
-        resolved.as_ref(),
-        &target,
-        alias,
-        &fields::as_running(&wanted, live_fields.as_ref()),
+    let live_xml = with_backing_chain(
+        &device_xml(
+            spec,
+            resolved.as_ref(),
+            &target,
+            alias,
+            &fields::as_running(&wanted, live_fields.as_ref()),
+        ),
+        &chain,
     );
     let want_live = view.active && spec.attach == AttachMode::LiveAndPersistent;
     let want_config = view.persistent;

@@ -428,9 +428,17 @@ fn every_refusal_reason_has_its_case() {
         );
         seen.insert(reason);
     }
-    // Every reason but the ones only report gives (Attached, RestartRequired, AttachFailed).
+    // Every reason but the ones only report gives (Attached, RestartRequired, AttachFailed) and
+    // the ones of the volume step before the plan (volume_plan_tests, volume_tests).
     for r in StorageReason::ALL {
-        let by_report = matches!(r, R::Attached | R::RestartRequired | R::AttachFailed);
+        let by_report = matches!(
+            r,
+            R::Attached
+                | R::RestartRequired
+                | R::AttachFailed
+                | R::NameConflict
+                | R::ProvisionFailed
+        );
         assert_eq!(seen.contains(r), !by_report, "{}", r.as_str());
     }
 }

@@ -34,6 +34,10 @@ pub enum StorageReason {
     RestartRequired,
     /// libvirt refused the change.
     AttachFailed,
+    /// `create` names a volume that exists and that this object did not create.
+    NameConflict,
+    /// Creating or growing the volume of `create` failed.
+    ProvisionFailed,
 }
 
 impl Reason for StorageReason {
@@ -51,6 +55,8 @@ impl Reason for StorageReason {
         Self::DriftDetected,
         Self::RestartRequired,
         Self::AttachFailed,
+        Self::NameConflict,
+        Self::ProvisionFailed,
     ];
 
     fn as_str(self) -> &'static str {
@@ -68,6 +74,8 @@ impl Reason for StorageReason {
             Self::DriftDetected => "DriftDetected",
             Self::RestartRequired => "RestartRequired",
             Self::AttachFailed => "AttachFailed",
+            Self::NameConflict => "NameConflict",
+            Self::ProvisionFailed => "ProvisionFailed",
         }
     }
 

@@ -162,6 +162,19 @@ pub fn resolve(
     format: Option<DiskFormat>,
     node: &str,
 ) -> Result<Option<Resolved>, Refused> {
+    resolve_with(facts, allowed, grants, format, node, false)
+}
+
+/// [`resolve`]; with `backing_ok` a qcow2 image whose only finding is its backing file is
+/// accepted (the caller judged that chain: see `volume_plan::resolve`).
+pub fn resolve_with(
+    facts: &SourceFacts,
+    allowed: &[PathBuf],
+    grants: &Grants,
+    format: Option<DiskFormat>,
+    node: &str,
+    backing_ok: bool,
+) -> Result<Option<Resolved>, Refused> {
     let file = match facts {
         SourceFacts::None => return Ok(None),
         SourceFacts::Ambiguous => {
@@ -250,7 +263,7 @@ pub fn resolve(
             }
         }
     };
-    check_path(file, allowed, grants, format).map(Some)
+    check_path_with(file, allowed, grants, format, backing_ok).map(Some)
 }
 
 /// A volume of a pool whose volumes are block devices or no node path at all, as libvirt
@@ -286,11 +299,23 @@ fn pool_volume(
 /// file, an incompatible feature the agent does not know or a malformed header is
 /// `UnsafeImage`; a declared format the header contradicts is `InvalidSpec`. Outside the
 /// directories is `NotGranted` in namespaced mode, `PathNotAllowed` in open mode.
+#[cfg(test)]
 pub fn check_path(
     file: &PathFacts,
     allowed: &[PathBuf],
     grants: &Grants,
     format: Option<DiskFormat>,
+) -> Result<Resolved, Refused> {
+    check_path_with(file, allowed, grants, format, false)
+}
+
+/// [`check_path`], accepting a backing file when `backing_ok` (see [`resolve_with`]).
+fn check_path_with(
+    file: &PathFacts,
+    allowed: &[PathBuf],
+    grants: &Grants,
+    format: Option<DiskFormat>,
+    backing_ok: bool,
 ) -> Result<Resolved, Refused> {
     let path = &file.requested;
     let inside = |p: &Path| allowed.iter().any(|a| p.starts_with(a));
@@ -332,7 +357,15 @@ pub fn check_path(
     // Decided from the header, never left to QEMU's probing; what could make QEMU open
     // another file is refused, whatever format is declared.
     let verdict = qcow2::judge(header.as_deref().unwrap_or_default());
-    if let Some(why) = verdict.refusal() {
+    let refusal = match &verdict {
+        qcow2::Verdict::Unsafe(found)
+            if backing_ok && found.as_slice() == [qcow2::Finding::BackingFile] =>
+        {
+            None
+        }
+        other => other.refusal(),
+    };
+    if let Some(why) = refusal {
         return Err(Refusal::fix(
             StorageReason::UnsafeImage,
             format!(
