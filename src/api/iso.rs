@@ -244,6 +244,12 @@ pub struct IsoDownloadStatus {
     /// (none of these).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub format: Option<String>,
+    /// The compression the file was served with, found by its magic bytes (not its name):
+    /// `xz`, `gzip` or `zstd`. Such a file is decompressed while it downloads and stored
+    /// decompressed; `format` is then the decompressed image's, and `spec.checksum` applies to
+    /// the compressed bytes as served. Unset for a file served uncompressed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression: Option<String>,
     /// Number of attempts so far. A transient failure (connection, timeout, HTTP 5xx, FTP 4xx)
     /// is retried after 5 s, doubling up to 5 min (back to 5 s after an attempt that received
     /// data); the Ready message says when the next attempt starts.

@@ -13,6 +13,7 @@ use tokio::task::JoinHandle;
 
 use super::DownloadError;
 use super::checksum::Hasher;
+use super::decompress::{Active, Decode};
 use super::state::{Sidecar, save_sidecar};
 
 /// What the writer starts from.
@@ -28,6 +29,9 @@ pub(crate) struct SinkStart {
     pub sidecar: Option<(PathBuf, Sidecar)>,
     /// The digest so far (already fed the first `start` bytes when resuming).
     pub hasher: Option<Hasher>,
+    /// Decompression, for a disk image: pending for a fresh start, rebuilt from the first
+    /// `start` bytes when resuming (see the `decompress` module).
+    pub decode: Option<Decode>,
 }
 
 /// What the writer ends with.
@@ -38,6 +42,11 @@ pub(crate) struct SinkDone {
     pub len: u64,
     /// The digest of the whole file, when one was asked for.
     pub digest: Option<String>,
+    /// The decoder, when the data is compressed; finished by the caller once the whole
+    /// file arrived.
+    pub decode: Option<Box<Active>>,
+    /// Why decoding stopped, when it failed (the data is then to be deleted).
+    pub failure: Option<DownloadError>,
 }
 
 /// The network task's end of the writer.
@@ -107,6 +116,7 @@ fn run(
         start,
         sidecar,
         mut hasher,
+        mut decode,
     } = start;
     let io = |action| {
         let path = path.clone();
@@ -121,6 +131,7 @@ fn run(
     file.seek(SeekFrom::Start(start)).map_err(io("seek"))?;
     let mut len = start;
     let mut result = Ok(());
+    let mut failure = None;
     while let Some(mut buf) = rx.blocking_recv() {
         if let Some(h) = hasher.as_mut() {
             h.update(&buf);
@@ -130,15 +141,28 @@ fn run(
             break;
         }
         len += buf.len() as u64;
+        if let Some(Err(e)) = decode.as_mut().map(|d| d.feed(&buf)) {
+            // Stop receiving: the data is to be deleted.
+            failure = Some(e);
+            break;
+        }
         buf.clear();
         // The network task may be gone; then the buffer is simply freed.
         let _ = recycle.send(buf);
     }
     result.map_err(io("write"))?;
     file.sync_data().map_err(io("sync"))?;
+    if failure.is_none()
+        && let Some(Err(e)) = decode.as_mut().map(Decode::decide)
+    {
+        // A body shorter than the magic bytes.
+        failure = Some(e);
+    }
     Ok(SinkDone {
         file,
         len,
         digest: hasher.map(Hasher::finish_hex),
+        decode: decode.and_then(Decode::active),
+        failure,
     })
 }
