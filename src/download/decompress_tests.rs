@@ -283,3 +283,23 @@ fn a_full_pool_is_insufficient_space() {
     assert!(matches!(e, DownloadError::InsufficientSpace { .. }), "{e}");
     assert_eq!(e.reason(), "InsufficientSpace");
 }
+
+#[test]
+fn dropping_a_decoder_mid_stream_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = data(2_000_000);
+    for c in ALL {
+        let packed = compress(c, &raw);
+        let cfg = config(dir.path(), None);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let half = packed[..packed.len() / 2].to_vec();
+        std::thread::spawn(move || {
+            let mut d = Decode::Pending(cfg, Vec::new());
+            d.feed(&half).unwrap();
+            drop(d.active());
+            tx.send(()).unwrap();
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(20))
+            .unwrap_or_else(|_| panic!("{c}: dropping a decoder mid-stream hangs"));
+    }
+}
