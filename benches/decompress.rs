@@ -120,7 +120,7 @@ async fn ours(url: &str, dir: &Path) -> Duration {
 
 fn curl_xz(url: &str, out: &Path) -> Duration {
     let start = Instant::now();
-    let status = Command::new("sh")
+    let status = Command::new("bash")
         .arg("-c")
         .arg(format!(
             "set -o pipefail; curl -sf '{url}' | xz -d > '{}'",
@@ -128,7 +128,7 @@ fn curl_xz(url: &str, out: &Path) -> Duration {
         ))
         .stdout(Stdio::null())
         .status()
-        .expect("sh, curl and xz must be installed");
+        .expect("bash, curl and xz must be installed");
     let elapsed = start.elapsed();
     assert!(status.success(), "curl | xz -d failed: {status}");
     assert_eq!(std::fs::metadata(out).unwrap().len(), SIZE);
