@@ -49,7 +49,10 @@ pub const VOLUME_NAME_PATTERN: &str = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,239}$";
 pub struct IsoDownloadSpec {
     /// URL to fetch: `http`, `https`, `ftp` or `ftps` (explicit TLS). A URL that does not
     /// parse fails with reason `InvalidURL`. Immutable once the download started (a change
-    /// fails it with reason `SpecChanged`).
+    /// fails it with reason `SpecChanged`). A file served compressed with xz, gzip or zstd
+    /// (found by its magic bytes, not its name) is decompressed while it downloads and
+    /// stored decompressed (`status.compression`); a corrupt or truncated one fails with
+    /// reason `CorruptImage`, a qcow2 image with a backing or data file with `UnsafeImage`.
     #[schemars(pattern(URL_PATTERN), length(max = 4096))]
     pub url: String,
     /// Name of the volume to create: ASCII letters, digits, `.`, `_` and `-`, no leading dot,
@@ -87,8 +90,9 @@ pub struct IsoDownloadSpec {
     #[serde(default)]
     pub reclaim_policy: ReclaimPolicy,
     /// The largest file accepted, in bytes: a larger announced length, or more data, fails
-    /// the download with reason `TooLarge` and deletes the partial data. Capped by the node's
-    /// limit (the agent's `--download-max-bytes`), which applies when this is unset.
+    /// the download with reason `TooLarge` and deletes the partial data. For a compressed
+    /// file it bounds the decompressed size too. Capped by the node's limit (the agent's
+    /// `--download-max-bytes`), which applies when this is unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub max_bytes: Option<u64>,
@@ -241,9 +245,15 @@ pub struct IsoDownloadStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checksum_verified: Option<bool>,
     /// The format the completed file's magic bytes show: `iso9660`, `udf`, `qcow2` or `raw`
-    /// (none of these).
+    /// (none of these); for a file served compressed, that of the decompressed image.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub format: Option<String>,
+    /// The compression the file was served with, found by its magic bytes (not its name):
+    /// `xz`, `gzip` or `zstd`. Such a file is decompressed while it downloads and stored
+    /// decompressed; `format` is then the decompressed image's, and `spec.checksum` applies to
+    /// the compressed bytes as served. Unset for a file served uncompressed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression: Option<String>,
     /// Number of attempts so far. A transient failure (connection, timeout, HTTP 5xx, FTP 4xx)
     /// is retried after 5 s, doubling up to 5 min (back to 5 s after an attempt that received
     /// data); the Ready message says when the next attempt starts.

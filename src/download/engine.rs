@@ -1,20 +1,22 @@
 //! One download: preparing the partial file, an attempt, the retry loop and finalizing.
 
-use std::fs::File;
 use std::time::Instant;
 
 use reqwest::Url;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+mod finish;
+
 use super::checksum::Hasher;
+use super::decompress::{self, Compression, DecodeConfig};
 use super::ftp::{FtpBody, FtpSource};
 use super::http::{HttpBody, HttpSource};
 use super::limits::Limits;
 use super::names::Paths;
 use super::progress::{PUBLISH_EVERY, Reporter};
-use super::sink::{Sink, SinkDone, SinkStart};
-use super::state::{self, DONE_VERSION, DoneRecord, SIDECAR_VERSION, Sidecar};
+use super::sink::{Sink, SinkStart};
+use super::state::{self, SIDECAR_VERSION, Sidecar};
 use super::{
     ChecksumAlgorithm, DownloadError, DownloadOptions, DownloadRequest, Outcome, Phase, Progress,
     RemoteInfo, RestartReason, blocking,
@@ -118,6 +120,8 @@ pub(crate) struct Job<'a> {
     checksum: Option<(ChecksumAlgorithm, String)>,
     owner: Option<String>,
     allow_markup: bool,
+    /// Decompression and image checks ([`DownloadRequest::disk_image`]).
+    decode: Option<DecodeConfig>,
     source: Source,
 }
 
@@ -127,6 +131,18 @@ struct Stats {
     transferred: u64,
     since_restart: u64,
     restarts: Vec<RestartReason>,
+}
+
+/// A successful attempt.
+struct Attempted {
+    /// The stored file's length (decompressed).
+    bytes: u64,
+    /// The length as served.
+    received: u64,
+    /// Whether a checksum was verified.
+    verified: bool,
+    /// The compression it was served with.
+    compression: Option<Compression>,
 }
 
 /// How the streaming loop ended.
@@ -160,7 +176,14 @@ impl<'a> Job<'a> {
                 });
             }
         };
+        let decode = request.disk_image.then(|| DecodeConfig {
+            out: paths.decoded.clone(),
+            url: display.clone(),
+            max_bytes: options.max_bytes,
+            min_free_bytes: options.min_free_bytes,
+        });
         Ok(Self {
+            decode,
             options,
             expected_size: request.expected_size,
             display,
@@ -205,15 +228,16 @@ impl<'a> Job<'a> {
             reporter.start_attempt(attempt);
             let before = stats.transferred;
             let error = match self.attempt(cancel, &mut reporter, &mut stats).await {
-                Ok((bytes, checksum_verified)) => {
+                Ok(done) => {
                     return Ok(Outcome {
                         path: self.paths.target.clone(),
-                        bytes,
+                        bytes: done.bytes,
                         transferred: stats.transferred,
-                        reused: bytes.saturating_sub(stats.since_restart),
+                        reused: done.received.saturating_sub(stats.since_restart),
                         attempts: attempt,
                         restarts: stats.restarts,
-                        checksum_verified,
+                        checksum_verified: done.verified,
+                        compression: done.compression,
                     });
                 }
                 Err(e) => e,
@@ -248,13 +272,13 @@ impl<'a> Job<'a> {
         }
     }
 
-    /// One attempt; returns the file's length and whether a checksum was verified.
+    /// One attempt.
     async fn attempt(
         &self,
         cancel: &CancellationToken,
         reporter: &mut Reporter<'_>,
         stats: &mut Stats,
-    ) -> Result<(u64, bool), DownloadError> {
+    ) -> Result<Attempted, DownloadError> {
         // Lock the partial file and see what it holds.
         let paths = self.paths.clone();
         let display = self.display.clone();
@@ -311,6 +335,17 @@ impl<'a> Job<'a> {
             } else {
                 hasher = Some(h);
             }
+        }
+
+        // Resuming a compressed file: its decoder is rebuilt from the kept bytes.
+        let (mut file, mut resumed) = (file, None);
+        if let (Some(config), true) = (&self.decode, offset > 0) {
+            let (f, decode) = self.rebuild(config, file, offset, cancel).await?;
+            let Some(decode) = decode else {
+                return Err(self.cancelled(len));
+            };
+            reporter.phase(Phase::Connecting);
+            (file, resumed) = (f, Some(decode));
         }
 
         let opened = tokio::select! {
@@ -382,6 +417,13 @@ impl<'a> Job<'a> {
                     (self.paths.sidecar.clone(), sidecar)
                 }),
                 hasher,
+                decode: match (start, resumed) {
+                    (0, _) => self
+                        .decode
+                        .clone()
+                        .map(|c| decompress::Decode::Pending(c, Vec::new())),
+                    (_, resumed) => resumed,
+                },
             },
             self.options.buffer_size,
         );
@@ -409,7 +451,11 @@ impl<'a> Job<'a> {
         };
         stats.transferred += received;
         stats.since_restart += received;
-        let done = sink.finish().await?;
+        let mut done = sink.finish().await?;
+        if let Some(e) = done.failure.take() {
+            self.discard_held(done.file).await?;
+            return Err(e);
+        }
 
         match stop {
             Stop::Cancelled => return Err(self.cancelled(done.len)),
@@ -448,34 +494,24 @@ impl<'a> Job<'a> {
             self.discard_held(done.file).await?;
             return Err(e);
         }
-        let bytes = done.len;
-        self.finalize(done.file, bytes).await?;
+        let received = done.len;
+        let decoded = match self.decoded(&mut done).await? {
+            Ok(decoded) => decoded,
+            Err(e) => {
+                self.discard_held(done.file).await?;
+                return Err(e);
+            }
+        };
+        let bytes = decoded.as_ref().map_or(received, |d| d.len);
+        let compression = decoded.as_ref().map(|d| d.compression);
+        self.finalize(done.file, bytes, decoded).await?;
         reporter.phase(Phase::Completed);
-        Ok((bytes, self.checksum.is_some()))
-    }
-
-    /// Compares the digest; the outer error is an internal inconsistency, the inner one the
-    /// mismatch.
-    fn verify(&self, done: &SinkDone) -> Result<Result<(), DownloadError>, DownloadError> {
-        let Some((algorithm, expected)) = &self.checksum else {
-            return Ok(Ok(()));
-        };
-        let Some(actual) = &done.digest else {
-            return Err(DownloadError::Protocol {
-                url: self.display.clone(),
-                detail: "no digest was computed".into(),
-            });
-        };
-        if actual == expected {
-            Ok(Ok(()))
-        } else {
-            Ok(Err(DownloadError::ChecksumMismatch {
-                url: self.display.clone(),
-                algorithm: *algorithm,
-                expected: expected.clone(),
-                actual: actual.clone(),
-            }))
-        }
+        Ok(Attempted {
+            bytes,
+            received,
+            verified: self.checksum.is_some(),
+            compression,
+        })
     }
 
     /// Receives into buffers handed to the writer until the body ends, an error, a stall
@@ -561,55 +597,5 @@ impl<'a> Job<'a> {
         // Whatever arrived is valid data: keep it, whatever the reason for stopping.
         sink.write(buf).await;
         (stop, received)
-    }
-
-    /// Deletes the partial file (whose lock we hold) and its sidecar.
-    async fn discard_held(&self, file: File) -> Result<(), DownloadError> {
-        let paths = self.paths.clone();
-        blocking(move || {
-            state::remove_if_exists(&paths.partial)?;
-            state::remove_if_exists(&paths.sidecar)?;
-            drop(file);
-            if let Some(dir) = paths.partial.parent() {
-                state::sync_dir(dir)?;
-            }
-            Ok(())
-        })
-        .await
-    }
-
-    /// Renames the synced partial file to its final name and removes the sidecar; with an
-    /// owner, records the finished download first (see [`super::finished`]).
-    async fn finalize(&self, file: File, bytes: u64) -> Result<(), DownloadError> {
-        let paths = self.paths.clone();
-        let done = self.owner.clone().map(|owner| DoneRecord {
-            version: DONE_VERSION,
-            owner,
-            url: self.display.clone(),
-            bytes,
-            digest: self
-                .checksum
-                .as_ref()
-                .map(|(alg, hex)| format!("{alg}:{hex}")),
-        });
-        blocking(move || {
-            if paths.target.exists() {
-                return Err(DownloadError::NameConflict {
-                    path: paths.target.clone(),
-                });
-            }
-            if let Some(done) = &done {
-                state::save_done(&paths.done, done)?;
-            }
-            std::fs::rename(&paths.partial, &paths.target)
-                .map_err(|e| DownloadError::io("rename", &paths.partial, e))?;
-            drop(file);
-            state::remove_if_exists(&paths.sidecar)?;
-            if let Some(dir) = paths.target.parent() {
-                state::sync_dir(dir)?;
-            }
-            Ok(())
-        })
-        .await
     }
 }

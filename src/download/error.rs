@@ -172,6 +172,40 @@ pub enum DownloadError {
         /// The limit.
         limit: u64,
     },
+    /// The compressed data (xz, gzip or zstd) does not decode: corrupt, or it ends before
+    /// its end marker. The downloaded data was deleted.
+    #[error(
+        "failed to decompress {url} ({compression}): {detail}; the downloaded data was deleted"
+    )]
+    CorruptImage {
+        /// The URL (without credentials).
+        url: String,
+        /// `xz`, `gzip` or `zstd`.
+        compression: &'static str,
+        /// What the decoder said.
+        detail: String,
+    },
+    /// The image is a qcow2 image the agent refuses (a backing file, an external data file,
+    /// unknown incompatible features, encryption, a malformed header): QEMU would open files
+    /// the image names. The downloaded data was deleted.
+    #[error("failed to accept {url}: it is {detail}; the downloaded data was deleted")]
+    UnsafeImage {
+        /// The URL (without credentials).
+        url: String,
+        /// What was found ("a qcow2 image with a backing file …").
+        detail: String,
+    },
+    /// Writing the decompressed image would leave less than the pool's free-space floor.
+    /// The downloaded data was deleted.
+    #[error(
+        "failed to decompress {url}: the decompressed image would leave less than {floor} bytes free in the pool; the downloaded data was deleted"
+    )]
+    InsufficientSpace {
+        /// The URL (without credentials).
+        url: String,
+        /// The bytes the pool keeps free (with those reserved by other downloads).
+        floor: u64,
+    },
     /// The server answered with an HTML or XML document (an error or login page), not the
     /// file. Any partial data was deleted.
     #[error(
@@ -289,6 +323,9 @@ impl DownloadError {
             Self::Timeout { .. } | Self::TooSlow { .. } => "Timeout",
             Self::TooLarge { .. } => "TooLarge",
             Self::ErrorPage { .. } => "ErrorPage",
+            Self::CorruptImage { .. } => "CorruptImage",
+            Self::InsufficientSpace { .. } => "InsufficientSpace",
+            Self::UnsafeImage { .. } => "UnsafeImage",
             Self::Interrupted { .. } => "TransferInterrupted",
             Self::InsufficientSpace { .. } => "InsufficientSpace",
             Self::HttpStatus { .. } => "ServerError",

@@ -27,6 +27,7 @@
 //! [`DownloadError::Busy`].
 
 mod checksum;
+mod decompress;
 mod deny;
 mod engine;
 mod error;
@@ -48,6 +49,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 pub use checksum::{Checksum, ChecksumAlgorithm};
+pub use decompress::Compression;
 pub use deny::{Cidr, DEFAULT_DENY, default_deny, parse_cidr};
 pub use error::{BoxError, DownloadError};
 pub use names::{MAX_NAME_LEN, Paths, default_name, validate_name};
@@ -91,6 +93,13 @@ pub struct DownloadRequest {
     /// Accept a response that is an HTML or XML document (by `Content-Type` or by its first
     /// bytes). Without it such a response fails with [`DownloadError::ErrorPage`].
     pub allow_markup: bool,
+    /// Treat the file as a disk image: data compressed with xz, gzip or zstd (found by its
+    /// magic bytes, not its name) is decompressed while it streams in and stored
+    /// decompressed (see the `decompress` module; the checksum and
+    /// [`DownloadRequest::expected_size`] still apply to the bytes as served), and a qcow2
+    /// image the agent refuses ([`crate::image::qcow2::judge`]) fails with
+    /// [`DownloadError::UnsafeImage`].
+    pub disk_image: bool,
 }
 
 /// A user name and password.
@@ -150,9 +159,10 @@ pub struct DownloadOptions {
     pub min_rate: Option<MinRate>,
     /// The longest one attempt may transfer before it fails with [`DownloadError::TooSlow`].
     pub deadline: Option<Duration>,
-    /// Bytes the destination's filesystem keeps free: checked while the data is written
-    /// (every [`limits::FLOOR_EVERY`] bytes), a transfer that would go below stops with
-    /// [`DownloadError::InsufficientSpace`], the data written so far kept.
+    /// Bytes the destination's file system keeps free: checked while the data is written
+    /// (every [`limits::FLOOR_EVERY`] bytes) and while a compressed file is decompressed into it
+    /// (its decompressed size is not known beforehand); a transfer that would go below stops
+    /// with [`DownloadError::InsufficientSpace`].
     pub min_free_bytes: Option<u64>,
 }
 
@@ -260,6 +270,8 @@ pub struct Outcome {
     pub restarts: Vec<RestartReason>,
     /// Whether a checksum was given and verified.
     pub checksum_verified: bool,
+    /// The compression the file was served with; it was stored decompressed.
+    pub compression: Option<Compression>,
 }
 
 impl Outcome {
@@ -283,6 +295,8 @@ pub struct Finished {
     pub checksum_verified: bool,
     /// The format its magic bytes show ([`crate::image::sniff::Format`]), when it was read.
     pub format: Option<crate::image::sniff::Format>,
+    /// The compression it was served with ([`Outcome::compression`]).
+    pub compression: Option<Compression>,
 }
 
 /// Whether the final file of `request` exists because a download with the same owner, URL
@@ -311,6 +325,7 @@ pub async fn finished(request: &DownloadRequest) -> Result<Option<Finished>, Dow
                 path: paths.target,
                 bytes: done.bytes,
                 checksum_verified: done.digest.is_some(),
+                compression: done.compression,
             })),
             Ok(_) => Ok(None),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),

@@ -80,6 +80,8 @@ pub struct Paths {
     pub partial: PathBuf,
     /// The resume state, `dir/.name.part.json`.
     pub sidecar: PathBuf,
+    /// The decompressed data of a compressed source, `dir/.name.part.out`.
+    pub decoded: PathBuf,
     /// The record of a finished download of a request with an owner, `dir/.name.done.json`.
     pub done: PathBuf,
 }
@@ -92,6 +94,7 @@ impl Paths {
             target: dir.join(name),
             partial: dir.join(format!(".{name}.part")),
             sidecar: dir.join(format!(".{name}.part.json")),
+            decoded: dir.join(format!(".{name}.part.out")),
             done: dir.join(format!(".{name}.done.json")),
         })
     }

@@ -13,6 +13,7 @@ use tokio::task::JoinHandle;
 
 use super::DownloadError;
 use super::checksum::Hasher;
+use super::decompress::{Active, Decode};
 use super::limits::Floor;
 use super::state::{Sidecar, save_sidecar};
 
@@ -31,6 +32,9 @@ pub(crate) struct SinkStart {
     pub hasher: Option<Hasher>,
     /// The free space the file's filesystem keeps, checked as data is written.
     pub floor: Option<Floor>,
+    /// Decompression, for a disk image: pending for a fresh start, rebuilt from the first
+    /// `start` bytes when resuming (see the `decompress` module).
+    pub decode: Option<Decode>,
 }
 
 /// What the writer ends with.
@@ -41,6 +45,11 @@ pub(crate) struct SinkDone {
     pub len: u64,
     /// The digest of the whole file, when one was asked for.
     pub digest: Option<String>,
+    /// The decoder, when the data is compressed; finished by the caller once the whole
+    /// file arrived.
+    pub decode: Option<Box<Active>>,
+    /// Why decoding stopped, when it failed (the data is then to be deleted).
+    pub failure: Option<DownloadError>,
 }
 
 /// The network task's end of the writer.
@@ -111,6 +120,7 @@ fn run(
         sidecar,
         mut hasher,
         mut floor,
+        mut decode,
     } = start;
     let io = |action| {
         let path = path.clone();
@@ -125,6 +135,7 @@ fn run(
     file.seek(SeekFrom::Start(start)).map_err(io("seek"))?;
     let mut len = start;
     let mut result = Ok(());
+    let mut failure = None;
     while let Some(mut buf) = rx.blocking_recv() {
         // Before writing more: a filesystem at its floor stops the download, data kept.
         if let Some(f) = floor.as_mut()
@@ -140,15 +151,28 @@ fn run(
             break;
         }
         len += buf.len() as u64;
+        if let Some(Err(e)) = decode.as_mut().map(|d| d.feed(&buf)) {
+            // Stop receiving: the data is to be deleted.
+            failure = Some(e);
+            break;
+        }
         buf.clear();
         // The network task may be gone; then the buffer is simply freed.
         let _ = recycle.send(buf);
     }
     result.map_err(io("write"))?;
     file.sync_data().map_err(io("sync"))?;
+    if failure.is_none()
+        && let Some(Err(e)) = decode.as_mut().map(Decode::decide)
+    {
+        // A body shorter than the magic bytes.
+        failure = Some(e);
+    }
     Ok(SinkDone {
         file,
         len,
         digest: hasher.map(Hasher::finish_hex),
+        decode: decode.and_then(Decode::active),
+        failure,
     })
 }

@@ -82,6 +82,9 @@ pub(crate) struct DoneRecord {
     pub bytes: u64,
     /// The verified digest, as `algorithm:hex`, when a checksum was given.
     pub digest: Option<String>,
+    /// The compression the file was served with (it is stored decompressed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression: Option<super::Compression>,
 }
 
 pub(crate) const DONE_VERSION: u32 = 1;
@@ -160,6 +163,7 @@ pub(crate) fn discard(paths: &Paths) -> Result<(), DownloadError> {
         Err(e) if e.kind() == ErrorKind::NotFound => {}
         Err(e) => return Err(DownloadError::io("open", &paths.partial, e)),
     }
+    remove_if_exists(&paths.decoded)?;
     remove_if_exists(&paths.sidecar)
 }
 
@@ -264,6 +268,9 @@ mod tests {
         discard(&paths).unwrap();
         assert!(!paths.partial.exists());
         assert!(!paths.sidecar.exists());
+        std::fs::write(&paths.decoded, b"x").unwrap();
+        discard(&paths).unwrap();
+        assert!(!paths.decoded.exists(), "the decoded data goes too");
         discard(&paths).unwrap();
     }
 }

@@ -66,6 +66,7 @@ async fn completion_refreshes_the_pool_even_when_that_fails() {
         volume: volume(dir.path()),
         finished: download::Finished {
             format: None,
+            compression: None,
             path: dir.path().join("a.iso"),
             bytes: 3,
             checksum_verified: false,

@@ -333,6 +333,7 @@ pub fn own_request(
         }),
         owner,
         allow_markup: spec.allow_markup,
+        disk_image: true,
         ..DownloadRequest::default()
     }
 }

@@ -148,6 +148,18 @@ pub fn failure(e: &DownloadError) -> IsoRefusal {
             "{e}. Raise spec.maxBytes if the file is expected to be this large (the node's \
              --download-max-bytes caps it)."
         ),
+        DownloadError::CorruptImage { .. } => format!(
+            "{e}. Check the file on the server (a compressed image that is cut short or \
+             damaged); spec.checksum catches a damaged copy before it is decompressed."
+        ),
+        DownloadError::InsufficientSpace { .. } => format!(
+            "{e}. Free space in the pool or choose another pool (the node's \
+             --download-min-free-bytes is kept free)."
+        ),
+        DownloadError::UnsafeImage { .. } => format!(
+            "{e}. Download a standalone image (qemu-img convert -O qcow2 flattens one), or \
+             make an overlay with a VirtualMachineStorage instead."
+        ),
         DownloadError::ErrorPage { .. } => format!(
             "{e}. Check that the URL still points at the file (an expired or moved link serves \
              a page); set spec.allowMarkup only if the file really is such a document."
@@ -308,6 +320,18 @@ impl Task {
             }
         };
         request.expected_size = info.total_bytes;
+        // Decompressing a disk image writes more than the reserved bytes: it keeps the floor
+        // and what the other downloads in flight reserved free.
+        let uid = input.owner.clone().unwrap_or_default();
+        let options = download::DownloadOptions {
+            min_free_bytes: Some(
+                input
+                    .settings
+                    .min_free_bytes
+                    .saturating_add(input.space.others(&place.dir, &uid)),
+            ),
+            ..options
+        };
         let kept = self.kept().await;
         self.progress.phase = JobPhase::Downloading;
         self.progress.total_bytes = info.total_bytes;
@@ -380,6 +404,7 @@ impl Task {
                 path: outcome.path.clone(),
                 bytes: outcome.bytes,
                 checksum_verified: outcome.checksum_verified,
+                compression: outcome.compression,
             },
             note,
         })

@@ -70,6 +70,7 @@ fn seen(job: JobState, files: Option<Files>) -> Observed {
 fn finished() -> download::Finished {
     download::Finished {
         format: None,
+        compression: None,
         path: PathBuf::from("/pools/p/a.iso"),
         bytes: 10,
         checksum_verified: true,

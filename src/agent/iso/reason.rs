@@ -75,6 +75,10 @@ pub enum IsoReason {
     ErrorPage,
     /// A plain-HTTP or plain-FTP password, or a Secret not opted in for this host.
     CredentialsNotAllowed,
+    /// The compressed file does not decompress (corrupt or truncated).
+    CorruptImage,
+    /// The downloaded qcow2 image has a backing file, a data file or features refused.
+    UnsafeImage,
 }
 
 impl refusal::Reason for IsoReason {
@@ -113,6 +117,8 @@ impl refusal::Reason for IsoReason {
         Self::TooLarge,
         Self::ErrorPage,
         Self::CredentialsNotAllowed,
+        Self::CorruptImage,
+        Self::UnsafeImage,
     ];
 
     fn as_str(self) -> &'static str {
@@ -151,6 +157,8 @@ impl refusal::Reason for IsoReason {
             Self::TooLarge => "TooLarge",
             Self::ErrorPage => "ErrorPage",
             Self::CredentialsNotAllowed => "CredentialsNotAllowed",
+            Self::CorruptImage => "CorruptImage",
+            Self::UnsafeImage => "UnsafeImage",
         }
     }
 
@@ -188,6 +196,9 @@ impl IsoReason {
             DownloadError::Timeout { .. } | DownloadError::TooSlow { .. } => Self::Timeout,
             DownloadError::TooLarge { .. } => Self::TooLarge,
             DownloadError::ErrorPage { .. } => Self::ErrorPage,
+            DownloadError::CorruptImage { .. } => Self::CorruptImage,
+            DownloadError::InsufficientSpace { .. } => Self::InsufficientSpace,
+            DownloadError::UnsafeImage { .. } => Self::UnsafeImage,
             DownloadError::Interrupted { .. } => Self::TransferInterrupted,
             DownloadError::InsufficientSpace { .. } => Self::InsufficientSpace,
             DownloadError::HttpStatus { .. } | DownloadError::FtpReply { .. } => Self::ServerError,

@@ -275,13 +275,18 @@ pub fn report(obj: &IsoDownload, node: &str, outcome: &Outcome, now: Timestamp) 
                 bytes_per_second: None,
                 checksum_verified: Some(finished.checksum_verified),
                 format: finished.format.map(|f| f.as_str().to_string()),
+                compression: finished.compression.map(|c| c.as_str().to_string()),
                 completion_time: Some(Time(now)),
                 volume: Some(volume.clone()),
                 attempts: attempts.or(prev.attempts),
                 ..prev
             };
+            let unpacked = finished
+                .compression
+                .map(|c| format!(", decompressed from {c}"))
+                .unwrap_or_default();
             let mut done = format!(
-                "{} bytes are in pool {} as volume {}.",
+                "{} bytes are in pool {} as volume {}{unpacked}.",
                 finished.bytes, volume.pool, volume.name
             );
             if let Some(note) = note {

@@ -283,7 +283,8 @@ fn completion_is_ready_and_clears_the_record_after_the_write() {
             path: PathBuf::from("/p/a.iso"),
             bytes: 200,
             checksum_verified: true,
-            format: Some(crate::image::sniff::Format::Iso9660),
+            format: Some(crate::image::sniff::Format::Qcow2),
+            compression: Some(download::Compression::Xz),
         },
         note: Some("Downloaded from the beginning again because x.".into()),
         attempts: Some(3),
@@ -298,7 +299,7 @@ fn completion_is_ready_and_clears_the_record_after_the_write() {
     let w = r.write.as_ref().unwrap();
     assert_eq!(
         w.ready.message,
-        "200 bytes are in pool p as volume a.iso. Downloaded from the beginning again because x."
+        "200 bytes are in pool p as volume a.iso, decompressed from xz. Downloaded from the beginning again because x."
     );
     let st = &w.status;
     assert_eq!(
@@ -316,7 +317,8 @@ fn completion_is_ready_and_clears_the_record_after_the_write() {
         )
     );
     assert_eq!((st.checksum_verified, st.attempts), (Some(true), Some(3)));
-    assert_eq!(st.format.as_deref(), Some("iso9660"));
+    assert_eq!(st.format.as_deref(), Some("qcow2"));
+    assert_eq!(st.compression.as_deref(), Some("xz"));
     assert_eq!(st.completion_time, Some(Time(now())));
     assert_eq!(event_reasons(&r), ["Completed"]);
     assert_eq!(r.clear, Some(at));

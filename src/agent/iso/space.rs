@@ -60,6 +60,16 @@ impl Reservations {
         })
     }
 
+    /// Bytes reserved in `dir` by downloads other than `uid`'s.
+    pub fn others(&self, dir: &Path, uid: &str) -> u64 {
+        self.lock().get(dir).map_or(0, |p| {
+            p.iter()
+                .filter(|(u, _)| u.as_str() != uid)
+                .map(|(_, b)| *b)
+                .sum()
+        })
+    }
+
     /// Bytes reserved in `dir`.
     #[cfg(test)]
     pub fn reserved(&self, dir: &Path) -> u64 {
@@ -96,6 +106,8 @@ mod tests {
         assert_eq!(r.reserved(dir), 0);
         let b = r.reserve(dir, "b", 60, fits(60)).unwrap();
         assert_eq!(r.reserved(dir), 60);
+        assert_eq!(r.others(dir, "b"), 0);
+        assert_eq!(r.others(dir, "a"), 60);
         drop((b, c));
         assert_eq!(r.reserved(Path::new("/other")), 0);
     }
