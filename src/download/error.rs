@@ -232,7 +232,7 @@ pub enum DownloadError {
     #[error(
         "failed to write {path}: {available} bytes are free there, below the {floor} bytes kept free, so the download stopped"
     )]
-    InsufficientSpace {
+    BelowFloor {
         /// The partial file.
         path: PathBuf,
         /// Bytes free when checked.
@@ -327,7 +327,7 @@ impl DownloadError {
             Self::InsufficientSpace { .. } => "InsufficientSpace",
             Self::UnsafeImage { .. } => "UnsafeImage",
             Self::Interrupted { .. } => "TransferInterrupted",
-            Self::InsufficientSpace { .. } => "InsufficientSpace",
+            Self::BelowFloor { .. } => "InsufficientSpace",
             Self::HttpStatus { .. } => "ServerError",
             Self::FtpReply { .. } => "ServerError",
             Self::Protocol { .. } => "ProtocolError",

@@ -171,7 +171,7 @@ impl Floor {
     /// Refuses to go on when `available` bytes are below the floor.
     pub(crate) fn judge(&self, available: u64, path: &Path) -> Result<(), DownloadError> {
         if available < self.floor {
-            return Err(DownloadError::InsufficientSpace {
+            return Err(DownloadError::BelowFloor {
                 path: path.to_path_buf(),
                 available,
                 floor: self.floor,

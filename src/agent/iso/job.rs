@@ -164,7 +164,7 @@ pub fn failure(e: &DownloadError) -> IsoRefusal {
             "{e}. Check that the URL still points at the file (an expired or moved link serves \
              a page); set spec.allowMarkup only if the file really is such a document."
         ),
-        DownloadError::InsufficientSpace { .. } => format!(
+        DownloadError::BelowFloor { .. } => format!(
             "{e}. Free space in the pool (the node keeps --download-min-free-bytes free), then \
              create the IsoDownload again."
         ),

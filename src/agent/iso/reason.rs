@@ -200,7 +200,7 @@ impl IsoReason {
             DownloadError::InsufficientSpace { .. } => Self::InsufficientSpace,
             DownloadError::UnsafeImage { .. } => Self::UnsafeImage,
             DownloadError::Interrupted { .. } => Self::TransferInterrupted,
-            DownloadError::InsufficientSpace { .. } => Self::InsufficientSpace,
+            DownloadError::BelowFloor { .. } => Self::InsufficientSpace,
             DownloadError::HttpStatus { .. } | DownloadError::FtpReply { .. } => Self::ServerError,
             DownloadError::Protocol { .. } => Self::ProtocolError,
             DownloadError::Io { .. } => Self::StorageError,
