@@ -160,6 +160,7 @@ async fn run(mode: &str, objects: usize, domains: usize, rest: Duration) {
 
     let start = Instant::now();
     fleet.delete(&client, &ns.name).await;
+    let requested = start.elapsed();
     wait_all(
         &client,
         &ns.name,
@@ -235,6 +236,11 @@ async fn run(mode: &str, objects: usize, domains: usize, rest: Duration) {
         "-",
     );
     row("  of them virtplane.io", per(ours3 - ours2), "-");
+    row(
+        "delete (client, 32 at a time; reference)",
+        format!("{requested:.1?}"),
+        "-",
+    );
     row("delete all: objects gone", format!("{gone:.1?}"), "-");
     row(
         "delete all: objects gone and definitions clean",

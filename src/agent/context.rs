@@ -72,6 +72,8 @@ pub struct Context {
     pub locks: DomainLocks,
     /// Detaches in flight.
     pub detaches: device::Detaches,
+    /// Detaches from shut-off domains waiting to be written together.
+    pub definition_batches: super::batch::DefinitionBatches,
     /// Removals the guest refused.
     pub removal_failures: device::RemovalFailures,
     /// Clone jobs.

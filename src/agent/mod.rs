@@ -3,6 +3,7 @@
 //! local libvirt. This file only wires things together; each kind is a pipeline in its own folder
 //! (observe → plan → apply → report), see `docs/architecture.md`.
 
+mod batch;
 mod clone;
 mod config;
 mod context;
@@ -137,6 +138,7 @@ pub async fn run(
         allowed_paths: config.allowed_paths.clone(),
         locks: Default::default(),
         detaches: Default::default(),
+        definition_batches: Default::default(),
         removal_failures: Default::default(),
         clones: Default::default(),
         clone_side: clone::NodeSide::new(&config.state_dir, config.max_clones),

@@ -3,6 +3,7 @@
 //! [`Libvirt`] owns one connection, reopens it after libvirtd comes back, and runs every blocking
 //! libvirt call on tokio's blocking pool, at most [`MAX_CONCURRENT_CALLS`] at a time.
 
+pub mod batch;
 pub mod block_clone;
 pub mod boot_order;
 pub mod clone_xml;

@@ -52,6 +52,12 @@ pub(super) async fn reconcile(
         &obj.spec.vm,
     );
     let lock = ctx.locks.get(&vm);
+    if obj.metadata.deletion_timestamp.is_some()
+        && obj.finalizers().iter().any(|f| f == finalizer::FINALIZER)
+    {
+        // Gathered with the domain's other detaches into one definition write (`batch`).
+        ctx.definition_batches.enqueue(&vm, &alias);
+    }
 
     finalizer::finalizer(&api, obj, |event| async {
         // The domain's lock covers the libvirt work and the status write, not the finalizer's
@@ -109,6 +115,7 @@ async fn cleanup(
     vm: &str,
     alias: &str,
 ) -> Result<finalizer::Cleanup, ReconcileError> {
+    ctx.definition_batches.flush(&ctx.libvirt, vm).await;
     let prev = obj.status.clone().unwrap_or_default();
     let what = prev.target.clone().unwrap_or_else(|| alias.to_string());
     let was_attached = prev.live == Some(true) || prev.persistent == Some(true);
