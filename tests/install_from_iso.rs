@@ -1,7 +1,8 @@
-//! Installing from an ISO, as a new user would: a CD-ROM VirtualMachineStorage with
-//! `bootOrder: 1` on a shut-off domain that libvirt orders by type (`<os><boot dev='hd'/>`) and
-//! that has no kernel of its own. The ISO is bootable (isolinux with the test guest's kernel and
-//! initramfs), so the guest can only reach its ready marker by booting from the CD; libvirt's
+//! Installing from an ISO, as a new user would: an IsoDownload fetches the installer from a real
+//! HTTP server into a pool, and a CD-ROM VirtualMachineStorage fed by that IsoDownload, with
+//! `bootOrder: 1`, goes on a shut-off domain that libvirt orders by type (`<os><boot dev='hd'/>`)
+//! and that has no kernel of its own. The ISO is bootable (isolinux with the test guest's kernel
+//! and initramfs), so the guest can only reach its ready marker by booting from the CD; libvirt's
 //! block statistics show the medium read.
 
 #![allow(clippy::unwrap_used)]
@@ -9,11 +10,11 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
+use std::process::{Child, Command};
 use std::time::Duration;
 
 use kube::ResourceExt;
-use virtplane::api::VirtualMachineStorage;
+use virtplane::api::{DownloadPhase, IsoDownload, VirtualMachineStorage};
 use virtplane::libvirt::domain::parse_domain;
 use virtplane::libvirt::tuning::disk_fields;
 
@@ -74,6 +75,60 @@ fn make_iso(iso: &Path) {
     let _ = std::fs::remove_dir_all(&stage);
 }
 
+/// The fixture HTTP server (tests/fixtures/http_server.py) serving the files of a directory.
+struct HttpServer {
+    child: Child,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl HttpServer {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port_file = dir.path().join("port");
+        let files = dir.path().join("files");
+        std::fs::create_dir(&files).unwrap();
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/http_server.py");
+        let child = Command::new("python3")
+            .arg(script)
+            .args([&port_file, &files])
+            .arg("0")
+            .arg(dir.path().join("served.log"))
+            .arg("127.0.0.1")
+            .spawn()
+            .unwrap();
+        let start = std::time::Instant::now();
+        while !port_file.exists() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "the HTTP fixture did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let port = std::fs::read_to_string(&port_file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        Self { child, port, dir }
+    }
+
+    fn path(&self, name: &str) -> std::path::PathBuf {
+        self.dir.path().join("files").join(name)
+    }
+
+    fn url(&self, name: &str) -> String {
+        format!("http://127.0.0.1:{}/{name}", self.port)
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 fn ready(o: &Vms) -> Option<(String, String, String)> {
     condition_of(&o.status.as_ref()?.conditions, "Ready")
 }
@@ -85,9 +140,23 @@ async fn a_cdrom_with_boot_order_1_boots_the_guest_from_the_iso() {
     let ns = TestNamespace::new(&client, "vp-iso").await;
     let _op = Operator::start(&ns.name, &[]);
     let pool = TestPool::create("vp-iso");
-    let iso = pool.path.join("installer.iso");
-    make_iso(&iso);
-    virsh(&["pool-refresh", &pool.name]);
+    let server = HttpServer::start();
+    make_iso(&server.path("installer.iso"));
+    kubectl_apply(
+        &ns.name,
+        &format!(
+            "apiVersion: virtplane.io/v1alpha1\nkind: IsoDownload\nmetadata:\n  name: installer\nspec:\n  url: {}\n  pool: {}\n",
+            server.url("installer.iso"),
+            pool.name
+        ),
+    );
+    let dl = wait_obj::<IsoDownload>(&client, &ns.name, "installer", "Completed", T, |o| {
+        o.status.as_ref().and_then(|s| s.phase) == Some(DownloadPhase::Completed)
+    })
+    .await;
+    let dl = dl.status.unwrap();
+    assert_eq!(dl.format.as_deref(), Some("iso9660"), "{dl:?}");
+    assert!(pool.path.join("installer.iso").exists());
     // No kernel: nothing else to boot. libvirt orders it by type, as `virsh define` leaves it.
     let guest = TestGuest::define_with("vp-iso", false, false);
     assert!(config_xml(&guest.name).contains("<boot dev='hd'/>"));
@@ -95,9 +164,8 @@ async fn a_cdrom_with_boot_order_1_boots_the_guest_from_the_iso() {
     kubectl_apply(
         &ns.name,
         &format!(
-            "apiVersion: virtplane.io/v1alpha1\nkind: VirtualMachineStorage\nmetadata:\n  name: installer\nspec:\n  vm: {}\n  type: cdrom\n  bus: sata\n  bootOrder: 1\n  source:\n    path: {}\n",
+            "apiVersion: virtplane.io/v1alpha1\nkind: VirtualMachineStorage\nmetadata:\n  name: installer\nspec:\n  vm: {}\n  type: cdrom\n  bus: sata\n  bootOrder: 1\n  source:\n    isoDownload: installer\n",
             guest.name,
-            iso.display()
         ),
     );
     // Shut off: the definition is the whole change.
