@@ -47,6 +47,18 @@ pub fn conditions_schema(generator: &mut SchemaGenerator) -> Schema {
     })
 }
 
+/// Schema of a Kubernetes quantity written as a string (`10Gi`, `512Mi`, `1G`). Not the
+/// int-or-string schema of `Quantity`: kube-apiserver 1.20 cannot build its OpenAPI models from
+/// an int-or-string property of a custom resource, and then treats every list of that resource as
+/// atomic in server-side apply, so the agent's and the controller's conditions replace each other.
+pub fn quantity_schema(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({
+        "type": "string",
+        "pattern": r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$",
+        "maxLength": 64,
+    })
+}
+
 /// Pattern of a Kubernetes node / libvirt-friendly object name (RFC 1123 subdomain).
 pub const NODE_NAME_PATTERN: &str =
     r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";

@@ -223,7 +223,9 @@ pub struct VolumeRef {
 #[serde(rename_all = "camelCase")]
 pub struct VolumeCreate {
     /// Size the guest sees, as a Kubernetes quantity (`10Gi`, `512Mi`, `1G`). Raising it later
-    /// grows the volume, live when the guest runs (block resize); lowering it is refused.
+    /// grows the volume, live when the guest runs (block resize); lowering it is refused. A
+    /// string: quote a plain number of bytes (`"1073741824"`).
+    #[schemars(schema_with = "super::common::quantity_schema")]
     pub capacity: k8s_openapi::apimachinery::pkg::api::resource::Quantity,
     /// Image format of the new volume: `qcow2` (the default, and the only one for an overlay)
     /// or `raw`.

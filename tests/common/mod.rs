@@ -56,6 +56,18 @@ pub async fn install_crds(client: &Client) {
         api.patch(&name, &params, &Patch::Apply(&crd))
             .await
             .unwrap_or_else(|e| panic!("apply CRD {name}: {e}"));
+        // An apply removes only the fields no other manager owns: a field an older CRD had and
+        // `kubectl apply` or Helm also wrote would stay. Replaced, the schema is exactly ours.
+        for attempt in 0.. {
+            let live = api.get(&name).await.unwrap();
+            let mut want = crd.clone();
+            want.metadata.resource_version = live.metadata.resource_version;
+            match api.replace(&name, &PostParams::default(), &want).await {
+                Ok(_) => break,
+                Err(kube::Error::Api(e)) if e.code == 409 && attempt < 10 => {}
+                Err(e) => panic!("replace CRD {name}: {e}"),
+            }
+        }
     }
     for crd in virtplane::crdgen::all() {
         let name = crd.name_any();
