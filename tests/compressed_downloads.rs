@@ -9,8 +9,8 @@
 mod common;
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
 
 use kube::Client;
@@ -22,85 +22,6 @@ use virtplane::api::{DownloadPhase, IsoDownload};
 use common::*;
 
 const T: Duration = Duration::from_secs(180);
-
-/// The fixture HTTP server (Range, ETag, a rate limit, a log of bytes per response).
-struct HttpServer {
-    child: Child,
-    port: u16,
-    dir: tempfile::TempDir,
-    log: PathBuf,
-}
-
-impl HttpServer {
-    fn start(bytes_per_second: u64) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let port_file = dir.path().join("port");
-        let log = dir.path().join("served.log");
-        let files = dir.path().join("files");
-        std::fs::create_dir(&files).unwrap();
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/http_server.py");
-        let child = Command::new("python3")
-            .args([
-                script,
-                port_file.to_str().unwrap(),
-                files.to_str().unwrap(),
-                &bytes_per_second.to_string(),
-                log.to_str().unwrap(),
-            ])
-            .spawn()
-            .unwrap();
-        let start = std::time::Instant::now();
-        while !port_file.exists() {
-            assert!(start.elapsed() < Duration::from_secs(10), "no HTTP fixture");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let port = std::fs::read_to_string(&port_file)
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
-        Self {
-            child,
-            port,
-            dir,
-            log,
-        }
-    }
-
-    /// Serves `data` as `name`; returns the sha256 of what is served.
-    fn file(&self, name: &str, data: &[u8]) -> String {
-        std::fs::write(self.dir.path().join("files").join(name), data).unwrap();
-        hex(data)
-    }
-
-    fn url(&self, name: &str) -> String {
-        format!("http://127.0.0.1:{}/{name}", self.port)
-    }
-
-    /// (range start, bytes sent) of every GET response for `name`.
-    fn served(&self, name: &str) -> Vec<(u64, u64)> {
-        std::fs::read_to_string(&self.log)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| {
-                let mut it = l.split(' ');
-                (it.next()? == format!("/{name}")).then(|| {
-                    (
-                        it.next().unwrap().parse().unwrap(),
-                        it.next().unwrap().parse().unwrap(),
-                    )
-                })
-            })
-            .collect()
-    }
-}
-
-impl Drop for HttpServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn hex(data: &[u8]) -> String {
     sha2::Sha256::digest(data)
@@ -227,6 +148,12 @@ fn pool_files(pool: &TestPool) -> Vec<String> {
     v
 }
 
+/// Serves `data` as `name`; returns the sha256 of what is served.
+fn serve_hashed(server: &FixtureServer, name: &str, data: &[u8]) -> String {
+    server.serve(name, data);
+    hex(data)
+}
+
 fn file_sha(path: &Path) -> String {
     hex(&std::fs::read(path).unwrap())
 }
@@ -259,12 +186,12 @@ async fn xz_gzip_and_zstd_images_are_stored_decompressed() {
     let ns = TestNamespace::new(&client, "vp-cz-ok").await;
     let _op = Operator::start(&ns.name, &["--max-downloads", "3"]);
     let pool = TestPool::create("vp-cz-ok");
-    let server = HttpServer::start(0);
+    let server = FixtureServer::start(0);
     let scratch = tempfile::tempdir().unwrap();
     let cases = cases(scratch.path(), 6 << 20);
     for (name, file, packed, _, _, _) in &cases {
         // The checksum is that of the bytes as served (compressed).
-        let sum = server.file(file, packed);
+        let sum = serve_hashed(&server, file, packed);
         kubectl_apply(
             &ns.name,
             &manifest(name, &server.url(file), &pool.name, &checksum(&sum)),
@@ -324,11 +251,11 @@ async fn a_pause_and_an_agent_sigkill_resume_the_compressed_stream() {
     // About 14 s per file at 1 MiB/s: time to pause it, resume it and kill the agent, even on
     // a loaded machine where the status reporting 3 MiB arrives seconds late (at 2 MiB/s a
     // loaded run once saw the files complete before the pause reached the agent).
-    let server = HttpServer::start(1 << 20);
+    let server = FixtureServer::start(1 << 20);
     let scratch = tempfile::tempdir().unwrap();
     let cases = cases(scratch.path(), 28 << 20);
     for (name, file, packed, _, _, _) in &cases {
-        let sum = server.file(file, packed);
+        let sum = serve_hashed(&server, file, packed);
         assert!(packed.len() > 12 << 20, "{name}: {} bytes", packed.len());
         kubectl_apply(
             &ns.name,
@@ -421,27 +348,27 @@ async fn truncated_corrupt_bomb_and_unsafe_images_fail_and_leave_nothing() {
     let ns = TestNamespace::new(&client, "vp-cz-bad").await;
     let _op = Operator::start(&ns.name, &["--max-downloads", "4"]);
     let pool = TestPool::create("vp-cz-bad");
-    let server = HttpServer::start(0);
+    let server = FixtureServer::start(0);
     let scratch = tempfile::tempdir().unwrap();
     let raw = content(4 << 20, 7);
 
     // Cut short as served: the length the server announces is that of the cut file.
     let packed = xz(&raw);
-    server.file("cut.img.xz", &packed[..packed.len() * 2 / 3]);
+    serve_hashed(&server, "cut.img.xz", &packed[..packed.len() * 2 / 3]);
     // Damaged in the middle.
     let mut bad = gz(&raw);
     let mid = bad.len() / 2;
     for b in &mut bad[mid..mid + 4096] {
         *b ^= 0x5a;
     }
-    server.file("bad.img.gz", &bad);
+    serve_hashed(&server, "bad.img.gz", &bad);
     // 256 MiB of zeros in a few KiB: more than spec.maxBytes decompressed.
     let bomb = zst(&vec![0u8; 256 << 20]);
     assert!(bomb.len() < 1 << 20);
-    server.file("bomb.raw.zst", &bomb);
+    serve_hashed(&server, "bomb.raw.zst", &bomb);
     // A qcow2 overlay naming a node file as its backing store.
     let evil = gz(&qcow2(scratch.path(), None, Some("/etc/hostname")));
-    server.file("evil.qcow2.gz", &evil);
+    serve_hashed(&server, "evil.qcow2.gz", &evil);
 
     let objects = [
         ("cut", "cut.img.xz", "", "CorruptImage", "truncated"),

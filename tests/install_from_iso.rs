@@ -10,7 +10,7 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::Duration;
 
 use kube::ResourceExt;
@@ -75,60 +75,6 @@ fn make_iso(iso: &Path) {
     let _ = std::fs::remove_dir_all(&stage);
 }
 
-/// The fixture HTTP server (tests/fixtures/http_server.py) serving the files of a directory.
-struct HttpServer {
-    child: Child,
-    port: u16,
-    dir: tempfile::TempDir,
-}
-
-impl HttpServer {
-    fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let port_file = dir.path().join("port");
-        let files = dir.path().join("files");
-        std::fs::create_dir(&files).unwrap();
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/http_server.py");
-        let child = Command::new("python3")
-            .arg(script)
-            .args([&port_file, &files])
-            .arg("0")
-            .arg(dir.path().join("served.log"))
-            .arg("127.0.0.1")
-            .spawn()
-            .unwrap();
-        let start = std::time::Instant::now();
-        while !port_file.exists() {
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "the HTTP fixture did not start"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let port = std::fs::read_to_string(&port_file)
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
-        Self { child, port, dir }
-    }
-
-    fn path(&self, name: &str) -> std::path::PathBuf {
-        self.dir.path().join("files").join(name)
-    }
-
-    fn url(&self, name: &str) -> String {
-        format!("http://127.0.0.1:{}/{name}", self.port)
-    }
-}
-
-impl Drop for HttpServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn ready(o: &Vms) -> Option<(String, String, String)> {
     condition_of(&o.status.as_ref()?.conditions, "Ready")
 }
@@ -140,7 +86,7 @@ async fn a_cdrom_with_boot_order_1_boots_the_guest_from_the_iso() {
     let ns = TestNamespace::new(&client, "vp-iso").await;
     let _op = Operator::start(&ns.name, &[]);
     let pool = TestPool::create("vp-iso");
-    let server = HttpServer::start();
+    let server = FixtureServer::start(0);
     make_iso(&server.path("installer.iso"));
     kubectl_apply(
         &ns.name,

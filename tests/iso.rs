@@ -12,9 +12,8 @@ mod ftp_server;
 #[allow(dead_code)]
 mod pki;
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -29,98 +28,11 @@ use common::*;
 
 const T: Duration = Duration::from_secs(120);
 
-/// The fixture HTTP server (Range, ETag, rate limit, a log of bytes per response).
-struct HttpServer {
-    child: Child,
-    address: &'static str,
-    port: u16,
-    dir: tempfile::TempDir,
-    log: PathBuf,
-}
-
-impl HttpServer {
-    fn start(bytes_per_second: u64) -> Self {
-        Self::start_on("127.0.0.1", bytes_per_second)
-    }
-
-    /// Listening on `address` (any 127.x address works on Linux).
-    fn start_on(address: &'static str, bytes_per_second: u64) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let port_file = dir.path().join("port");
-        let log = dir.path().join("served.log");
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/http_server.py");
-        let files = dir.path().join("files");
-        std::fs::create_dir(&files).unwrap();
-        let child = Command::new("python3")
-            .args([
-                script,
-                port_file.to_str().unwrap(),
-                files.to_str().unwrap(),
-                &bytes_per_second.to_string(),
-                log.to_str().unwrap(),
-                address,
-            ])
-            .spawn()
-            .unwrap();
-        let start = std::time::Instant::now();
-        while !port_file.exists() {
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "the HTTP fixture did not start"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let port = std::fs::read_to_string(&port_file)
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
-        Self {
-            child,
-            address,
-            port,
-            dir,
-            log,
-        }
-    }
-
-    /// Serves `len` bytes of a pattern as `name`; returns its sha256.
-    fn file(&self, name: &str, len: usize) -> String {
-        let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
-        std::fs::File::create(self.dir.path().join("files").join(name))
-            .unwrap()
-            .write_all(&data)
-            .unwrap();
-        sha256(&self.dir.path().join("files").join(name))
-    }
-
-    fn url(&self, name: &str) -> String {
-        format!("http://{}:{}/{name}", self.address, self.port)
-    }
-
-    /// (range start, bytes sent) of every GET response for `name`.
-    fn served(&self, name: &str) -> Vec<(u64, u64)> {
-        std::fs::read_to_string(&self.log)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| {
-                let mut it = l.split(' ');
-                (it.next()? == format!("/{name}")).then(|| {
-                    (
-                        it.next().unwrap().parse().unwrap(),
-                        it.next().unwrap().parse().unwrap(),
-                    )
-                })
-            })
-            .collect()
-    }
-}
-
-impl Drop for HttpServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Serves `len` bytes of a pattern as `name`; returns its sha256.
+fn pattern_file(server: &FixtureServer, name: &str, len: usize) -> String {
+    let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+    server.serve(name, &data);
+    sha256(&server.path(name))
 }
 
 fn sha256(path: &Path) -> String {
@@ -174,8 +86,8 @@ async fn downloads_complete_verified_and_listed_by_libvirt() {
     let ns = TestNamespace::new(&client, "vp-iso").await;
     let op = Operator::start(&ns.name, &[]);
     let pool = TestPool::create("vp-iso");
-    let server = HttpServer::start(0);
-    let sum = server.file("debian.iso", 3 << 20);
+    let server = FixtureServer::start(0);
+    let sum = pattern_file(&server, "debian.iso", 3 << 20);
 
     kubectl_apply(
         &ns.name,
@@ -263,8 +175,8 @@ async fn refusals_leave_nothing_in_the_pool() {
     let ns = TestNamespace::new(&client, "vp-iso-bad").await;
     let op = Operator::start(&ns.name, &[]);
     let pool = TestPool::create("vp-iso-bad");
-    let server = HttpServer::start(0);
-    server.file("big.iso", 12 << 20);
+    let server = FixtureServer::start(0);
+    pattern_file(&server, "big.iso", 12 << 20);
     std::fs::write(pool.path.join("taken.iso"), b"mine").unwrap();
     virsh(&["pool-refresh", &pool.name]);
     let node = format!("  nodeName: {}\n", op.agent.node);
@@ -387,10 +299,10 @@ async fn redirects_into_a_denied_network_fail() {
     // is not.
     let _op = Operator::start(&ns.name, &["--download-deny-cidr", "127.0.0.1/32"]);
     let pool = TestPool::create("vp-iso-deny");
-    let files = HttpServer::start(0);
-    files.file("f.iso", 1 << 20);
-    let redirector = HttpServer::start_on("127.0.0.3", 0);
-    redirector.file("f.iso", 1 << 20);
+    let files = FixtureServer::start(0);
+    pattern_file(&files, "f.iso", 1 << 20);
+    let redirector = FixtureServer::start_on("127.0.0.3", 0);
+    pattern_file(&redirector, "f.iso", 1 << 20);
     let via = |target: String| redirector.url(&format!("redirect?to={target}"));
 
     for (name, target) in [
@@ -435,8 +347,8 @@ async fn pause_resume_and_agent_restart_fetch_only_missing_bytes() {
     let mut op = Operator::start(&ns.name, &[]);
     let pool = TestPool::create("vp-iso-pause");
     // 24 MiB at 4 MiB/s: about six seconds, so it can be paused and interrupted part-way.
-    let server = HttpServer::start(4 << 20);
-    let sum = server.file("slow.iso", 24 << 20);
+    let server = FixtureServer::start(4 << 20);
+    let sum = pattern_file(&server, "slow.iso", 24 << 20);
     let api: Api<IsoDownload> = Api::namespaced(client.clone(), &ns.name);
     kubectl_apply(
         &ns.name,
@@ -556,8 +468,8 @@ async fn a_server_ignoring_ranges_is_reported_while_downloading() {
     let ns = TestNamespace::new(&client, "vp-iso-norange").await;
     let _op = Operator::start(&ns.name, &[]);
     let pool = TestPool::create("vp-iso-norange");
-    let server = HttpServer::start(2 << 20);
-    server.file("whole.iso", 16 << 20);
+    let server = FixtureServer::start(2 << 20);
+    pattern_file(&server, "whole.iso", 16 << 20);
     let api: Api<IsoDownload> = Api::namespaced(client.clone(), &ns.name);
     kubectl_apply(
         &ns.name,
@@ -607,8 +519,8 @@ async fn a_download_finished_before_its_status_was_written_completes() {
     let ns = TestNamespace::new(&client, "vp-iso-done").await;
     let _op = Operator::start(&ns.name, &[]);
     let pool = TestPool::create("vp-iso-done");
-    let server = HttpServer::start(0);
-    let sum = server.file("done.iso", 2 << 20);
+    let server = FixtureServer::start(0);
+    let sum = pattern_file(&server, "done.iso", 2 << 20);
     let checksum = format!("  checksum:\n    algorithm: sha256\n    value: {sum}\n");
     kubectl_apply(
         &ns.name,
@@ -677,9 +589,9 @@ async fn changing_url_name_or_pool_after_the_start_fails_and_leaves_nothing() {
     let ns = TestNamespace::new(&client, "vp-iso-immut").await;
     let _op = Operator::start(&ns.name, &[]);
     let pool = TestPool::create("vp-iso-immut");
-    let server = HttpServer::start(2 << 20);
-    server.file("a.iso", 32 << 20);
-    server.file("b.iso", 32 << 20);
+    let server = FixtureServer::start(2 << 20);
+    pattern_file(&server, "a.iso", 32 << 20);
+    pattern_file(&server, "b.iso", 32 << 20);
     let api: Api<IsoDownload> = Api::namespaced(client.clone(), &ns.name);
     for name in ["running", "paused"] {
         kubectl_apply(
@@ -751,8 +663,8 @@ async fn deleting_a_running_download_removes_its_partial_data() {
     let ns = TestNamespace::new(&client, "vp-iso-del").await;
     let _op = Operator::start(&ns.name, &[]);
     let pool = TestPool::create("vp-iso-del");
-    let server = HttpServer::start(2 << 20);
-    server.file("cancel.iso", 24 << 20);
+    let server = FixtureServer::start(2 << 20);
+    pattern_file(&server, "cancel.iso", 24 << 20);
     kubectl_apply(
         &ns.name,
         &manifest("cancel", &server.url("cancel.iso"), &pool.name, ""),
@@ -776,8 +688,8 @@ async fn transient_failures_are_retried_by_timer_with_back_off_and_counted() {
     let ns = TestNamespace::new(&client, "vp-iso-retry").await;
     let _op = Operator::start(&ns.name, &[]);
     let pool = TestPool::create("vp-iso-retry");
-    let server = HttpServer::start(0);
-    server.file("flaky.iso", 1 << 20);
+    let server = FixtureServer::start(0);
+    pattern_file(&server, "flaky.iso", 1 << 20);
     // The first two requests (both probes) get 503: two retries, 5 s and 10 s later.
     kubectl_apply(
         &ns.name,
@@ -806,9 +718,9 @@ async fn deleting_a_queued_download_reports_no_pause() {
     let ns = TestNamespace::new(&client, "vp-iso-queue").await;
     let _op = Operator::start(&ns.name, &["--max-downloads", "1"]);
     let pool = TestPool::create("vp-iso-queue");
-    let server = HttpServer::start(1 << 20);
-    server.file("first.iso", 32 << 20);
-    server.file("second.iso", 1 << 20);
+    let server = FixtureServer::start(1 << 20);
+    pattern_file(&server, "first.iso", 32 << 20);
+    pattern_file(&server, "second.iso", 1 << 20);
     kubectl_apply(
         &ns.name,
         &manifest("first", &server.url("first.iso"), &pool.name, ""),
@@ -842,8 +754,8 @@ async fn a_cdrom_waits_for_its_download_and_gets_the_medium() {
     let pool = TestPool::create("vp-iso-cd");
     let guest = TestGuest::define_with("vp-iso-cd", false, false);
     virsh(&["start", &guest.name]);
-    let server = HttpServer::start(2 << 20);
-    server.file("install.iso", 6 << 20);
+    let server = FixtureServer::start(2 << 20);
+    pattern_file(&server, "install.iso", 6 << 20);
 
     let cd = format!(
         "apiVersion: virtplane.io/v1alpha1\nkind: VirtualMachineStorage\nmetadata:\n  name: cd\nspec:\n  vm: {}\n  type: cdrom\n  source:\n    isoDownload: install\n",

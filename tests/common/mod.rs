@@ -15,6 +15,10 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use virtplane::api::Hypervisor;
 
+mod fixture_http;
+#[allow(unused_imports)]
+pub use fixture_http::FixtureServer;
+
 /// How to bring the environment up, for failure messages.
 pub const HOW_TO_START: &str = "start the test environment first: `eval \"$(hack/env-up.sh)\"` \
     (or run the whole suite with `hack/test.sh`)";
