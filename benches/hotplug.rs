@@ -19,7 +19,29 @@ use virtplane::api::{
 
 use common::*;
 
-const ROUNDS: usize = 100;
+/// Rounds of each, `VIRTPLANE_HOTPLUG_ROUNDS` (100).
+fn rounds() -> usize {
+    std::env::var("VIRTPLANE_HOTPLUG_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100)
+}
+
+/// The `_count` samples of a histogram family on /metrics, by their labels.
+fn counts(metrics: &str, family: &str) -> Vec<(String, f64)> {
+    let prefix = format!("{family}_count{{");
+    metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix(&prefix))
+        .filter_map(|l| {
+            let (labels, value) = l.rsplit_once(' ')?;
+            Some((
+                labels.trim_end_matches('}').to_string(),
+                value.parse().ok()?,
+            ))
+        })
+        .collect()
+}
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
@@ -45,6 +67,22 @@ fn disk_xml(path: &str, target: &str) -> String {
     )
 }
 
+fn median(samples: &[Duration]) -> Duration {
+    let mut s = samples.to_vec();
+    s.sort();
+    percentile(&s, 0.5)
+}
+
+fn p99(samples: &[Duration]) -> Duration {
+    let mut s = samples.to_vec();
+    s.sort();
+    percentile(&s, 0.99)
+}
+
+fn op_metrics(op: &Operator) -> String {
+    op.agent.process.http_get("/metrics")
+}
+
 #[tokio::main]
 async fn main() {
     let client = client().await;
@@ -64,7 +102,8 @@ async fn main() {
     let conn = virt::connect::Connect::open(Some(&libvirt_uri())).unwrap();
     let dom = conn.lookup_domain_by_name(&guest.name).unwrap();
     let mut bare = Vec::new();
-    for _ in 0..ROUNDS {
+    let rounds = rounds();
+    for _ in 0..rounds {
         let xml = disk_xml(&image, "sdz");
         let start = Instant::now();
         dom.attach_device_flags(&xml, virt::sys::VIR_DOMAIN_AFFECT_LIVE)
@@ -82,7 +121,9 @@ async fn main() {
     let _op = Operator::start(&ns.name, &[]);
     let api: Api<VirtualMachineStorage> = Api::namespaced(client.clone(), &ns.name);
     let mut via = Vec::new();
-    for i in 0..ROUNDS {
+    // What the agent did before the first round (its start-up), to subtract.
+    let before = op_metrics(&_op);
+    for i in 0..rounds {
         let name = format!("bench-{i}");
         let obj = VirtualMachineStorage::new(
             &name,
@@ -129,7 +170,32 @@ async fn main() {
         wait_gone::<VirtualMachineStorage>(&client, &ns.name, &name, Duration::from_secs(60)).await;
     }
 
-    println!("scsi disk hot-plug into a running domain ({ROUNDS} rounds each):");
+    let after = op_metrics(&_op);
+
+    println!("scsi disk hot-plug into a running domain ({rounds} rounds each):");
+    let (b50, v50) = (median(&bare), median(&via));
+    let (b99, v99) = (p99(&bare), p99(&via));
     report("bare libvirt attach call", bare);
     report("virtplane apply-to-Ready (5 ms polling)", via);
+    println!(
+        "ratio virtplane/bare: p50 {:.1}x, p99 {:.1}x (goal <= 4x)",
+        v50.as_secs_f64() / b50.as_secs_f64(),
+        v99.as_secs_f64() / b99.as_secs_f64()
+    );
+    // Per round (one create and one delete, plus the agent's heartbeat meanwhile).
+    println!("agent's work per round (create + delete), from its /metrics:");
+    for family in [
+        "virtplane_reconcile_duration_seconds",
+        "virtplane_libvirt_call_seconds",
+    ] {
+        for (labels, n) in counts(&after, family) {
+            let was = counts(&before, family)
+                .into_iter()
+                .find(|(l, _)| *l == labels)
+                .map_or(0.0, |(_, v)| v);
+            if n > was {
+                println!("  {family}{{{labels}}}: {:.2}", (n - was) / rounds as f64);
+            }
+        }
+    }
 }

@@ -59,17 +59,21 @@ pub(super) async fn reconcile(
         ctx.definition_batches.enqueue(&vm, &alias);
     }
 
+    let start = std::time::Instant::now();
     finalizer::finalizer(&api, obj, |event| async {
         // The domain's lock covers the libvirt work and the status write, not the finalizer's
         // own API calls: adding or removing a finalizer never holds up the domain's other objects.
+        let locking = std::time::Instant::now();
         let _guard = lock.lock().await;
+        let locked = std::time::Instant::now();
         match event {
             finalizer::Event::Cleanup(obj) => Ok(finalizer::Step::Cleanup(
                 cleanup(&api, &obj, &ctx, &vm, &alias).await?,
             )),
             finalizer::Event::Apply(obj) => {
                 let prev = obj.status.clone().unwrap_or_default();
-                let outcome = match pipeline(&obj, &ctx, &alias, &prev).await {
+                let mut steps = Steps::default();
+                let outcome = match pipeline(&obj, &ctx, &alias, &prev, &mut steps).await {
                     Ok(o) => o,
                     // A timed-out call is reported as such, like every kind's (`timeout`).
                     Err(e) if super::timeout::ready(&e).is_some() => return Err(e),
@@ -78,13 +82,32 @@ pub(super) async fn reconcile(
                     }
                     Err(e) => return Err(e),
                 };
-                Ok(finalizer::Step::Applied(
-                    status::write_outcome(&api, &*obj, &ctx, &prev, outcome).await?,
-                ))
+                let written = std::time::Instant::now();
+                let action = status::write_outcome(&api, &*obj, &ctx, &prev, outcome).await?;
+                tracing::debug!(
+                    before_lock_us = (locking - start).as_micros() as u64,
+                    lock_wait_us = (locked - locking).as_micros() as u64,
+                    observe_us = steps.observe.as_micros() as u64,
+                    plan_us = steps.plan.as_micros() as u64,
+                    apply_us = steps.apply.as_micros() as u64,
+                    steps = steps.steps,
+                    status_us = written.elapsed().as_micros() as u64,
+                    "reconciled",
+                );
+                Ok(finalizer::Step::Applied(action))
             }
         }
     })
     .await
+}
+
+/// How long the steps of one pipeline took (for the debug log that profiles a reconcile).
+#[derive(Default)]
+struct Steps {
+    observe: std::time::Duration,
+    plan: std::time::Duration,
+    apply: std::time::Duration,
+    steps: usize,
 }
 
 /// observe -> plan -> apply -> report.
@@ -93,18 +116,26 @@ async fn pipeline(
     ctx: &Context,
     alias: &str,
     prev: &VirtualMachineStorageStatus,
+    took: &mut Steps,
 ) -> Result<Outcome, ReconcileError> {
+    let t = std::time::Instant::now();
     let mut observed = volume::observe(obj, ctx).await?;
     match volume::ensure(obj, ctx, &observed, alias).await? {
         volume::Ensured::Unchanged => {}
         volume::Ensured::Changed => observed = volume::observe(obj, ctx).await?,
         volume::Ensured::Refused(refusal) => return Ok(report::refused(prev, refusal)),
     }
+    took.observe = t.elapsed();
+    let t = std::time::Instant::now();
     let plan = match plan::plan(&obj.spec, prev, alias, &observed) {
         Ok(plan) => plan,
         Err(refusal) => return Ok(report::refused(prev, refusal)),
     };
+    took.plan = t.elapsed();
+    took.steps = plan.steps.len();
+    let t = std::time::Instant::now();
     let applied = apply::apply(&ctx.libvirt, &plan).await?;
+    took.apply = t.elapsed();
     Ok(report::report(prev, &plan, applied))
 }
 
