@@ -88,6 +88,8 @@ pub struct Context {
     pub macs: interface::index::MacIndex,
     /// What each namespace is granted (fed by a watch of the Namespaces; `ready()` before use).
     pub grants: crate::tenancy::NamespaceGrants,
+    /// The storage pools' directories, kept between reconciles (dropped on pool events).
+    pub pools: crate::libvirt::pool_index::PoolIndex,
 }
 
 impl Context {

@@ -145,6 +145,7 @@ pub async fn run(
         downloads: iso::Downloads::new(config.downloads.clone()),
         macs: Default::default(),
         grants,
+        pools: crate::libvirt::pool_index::PoolIndex::new(libvirt.subscribe()),
     });
     let grants_feed = grants_feed.run(client.clone(), grants_synced, shutdown.clone());
     let mac_index = interface::index::watch(client.clone(), ctx.macs.clone(), shutdown.clone());

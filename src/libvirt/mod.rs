@@ -19,6 +19,7 @@ mod inventory;
 pub mod iscsi_direct;
 pub mod networks;
 pub mod nic;
+pub mod pool_index;
 pub mod provision;
 mod real;
 pub mod tuning;

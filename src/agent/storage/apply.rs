@@ -78,6 +78,19 @@ pub async fn apply<D: Domains + Tuning>(virt: &D, plan: &Plan) -> Result<Applied
     Ok(Applied::Done(Box::new(done)))
 }
 
+/// [`apply`] of a plan without steps: nothing ran, and the domain is as observe read it under
+/// the same domain lock, so it is not read again. `view` is that read (`None`: the domain
+/// vanished, reported as [`apply`] does).
+pub fn unchanged(plan: &Plan, view: Option<DomainView>) -> Option<Applied> {
+    plan.steps.is_empty().then(|| {
+        Applied::Done(Box::new(Done {
+            restart: plan.restart.clone(),
+            view: view.unwrap_or_default(),
+            ..Done::default()
+        }))
+    })
+}
+
 /// Runs the steps; `Ok(Some(_))` when one failed and the rest did not run.
 async fn run_steps<D: Domains + Tuning>(
     virt: &D,

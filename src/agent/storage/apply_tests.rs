@@ -340,3 +340,22 @@ async fn a_controller_added_for_a_refused_device_is_removed_again() {
             .has_controller("scsi", None)
     );
 }
+
+#[tokio::test]
+async fn a_plan_without_steps_reads_nothing_again() {
+    let fake = FakeLibvirt::default().with_domain("vm", true, "");
+    let wanted = spec(StorageType::Disk, Bus::Scsi, Some("/pool/a.img"));
+    let first = plan_on(&fake, &wanted).await;
+    assert!(unchanged(&first, None).is_none(), "steps to run");
+    done(apply(&fake, &first).await.unwrap());
+    let again = plan_on(&fake, &wanted).await;
+    let view = fake.domain("vm").await.unwrap();
+    let reads = fake.calls().len();
+    let d = done(unchanged(&again, view).expect("nothing to run"));
+    assert_eq!(fake.calls().len(), reads, "no libvirt call");
+    assert!(!d.plugged && !d.defined && d.restart.is_none());
+    assert!(
+        d.view.config.disk(ALIAS).is_some(),
+        "the observed view is reported"
+    );
+}

@@ -134,7 +134,10 @@ async fn pipeline(
     took.plan = t.elapsed();
     took.steps = plan.steps.len();
     let t = std::time::Instant::now();
-    let applied = apply::apply(&ctx.libvirt, &plan).await?;
+    let applied = match apply::unchanged(&plan, observed.domain) {
+        Some(nothing) => nothing,
+        None => apply::apply(&ctx.libvirt, &plan).await?,
+    };
     took.apply = t.elapsed();
     Ok(report::report(prev, &plan, applied))
 }

@@ -3,6 +3,7 @@
 //! directories a source may lie in. Filesystem work runs off the async runtime.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use kube::ResourceExt;
 use kube::api::Api;
@@ -14,6 +15,7 @@ use crate::api::{IsoDownload, NODE_LABEL, StorageSource, VirtualMachineStorage};
 use crate::libvirt::LibvirtError;
 use crate::libvirt::domain::DomainView;
 use crate::libvirt::facade::{Domains, Storage, VolumeLookup};
+use crate::libvirt::pool_index::PoolDir;
 use crate::libvirt::volume::{DiskRoute, disk_route};
 use crate::tenancy::Grants;
 
@@ -163,25 +165,67 @@ pub async fn observe(
 
 /// Reads the pools' directories and the configured ones into `observed` (the usable ones bound
 /// which files are opened), then looks at `path`; filesystem work off the async runtime.
+///
+/// The pools come from the agent's kept copy ([`PoolIndex`]); when the path then lies in none
+/// of the usable directories, they are read afresh and the path looked at again, so a copy that
+/// lacks a pool just started or defined never refuses a path.
+///
+/// [`PoolIndex`]: crate::libvirt::pool_index::PoolIndex
 async fn look(
     ctx: &Context,
     path: &str,
     observed: &mut Observed,
 ) -> Result<PathFacts, LibvirtError> {
-    let pools = ctx.libvirt.storage_pools().await?;
+    let (pools, kept) = ctx.pools.get(&ctx.libvirt).await?;
+    let mut facts = look_in(ctx, pools, path, observed).await?;
+    if kept && !within(&facts, &observed.usable_dirs()) {
+        let pools = ctx.pools.fresh(&ctx.libvirt).await?;
+        facts = look_in(ctx, pools, path, observed).await?;
+    }
+    Ok(facts)
+}
+
+/// Whether what `facts` found lies in one of `dirs` (a missing file: its parent). A relative
+/// path lies nowhere, and no other read of the pools changes that.
+pub(super) fn within(facts: &PathFacts, dirs: &[PathBuf]) -> bool {
+    let inside = |p: &Path| dirs.iter().any(|d| p.starts_with(d));
+    match &facts.found {
+        Found::Relative => true,
+        Found::Missing { parent } => parent.as_deref().is_some_and(inside),
+        Found::Present { real, .. } => inside(real),
+    }
+}
+
+/// The active pools' directories, symlinks resolved, none a system directory. Blocking.
+pub(super) fn pool_dirs(pools: &[PoolDir]) -> Vec<(String, PathBuf)> {
+    roots::usable(
+        pools
+            .iter()
+            .filter(|p| p.active)
+            .filter_map(|p| {
+                Some((
+                    p.name.clone(),
+                    std::fs::canonicalize(p.path.as_deref()?).ok()?,
+                ))
+            })
+            .collect(),
+    )
+}
+
+/// [`look`] with the pools `pools`.
+async fn look_in(
+    ctx: &Context,
+    pools: Arc<Vec<PoolDir>>,
+    path: &str,
+    observed: &mut Observed,
+) -> Result<PathFacts, LibvirtError> {
     let (path, extra, grants) = (
         PathBuf::from(path),
         ctx.allowed_paths.clone(),
         observed.grants.clone(),
     );
     let (pools, allowed_paths, facts) = tokio::task::spawn_blocking(move || {
-        let pools = roots::usable(
-            pools
-                .into_iter()
-                .filter(|p| p.active)
-                .filter_map(|p| Some((p.name, std::fs::canonicalize(p.path?).ok()?)))
-                .collect(),
-        );
+        let pools = pool_dirs(&pools);
         let extra = roots::usable_dirs(
             extra
                 .into_iter()
@@ -243,6 +287,36 @@ fn read_header(path: &Path) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn within_judges_what_was_found_or_its_parent() {
+        let dirs = vec![PathBuf::from("/pool")];
+        let facts = |found| PathFacts {
+            requested: PathBuf::from("/x"),
+            found,
+        };
+        let present = |real: &str| Found::Present {
+            real: PathBuf::from(real),
+            kind: Ok(FileKind::File),
+            header: None,
+        };
+        assert!(within(&facts(present("/pool/a.img")), &dirs));
+        assert!(!within(&facts(present("/elsewhere/a.img")), &dirs));
+        assert!(
+            !within(&facts(present("/pool2/a.img")), &dirs),
+            "a prefix of a name is not a directory"
+        );
+        let missing = |parent: Option<&str>| Found::Missing {
+            parent: parent.map(PathBuf::from),
+        };
+        assert!(within(&facts(missing(Some("/pool"))), &dirs));
+        assert!(!within(&facts(missing(Some("/tmp"))), &dirs));
+        assert!(!within(&facts(missing(None)), &dirs));
+        assert!(
+            within(&facts(Found::Relative), &dirs),
+            "no pool makes it absolute"
+        );
+    }
 
     #[test]
     fn inspects_files_links_and_missing_paths() {

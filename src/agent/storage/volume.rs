@@ -15,13 +15,13 @@ use kube::ResourceExt;
 use kube::runtime::events::EventType;
 use serde::{Deserialize, Serialize};
 
-use super::observe::{Observed, inspect_blocking};
+use super::observe::{Observed, inspect_blocking, pool_dirs, within};
 use super::reason::StorageReason;
 use super::source::{Found, PathFacts, usable_dirs};
 use super::volume_plan::{self, BackingFacts, MAX_CHAIN, VolumeStep};
 use crate::agent::context::{Context, ReconcileError};
 use crate::agent::refusal::Refusal;
-use crate::agent::{roots, status};
+use crate::agent::status;
 use crate::api::{BackingVolume, ReclaimPolicy, VirtualMachineStorage, VolumeCreate, VolumeRef};
 use crate::libvirt::facade::{Storage, VolumeLookup};
 use crate::libvirt::provision::Provision;
@@ -141,27 +141,36 @@ pub async fn observe_backing(
         VolumeLookup::Found(found) if found.is_file => Some(PathBuf::from(&found.path)),
         _ => None,
     };
-    let pools = ctx.libvirt.storage_pools().await?;
-    let grants = grants.clone();
-    let (dirs, links) = tokio::task::spawn_blocking(move || {
-        let pools = roots::usable(
-            pools
-                .into_iter()
-                .filter(|p| p.active)
-                .filter_map(|p| Some((p.name, std::fs::canonicalize(p.path?).ok()?)))
-                .collect(),
-        );
-        let dirs = usable_dirs(&grants, &pools, &[]);
-        let links = first.map(|f| follow(f, &dirs)).unwrap_or_default();
-        (dirs, links)
-    })
-    .await?;
+    // The kept copy of the pools; read afresh when a link of the chain then lies outside
+    // them (as `observe::look` does), so a stale copy never refuses a chain.
+    let (pools, kept) = ctx.pools.get(&ctx.libvirt).await?;
+    let (mut dirs, mut links) = chain(pools, grants, first.clone()).await?;
+    if kept && !links.iter().all(|l| within(l, &dirs)) {
+        let pools = ctx.pools.fresh(&ctx.libvirt).await?;
+        (dirs, links) = chain(pools, grants, first).await?;
+    }
     Ok(BackingFacts {
         volume: b.clone(),
         lookup,
         links,
         dirs,
     })
+}
+
+/// The granted pools' directories and the chain from `first` in them; filesystem work off the
+/// async runtime.
+async fn chain(
+    pools: std::sync::Arc<Vec<crate::libvirt::pool_index::PoolDir>>,
+    grants: &Grants,
+    first: Option<PathBuf>,
+) -> Result<(Vec<PathBuf>, Vec<PathFacts>), LibvirtError> {
+    let grants = grants.clone();
+    Ok(tokio::task::spawn_blocking(move || {
+        let dirs = usable_dirs(&grants, &pool_dirs(&pools), &[]);
+        let links = first.map(|f| follow(f, &dirs)).unwrap_or_default();
+        (dirs, links)
+    })
+    .await?)
 }
 
 /// The file at `first` and the files of its backing chain, as far as they may be opened.
