@@ -122,6 +122,10 @@ async fn main() {
     let api: Api<VirtualMachineStorage> = Api::namespaced(client.clone(), &ns.name);
     let mut via = Vec::new();
     // What the agent did before the first round (its start-up), to subtract.
+    eventually("the agent listens", Duration::from_secs(60), || async {
+        _op.agent.process.log_text().contains("addr=").then_some(())
+    })
+    .await;
     let before = op_metrics(&_op);
     for i in 0..rounds {
         let name = format!("bench-{i}");

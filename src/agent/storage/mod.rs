@@ -136,7 +136,15 @@ async fn pipeline(
     let t = std::time::Instant::now();
     let applied = match apply::unchanged(&plan, observed.domain) {
         Some(nothing) => nothing,
-        None => apply::apply(&ctx.libvirt, &plan).await?,
+        None => {
+            let applied = apply::apply(&ctx.libvirt, &plan).await;
+            // What libvirt refused may have been judged on a kept copy of the pools: the next
+            // reconcile reads them afresh.
+            if !matches!(applied, Ok(apply::Applied::Done(_))) {
+                ctx.pools.forget();
+            }
+            applied?
+        }
     };
     took.apply = t.elapsed();
     Ok(report::report(prev, &plan, applied))
