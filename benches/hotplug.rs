@@ -190,7 +190,7 @@ async fn main() {
     println!("agent's work per round (create + delete), from its /metrics:");
     for family in [
         "virtplane_reconcile_duration_seconds",
-        "virtplane_libvirt_call_seconds",
+        "virtplane_libvirt_call_duration_seconds",
     ] {
         for (labels, n) in counts(&after, family) {
             let was = counts(&before, family)

@@ -74,6 +74,17 @@ pub async fn publish<K>(recorder: &Recorder, obj: &K, type_: EventType, reason: 
 where
     K: Resource<DynamicType = ()>,
 {
+    publish_to(recorder, &obj.object_ref(&()), type_, reason, note).await;
+}
+
+/// [`publish`] about the object `reference` names.
+async fn publish_to(
+    recorder: &Recorder,
+    reference: &k8s_openapi::api::core::v1::ObjectReference,
+    type_: EventType,
+    reason: &str,
+    note: String,
+) {
     let ev = KubeEvent {
         type_,
         reason: reason.to_string(),
@@ -81,7 +92,7 @@ where
         note: Some(note),
         secondary: None,
     };
-    if let Err(err) = recorder.publish(&ev, &obj.object_ref(&())).await {
+    if let Err(err) = recorder.publish(&ev, reference).await {
         tracing::warn!(error = %err, reason, "failed to publish event");
     }
 }
@@ -261,8 +272,16 @@ where
     }
     events.extend(new_failures);
     write_status(api, obj, prev, outcome.status, &[outcome.ready, restart]).await?;
-    for (type_, reason, note) in events {
-        publish(&ctx.recorder, obj, type_, reason, note).await;
+    // Events are published off the reconcile (which holds the domain's lock): each is an API
+    // call, and the status above already says what they say. Failures are logged, as before.
+    if !events.is_empty() {
+        let recorder = ctx.recorder.clone();
+        let reference = obj.object_ref(&());
+        tokio::spawn(async move {
+            for (type_, reason, note) in events {
+                publish_to(&recorder, &reference, type_, reason, note).await;
+            }
+        });
     }
     Ok(outcome.action)
 }
