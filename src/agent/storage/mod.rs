@@ -21,6 +21,7 @@ use kube::ResourceExt;
 use kube::api::Api;
 use kube::runtime::controller::Action;
 
+use super::batch::Turn;
 use super::context::{Context, ReconcileError};
 use super::{device, finalizer, status};
 use crate::api::{VirtualMachineStorage, VirtualMachineStorageStatus};
@@ -61,13 +62,13 @@ pub(super) async fn reconcile(
 
     finalizer::finalizer(&api, obj, |event| async {
         // The domain's lock covers the libvirt work and the status write, not the finalizer's
-        // own API calls: adding or removing a finalizer never holds up the domain's other objects.
-        let _guard = lock.lock().await;
+        // own API calls nor Events: they never hold up the domain's other objects.
         match event {
             finalizer::Event::Cleanup(obj) => Ok(finalizer::Step::Cleanup(
-                cleanup(&api, &obj, &ctx, &vm, &alias).await?,
+                cleanup(&api, &obj, &ctx, lock.clone(), &vm, &alias).await?,
             )),
             finalizer::Event::Apply(obj) => {
+                let _guard = lock.lock().await;
                 let prev = obj.status.clone().unwrap_or_default();
                 let outcome = match pipeline(&obj, &ctx, &alias, &prev).await {
                     Ok(o) => o,
@@ -108,34 +109,49 @@ async fn pipeline(
     Ok(report::report(prev, &plan, applied))
 }
 
+/// Detaches the disk: in a batch with the domain's other detaches when it is shut off (then
+/// without waiting for the domain's lock), else on its own under the lock.
 async fn cleanup(
     api: &Api<VirtualMachineStorage>,
     obj: &VirtualMachineStorage,
     ctx: &Context,
+    lock: Arc<tokio::sync::Mutex<()>>,
     vm: &str,
     alias: &str,
 ) -> Result<finalizer::Cleanup, ReconcileError> {
-    ctx.definition_batches.flush(&ctx.libvirt, vm).await;
     let prev = obj.status.clone().unwrap_or_default();
     let what = prev.target.clone().unwrap_or_else(|| alias.to_string());
     let was_attached = prev.live == Some(true) || prev.persistent == Some(true);
-    let pending = VirtualMachineStorageStatus {
-        persistent: Some(false),
-        ..prev.clone()
+    let done = match ctx
+        .definition_batches
+        .turn(&ctx.libvirt, lock, vm, alias)
+        .await
+    {
+        Turn::Removed => {
+            device::detached(obj, ctx, vm, alias, &what, was_attached).await;
+            finalizer::Cleanup::Done
+        }
+        Turn::Locked(guard) => {
+            let pending = VirtualMachineStorageStatus {
+                persistent: Some(false),
+                ..prev.clone()
+            };
+            device::finish_detach(
+                api,
+                obj,
+                ctx,
+                Some(guard),
+                vm,
+                alias,
+                &what,
+                was_attached,
+                find_disk,
+                &prev,
+                pending,
+            )
+            .await?
+        }
     };
-    let done = device::finish_detach(
-        api,
-        obj,
-        ctx,
-        vm,
-        alias,
-        &what,
-        was_attached,
-        find_disk,
-        &prev,
-        pending,
-    )
-    .await?;
     if matches!(done, finalizer::Cleanup::Done) {
         volume::reclaim(obj, ctx).await?;
     }
