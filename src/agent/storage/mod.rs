@@ -38,6 +38,20 @@ fn find_disk(d: &DomainXml, alias: &str) -> Option<String> {
     d.disk(alias).map(|x| x.xml.clone())
 }
 
+/// The domain and alias of the disk `obj` takes out of a definition, when it is being deleted
+/// and holds the agent's finalizer (so its cleanup is still to come).
+pub(super) fn leaving(obj: &VirtualMachineStorage) -> Option<(String, String)> {
+    let deleting = obj.metadata.deletion_timestamp.is_some()
+        && obj.finalizers().iter().any(|f| f == finalizer::FINALIZER);
+    deleting.then(|| {
+        let vm = device::domain_of(
+            obj.status.as_ref().and_then(|s| s.vm.as_ref()),
+            &obj.spec.vm,
+        );
+        (vm, alias_of(obj))
+    })
+}
+
 /// Reconciles one VirtualMachineStorage.
 #[tracing::instrument(skip_all, fields(object = %format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any())))]
 pub(super) async fn reconcile(
@@ -53,10 +67,9 @@ pub(super) async fn reconcile(
         &obj.spec.vm,
     );
     let lock = ctx.locks.get(&vm);
-    if obj.metadata.deletion_timestamp.is_some()
-        && obj.finalizers().iter().any(|f| f == finalizer::FINALIZER)
-    {
-        // Gathered with the domain's other detaches into one definition write (`batch`).
+    if let Some((vm, alias)) = leaving(&obj) {
+        // Gathered with the domain's other detaches into one definition write (`batch`); queued
+        // already when the watch showed the deletion, again here in case a batch failed since.
         ctx.definition_batches.enqueue(&vm, &alias);
     }
 
