@@ -16,7 +16,7 @@ use common::*;
 use fleet::*;
 
 /// Objects in the test: `DOMAINS` shut-off domains with `PER_DOMAIN` scsi disks each.
-const DOMAINS: usize = 30;
+const DOMAINS: usize = 100;
 const PER_DOMAIN: usize = 10;
 /// The controller's grace (seconds); the agent renews its Lease every second.
 const GRACE: u64 = 10;
@@ -51,7 +51,7 @@ async fn a_paused_agent_writes_nothing_and_a_dead_one_flips_each_object_once_eac
         &ns.name,
         n,
         "Ready and Bound",
-        Duration::from_secs(300),
+        Duration::from_secs(900),
         |o| settled(o, "Bound"),
     )
     .await;
@@ -104,7 +104,7 @@ async fn a_paused_agent_writes_nothing_and_a_dead_one_flips_each_object_once_eac
         &ns.name,
         n,
         "NodeUnreachable while the agent is stopped",
-        Duration::from_secs(120),
+        Duration::from_secs(300),
         |o| scheduled_reason(o).as_deref() == Some("NodeUnreachable"),
     )
     .await;
@@ -116,7 +116,7 @@ async fn a_paused_agent_writes_nothing_and_a_dead_one_flips_each_object_once_eac
         &ns.name,
         n,
         "Bound again after the agent resumed",
-        Duration::from_secs(120),
+        Duration::from_secs(300),
         |o| settled(o, "Bound"),
     )
     .await;
@@ -150,7 +150,7 @@ async fn a_paused_agent_writes_nothing_and_a_dead_one_flips_each_object_once_eac
         &ns.name,
         0,
         "all deleted",
-        Duration::from_secs(300),
+        Duration::from_secs(600),
         |_| true,
     )
     .await;

@@ -319,11 +319,13 @@ pub fn pending_outcome<S>(
 
 /// The cleanup of a device kind: detaches the device with `alias` (called `what` in messages)
 /// and lets the object go once the guest confirmed; meanwhile `Ready=False DetachPending`.
+/// `guard`, the domain's lock if the caller passes it, is released before the `Detached` Event.
 #[allow(clippy::too_many_arguments)]
 pub async fn finish_detach<K, S>(
     api: &Api<K>,
     obj: &K,
     ctx: &Context,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
     vm: &str,
     alias: &str,
     what: &str,
@@ -346,22 +348,39 @@ where
     };
     match pending_outcome(pending, what, vm, &state, refused) {
         None => {
-            ctx.removal_failures.clear(alias);
-            if was_attached {
-                publish(
-                    &ctx.recorder,
-                    obj,
-                    EventType::Normal,
-                    "Detached",
-                    format!("Detached {what} from {vm}."),
-                )
-                .await;
-            }
+            // The domain's other objects need not wait for this one's Event.
+            drop(guard);
+            detached(obj, ctx, vm, alias, what, was_attached).await;
             Ok(Cleanup::Done)
         }
         Some(outcome) => Ok(Cleanup::Pending(
             write_outcome(api, obj, ctx, prev, outcome).await?,
         )),
+    }
+}
+
+/// The end of a detach: the device with `alias` (called `what`) is gone from `vm`; announces it
+/// with a `Detached` Event if it was attached. Call without holding the domain's lock.
+pub async fn detached<K>(
+    obj: &K,
+    ctx: &Context,
+    vm: &str,
+    alias: &str,
+    what: &str,
+    was_attached: bool,
+) where
+    K: Resource<DynamicType = ()>,
+{
+    ctx.removal_failures.clear(alias);
+    if was_attached {
+        publish(
+            &ctx.recorder,
+            obj,
+            EventType::Normal,
+            "Detached",
+            format!("Detached {what} from {vm}."),
+        )
+        .await;
     }
 }
 

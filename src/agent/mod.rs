@@ -54,6 +54,9 @@ impl AgentKind for VirtualMachineStorage {
     fn waiting(&self) -> bool {
         not_ready(self.status.as_ref().map_or(&[][..], |s| &s.conditions))
     }
+    fn leaving(&self) -> Option<(String, String)> {
+        storage::leaving(self)
+    }
 }
 
 impl AgentKind for VMInterface {
@@ -169,7 +172,7 @@ pub async fn run(
 
     let node = &config.node_name;
     let (storage_ctrl, storage_store, storage_index) =
-        wiring::controller::<VirtualMachineStorage>(&client, node);
+        wiring::controller::<VirtualMachineStorage>(&client, node, &ctx);
     // A storage object waiting for an IsoDownload is woken when that download changes.
     let storage_ctrl = storage_ctrl.watches(
         Api::<IsoDownload>::all(client.clone()),
@@ -205,7 +208,7 @@ pub async fn run(
         shutdown.clone(),
     );
 
-    let (nic_ctrl, nic_store, nic_index) = wiring::controller::<VMInterface>(&client, node);
+    let (nic_ctrl, nic_store, nic_index) = wiring::controller::<VMInterface>(&client, node, &ctx);
     let interfaces = wiring::drive(
         nic_ctrl,
         nic_store,
@@ -217,7 +220,7 @@ pub async fn run(
         shutdown.clone(),
     );
 
-    let (clone_ctrl, clone_store, clone_index) = wiring::controller::<VMClone>(&client, node);
+    let (clone_ctrl, clone_store, clone_index) = wiring::controller::<VMClone>(&client, node, &ctx);
     // A copy's progress and its end wake the task's reconciler, its only status writer.
     let clone_ctrl = clone_ctrl.reconcile_on(ctx.clones.wakeups());
     let clones = wiring::drive(
@@ -231,7 +234,7 @@ pub async fn run(
         shutdown.clone(),
     );
 
-    let (iso_ctrl, iso_store, iso_index) = wiring::controller::<IsoDownload>(&client, node);
+    let (iso_ctrl, iso_store, iso_index) = wiring::controller::<IsoDownload>(&client, node, &ctx);
     // A transfer's progress and its end wake the download's reconciler, its only status writer.
     let iso_ctrl = iso_ctrl.reconcile_on(ctx.downloads.wakeups());
     let downloads = wiring::drive(

@@ -38,6 +38,13 @@ pub trait AgentKind:
 
     /// Whether the object waits for something a storage pool or network event may bring.
     fn waiting(&self) -> bool;
+
+    /// The domain and alias of the device this object, being deleted, takes out of a domain
+    /// definition in a batch (`batch`); queued as soon as the watch shows the deletion, so a
+    /// domain's devices deleted together leave in one write.
+    fn leaving(&self) -> Option<(String, String)> {
+        None
+    }
 }
 
 /// Whether a `Ready` condition is anything but True.
@@ -52,12 +59,14 @@ pub fn not_ready(conditions: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::C
 pub fn controller<K: AgentKind>(
     client: &kube::Client,
     node: &str,
+    ctx: &Arc<Context>,
 ) -> (Controller<K>, reflector::Store<K>, Arc<Index<K>>) {
     let selector = format!("{NODE_LABEL}={node}");
     let (reader, writer) = reflector::store();
     let index = Index::new(K::domains);
     let stream = {
         let index = index.clone();
+        let ctx = ctx.clone();
         watcher(
             Api::<K>::all(client.clone()),
             watcher::Config::default().labels(&selector),
@@ -65,7 +74,14 @@ pub fn controller<K: AgentKind>(
         .default_backoff()
         // Only the agent's own view matters: the field ownership records are dead weight.
         .modify(|o: &mut K| o.managed_fields_mut().clear())
-        .inspect_ok(move |ev| index.apply(ev))
+        .inspect_ok(move |ev| {
+            index.apply(ev);
+            if let watcher::Event::Apply(o) | watcher::Event::InitApply(o) = ev
+                && let Some((vm, alias)) = o.leaving()
+            {
+                ctx.definition_batches.enqueue(&vm, &alias);
+            }
+        })
         .reflect(writer)
         .applied_objects()
     };

@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{Stream, StreamExt};
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{Api, Patch, PatchParams};
@@ -147,10 +147,21 @@ pub async fn run(
 async fn lead(client: Client, config: &ControllerConfig, readiness: Readiness, shutdown: Shutdown) {
     let (reader, writer) = reflector::store();
     let hv_api: Api<Hypervisor> = Api::all(client.clone());
+    // Each change reaches the binders only after it is in `reader`, the view their reconciles
+    // judge by: with a watch of their own, a binder could be woken before `reader` had the new
+    // inventory, judge the object unschedulable again, and not look again for five minutes.
+    let (hv_changes, _) = tokio::sync::broadcast::channel::<Arc<Hypervisor>>(256);
+    let receivers: [_; 4] = std::array::from_fn(|_| hv_changes.subscribe());
+    let [vms_rx, vmi_rx, clone_rx, iso_rx] = receivers;
     let hv_stream = reflector(writer, watcher(hv_api.clone(), watcher::Config::default()))
         .default_backoff()
         .touched_objects()
-        .for_each(|_| futures::future::ready(()));
+        .for_each(move |hv| {
+            if let Ok(hv) = hv {
+                let _ = hv_changes.send(Arc::new(hv));
+            }
+            futures::future::ready(())
+        });
     let (grants, grants_feed) = NamespaceGrants::new(config.tenancy);
     let grants_feed = grants_feed.run(client.clone(), readiness.gate(), shutdown);
     let ctx = Arc::new(Context {
@@ -182,19 +193,24 @@ async fn lead(client: Client, config: &ControllerConfig, readiness: Readiness, s
         hv_stream,
         grants_feed,
         ready,
-        bind::<VirtualMachineStorage>(client.clone(), ctx.clone(), readiness.gate()),
-        bind::<VMInterface>(client.clone(), ctx.clone(), readiness.gate()),
-        bind::<VMClone>(client.clone(), ctx.clone(), readiness.gate()),
-        bind::<IsoDownload>(client.clone(), ctx.clone(), readiness.gate()),
+        bind::<VirtualMachineStorage>(client.clone(), ctx.clone(), readiness.gate(), vms_rx),
+        bind::<VMInterface>(client.clone(), ctx.clone(), readiness.gate(), vmi_rx),
+        bind::<VMClone>(client.clone(), ctx.clone(), readiness.gate(), clone_rx),
+        bind::<IsoDownload>(client.clone(), ctx.clone(), readiness.gate(), iso_rx),
         node_health,
     );
 }
 
-/// Runs the binder for one kind; opens `gate` once its watch is synced. Hypervisor changes wake
-/// the objects they may concern; a change of a namespace's grants wakes its unbound objects.
-/// Starts only once the grants view is synced, so no object is refused on an empty view.
-async fn bind<K>(client: Client, ctx: Arc<Context>, gate: Gate)
-where
+/// Runs the binder for one kind; opens `gate` once its watch is synced. Hypervisor changes
+/// (`hv_changes`, sent once they are in `ctx.hypervisors`) wake the objects they may concern; a
+/// change of a namespace's grants wakes its unbound objects. Starts only once the grants view is
+/// synced, so no object is refused on an empty view.
+async fn bind<K>(
+    client: Client,
+    ctx: Arc<Context>,
+    gate: Gate,
+    hv_changes: tokio::sync::broadcast::Receiver<Arc<Hypervisor>>,
+) where
     K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
         + Bindable
         + Clone
@@ -236,28 +252,35 @@ where
             futures::stream::iter(bound)
         })
     };
-    let seen = std::sync::Mutex::new(HashMap::<String, u64>::new());
-    let binder = ctrl
-        .watches(
-            Api::<Hypervisor>::all(client),
-            watcher::Config::default(),
-            move |hv: Hypervisor| {
-                let node = hv.name_any();
+    let hv_changed = {
+        let store = store.clone();
+        let mut seen = HashMap::<String, u64>::new();
+        hypervisor_changes(hv_changes).flat_map(move |hv| {
+            // A missed change (a lagging receiver) may concern any node: wake every object.
+            let node = hv.as_ref().map(|hv| hv.name_any());
+            let changed = hv.as_ref().is_none_or(|hv| {
                 // A heartbeat alone changes nothing for binding: only a changed inventory or Ready.
-                let print = binding_fingerprint(&hv);
-                let mut seen = seen.lock().unwrap_or_else(|p| p.into_inner());
-                if seen.insert(node.clone(), print) == Some(print) {
-                    return Vec::new();
-                }
-                drop(seen);
+                let print = binding_fingerprint(hv);
+                seen.insert(hv.name_any(), print) != Some(print)
+            });
+            let woken: Vec<ObjectRef<K>> = if changed {
                 store
                     .state()
                     .into_iter()
-                    .filter(|o| o.labels().get(NODE_LABEL).is_none_or(|n| *n == node))
+                    .filter(|o| {
+                        node.as_ref()
+                            .is_none_or(|node| o.labels().get(NODE_LABEL).is_none_or(|n| n == node))
+                    })
                     .map(|o| ObjectRef::from_obj(&*o))
-                    .collect::<Vec<_>>()
-            },
-        )
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            futures::stream::iter(woken)
+        })
+    };
+    let binder = ctrl
+        .reconcile_on(hv_changed)
         .reconcile_on(regranted)
         .reconcile_on(health_changed)
         .run(
@@ -289,6 +312,19 @@ where
         }
     };
     tokio::join!(binder, ready);
+}
+
+/// The Hypervisors changed, from `rx`; `None` when some were missed (the receiver lagged).
+fn hypervisor_changes(
+    rx: tokio::sync::broadcast::Receiver<Arc<Hypervisor>>,
+) -> impl Stream<Item = Option<Arc<Hypervisor>>> + Send + 'static {
+    futures::stream::unfold(rx, |mut rx| async move {
+        match rx.recv().await {
+            Ok(hv) => Some((Some(hv), rx)),
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => Some((None, rx)),
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => None,
+        }
+    })
 }
 
 /// What binding reads of a Hypervisor: its domains, pools and Ready status.

@@ -46,8 +46,9 @@ pub fn without_devices(
 impl Libvirt {
     /// Removes the devices with `aliases` from the definition of `vm` in one write, if `vm` is
     /// defined, shut off and has no managed save (whose restore expects the old devices).
-    /// Returns the aliases removed; none when `vm` does not qualify, so the caller's per-device
-    /// path does the work (and reports its errors).
+    /// Returns the aliases removed, which are then gone from `vm` altogether: none when `vm` does
+    /// not qualify, or was started while the new definition was written (its running guest may
+    /// still hold them), so the caller's per-device path does the work (and reports its errors).
     pub async fn detach_from_shut_off(
         &self,
         vm: &str,
@@ -75,9 +76,10 @@ impl Libvirt {
         else {
             return Ok(Vec::new());
         };
-        self.call(ACTION, move |c| c.define_domain_xml(&next).map(|_| ()))
+        let started = self
+            .call(ACTION, move |c| c.define_domain_xml(&next)?.is_active())
             .await?;
-        Ok(removed)
+        Ok(if started { Vec::new() } else { removed })
     }
 }
 

@@ -87,6 +87,7 @@ async fn cleanup(
         api,
         obj,
         ctx,
+        None,
         vm,
         alias,
         &what,

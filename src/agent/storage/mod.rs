@@ -21,6 +21,7 @@ use kube::ResourceExt;
 use kube::api::Api;
 use kube::runtime::controller::Action;
 
+use super::batch::Turn;
 use super::context::{Context, ReconcileError};
 use super::{device, finalizer, status};
 use crate::api::{VirtualMachineStorage, VirtualMachineStorageStatus};
@@ -35,6 +36,20 @@ fn alias_of(obj: &VirtualMachineStorage) -> String {
 
 fn find_disk(d: &DomainXml, alias: &str) -> Option<String> {
     d.disk(alias).map(|x| x.xml.clone())
+}
+
+/// The domain and alias of the disk `obj` takes out of a definition, when it is being deleted
+/// and holds the agent's finalizer (so its cleanup is still to come).
+pub(super) fn leaving(obj: &VirtualMachineStorage) -> Option<(String, String)> {
+    let deleting = obj.metadata.deletion_timestamp.is_some()
+        && obj.finalizers().iter().any(|f| f == finalizer::FINALIZER);
+    deleting.then(|| {
+        let vm = device::domain_of(
+            obj.status.as_ref().and_then(|s| s.vm.as_ref()),
+            &obj.spec.vm,
+        );
+        (vm, alias_of(obj))
+    })
 }
 
 /// Reconciles one VirtualMachineStorage.
@@ -52,25 +67,24 @@ pub(super) async fn reconcile(
         &obj.spec.vm,
     );
     let lock = ctx.locks.get(&vm);
-    if obj.metadata.deletion_timestamp.is_some()
-        && obj.finalizers().iter().any(|f| f == finalizer::FINALIZER)
-    {
-        // Gathered with the domain's other detaches into one definition write (`batch`).
+    if let Some((vm, alias)) = leaving(&obj) {
+        // Gathered with the domain's other detaches into one definition write (`batch`); queued
+        // already when the watch showed the deletion, again here in case a batch failed since.
         ctx.definition_batches.enqueue(&vm, &alias);
     }
 
     let start = std::time::Instant::now();
     finalizer::finalizer(&api, obj, |event| async {
         // The domain's lock covers the libvirt work and the status write, not the finalizer's
-        // own API calls: adding or removing a finalizer never holds up the domain's other objects.
-        let locking = std::time::Instant::now();
-        let _guard = lock.lock().await;
-        let locked = std::time::Instant::now();
+        // own API calls nor Events: they never hold up the domain's other objects.
         match event {
             finalizer::Event::Cleanup(obj) => Ok(finalizer::Step::Cleanup(
-                cleanup(&api, &obj, &ctx, &vm, &alias).await?,
+                cleanup(&api, &obj, &ctx, lock.clone(), &vm, &alias).await?,
             )),
             finalizer::Event::Apply(obj) => {
+                let locking = std::time::Instant::now();
+                let _guard = lock.lock().await;
+                let locked = std::time::Instant::now();
                 let prev = obj.status.clone().unwrap_or_default();
                 let mut steps = Steps::default();
                 let outcome = match pipeline(&obj, &ctx, &alias, &prev, &mut steps).await {
@@ -150,34 +164,49 @@ async fn pipeline(
     Ok(report::report(prev, &plan, applied))
 }
 
+/// Detaches the disk: in a batch with the domain's other detaches when it is shut off (then
+/// without waiting for the domain's lock), else on its own under the lock.
 async fn cleanup(
     api: &Api<VirtualMachineStorage>,
     obj: &VirtualMachineStorage,
     ctx: &Context,
+    lock: Arc<tokio::sync::Mutex<()>>,
     vm: &str,
     alias: &str,
 ) -> Result<finalizer::Cleanup, ReconcileError> {
-    ctx.definition_batches.flush(&ctx.libvirt, vm).await;
     let prev = obj.status.clone().unwrap_or_default();
     let what = prev.target.clone().unwrap_or_else(|| alias.to_string());
     let was_attached = prev.live == Some(true) || prev.persistent == Some(true);
-    let pending = VirtualMachineStorageStatus {
-        persistent: Some(false),
-        ..prev.clone()
+    let done = match ctx
+        .definition_batches
+        .turn(&ctx.libvirt, lock, vm, alias)
+        .await
+    {
+        Turn::Removed => {
+            device::detached(obj, ctx, vm, alias, &what, was_attached).await;
+            finalizer::Cleanup::Done
+        }
+        Turn::Locked(guard) => {
+            let pending = VirtualMachineStorageStatus {
+                persistent: Some(false),
+                ..prev.clone()
+            };
+            device::finish_detach(
+                api,
+                obj,
+                ctx,
+                Some(guard),
+                vm,
+                alias,
+                &what,
+                was_attached,
+                find_disk,
+                &prev,
+                pending,
+            )
+            .await?
+        }
     };
-    let done = device::finish_detach(
-        api,
-        obj,
-        ctx,
-        vm,
-        alias,
-        &what,
-        was_attached,
-        find_disk,
-        &prev,
-        pending,
-    )
-    .await?;
     if matches!(done, finalizer::Cleanup::Done) {
         volume::reclaim(obj, ctx).await?;
     }
