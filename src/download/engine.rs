@@ -370,6 +370,7 @@ impl<'a> Job<'a> {
             content_type,
             mut body,
         } = opened;
+        tracing::debug!(step = "response", start, total = ?remote.total, "response headers received");
         if start == 0 {
             if let Some(reason) = restart.or((len > 0).then_some(RestartReason::PartialUnusable)) {
                 tracing::info!(url = %self.display, %reason, discarded = len, "restarting the download from zero");
@@ -451,7 +452,9 @@ impl<'a> Job<'a> {
         };
         stats.transferred += received;
         stats.since_restart += received;
+        tracing::debug!(step = "last_byte", received, "transfer ended");
         let mut done = sink.finish().await?;
+        tracing::debug!(step = "synced", "data written and synced");
         if let Some(e) = done.failure.take() {
             self.discard_held(done.file).await?;
             return Err(e);
@@ -504,7 +507,9 @@ impl<'a> Job<'a> {
         };
         let bytes = decoded.as_ref().map_or(received, |d| d.len);
         let compression = decoded.as_ref().map(|d| d.compression);
+        tracing::debug!(step = "verified", "data checked");
         self.finalize(done.file, bytes, decoded).await?;
+        tracing::debug!(step = "renamed", bytes, "file renamed into place");
         reporter.phase(Phase::Completed);
         Ok(Attempted {
             bytes,
@@ -578,6 +583,9 @@ impl<'a> Job<'a> {
             match read {
                 Ok(0) => break Stop::End,
                 Ok(n) => {
+                    if received == 0 {
+                        tracing::debug!(step = "first_byte", "first data received");
+                    }
                     received += n as u64;
                     reporter.add(n);
                     if let Some(limit) = limit

@@ -203,6 +203,7 @@ pub async fn run(input: JobInput, job: Arc<JobCtx<JobProgress>>) -> JobResult {
 
 impl Task {
     async fn run(mut self) -> JobResult {
+        tracing::debug!(step = "job_started", "download job started");
         let mut backoff = RETRY_FIRST;
         loop {
             let Some(permit) = self.slot().await else {
@@ -301,6 +302,7 @@ impl Task {
                     () = self.job.cancel.cancelled() => return Ok(JobResult::Stopped),
                     info = download::probe(&request, &options) => info.map_err(Stop::Error)?,
                 };
+                tracing::debug!(step = "probed", total = ?info.total_bytes, "probed the server");
                 let kept = self.kept().await;
                 let space = checks::Space {
                     total: info.total_bytes,
@@ -338,6 +340,7 @@ impl Task {
         self.progress.bytes_done = Some(kept);
         self.progress.accepts_ranges = info.accepts_ranges;
         self.milestone().await;
+        tracing::debug!(step = "transfer_started", "starting the transfer");
 
         let (tx, mut rx) = watch::channel(download::Progress::default());
         let metrics = crate::metrics::get();

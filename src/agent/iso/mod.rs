@@ -94,7 +94,9 @@ async fn apply_pass(
     }
     if let Some(w) = report.write {
         let prev = obj.status.clone().unwrap_or_default();
+        let phase = w.status.phase;
         status::write_status(api, obj, &prev, w.status, &[w.ready, w.progressing]).await?;
+        tracing::debug!(step = "status_written", ?phase, "status written");
     }
     if let Some(seq) = report.progress {
         ctx.downloads.written(&uid, seq);
