@@ -101,11 +101,13 @@ async fn apply_pass(
     if let Some(seq) = report.progress {
         ctx.downloads.written(&uid, seq);
     }
-    for (type_, reason, note) in report.events {
-        status::publish(&ctx.recorder, obj, type_, reason, note).await;
-    }
+    // The record goes as soon as Completed is written, not after the Events: whoever sees
+    // Completed finds the pool as it stays.
     if let Some(at) = &report.clear {
         apply::clear_record(at).await;
+    }
+    for (type_, reason, note) in report.events {
+        status::publish(&ctx.recorder, obj, type_, reason, note).await;
     }
     Ok(report.action)
 }
