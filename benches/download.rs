@@ -6,7 +6,18 @@
 //! `/dev/shm` (tmpfs, so the disk does not dominate; set `VIRTPLANE_BENCH_DIR` to measure
 //! another directory). Prints MiB/s for both, their ratio, one run with SHA-256 verification
 //! and the peak RSS of this process. Not run by `cargo test`.
-#![allow(clippy::unwrap_used)]
+//!
+//! With the local environment up (`eval "$(hack/env-up.sh)"`, so `KUBECONFIG` is set) it then
+//! runs `VIRTPLANE_BENCH_ROUNDS` (3) rounds of a 1 GiB `IsoDownload` from apply to `Completed`
+//! through a real agent and controller, each next to curl of the same file in the same round,
+//! with a per-step timing table and the agent's peak RSS (see `download/iso.rs`).
+//! `VIRTPLANE_BENCH_PARTS` (`engine,iso`) chooses the parts.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+#[path = "download/iso.rs"]
+mod iso;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -164,6 +175,28 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
+    let parts = std::env::var("VIRTPLANE_BENCH_PARTS").unwrap_or_else(|_| "engine,iso".into());
+    if parts.split(',').any(|p| p == "engine") {
+        engine(&rt, &url, dir.path(), &base);
+    }
+    if parts.split(',').any(|p| p == "iso") {
+        if std::env::var_os("KUBECONFIG").is_none() {
+            println!(
+                "IsoDownload rounds skipped: KUBECONFIG is not set (eval \"$(hack/env-up.sh)\")"
+            );
+            return;
+        }
+        let rounds = std::env::var("VIRTPLANE_BENCH_ROUNDS")
+            .ok()
+            .and_then(|r| r.parse().ok())
+            .unwrap_or(3);
+        rt.block_on(iso::run(&url, &base, rounds));
+    }
+}
+
+/// The engine alone against curl.
+fn engine(rt: &tokio::runtime::Runtime, url: &str, dir: &Path, base: &Path) {
+    let url = url.to_owned();
 
     println!(
         "downloading {} MiB from {url} into {} ({RUNS} runs each, alternating)",
@@ -171,13 +204,13 @@ fn main() {
         base.display()
     );
     // Warm up both paths (page cache, allocator, server).
-    rt.block_on(ours(&url, dir.path(), None));
-    curl(&url, dir.path());
+    rt.block_on(ours(&url, dir, None));
+    curl(&url, dir);
 
     let (mut our_rates, mut curl_rates) = (Vec::new(), Vec::new());
     for run in 1..=RUNS {
-        let o = mib_per_s(rt.block_on(ours(&url, dir.path(), None)));
-        let c = mib_per_s(curl(&url, dir.path()));
+        let o = mib_per_s(rt.block_on(ours(&url, dir, None)));
+        let c = mib_per_s(curl(&url, dir));
         println!("run {run}: virtplane {o:8.1} MiB/s   curl {c:8.1} MiB/s");
         our_rates.push(o);
         curl_rates.push(c);
@@ -203,7 +236,7 @@ fn main() {
         algorithm: ChecksumAlgorithm::Sha256,
         hex: digest,
     };
-    let s = mib_per_s(rt.block_on(ours(&url, dir.path(), Some(checksum))));
+    let s = mib_per_s(rt.block_on(ours(&url, dir, Some(checksum))));
     println!("with SHA-256 verification: virtplane {s:8.1} MiB/s");
     if let Some(kib) = peak_rss_kib() {
         println!(

@@ -12,8 +12,9 @@
 //! for what was kept, not network, and works the same for xz, gzip and zstd, so no format
 //! restarts from zero.
 //!
-//! The decoded output is held to the size limit and the pool's free-space floor
-//! ([`OutLimits`]): a decompression bomb fails with [`DownloadError::TooLarge`]. A stream the
+//! The decoded output is held to the size limit ([`OutLimits`]): a decompression bomb fails
+//! with [`DownloadError::TooLarge`]. It is held to the pool's free-space floor by the same
+//! [`Floor`] as the data as served, with the same [`DownloadError::BelowFloor`]. A stream the
 //! decoder rejects, or one that ends in the middle, fails with
 //! [`DownloadError::CorruptImage`]. Either way the caller deletes everything. xz and gzip
 //! carry a checksum of the data (CRC64 or CRC32); a zstd frame carries one when its writer
@@ -28,12 +29,10 @@ use std::path::{Path, PathBuf};
 use tokio_util::sync::CancellationToken;
 
 use super::DownloadError;
+use super::limits::Floor;
 
 /// Bytes of a file's head [`Compression::detect`] needs.
 pub const MAGIC_LEN: usize = 6;
-
-/// How often (in decoded bytes) the pool's free space is looked at.
-const SPACE_CHECK_EVERY: u64 = 64 * 1024 * 1024;
 
 /// A compression found by its magic bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -86,7 +85,7 @@ pub(crate) struct DecodeConfig {
     pub url: String,
     /// The largest decoded file.
     pub max_bytes: Option<u64>,
-    /// Bytes the pool's file system must keep free.
+    /// Bytes the pool's file system must keep free, checked by a [`Floor`].
     pub min_free_bytes: Option<u64>,
 }
 
@@ -95,35 +94,24 @@ pub(crate) struct DecodeConfig {
 enum OutLimit {
     #[error("the decoded image is larger than {0} bytes")]
     TooLarge(u64),
-    #[error("the pool has less than {0} bytes free")]
-    NoSpace(u64),
+    /// The pool's [`Floor`] refused ([`DownloadError::BelowFloor`]).
+    #[error(transparent)]
+    Floor(DownloadError),
 }
 
-/// Limits on the decoded output, pure: fed the length so far and the pool's free bytes.
+/// The size limit of the decoded output, pure: fed the length so far.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct OutLimits {
     pub max_bytes: Option<u64>,
-    pub min_free_bytes: Option<u64>,
 }
 
 impl OutLimits {
-    /// Whether the free space must be looked at after growing from `before` to `after`.
-    fn space_check_due(&self, before: u64, after: u64) -> bool {
-        self.min_free_bytes.is_some()
-            && (before == 0 || before / SPACE_CHECK_EVERY != after / SPACE_CHECK_EVERY)
-    }
-
-    /// Checks `len` decoded bytes, with `available` free bytes in the pool when looked at.
-    fn check(&self, len: u64, available: Option<u64>) -> Result<(), OutLimit> {
+    /// Checks `len` decoded bytes.
+    fn check(&self, len: u64) -> Result<(), OutLimit> {
         if let Some(max) = self.max_bytes
             && len > max
         {
             return Err(OutLimit::TooLarge(max));
-        }
-        if let (Some(floor), Some(available)) = (self.min_free_bytes, available)
-            && available < floor.saturating_add(SPACE_CHECK_EVERY)
-        {
-            return Err(OutLimit::NoSpace(floor));
         }
         Ok(())
     }
@@ -132,22 +120,24 @@ impl OutLimits {
 /// The decoded file, counting and limiting what is written to it.
 pub(crate) struct Out {
     file: File,
+    path: PathBuf,
     len: u64,
     limits: OutLimits,
-    dir: PathBuf,
+    floor: Option<Floor>,
 }
 
 impl Write for Out {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let after = self.len + buf.len() as u64;
-        let available = if self.limits.space_check_due(self.len, after) {
-            Some(available(&self.dir)?)
-        } else {
-            None
-        };
         self.limits
-            .check(after, available)
+            .check(self.len + buf.len() as u64)
             .map_err(io::Error::other)?;
+        // Before writing more: the same floor as the data as served.
+        if let Some(f) = self.floor.as_mut()
+            && f.due(buf.len() as u64)
+        {
+            f.check(&self.file, &self.path)
+                .map_err(|e| io::Error::other(OutLimit::Floor(e)))?;
+        }
         let n = self.file.write(buf)?;
         self.len += n as u64;
         Ok(n)
@@ -156,12 +146,6 @@ impl Write for Out {
     fn flush(&mut self) -> io::Result<()> {
         self.file.flush()
     }
-}
-
-/// Free bytes for unprivileged users in the file system of `dir`.
-fn available(dir: &Path) -> io::Result<u64> {
-    let st = rustix::fs::statvfs(dir).map_err(io::Error::from)?;
-    Ok(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
 /// A running decoder.
@@ -250,15 +234,12 @@ impl Active {
             .map_err(|e| DownloadError::io("create", &config.out, e))?;
         let out = Out {
             file,
+            path: config.out.clone(),
             len: 0,
             limits: OutLimits {
                 max_bytes: config.max_bytes,
-                min_free_bytes: config.min_free_bytes,
             },
-            dir: config
-                .out
-                .parent()
-                .map_or_else(|| PathBuf::from("."), Path::to_path_buf),
+            floor: config.min_free_bytes.map(Floor::new),
         };
         let decoder = match compression {
             Compression::Xz => Decoder::Xz(liblzma::write::XzDecoder::new_multi_decoder(out)),
@@ -314,18 +295,16 @@ impl Active {
 
 /// Sorts a decoder's error: a limit of the output, a write error of the pool, or bad data.
 fn classify(config: &DecodeConfig, compression: Compression, e: io::Error) -> DownloadError {
-    if let Some(limit) = e.get_ref().and_then(|i| i.downcast_ref::<OutLimit>()) {
-        return match limit {
-            OutLimit::TooLarge(limit) => DownloadError::TooLarge {
+    let e = match e.downcast::<OutLimit>() {
+        Ok(OutLimit::TooLarge(limit)) => {
+            return DownloadError::TooLarge {
                 url: config.url.clone(),
-                limit: *limit,
-            },
-            OutLimit::NoSpace(floor) => DownloadError::InsufficientSpace {
-                url: config.url.clone(),
-                floor: *floor,
-            },
-        };
-    }
+                limit,
+            };
+        }
+        Ok(OutLimit::Floor(e)) => return e,
+        Err(e) => e,
+    };
     if e.raw_os_error().is_some() {
         return DownloadError::io("write", &config.out, e);
     }
@@ -340,13 +319,12 @@ fn classify(config: &DecodeConfig, compression: Compression, e: io::Error) -> Do
     }
 }
 
-/// Whether the errors mean the data must be deleted (not kept for resuming).
+/// Whether the errors mean the data must be deleted (not kept for resuming). The floor
+/// ([`DownloadError::BelowFloor`]) keeps it, whichever of the two files reached it.
 pub(crate) fn is_fatal(e: &DownloadError) -> bool {
     matches!(
         e,
-        DownloadError::TooLarge { .. }
-            | DownloadError::CorruptImage { .. }
-            | DownloadError::InsufficientSpace { .. }
+        DownloadError::TooLarge { .. } | DownloadError::CorruptImage { .. }
     )
 }
 

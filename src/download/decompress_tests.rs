@@ -248,31 +248,14 @@ fn resuming_rebuilds_the_decoder_from_the_kept_bytes() {
 fn output_limits() {
     let max = OutLimits {
         max_bytes: Some(100),
-        min_free_bytes: None,
     };
-    assert!(max.check(100, None).is_ok());
-    assert!(matches!(max.check(101, None), Err(OutLimit::TooLarge(100))));
-    assert!(!max.space_check_due(0, 10), "no floor, no look at the disk");
-    let floor = OutLimits {
-        max_bytes: None,
-        min_free_bytes: Some(1000),
-    };
-    assert!(floor.space_check_due(0, 1));
-    assert!(!floor.space_check_due(1, SPACE_CHECK_EVERY - 1));
-    assert!(floor.space_check_due(SPACE_CHECK_EVERY - 1, SPACE_CHECK_EVERY));
-    assert!(floor.check(5, Some(1000 + SPACE_CHECK_EVERY)).is_ok());
-    assert!(matches!(
-        floor.check(5, Some(1000 + SPACE_CHECK_EVERY - 1)),
-        Err(OutLimit::NoSpace(1000))
-    ));
-    assert!(
-        floor.check(u64::MAX, None).is_ok(),
-        "not looked at: no verdict"
-    );
+    assert!(max.check(100).is_ok());
+    assert!(matches!(max.check(101), Err(OutLimit::TooLarge(100))));
+    assert!(OutLimits { max_bytes: None }.check(u64::MAX).is_ok());
 }
 
 #[test]
-fn a_full_pool_is_insufficient_space() {
+fn a_full_pool_stops_decoding_at_the_writers_floor() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = DecodeConfig {
         min_free_bytes: Some(u64::MAX / 2),
@@ -280,8 +263,14 @@ fn a_full_pool_is_insufficient_space() {
     };
     let packed = compress(Compression::Gzip, &data(10_000));
     let e = decode(cfg, &packed, 4096).unwrap_err();
-    assert!(matches!(e, DownloadError::InsufficientSpace { .. }), "{e}");
+    // The same error as the data as served reaching the floor, and kept like it.
+    assert!(
+        matches!(&e, DownloadError::BelowFloor { path, floor, .. }
+            if *floor == u64::MAX / 2 && path.ends_with(".x.part.out")),
+        "{e}"
+    );
     assert_eq!(e.reason(), "InsufficientSpace");
+    assert!(!is_fatal(&e), "the floor keeps the data");
 }
 
 #[test]

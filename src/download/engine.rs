@@ -18,8 +18,8 @@ use super::progress::{PUBLISH_EVERY, Reporter};
 use super::sink::{Sink, SinkStart};
 use super::state::{self, SIDECAR_VERSION, Sidecar};
 use super::{
-    ChecksumAlgorithm, DownloadError, DownloadOptions, DownloadRequest, Outcome, Phase, Progress,
-    RemoteInfo, RestartReason, blocking,
+    Admit, ChecksumAlgorithm, DownloadError, DownloadOptions, DownloadRequest, Outcome, Phase,
+    Progress, RemoteInfo, RestartReason, blocking,
 };
 
 /// Parses a request's URL.
@@ -50,9 +50,21 @@ pub(crate) struct RemoteFile {
     pub etag: Option<String>,
     pub last_modified: Option<String>,
     pub total: Option<u64>,
+    /// Whether the server announced (or showed) range support.
+    pub accepts_ranges: bool,
 }
 
 impl RemoteFile {
+    /// What [`crate::download::probe`] would have said, learnt from the transfer's own answer.
+    pub(crate) fn info(&self) -> RemoteInfo {
+        RemoteInfo {
+            total_bytes: self.total,
+            etag: self.etag.clone(),
+            last_modified: self.last_modified.clone(),
+            accepts_ranges: self.accepts_ranges,
+        }
+    }
+
     pub(crate) fn sidecar(&self, url: &str) -> Sidecar {
         Sidecar {
             version: SIDECAR_VERSION,
@@ -69,6 +81,8 @@ impl RemoteFile {
             etag: s.etag.clone(),
             last_modified: s.last_modified.clone(),
             total: s.total_bytes,
+            // Only a resume (a range request) is answered from what was recorded.
+            accepts_ranges: true,
         }
     }
 }
@@ -123,6 +137,8 @@ pub(crate) struct Job<'a> {
     /// Decompression and image checks ([`DownloadRequest::disk_image`]).
     decode: Option<DecodeConfig>,
     source: Source,
+    /// Asked once the server answered, before any data is written.
+    admit: Option<Admit<'a>>,
 }
 
 /// Totals over the attempts of one call.
@@ -192,7 +208,16 @@ impl<'a> Job<'a> {
             owner: request.owner.clone(),
             allow_markup: request.allow_markup,
             source,
+            admit: None,
         })
+    }
+
+    /// Asks `admit` about the server's answer of each attempt before writing its data.
+    pub(crate) fn admitted(self, admit: Admit<'a>) -> Self {
+        Self {
+            admit: Some(admit),
+            ..self
+        }
     }
 
     pub(crate) async fn probe(&self) -> Result<RemoteInfo, DownloadError> {
@@ -370,6 +395,7 @@ impl<'a> Job<'a> {
             content_type,
             mut body,
         } = opened;
+        tracing::debug!(step = "response", start, total = ?remote.total, "response headers received");
         if start == 0 {
             if let Some(reason) = restart.or((len > 0).then_some(RestartReason::PartialUnusable)) {
                 tracing::info!(url = %self.display, %reason, discarded = len, "restarting the download from zero");
@@ -401,6 +427,15 @@ impl<'a> Job<'a> {
         if let Err(e) = limits.response(remote.total, content_type.as_deref()) {
             drop(body);
             self.discard_held(file).await?;
+            return Err(e);
+        }
+        // The caller's own checks (free space) on what the server said, instead of asking it
+        // first in a separate request.
+        if let Some(e) = self.admit.and_then(|admit| admit(&remote.info()).err()) {
+            drop(body);
+            if len == 0 {
+                self.discard_held(file).await?;
+            }
             return Err(e);
         }
         let limit = remote.total.or(self.expected_size);
@@ -451,7 +486,9 @@ impl<'a> Job<'a> {
         };
         stats.transferred += received;
         stats.since_restart += received;
+        tracing::debug!(step = "last_byte", received, "transfer ended");
         let mut done = sink.finish().await?;
+        tracing::debug!(step = "synced", "data written and synced");
         if let Some(e) = done.failure.take() {
             self.discard_held(done.file).await?;
             return Err(e);
@@ -504,7 +541,9 @@ impl<'a> Job<'a> {
         };
         let bytes = decoded.as_ref().map_or(received, |d| d.len);
         let compression = decoded.as_ref().map(|d| d.compression);
+        tracing::debug!(step = "verified", "data checked");
         self.finalize(done.file, bytes, decoded).await?;
+        tracing::debug!(step = "renamed", bytes, "file renamed into place");
         reporter.phase(Phase::Completed);
         Ok(Attempted {
             bytes,
@@ -578,6 +617,9 @@ impl<'a> Job<'a> {
             match read {
                 Ok(0) => break Stop::End,
                 Ok(n) => {
+                    if received == 0 {
+                        tracing::debug!(step = "first_byte", "first data received");
+                    }
                     received += n as u64;
                     reporter.add(n);
                     if let Some(limit) = limit

@@ -195,17 +195,6 @@ pub enum DownloadError {
         /// What was found ("a qcow2 image with a backing file …").
         detail: String,
     },
-    /// Writing the decompressed image would leave less than the pool's free-space floor.
-    /// The downloaded data was deleted.
-    #[error(
-        "failed to decompress {url}: the decompressed image would leave less than {floor} bytes free in the pool; the downloaded data was deleted"
-    )]
-    InsufficientSpace {
-        /// The URL (without credentials).
-        url: String,
-        /// The bytes the pool keeps free (with those reserved by other downloads).
-        floor: u64,
-    },
     /// The server answered with an HTML or XML document (an error or login page), not the
     /// file. Any partial data was deleted.
     #[error(
@@ -239,6 +228,15 @@ pub enum DownloadError {
         available: u64,
         /// The floor.
         floor: u64,
+    },
+    /// The caller's admission check ([`crate::download::Admit`]) refused the server's answer
+    /// before any data was written.
+    #[error("failed to download {url}: {why}")]
+    NotAdmitted {
+        /// The URL (without credentials).
+        url: String,
+        /// The caller's reason, as a sentence fragment.
+        why: String,
     },
     /// The HTTP server answered a status the downloader cannot use.
     #[error("failed to download {url}: the server answered HTTP {status}")]
@@ -324,10 +322,10 @@ impl DownloadError {
             Self::TooLarge { .. } => "TooLarge",
             Self::ErrorPage { .. } => "ErrorPage",
             Self::CorruptImage { .. } => "CorruptImage",
-            Self::InsufficientSpace { .. } => "InsufficientSpace",
             Self::UnsafeImage { .. } => "UnsafeImage",
             Self::Interrupted { .. } => "TransferInterrupted",
             Self::BelowFloor { .. } => "InsufficientSpace",
+            Self::NotAdmitted { .. } => "NotAdmitted",
             Self::HttpStatus { .. } => "ServerError",
             Self::FtpReply { .. } => "ServerError",
             Self::Protocol { .. } => "ProtocolError",

@@ -255,16 +255,6 @@ impl FtpSource {
             Err(e) if e.is_transient() => return Err(e),
             Err(_) => None,
         };
-        Ok(RemoteFile {
-            etag: None,
-            last_modified,
-            total,
-        })
-    }
-
-    pub(crate) async fn probe(&self) -> Result<RemoteInfo, DownloadError> {
-        let mut ftp = self.session().await?;
-        let remote = self.describe(&mut ftp).await?;
         let accepts_ranges = match self.timed("asking the features", ftp.feat()).await {
             Ok(features) => features.iter().any(|(name, value)| {
                 name.eq_ignore_ascii_case("REST")
@@ -274,13 +264,19 @@ impl FtpSource {
             }),
             Err(_) => false,
         };
-        quit(ftp).await;
-        Ok(RemoteInfo {
-            total_bytes: remote.total,
+        Ok(RemoteFile {
             etag: None,
-            last_modified: remote.last_modified,
+            last_modified,
+            total,
             accepts_ranges,
         })
+    }
+
+    pub(crate) async fn probe(&self) -> Result<RemoteInfo, DownloadError> {
+        let mut ftp = self.session().await?;
+        let remote = self.describe(&mut ftp).await?;
+        quit(ftp).await;
+        Ok(remote.info())
     }
 
     pub(crate) async fn open(

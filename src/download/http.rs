@@ -172,8 +172,7 @@ impl HttpSource {
             total_bytes: content_length(headers),
             etag: header_string(headers, header::ETAG),
             last_modified: header_string(headers, header::LAST_MODIFIED),
-            accepts_ranges: header_str(headers, header::ACCEPT_RANGES)
-                .is_some_and(|v| v.split(',').any(|u| u.trim().eq_ignore_ascii_case("bytes"))),
+            accepts_ranges: accepts_ranges(headers),
         })
     }
 
@@ -218,6 +217,7 @@ impl HttpSource {
                         etag: now.etag.or_else(|| prior.etag.clone()),
                         last_modified: now.last_modified.or_else(|| prior.last_modified.clone()),
                         total: now.total.or(prior.total_bytes),
+                        accepts_ranges: true,
                     },
                     restart: None,
                     body: Body::Http(HttpBody::new(resp, self)),
@@ -349,7 +349,14 @@ fn remote_file(headers: &HeaderMap, total: Option<u64>) -> RemoteFile {
         etag: header_string(headers, header::ETAG),
         last_modified: header_string(headers, header::LAST_MODIFIED),
         total,
+        accepts_ranges: accepts_ranges(headers),
     }
+}
+
+/// `Accept-Ranges: bytes`.
+fn accepts_ranges(headers: &HeaderMap) -> bool {
+    header_str(headers, header::ACCEPT_RANGES)
+        .is_some_and(|v| v.split(',').any(|u| u.trim().eq_ignore_ascii_case("bytes")))
 }
 
 /// An error and its causes, joined with ": " (reqwest's own message hides the cause).

@@ -159,10 +159,10 @@ pub struct DownloadOptions {
     pub min_rate: Option<MinRate>,
     /// The longest one attempt may transfer before it fails with [`DownloadError::TooSlow`].
     pub deadline: Option<Duration>,
-    /// Bytes the destination's file system keeps free: checked while the data is written
-    /// (every [`limits::FLOOR_EVERY`] bytes) and while a compressed file is decompressed into it
-    /// (its decompressed size is not known beforehand); a transfer that would go below stops
-    /// with [`DownloadError::InsufficientSpace`].
+    /// Bytes the destination's file system keeps free: checked by one [`limits::Floor`] per
+    /// file written, before every [`limits::FLOOR_EVERY`] bytes of the data as served and of a
+    /// compressed file's decompressed data (whose size is not known beforehand); a transfer
+    /// that reaches it stops with [`DownloadError::BelowFloor`], its data kept.
     pub min_free_bytes: Option<u64>,
 }
 
@@ -376,6 +376,26 @@ pub async fn download_once(
     progress: &watch::Sender<Progress>,
 ) -> Result<Outcome, DownloadError> {
     engine::Job::new(request, options)?
+        .run(cancel, progress, false)
+        .await
+}
+
+/// Decides, from the server's answer to an attempt's request (length, validators, range
+/// support), whether its data may be written: called once per attempt before any byte is
+/// written; an error ends the attempt with it (partial data kept when there was some).
+pub type Admit<'a> = &'a (dyn Fn(&RemoteInfo) -> Result<(), DownloadError> + Send + Sync);
+
+/// [`download_once`] that asks `admit` about the server's answer before writing, so a caller
+/// learns what [`probe`] would say from the transfer's own request instead of a separate one.
+pub async fn download_once_admitted(
+    request: &DownloadRequest,
+    options: &DownloadOptions,
+    cancel: &CancellationToken,
+    progress: &watch::Sender<Progress>,
+    admit: Admit<'_>,
+) -> Result<Outcome, DownloadError> {
+    engine::Job::new(request, options)?
+        .admitted(admit)
         .run(cancel, progress, false)
         .await
 }

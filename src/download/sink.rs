@@ -152,6 +152,11 @@ fn run(
         }
         len += buf.len() as u64;
         if let Some(Err(e)) = decode.as_mut().map(|d| d.feed(&buf)) {
+            if !super::decompress::is_fatal(&e) {
+                // The floor (or a write error) of the decoded data: kept, as for the data
+                // as served.
+                return Err(e);
+            }
             // Stop receiving: the data is to be deleted.
             failure = Some(e);
             break;

@@ -16,8 +16,6 @@ use crate::libvirt::facade::Storage;
 pub enum Outcome {
     /// Nothing.
     Nothing,
-    /// The target is to be recorded.
-    Record(DownloadTarget),
     /// Paused with `kept` bytes; `announce` when a running transfer was just stopped.
     Paused {
         /// What the download started with.
@@ -31,6 +29,8 @@ pub enum Outcome {
     Started {
         /// After a pause.
         resumed: bool,
+        /// A new download's target, to record.
+        record: Option<DownloadTarget>,
     },
     /// The running job's progress.
     Progress(JobProgress),
@@ -69,7 +69,6 @@ pub async fn apply<V: Storage>(
 ) -> Outcome {
     match plan {
         Plan::Nothing => Outcome::Nothing,
-        Plan::Record(target) => Outcome::Record(target),
         Plan::Progress(p) => Outcome::Progress(p),
         Plan::StayPaused { target, kept } => Outcome::Paused {
             target,
@@ -88,11 +87,15 @@ pub async fn apply<V: Storage>(
                 announce: true,
             }
         }
-        Plan::Start { place, resumed } => {
+        Plan::Start {
+            place,
+            resumed,
+            record,
+        } => {
             if !start(place) {
                 tracing::debug!("the download already runs");
             }
-            Outcome::Started { resumed }
+            Outcome::Started { resumed, record }
         }
         Plan::Complete {
             volume,

@@ -222,6 +222,7 @@ async fn start_hands_the_place_to_the_job_runner() {
         Plan::Start {
             place: place.clone(),
             resumed: true,
+            record: None,
         },
         |p| {
             got = Some(p);
@@ -229,7 +230,13 @@ async fn start_hands_the_place_to_the_job_runner() {
         },
     )
     .await;
-    assert_eq!(out, Outcome::Started { resumed: true });
+    assert_eq!(
+        out,
+        Outcome::Started {
+            resumed: true,
+            record: None
+        }
+    );
     assert_eq!(got, Some(place));
 }
 

@@ -1,5 +1,6 @@
 //! The background work of one IsoDownload, run by the agent's job runner: wait for a download
-//! slot, probe, check space, transfer, and after a transient failure wait (by its own timer) and
+//! slot, transfer (checking and reserving the file's space once the server answered, before
+//! any data is written), and after a transient failure wait (by its own timer) and
 //! try again. It writes no status: it reports [`JobProgress`] through its [`JobCtx`] and returns
 //! a [`JobResult`]; the reconciler turns both into status.
 
@@ -14,6 +15,7 @@ use super::checks::{self, IsoRefusal, Place};
 use super::credentials::credentials;
 use super::reason::IsoReason;
 use super::slots::{Slot, Slots};
+use super::space::Reserved;
 use crate::agent::jobs::JobCtx;
 use crate::agent::refusal::Refusal;
 use crate::api::IsoDownloadSpec;
@@ -152,10 +154,6 @@ pub fn failure(e: &DownloadError) -> IsoRefusal {
             "{e}. Check the file on the server (a compressed image that is cut short or \
              damaged); spec.checksum catches a damaged copy before it is decompressed."
         ),
-        DownloadError::InsufficientSpace { .. } => format!(
-            "{e}. Free space in the pool or choose another pool (the node's \
-             --download-min-free-bytes is kept free)."
-        ),
         DownloadError::UnsafeImage { .. } => format!(
             "{e}. Download a standalone image (qemu-img convert -O qcow2 flattens one), or \
              make an overlay with a VirtualMachineStorage instead."
@@ -173,13 +171,67 @@ pub fn failure(e: &DownloadError) -> IsoRefusal {
     Refusal::fix(IsoReason::of(e), message)
 }
 
+/// What an attempt's admission check learnt: the server's answer and (on the job's first
+/// answer) the space reserved for the file, or why the file does not fit.
+#[derive(Default)]
+struct Admission(std::sync::Mutex<Option<Admitted>>);
+
+type Admitted = Result<(download::RemoteInfo, Option<Reserved>), IsoRefusal>;
+
+impl Admission {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Admitted>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Records the server's answer; with `reserve`, reserves its space first.
+    fn admit(
+        &self,
+        info: &download::RemoteInfo,
+        url: &str,
+        reserve: bool,
+        reserved: impl FnOnce() -> Result<Reserved, IsoRefusal>,
+    ) -> Result<(), DownloadError> {
+        let got = if reserve {
+            reserved().map(|r| (info.clone(), Some(r)))
+        } else {
+            Ok((info.clone(), None))
+        };
+        let out = match &got {
+            Ok(_) => Ok(()),
+            Err(r) => Err(DownloadError::NotAdmitted {
+                url: url.to_string(),
+                why: r.message.clone(),
+            }),
+        };
+        *self.lock() = Some(got);
+        out
+    }
+
+    fn take_admitted(&self) -> Option<(download::RemoteInfo, Option<Reserved>)> {
+        let mut slot = self.lock();
+        match slot.take() {
+            Some(Ok(v)) => Some(v),
+            other => {
+                *slot = other;
+                None
+            }
+        }
+    }
+
+    fn refusal(&self) -> Option<IsoRefusal> {
+        self.lock().take().and_then(Result::err)
+    }
+}
+
 struct Task {
     input: JobInput,
     job: Arc<JobCtx<JobProgress>>,
     progress: JobProgress,
     remote: Option<download::RemoteInfo>,
-    /// The space this job holds in its pool, from its first probe to its end.
-    reserved: Option<super::space::Reserved>,
+    /// The space this job holds in its pool, from the server's first answer to its end.
+    reserved: Option<Reserved>,
     received: bool,
 }
 
@@ -203,6 +255,7 @@ pub async fn run(input: JobInput, job: Arc<JobCtx<JobProgress>>) -> JobResult {
 
 impl Task {
     async fn run(mut self) -> JobResult {
+        tracing::debug!(step = "job_started", "download job started");
         let mut backoff = RETRY_FIRST;
         loop {
             let Some(permit) = self.slot().await else {
@@ -251,15 +304,36 @@ impl Task {
     /// Reports a change worth writing at once and waits (briefly) until the reconciler wrote
     /// it, so that a short phase (checking kept data) is seen.
     async fn milestone(&mut self) {
-        self.progress.seq += 1;
-        let seq = self.progress.seq;
-        self.job.report(self.progress.clone());
-        self.job.wake_now();
+        let seq = self.announce();
         let written = &mut self.input.written;
         tokio::select! {
             _ = tokio::time::timeout(ACK_WAIT, written.wait_for(|w| *w >= seq)) => {}
             () = self.job.cancel.cancelled() => {}
         }
+    }
+
+    /// Reports a change worth writing at once without waiting for the write; returns its seq.
+    fn announce(&mut self) -> u64 {
+        self.progress.seq += 1;
+        self.job.report(self.progress.clone());
+        self.job.wake_now();
+        self.progress.seq
+    }
+
+    /// Takes what the transfer's admission learnt (the server's answer, the space reserved);
+    /// whether it is the first answer of this job, to be announced.
+    fn admitted(&mut self, admission: &Admission) -> bool {
+        let Some((info, reserved)) = admission.take_admitted() else {
+            return false;
+        };
+        tracing::debug!(step = "admitted", total = ?info.total_bytes, ranges = info.accepts_ranges, "the server answered; space reserved");
+        if reserved.is_some() {
+            self.reserved = reserved;
+        }
+        self.progress.total_bytes = info.total_bytes.or(self.progress.total_bytes);
+        self.progress.accepts_ranges = info.accepts_ranges;
+        self.progress.phase = JobPhase::Downloading;
+        self.remote.replace(info).is_none()
     }
 
     /// A download slot; `None` when stopped while waiting in the queue.
@@ -280,8 +354,8 @@ impl Task {
         }
     }
 
-    /// One attempt: probe (once per job), check space, then a single transfer attempt that
-    /// resumes from the partial data.
+    /// One attempt: a single transfer attempt that resumes from the partial data; the file's
+    /// space is checked and reserved once the server first answered.
     async fn attempt(&mut self) -> Result<JobResult, Stop> {
         let input = &self.input;
         let place = input.place.clone();
@@ -294,35 +368,13 @@ impl Task {
             ..checks::own_request(&input.spec, input.owner.clone(), &place.dir, &place.name)
         };
         let options = input.settings.options(input.spec.max_bytes);
-        let info = match &self.remote {
-            Some(info) => info.clone(),
-            None => {
-                let info = tokio::select! {
-                    () = self.job.cancel.cancelled() => return Ok(JobResult::Stopped),
-                    info = download::probe(&request, &options) => info.map_err(Stop::Error)?,
-                };
-                let kept = self.kept().await;
-                let space = checks::Space {
-                    total: info.total_bytes,
-                    kept,
-                    available: place.available,
-                    floor: input.settings.min_free_bytes,
-                    pool: &input.spec.pool,
-                };
-                let uid = input.owner.clone().unwrap_or_default();
-                let reserved = input
-                    .space
-                    .reserve(&place.dir, &uid, space.need(), |others| space.check(others))
-                    .map_err(Stop::Refused)?;
-                self.reserved = Some(reserved);
-                self.remote = Some(info.clone());
-                info
-            }
-        };
-        request.expected_size = info.total_bytes;
+        // What the server said is learnt from the transfer's own request, not a probe first:
+        // once it answered, and before any data is written, the file's rest must fit in the
+        // pool (space reserved from then until the job ends).
+        request.expected_size = self.remote.as_ref().and_then(|i| i.total_bytes);
+        let uid = input.owner.clone().unwrap_or_default();
         // Decompressing a disk image writes more than the reserved bytes: it keeps the floor
         // and what the other downloads in flight reserved free.
-        let uid = input.owner.clone().unwrap_or_default();
         let options = download::DownloadOptions {
             min_free_bytes: Some(
                 input
@@ -332,18 +384,39 @@ impl Task {
             ),
             ..options
         };
+        let (space, floor) = (input.space.clone(), input.settings.min_free_bytes);
+        let (pool, url) = (input.spec.pool.clone(), checks::redact_url(&input.spec.url));
         let kept = self.kept().await;
-        self.progress.phase = JobPhase::Downloading;
-        self.progress.total_bytes = info.total_bytes;
         self.progress.bytes_done = Some(kept);
-        self.progress.accepts_ranges = info.accepts_ranges;
-        self.milestone().await;
+        let admission = Admission::default();
+        let reserve = self.reserved.is_none();
+        let admit = |info: &download::RemoteInfo| {
+            admission.admit(info, &url, reserve, || {
+                let space_of = checks::Space {
+                    total: info.total_bytes,
+                    kept,
+                    available: place.available,
+                    floor,
+                    pool: &pool,
+                };
+                space.reserve(&place.dir, &uid, space_of.need(), |others| {
+                    space_of.check(others)
+                })
+            })
+        };
+        if self.remote.is_some() {
+            // A later attempt: what the server said is known; the transfer starts while the
+            // reconciler writes the Downloading status.
+            self.progress.phase = JobPhase::Downloading;
+            self.announce();
+        }
+        tracing::debug!(step = "transfer_started", "starting the transfer");
 
         let (tx, mut rx) = watch::channel(download::Progress::default());
         let metrics = crate::metrics::get();
         metrics.downloads_in_flight.inc();
         let cancel = self.job.cancel.clone();
-        let work = download::download_once(&request, &options, &cancel, &tx);
+        let work = download::download_once_admitted(&request, &options, &cancel, &tx, &admit);
         tokio::pin!(work);
         let mut counted = kept;
         let result = loop {
@@ -351,7 +424,15 @@ impl Task {
                 r = &mut work => break r,
                 changed = rx.changed() => {
                     if changed.is_err() { continue; }
+                    if self.admitted(&admission) {
+                        // The transfer runs while the reconciler writes Downloading.
+                        self.announce();
+                    }
                     let p = rx.borrow_and_update().clone();
+                    if matches!(p.phase, download::Phase::Starting | download::Phase::Connecting) {
+                        // Not transferring yet: the phase stays until the server answered.
+                        continue;
+                    }
                     if p.bytes_done > p.resumed_from {
                         self.received = true;
                     }
@@ -367,14 +448,11 @@ impl Task {
                         download::Phase::Finalizing if request.checksum.is_some() => JobPhase::VerifyingFile,
                         _ => JobPhase::Downloading,
                     };
-                    // Before a transfer starts the counts are not known yet: keep the last.
-                    if !matches!(p.phase, download::Phase::Starting | download::Phase::Connecting) {
-                        metrics.downloaded_bytes.inc_by(p.bytes_done.saturating_sub(counted));
-                        counted = counted.max(p.bytes_done);
-                        self.progress.bytes_done = Some(p.bytes_done);
-                        self.progress.total_bytes = p.total_bytes.or(self.progress.total_bytes);
-                        self.progress.bytes_per_second = Some(p.bytes_per_second);
-                    }
+                    metrics.downloaded_bytes.inc_by(p.bytes_done.saturating_sub(counted));
+                    counted = counted.max(p.bytes_done);
+                    self.progress.bytes_done = Some(p.bytes_done);
+                    self.progress.total_bytes = p.total_bytes.or(self.progress.total_bytes);
+                    self.progress.bytes_per_second = Some(p.bytes_per_second);
                     if before != (self.progress.phase.clone(), self.progress.restarted) {
                         self.milestone().await;
                     } else {
@@ -384,6 +462,10 @@ impl Task {
             }
         };
         metrics.downloads_in_flight.dec();
+        self.admitted(&admission);
+        if let Some(refusal) = admission.refusal() {
+            return Err(Stop::Refused(refusal));
+        }
         let outcome = result.map_err(Stop::Error)?;
         metrics
             .downloaded_bytes

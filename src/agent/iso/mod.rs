@@ -94,16 +94,20 @@ async fn apply_pass(
     }
     if let Some(w) = report.write {
         let prev = obj.status.clone().unwrap_or_default();
+        let phase = w.status.phase;
         status::write_status(api, obj, &prev, w.status, &[w.ready, w.progressing]).await?;
+        tracing::debug!(step = "status_written", ?phase, "status written");
     }
     if let Some(seq) = report.progress {
         ctx.downloads.written(&uid, seq);
     }
-    for (type_, reason, note) in report.events {
-        status::publish(&ctx.recorder, obj, type_, reason, note).await;
-    }
+    // The record goes as soon as Completed is written, not after the Events: whoever sees
+    // Completed finds the pool as it stays.
     if let Some(at) = &report.clear {
         apply::clear_record(at).await;
+    }
+    for (type_, reason, note) in report.events {
+        status::publish(&ctx.recorder, obj, type_, reason, note).await;
     }
     Ok(report.action)
 }

@@ -25,8 +25,6 @@ pub struct At {
 pub enum Plan {
     /// Nothing: the object is finished, or the agent is shutting down.
     Nothing,
-    /// Record in the status what the download starts with, before anything is written.
-    Record(DownloadTarget),
     /// Pause the running job, then count the data kept at `at`.
     Pause {
         /// What the download started with.
@@ -47,6 +45,9 @@ pub enum Plan {
         place: Place,
         /// The download was paused before.
         resumed: bool,
+        /// A new download: what it starts with, recorded in the status by the same pass while
+        /// the job connects (the job writes nothing before the server answered).
+        record: Option<DownloadTarget>,
     },
     /// Report the running job's progress.
     Progress(JobProgress),
@@ -252,12 +253,10 @@ pub fn plan(obj: &IsoDownload, observed: &Observed) -> Plan {
             kept: files.partial,
         };
     }
-    if status.target.is_none() {
-        return Plan::Record(target);
-    }
     Plan::Start {
         place,
         resumed: status.phase == Some(DownloadPhase::Paused),
+        record: status.target.is_none().then_some(target),
     }
 }
 

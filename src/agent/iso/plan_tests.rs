@@ -292,23 +292,34 @@ fn finished_and_stopping_objects_are_left_alone() {
 }
 
 #[test]
-fn a_new_download_records_its_target_then_starts() {
+fn a_new_download_starts_and_records_its_target_in_the_same_pass() {
     let o = obj(
         serde_json::json!({"url": URL}),
         IsoDownloadStatus::default(),
     );
     let observed = seen(JobState::None, Some(files(0)));
-    assert_eq!(plan(&o, &observed), Plan::Record(target(URL, "a.iso")));
-    let o = obj(
-        serde_json::json!({"url": URL}),
-        started(DownloadPhase::Pending),
-    );
-    let Plan::Start { place, resumed } = plan(&o, &observed) else {
+    // A new download starts at once and records its target in the same pass.
+    let Plan::Start {
+        place,
+        resumed,
+        record,
+    } = plan(&o, &observed)
+    else {
         panic!()
     };
     assert_eq!(place.name, "a.iso");
     assert_eq!(place.dir, PathBuf::from("/pools/p"));
     assert!(!resumed);
+    assert_eq!(record, Some(target(URL, "a.iso")));
+    // Recorded already: started again without recording.
+    let o = obj(
+        serde_json::json!({"url": URL}),
+        started(DownloadPhase::Pending),
+    );
+    let Plan::Start { record, .. } = plan(&o, &observed) else {
+        panic!()
+    };
+    assert_eq!(record, None);
 }
 
 #[test]
@@ -501,10 +512,10 @@ fn only_a_granted_pool_is_downloaded_into() {
     let fresh = obj(json!({"url": URL}), IsoDownloadStatus::default());
     // Granted, or open mode: the download goes ahead.
     for g in [granted("p"), Grants::open()] {
-        assert_eq!(
-            plan(&fresh, &with(g, JobState::None)),
-            Plan::Record(checks::target_of(&fresh.spec, "a.iso"))
-        );
+        let Plan::Start { record, .. } = plan(&fresh, &with(g, JobState::None)) else {
+            panic!()
+        };
+        assert_eq!(record, Some(checks::target_of(&fresh.spec, "a.iso")));
     }
     // Not granted: refused before the pool is looked at (no PoolNotFound for a pool that is
     // not the namespace's), waiting for a grant.

@@ -197,10 +197,11 @@ impl IsoReason {
             DownloadError::TooLarge { .. } => Self::TooLarge,
             DownloadError::ErrorPage { .. } => Self::ErrorPage,
             DownloadError::CorruptImage { .. } => Self::CorruptImage,
-            DownloadError::InsufficientSpace { .. } => Self::InsufficientSpace,
             DownloadError::UnsafeImage { .. } => Self::UnsafeImage,
             DownloadError::Interrupted { .. } => Self::TransferInterrupted,
             DownloadError::BelowFloor { .. } => Self::InsufficientSpace,
+            // The agent admits a transfer only when its file fits in the pool.
+            DownloadError::NotAdmitted { .. } => Self::InsufficientSpace,
             DownloadError::HttpStatus { .. } | DownloadError::FtpReply { .. } => Self::ServerError,
             DownloadError::Protocol { .. } => Self::ProtocolError,
             DownloadError::Io { .. } => Self::StorageError,

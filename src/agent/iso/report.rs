@@ -122,6 +122,12 @@ fn downloading(obj: &IsoDownload, p: &JobProgress) -> String {
 fn progress(obj: &IsoDownload, node: &str, p: &JobProgress, now: Timestamp) -> Report {
     let prev = obj.status.clone().unwrap_or_default();
     let mut st = prev.clone();
+    if st.target.is_none() {
+        // The pass that started the job failed to record its target: record it now.
+        st.target = super::checks::volume_name(&obj.spec)
+            .ok()
+            .map(|name| super::checks::target_of(&obj.spec, &name));
+    }
     if p.attempts > 0 {
         st.attempts = Some(p.attempts);
     }
@@ -209,7 +215,10 @@ pub fn report(obj: &IsoDownload, node: &str, outcome: &Outcome, now: Timestamp) 
     match outcome {
         Outcome::Nothing => Report::new(None),
         Outcome::Progress(p) => progress(obj, node, p, now),
-        Outcome::Record(target) => {
+        Outcome::Started {
+            resumed: _,
+            record: Some(target),
+        } => {
             let st = IsoDownloadStatus {
                 phase: Some(DownloadPhase::Pending),
                 target: Some(target.clone()),
@@ -249,7 +258,10 @@ pub fn report(obj: &IsoDownload, node: &str, outcome: &Outcome, now: Timestamp) 
             }
             r
         }
-        Outcome::Started { resumed } => {
+        Outcome::Started {
+            resumed,
+            record: None,
+        } => {
             let mut r = Report::new(None);
             if *resumed {
                 r.events.push((

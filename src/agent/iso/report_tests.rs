@@ -213,7 +213,10 @@ fn starting_records_the_target() {
     let r = report(
         &obj(IsoDownloadStatus::default()),
         "n1",
-        &Outcome::Record(target()),
+        &Outcome::Started {
+            resumed: false,
+            record: Some(target()),
+        },
         now(),
     );
     assert_eq!(conds(&r), (false, "Starting", true, "Starting"));
@@ -251,7 +254,10 @@ fn pause_and_resume_events() {
     let resumed = report(
         &obj(prev.clone()),
         "n1",
-        &Outcome::Started { resumed: true },
+        &Outcome::Started {
+            resumed: true,
+            record: None,
+        },
         now(),
     );
     assert_eq!(
@@ -261,7 +267,10 @@ fn pause_and_resume_events() {
     let fresh = report(
         &obj(prev),
         "n1",
-        &Outcome::Started { resumed: false },
+        &Outcome::Started {
+            resumed: false,
+            record: None,
+        },
         now(),
     );
     assert!(fresh.events.is_empty() && fresh.write.is_none());
