@@ -8,6 +8,7 @@ pub mod block_clone;
 pub mod boot_order;
 pub mod clone_xml;
 pub mod clones;
+mod definition;
 pub mod domain;
 mod error;
 pub mod events;
