@@ -533,6 +533,8 @@ async fn a_clone_of_an_overlay_vm_keeps_the_golden_image_shared() {
     .await;
     let st = done.status.clone().unwrap();
     assert_eq!(st.phase, Some(ClonePhase::Completed), "{st:?}");
+    let shared = Some(virtplane::api::OverlayCopy::SharedBase);
+    assert!(st.disks.iter().any(|d| d.overlay == shared), "{st:?}");
     let _clone = TestDomain {
         name: st.target_name.clone().unwrap(),
     };

@@ -71,6 +71,16 @@ pub struct CloneStorage {
     /// `Copy` (always a sparse-aware copy) or `Reflink` (copy-on-write or fail).
     #[serde(default)]
     pub strategy: CopyStrategy,
+    /// Make standalone copies of qcow2 overlays. By default (false) the copy of an overlay is an
+    /// overlay too: it keeps reading the source's backing image, which the source and the clone
+    /// then share and which must stay in place. With true, every overlay disk is copied into a
+    /// qcow2 image with no backing file, its whole backing chain merged in (`qemu-img convert`;
+    /// never a reflink): the clone no longer needs the backing image, and the copy needs room
+    /// for the data of every image of the chain. Either way each image of the chain must lie
+    /// in a pool granted to the namespace. Disks that are no overlays are copied as
+    /// `strategy` says.
+    #[serde(default)]
+    pub flatten: bool,
 }
 
 impl Default for CloneStorage {
@@ -78,6 +88,7 @@ impl Default for CloneStorage {
         Self {
             pool: default_pool(),
             strategy: CopyStrategy::default(),
+            flatten: false,
         }
     }
 }
@@ -179,4 +190,18 @@ pub struct CloneDisk {
     /// Why the copy went where it did, when that was not the obvious place.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// For the copy of a qcow2 overlay, what became of its backing chain (see [`OverlayCopy`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overlay: Option<OverlayCopy>,
+}
+
+/// For the copy of a qcow2 overlay, what became of its backing chain: `SharedBase` (the copy
+/// is an overlay of the same backing image as the source) or `Flattened` (the chain was merged
+/// into a standalone copy, `spec.storage.flatten`). Absent for disks that are no overlays.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum OverlayCopy {
+    /// The copy is an overlay of the same backing image, which the source and the clone share.
+    SharedBase,
+    /// The backing chain was merged into the copy, which has no backing file.
+    Flattened,
 }

@@ -33,10 +33,11 @@
 //! A qcow2 image is copied as it is: **backing chains are not flattened**. A copy of an overlay
 //! still names the same backing file (often by relative path, which then resolves against the
 //! copy's directory), so cloning an overlay needs its backing file reachable from the copy, or a
-//! `qemu-img convert` instead of a copy. The source must not be written while it is copied (the
+//! `qemu-img convert` instead of a copy ([`flatten`]). The source must not be written while it is copied (the
 //! VM is shut off); the copier does not lock it. Block devices are refused.
 
 mod extents;
+pub mod flatten;
 pub mod lun;
 mod sparse;
 mod zero;

@@ -22,6 +22,13 @@ pub fn refusal(real: &Path, verdict: Verdict, dirs: &[PathBuf]) -> Option<String
     }
 }
 
+/// The backing files of the qcow2 image `image` (symlinks resolved, nearest first; empty for a
+/// standalone image), when every link passes the checks of [`refusal`]; otherwise why not.
+/// Blocking: reads headers.
+pub fn backing_chain(image: &Path, dirs: &[PathBuf]) -> Result<Vec<PathBuf>, String> {
+    check(image, dirs)
+}
+
 /// Follows the chain below `image`; the backing files, nearest first.
 fn check(image: &Path, dirs: &[PathBuf]) -> Result<Vec<PathBuf>, String> {
     let inside = |p: &Path| dirs.iter().any(|d| p.starts_with(d));

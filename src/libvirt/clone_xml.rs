@@ -1,7 +1,7 @@
 //! The definition of a clone: the source's XML with everything that makes a machine distinct
 //! replaced. Pure text edits on libvirt's XML, so everything else is kept exactly.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 
 use super::domain::escape_attr;
@@ -32,6 +32,36 @@ pub struct CloneEdits {
     pub macs: Vec<String>,
     /// New path of the UEFI variable store, if the source has one.
     pub nvram: Option<String>,
+    /// Disks whose copy merged the backing chain (`type='file'` by the original's path,
+    /// `type='volume'` by its `(pool, volume)`): their `<backingStore>` becomes empty, which
+    /// tells libvirt the image has none.
+    pub flattened: HashSet<DiskKey>,
+}
+
+/// A source disk as its `<source>` names it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum DiskKey {
+    /// `type='file'`: its path.
+    File(String),
+    /// `type='volume'`: its pool and volume.
+    Volume(String, String),
+}
+
+/// Whether the copy of `disk` (a `<disk>` element) merged its chain.
+fn flattened(disk: roxmltree::Node<'_, '_>, e: &CloneEdits) -> bool {
+    let Some(source) = disk.children().find(|c| c.has_tag_name("source")) else {
+        return false;
+    };
+    let key = match (
+        source.attribute("file"),
+        source.attribute("pool"),
+        source.attribute("volume"),
+    ) {
+        (Some(f), _, _) => DiskKey::File(f.to_string()),
+        (None, Some(p), Some(v)) => DiskKey::Volume(p.to_string(), v.to_string()),
+        _ => return false,
+    };
+    e.flattened.contains(&key)
 }
 
 /// Paths of files the domain writes per guest (serial logs, `<log file>`), which the clone must
@@ -139,6 +169,9 @@ pub fn clone_xml(source: &str, e: &CloneEdits) -> Result<String, roxmltree::Erro
                     edits.push((pool, escape_attr(new_pool)));
                     edits.push((volume, escape_attr(new_volume)));
                 }
+            }
+            ("disk", "backingStore") if node.parent_element().is_some_and(|d| flattened(d, e)) => {
+                edits.push((node.range(), "<backingStore/>".into()));
             }
             ("serial" | "console" | "parallel", "source") | ("serial" | "console", "log") => {
                 let attr = if node.has_tag_name("log") {
@@ -394,6 +427,46 @@ mod tests {
             "{out}"
         );
         assert!(!out.contains("mode="), "{out}");
+    }
+
+    #[test]
+    fn a_flattened_disk_loses_its_backing_chain_and_a_shared_one_keeps_it() {
+        let chain = "<backingStore type='file'><format type='qcow2'/><source file='/gold/base.qcow2'/><backingStore/></backingStore>";
+        let src = format!(
+            "<domain><name>web</name><devices>\
+             <disk type='file' device='disk'><driver type='qcow2'/><source file='/p/a.qcow2'/>{chain}<target dev='vda'/></disk>\
+             <disk type='file' device='disk'><driver type='qcow2'/><source file='/p/b.qcow2'/>{chain}<target dev='vdb'/></disk>\
+             <disk type='volume' device='disk'><driver type='qcow2'/><source pool='p' volume='c.qcow2'/>{chain}<target dev='vdc'/></disk>\
+             </devices></domain>"
+        );
+        let edits = CloneEdits {
+            name: "web-clone1".into(),
+            disk_paths: HashMap::from([
+                ("/p/a.qcow2".into(), "/p/a-clone1.qcow2".into()),
+                ("/p/b.qcow2".into(), "/p/b-clone1.qcow2".into()),
+            ]),
+            flattened: HashSet::from([
+                DiskKey::File("/p/a.qcow2".into()),
+                DiskKey::Volume("p".into(), "c.qcow2".into()),
+            ]),
+            ..Default::default()
+        };
+        let out = clone_xml(&src, &edits).unwrap();
+        let doc = roxmltree::Document::parse(&out).unwrap();
+        let disks: Vec<_> = doc
+            .descendants()
+            .filter(|n| n.has_tag_name("disk"))
+            .collect();
+        let backing = |d: &roxmltree::Node<'_, '_>| {
+            d.descendants()
+                .filter(|n| n.has_tag_name("backingStore"))
+                .map(|b| b.has_children())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(backing(&disks[0]), [false], "flattened: one empty element");
+        assert_eq!(backing(&disks[1]), [true, false], "shared: the chain kept");
+        assert_eq!(backing(&disks[2]), [false], "a flattened volume disk too");
+        assert!(out.contains("/p/a-clone1.qcow2") && out.contains("/gold/base.qcow2"));
     }
 
     #[test]

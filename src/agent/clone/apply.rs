@@ -15,10 +15,10 @@ use super::plan::{DiskUse, SHARED, disk_use};
 use super::reason::CloneReason;
 use crate::agent::jobs::{JobCtx, Stop};
 use crate::agent::refusal::Refusal;
-use crate::api::{CloneDisk, ClonePhase, CopyStrategy, VMCloneStatus};
-use crate::copy::{self, Strategy, StrategyUsed};
+use crate::api::{CloneDisk, ClonePhase, CopyStrategy, OverlayCopy, VMCloneStatus};
+use crate::copy::{self, Strategy, StrategyUsed, flatten};
 use crate::libvirt::block_clone::{BlockClones, BlockRef};
-use crate::libvirt::clone_xml::{self, CloneEdits};
+use crate::libvirt::clone_xml::{self, CloneEdits, DiskKey};
 use crate::libvirt::clones::{Clones, Copies, Defined};
 use crate::libvirt::domain::{self, DomainXml};
 use crate::libvirt::facade::{Domains, Storage};
@@ -77,6 +77,15 @@ fn strategy_of(s: CopyStrategy) -> Strategy {
         CopyStrategy::Copy => Strategy::Copy,
         CopyStrategy::Reflink => Strategy::Reflink,
     }
+}
+
+/// How the copy of one file ended, whichever copier made it (a byte copy, or the merge of an
+/// overlay's chain): done with how and the bytes counted, the destination taken by someone
+/// else, or failed with why.
+enum FileCopy {
+    Done(StrategyUsed, u64),
+    Taken,
+    Failed(String),
 }
 
 /// How a step of the job failed.
@@ -201,28 +210,35 @@ async fn copy_all<V: BlockClones + Storage>(
             stop.clone(),
         );
         let ledger = job.ledger.clone();
+        let flatten = d.overlay == Some(OverlayCopy::Flattened);
         let mut task = tokio::task::spawn_blocking(move || {
             let mut recorded = false;
+            let progress = |n, t| {
+                // First called right after the exclusive create: the file is ours.
+                if !recorded {
+                    recorded = true;
+                    record(&ledger, &dst2);
+                }
+                of2.store(t, Ordering::Relaxed);
+                done2.store(n, Ordering::Relaxed);
+            };
+            if flatten {
+                return match flatten::flatten(&src, &dst2, reserved, total, progress, &stop2) {
+                    Ok(_) => FileCopy::Done(StrategyUsed::Copy, total),
+                    Err(flatten::FlattenError::AlreadyExists(_)) => FileCopy::Taken,
+                    Err(e) => FileCopy::Failed(e.to_string()),
+                };
+            }
             let copy_file = if reserved {
                 copy::copy_into_reserved
             } else {
                 copy::copy_file
             };
-            copy_file(
-                &src,
-                &dst2,
-                strategy,
-                |n, t| {
-                    // First called right after the exclusive create: the file is ours.
-                    if !recorded {
-                        recorded = true;
-                        record(&ledger, &dst2);
-                    }
-                    of2.store(t, Ordering::Relaxed);
-                    done2.store(n, Ordering::Relaxed);
-                },
-                &stop2,
-            )
+            match copy_file(&src, &dst2, strategy, progress, &stop2) {
+                Ok(r) => FileCopy::Done(r.strategy_used, r.data_bytes),
+                Err(copy::CopyError::AlreadyExists { .. }) => FileCopy::Taken,
+                Err(e) => FileCopy::Failed(e.to_string()),
+            }
         });
         let mut last = 0;
         let copied = loop {
@@ -241,18 +257,10 @@ async fn copy_all<V: BlockClones + Storage>(
         if stop.load(Ordering::SeqCst) {
             return Err(Halt::Stopped);
         }
-        let copied = match copied {
-            Ok(Ok(r)) => r,
-            Ok(Err(copy::CopyError::AlreadyExists { .. })) => {
-                return Err(taken(&dst));
-            }
-            Ok(Err(e)) => {
-                return Err(fail(
-                    CloneReason::CopyFailed,
-                    format!("Copying {} failed: {e}.", d.source),
-                ));
-            }
-            Err(e) => {
+        let (used, data) = match copied.unwrap_or_else(|e| FileCopy::Failed(e.to_string())) {
+            FileCopy::Done(used, data) => (used, data),
+            FileCopy::Taken => return Err(taken(&dst)),
+            FileCopy::Failed(e) => {
                 return Err(fail(
                     CloneReason::CopyFailed,
                     format!("Copying {} failed: {e}.", d.source),
@@ -261,14 +269,14 @@ async fn copy_all<V: BlockClones + Storage>(
         };
         crate::metrics::get()
             .clone_copied_bytes
-            .inc_by(copied.data_bytes.saturating_sub(last));
+            .inc_by(data.saturating_sub(last));
         let disk = &mut status.disks[i];
-        disk.strategy = Some(match copied.strategy_used {
+        disk.strategy = Some(match used {
             StrategyUsed::Reflink => "Reflink".into(),
             StrategyUsed::Copy => "Copy".into(),
         });
-        disk.total_bytes = Some(copied.data_bytes);
-        disk.copied_bytes = Some(copied.data_bytes);
+        disk.total_bytes = Some(data);
+        disk.copied_bytes = Some(data);
         ctx.report(Some(status.clone()));
         ctx.wake_now();
     }
@@ -434,7 +442,23 @@ async fn clone_definition<V: Clones + Domains + Networks + BlockClones>(
                 .map(|t| (d.source.clone(), (t, d.pool.clone())))
         })
         .collect();
+    // The copies that merged their chain: by source path, and as `(pool, volume)` of the copy.
+    let merged = status
+        .disks
+        .iter()
+        .filter(|d| d.overlay == Some(OverlayCopy::Flattened));
+    let flattened = merged
+        .clone()
+        .map(|d| DiskKey::File(d.source.clone()))
+        .collect();
+    let merged_volumes: Vec<(String, String)> = merged
+        .filter_map(|d| {
+            let name = Path::new(d.target.as_deref()?).file_name()?;
+            Some((d.pool.clone()?, name.to_string_lossy().into_owned()))
+        })
+        .collect();
     let mut edits = CloneEdits {
+        flattened,
         name: target.clone(),
         task_uid: job.uid.clone(),
         namespace: job.namespace.clone(),
@@ -475,6 +499,11 @@ async fn clone_definition<V: Clones + Domains + Networks + BlockClones>(
                     .map_err(libvirt)?
                 {
                     Some(new) => {
+                        if merged_volumes.contains(&new) {
+                            edits
+                                .flattened
+                                .insert(DiskKey::Volume(pool.clone(), volume.clone()));
+                        }
                         edits.volumes.insert((pool, volume), new);
                         false
                     }
@@ -543,3 +572,7 @@ pub async fn remove_leftovers<V: Clones + Storage>(
 #[cfg(test)]
 #[path = "apply_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "flatten_apply_tests.rs"]
+mod flatten_tests;

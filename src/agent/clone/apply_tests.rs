@@ -12,7 +12,7 @@ use crate::libvirt::volume::VolumeSource;
 
 const UID: &str = "task-1";
 
-fn source_xml(devices: &str, nvram: Option<&Path>) -> String {
+pub(super) fn source_xml(devices: &str, nvram: Option<&Path>) -> String {
     let nvram = nvram
         .map(|p| format!("<nvram>{}</nvram>", p.display()))
         .unwrap_or_default();
@@ -31,7 +31,7 @@ fn file_disk(path: &Path) -> String {
     )
 }
 
-fn planned(src: &Path, dst: &Path) -> CloneDisk {
+pub(super) fn planned(src: &Path, dst: &Path) -> CloneDisk {
     CloneDisk {
         source: src.display().to_string(),
         target: Some(dst.display().to_string()),
@@ -49,7 +49,7 @@ fn ledger() -> Ledger {
     super::super::ledger::NodeSide::new(&dir, 4).ledger(UID)
 }
 
-fn job(xml: &str, target: &str, disks: Vec<CloneDisk>, start: bool) -> Job {
+pub(super) fn job(xml: &str, target: &str, disks: Vec<CloneDisk>, start: bool) -> Job {
     Job {
         ledger: ledger(),
         slots: Arc::new(tokio::sync::Semaphore::new(1)),
@@ -68,7 +68,7 @@ fn job(xml: &str, target: &str, disks: Vec<CloneDisk>, start: bool) -> Job {
     }
 }
 
-async fn run_job(fake: Arc<FakeLibvirt>, job: Job) -> JobEnd {
+pub(super) async fn run_job(fake: Arc<FakeLibvirt>, job: Job) -> JobEnd {
     let jobs: Jobs<VMClone, Progress, JobEnd> = Jobs::new(Duration::ZERO);
     let obj = ObjectRef::new("c").within("ns");
     jobs.start(

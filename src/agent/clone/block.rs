@@ -140,6 +140,7 @@ pub fn plan_block(
         total_bytes: Some(size),
         copied_bytes: Some(0),
         message,
+        overlay: None,
     };
     let mut why_file = format!(
         "Pool {} ({}) cannot create volumes; the data was streamed into a file of pool {}.",

@@ -8,13 +8,13 @@ use std::path::{Path, PathBuf};
 use kube::ResourceExt;
 use kube::api::Api;
 
-use super::plan::{self, FileFacts, Observed, Source};
+use super::plan::{self, Chain, FileFacts, Observed, Source};
 use crate::agent::context::{Context, ReconcileError, object_name};
 use crate::agent::roots;
 use crate::api::{VMClone, VMCloneStatus};
 use crate::copy;
 use crate::image::chain as qcow2_chain;
-use crate::image::qcow2;
+use crate::image::qcow2::{self, Finding, Verdict};
 use crate::libvirt::block_clone::BlockClones;
 use crate::libvirt::clones::Clones;
 use crate::libvirt::facade::{Domains, Storage, VolumeLookup};
@@ -129,15 +129,10 @@ fn inspect_files(
         let allocated = copy::allocated_bytes(&path).unwrap_or(0);
         let data = copy::data_bytes(&path).unwrap_or(allocated);
         // Read only inside the allowed directories; what lies outside is refused by the plan.
-        let unsafe_image = std::fs::canonicalize(&path)
+        let (unsafe_image, overlay) = std::fs::canonicalize(&path)
             .ok()
             .filter(|real| obs.allowed.iter().any(|a| real.starts_with(a)))
-            .and_then(|real| match qcow2::judge_file(&real) {
-                // An overlay whose chain stays in the allowed directories is copied as an
-                // overlay: the copy keeps the shared base.
-                Ok(verdict) => qcow2_chain::refusal(&real, verdict, &chain_dirs(&obs)),
-                Err(e) => Some(format!("an image whose header cannot be read ({e})")),
-            });
+            .map_or((None, None), |real| judge(&real, &chain_dirs(&obs)));
         obs.free
             .entry(dir.clone())
             .or_insert_with(|| available(&dir));
@@ -148,6 +143,7 @@ fn inspect_files(
                 allocated,
                 data,
                 unsafe_image,
+                overlay,
             },
         );
     }
@@ -156,6 +152,50 @@ fn inspect_files(
         .flat_map(|d| files_in(d))
         .collect();
     obs
+}
+
+/// Why the image at `real` may not be copied, or (when it may) its backing chain if it is an
+/// overlay whose every link lies in `dirs`: the copy then keeps the shared base, or merges the
+/// chain (`spec.storage.flatten`). Blocking: reads headers and extent maps.
+fn judge(real: &Path, dirs: &[PathBuf]) -> (Option<String>, Option<Chain>) {
+    let header = match qcow2::read_header(real) {
+        Ok(h) => h,
+        Err(e) => {
+            return (
+                Some(format!("an image whose header cannot be read ({e})")),
+                None,
+            );
+        }
+    };
+    match qcow2::judge(&header) {
+        Verdict::Unsafe(found) if found.as_slice() == [Finding::BackingFile] => {
+            match qcow2_chain::backing_chain(real, dirs) {
+                Ok(links) => {
+                    let size = qcow2::parse(&header).ok().flatten().map_or(0, |h| h.size);
+                    (None, Some(chain_facts(real, &links, size)))
+                }
+                Err(why) => (Some(why), None),
+            }
+        }
+        verdict => (verdict.refusal(), None),
+    }
+}
+
+/// What merging the chain of the overlay `top` (backed by `links`, virtual size `size`) takes:
+/// every image's allocation, and its data extents, capped at what an image of that size can
+/// hold (data, plus qcow2 metadata for the allocation).
+fn chain_facts(top: &Path, links: &[PathBuf], size: u64) -> Chain {
+    let images = || std::iter::once(top).chain(links.iter().map(PathBuf::as_path));
+    let allocated: u64 = images()
+        .map(|p| copy::allocated_bytes(p).unwrap_or(0))
+        .sum();
+    let data: u64 = images().map(|p| copy::data_bytes(p).unwrap_or(0)).sum();
+    let most = size.saturating_add(size / 1024).saturating_add(1 << 20);
+    Chain {
+        links: links.len(),
+        allocated: allocated.min(most),
+        data: data.min(size),
+    }
 }
 
 /// Where an overlay's backing chain may lie: the granted pools' directories, and in open mode
@@ -186,4 +226,61 @@ fn files_in(dir: &Path) -> HashSet<PathBuf> {
         .filter_map(|e| e.ok())
         .map(|e| dir.join(e.file_name()))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::Command;
+
+    fn run(args: &[&str]) {
+        let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+    }
+
+    #[test]
+    fn an_overlay_counts_its_whole_chain_when_every_link_may_be_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = std::fs::canonicalize(dir.path()).unwrap();
+        let (a, b) = (root.join("a"), root.join("b"));
+        std::fs::create_dir_all(&a).unwrap();
+        std::fs::create_dir_all(&b).unwrap();
+        let (base, over) = (b.join("base.qcow2"), a.join("over.qcow2"));
+        let s = |p: &Path| p.to_str().unwrap().to_string();
+        run(&["qemu-img", "create", "-q", "-f", "qcow2", &s(&base), "64M"]);
+        run(&["qemu-io", "-f", "qcow2", "-c", "write -P 1 0 4M", &s(&base)]);
+        run(&[
+            "qemu-img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            "qcow2",
+            "-b",
+            &s(&base),
+            &s(&over),
+        ]);
+        run(&[
+            "qemu-io",
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 2 8M 2M",
+            &s(&over),
+        ]);
+        let (why, chain) = judge(&over, &[a.clone(), b.clone()]);
+        assert_eq!(why, None);
+        let chain = chain.unwrap();
+        assert_eq!(chain.links, 1);
+        let both = copy::allocated_bytes(&base).unwrap() + copy::allocated_bytes(&over).unwrap();
+        assert_eq!(chain.allocated, both);
+        assert!(chain.data >= 6 << 20 && chain.data <= 64 << 20, "{chain:?}");
+        // The base outside the directories: refused, no chain.
+        let (why, chain) = judge(&over, std::slice::from_ref(&a));
+        assert!(why.unwrap().contains("leaves the directories"));
+        assert_eq!(chain, None);
+        // A standalone image is no overlay.
+        assert_eq!(judge(&base, &[b]), (None, None));
+    }
 }

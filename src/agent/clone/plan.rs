@@ -8,7 +8,9 @@ use std::time::Duration;
 use super::block;
 use super::reason::CloneReason;
 use crate::agent::refusal::Refusal;
-use crate::api::{CloneDisk, ClonePhase, StoragePoolSummary, VMCloneSpec, VMCloneStatus};
+use crate::api::{
+    CloneDisk, ClonePhase, OverlayCopy, StoragePoolSummary, VMCloneSpec, VMCloneStatus,
+};
 use crate::libvirt::block_clone::{BlockRef, BlockVolume};
 use crate::libvirt::domain::{DiskXml, DomainXml};
 use crate::libvirt::facade::VolumeLookup;
@@ -42,6 +44,22 @@ pub struct FileFacts {
     /// Why its image is refused ([`crate::image::qcow2::Verdict::refusal`]); `None` when it
     /// may be copied.
     pub unsafe_image: Option<String>,
+    /// Its backing chain, when it is a qcow2 overlay whose chain may be read.
+    pub overlay: Option<Chain>,
+}
+
+/// The backing chain of an overlay to copy, as merging it into a standalone copy
+/// (`spec.storage.flatten`) needs it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Chain {
+    /// How many backing images it has.
+    pub links: usize,
+    /// The space a merged copy may take: the allocation of every image of the chain (the
+    /// overlay's too), at most the virtual size and its qcow2 metadata.
+    pub allocated: u64,
+    /// The data extents of every image of the chain, at most the virtual size (what the
+    /// progress of a merge counts).
+    pub data: u64,
 }
 
 /// Everything the plan reads, gathered by `observe`.
@@ -393,11 +411,14 @@ pub fn plan(
             continue;
         };
         if let Some(why) = obs.files.get(path).and_then(|f| f.unsafe_image.as_ref()) {
+            let fix = if spec.storage.flatten {
+                "spec.storage.flatten reads every image of a backing chain, so each must lie in a storage pool granted to the namespace and name its format; nothing was created. Fix the chain, or convert the disk into a standalone image with qemu-img convert, then clone."
+            } else {
+                "virtplane copies standalone images, and overlays whose whole backing chain lies in the storage pools granted to the namespace; convert it with qemu-img convert, then clone."
+            };
             return Err(Refusal::fix(
                 CloneReason::UnsafeImage,
-                format!(
-                    "{path} of {source} is {why}. virtplane copies only standalone images; convert it with qemu-img convert, then clone."
-                ),
+                format!("{path} of {source} is {why}. {fix}"),
             ));
         }
     }
@@ -489,7 +510,15 @@ pub fn plan(
                     None => obs.pool_dirs.get(&p.name) == Some(&dir) && grants.pool(&p.name),
                 }
         });
-        let allocated = facts.allocated;
+        // An overlay stays one (sharing its base), or its chain is merged into the copy.
+        let overlay = facts.overlay.map(|chain| {
+            if spec.storage.flatten {
+                (OverlayCopy::Flattened, chain.allocated, chain.data)
+            } else {
+                (OverlayCopy::SharedBase, facts.allocated, facts.data)
+            }
+        });
+        let (allocated, data) = overlay.map_or((facts.allocated, facts.data), |o| (o.1, o.2));
         let (mut dest_dir, mut pool_name, mut message, mut available) = match pool {
             Some(p) if volume::holds_files(&p.type_) => {
                 (dir.clone(), Some(p.name.clone()), None, p.available)
@@ -579,18 +608,24 @@ pub fn plan(
             target: Some(dest.display().to_string()),
             pool: pool_name,
             strategy: None,
-            total_bytes: Some(facts.data),
+            total_bytes: Some(data),
             copied_bytes: Some(0),
             message,
+            overlay: overlay.map(|o| o.0),
         });
     }
     let mut over: Vec<_> = need.iter().filter(|(_, n)| n.0 > n.1).collect();
     over.sort_by(|a, b| a.0.cmp(b.0));
     if let Some((dir, (bytes, available, name))) = over.first() {
+        let what = if spec.storage.flatten {
+            "the sources' allocated size, for an overlay that of its whole backing chain"
+        } else {
+            "the sources' allocated size"
+        };
         return Err(Refusal::fix(
             CloneReason::InsufficientSpace,
             format!(
-                "The copies need {bytes} bytes (the sources' allocated size) in {name} ({}), which has {available} available, and no fallback pool has room. Free space or set spec.storage.pool.",
+                "The copies need {bytes} bytes ({what}) in {name} ({}), which has {available} available, and no fallback pool has room. Free space or set spec.storage.pool.",
                 dir.display()
             ),
         ));
@@ -668,3 +703,7 @@ mod tests;
 #[cfg(test)]
 #[path = "grants_tests.rs"]
 mod grants_tests;
+
+#[cfg(test)]
+#[path = "flatten_tests.rs"]
+mod flatten_tests;

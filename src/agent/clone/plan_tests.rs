@@ -45,6 +45,7 @@ pub(super) fn facts(dir: &str, allocated: u64) -> FileFacts {
         allocated,
         data: allocated / 2,
         unsafe_image: None,
+        overlay: None,
     }
 }
 

@@ -10,7 +10,7 @@ use super::apply::JobEnd;
 use super::plan::{Plan, SHARED};
 use super::reason::CloneReason;
 use crate::agent::refusal::{Reason, Refusal};
-use crate::api::{CloneDisk, ClonePhase, VMCloneSpec, VMCloneStatus, condition};
+use crate::api::{CloneDisk, ClonePhase, OverlayCopy, VMCloneSpec, VMCloneStatus, condition};
 use crate::conditions::Desired;
 
 /// What one reconcile of a task writes and publishes.
@@ -168,9 +168,10 @@ pub fn finished(
                 Some(Err(e)) => format!(", but starting it failed: {e}."),
             };
             let msg = format!(
-                "{} was cloned from {}{note}",
+                "{} was cloned from {}{note}{}",
                 status.target_name.as_deref().unwrap_or_default(),
-                spec.source
+                spec.source,
+                overlays(&status.disks)
             );
             Some(Report {
                 status,
@@ -196,6 +197,33 @@ pub fn finished(
             Some(failed(status, why.reason, why.message))
         }
     }
+}
+
+/// What became of the overlays' backing chains, as sentences after the completion message
+/// (empty when no disk was an overlay).
+pub fn overlays(disks: &[CloneDisk]) -> String {
+    let of = |kind: OverlayCopy| {
+        disks
+            .iter()
+            .filter(|d| d.overlay == Some(kind))
+            .filter_map(|d| d.target.as_deref())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut out = String::new();
+    let flat = of(OverlayCopy::Flattened);
+    if !flat.is_empty() {
+        out.push_str(&format!(
+            " Overlays merged with their backing chain into standalone copies: {flat}."
+        ));
+    }
+    let shared = of(OverlayCopy::SharedBase);
+    if !shared.is_empty() {
+        out.push_str(&format!(
+            " Overlays that share their backing image with the source (keep it in place, or clone with spec.storage.flatten): {shared}."
+        ));
+    }
+    out
 }
 
 /// Overall progress of the copies (shared disks do not count), never above 100%.

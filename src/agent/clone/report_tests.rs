@@ -271,6 +271,35 @@ fn completion_says_whether_the_clone_started() {
 }
 
 #[test]
+fn completion_says_which_overlays_were_flattened_or_share_their_base() {
+    let disk = |target: &str, overlay| CloneDisk {
+        target: Some(target.into()),
+        overlay,
+        ..copy(1, 1)
+    };
+    let status = VMCloneStatus {
+        disks: vec![
+            disk("/p/a-clone1.qcow2", Some(OverlayCopy::Flattened)),
+            disk("/p/b-clone1.qcow2", Some(OverlayCopy::SharedBase)),
+            disk("/p/c-clone1.img", None),
+        ],
+        ..copying()
+    };
+    let end = JobEnd::Completed {
+        status,
+        started: None,
+    };
+    let r = finished(&spec(), &copying(), end, now()).unwrap();
+    assert_eq!(
+        r.ready.message,
+        "web-clone1 was cloned from web. Overlays merged with their backing chain into \
+         standalone copies: /p/a-clone1.qcow2. Overlays that share their backing image with the \
+         source (keep it in place, or clone with spec.storage.flatten): /p/b-clone1.qcow2."
+    );
+    assert_eq!(overlays(&[disk("/p/c-clone1.img", None)]), "");
+}
+
+#[test]
 fn a_stopped_job_reports_nothing() {
     assert!(finished(&spec(), &copying(), JobEnd::Stopped, now()).is_none());
 }

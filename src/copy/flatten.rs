@@ -1,0 +1,284 @@
+//! Merging a qcow2 overlay and its whole backing chain into one standalone qcow2 image, with no
+//! backing file: `qemu-img convert` reads each cluster through the chain (the overlay's own
+//! clusters first, the rest from the nearest backing image that has it) and writes only the
+//! clusters that hold data. This is what libvirt does too when it creates a volume from an
+//! overlay (`virsh vol-create-from` on a dir pool runs `qemu-img convert`, which flattens unless
+//! the new volume names a backing store); running it here keeps the destination a file the
+//! caller created and recorded beforehand.
+//!
+//! Nothing of the chain is written. The formats are given (`-f qcow2` for the overlay; each
+//! link's format comes from the header of the image above it), so nothing is probed. The chain
+//! itself is checked beforehand by the caller ([`crate::image::chain`]). Progress is the
+//! percentage `qemu-img -p` prints, scaled to the caller's total. Cancelling kills `qemu-img`
+//! within one progress poll.
+
+use std::fs::OpenOptions;
+use std::io::{self, Read};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use super::lun::parse_percent;
+
+/// The `qemu-img` binary.
+const QEMU_IMG: &str = "qemu-img";
+
+/// Errors of [`flatten`].
+#[derive(Debug, thiserror::Error)]
+pub enum FlattenError {
+    /// `qemu-img` could not be run.
+    #[error("failed to run {QEMU_IMG}: {0}")]
+    Spawn(#[source] io::Error),
+    /// A new destination exists; it was left untouched.
+    #[error("failed to merge into {0}: the file already exists and is never overwritten")]
+    AlreadyExists(PathBuf),
+    /// A reserved destination is not a regular file (a symlink put there, say).
+    #[error("failed to merge into {0}: it is not the regular file reserved for the copy")]
+    NotReserved(PathBuf),
+    /// The destination could not be created or read.
+    #[error("failed to create the destination {path}: {source}")]
+    Destination {
+        /// The destination path.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// `qemu-img convert` failed.
+    #[error("failed to merge the backing chain of {source_path} into {path}: {message}")]
+    Convert {
+        /// The overlay.
+        source_path: PathBuf,
+        /// The destination.
+        path: PathBuf,
+        /// qemu-img's message.
+        message: String,
+    },
+    /// The merge was cancelled.
+    #[error("the merge into {0} was cancelled")]
+    Cancelled(PathBuf),
+}
+
+/// Merges the qcow2 overlay `src` and its backing chain into `dst`, a standalone qcow2 image.
+///
+/// With `reserved`, `dst` is a regular file the caller created exclusively beforehand (its
+/// content is replaced, and it is kept on failure: its creator removes it); otherwise `dst` is
+/// created exclusively here (an existing file is never touched) and removed on failure.
+/// `progress(done, total)` gets `(0, total)` right after the destination is ours, then the
+/// share of `total` `qemu-img` reports done, and `(total, total)` last. Returns the space the
+/// result occupies. Blocking: run it on a blocking thread.
+pub fn flatten(
+    src: &Path,
+    dst: &Path,
+    reserved: bool,
+    total: u64,
+    mut progress: impl FnMut(u64, u64),
+    cancel: &AtomicBool,
+) -> Result<u64, FlattenError> {
+    let dest_error = |source| FlattenError::Destination {
+        path: dst.to_path_buf(),
+        source,
+    };
+    if reserved {
+        let meta = std::fs::symlink_metadata(dst).map_err(dest_error)?;
+        if !meta.file_type().is_file() {
+            return Err(FlattenError::NotReserved(dst.to_path_buf()));
+        }
+    } else {
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(dst)
+            .map_err(|e| match e.kind() {
+                io::ErrorKind::AlreadyExists => FlattenError::AlreadyExists(dst.to_path_buf()),
+                _ => dest_error(e),
+            })?;
+    }
+    // From here on the destination is ours: a new one is removed on any early return.
+    let mut guard = RemoveOnDrop((!reserved).then_some(dst));
+    progress(0, total);
+    let mut child = Command::new(QEMU_IMG)
+        .args(["convert", "-p", "-f", "qcow2", "-O", "qcow2"])
+        .arg(src)
+        .arg(dst)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(FlattenError::Spawn)?;
+    // The progress lines, read on their own thread; the last percentage in hundredths.
+    let hundredths = Arc::new(AtomicU64::new(0));
+    let reader = child.stdout.take().map(|mut out| {
+        let hundredths = Arc::clone(&hundredths);
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 256];
+            let mut pending = String::new();
+            while let Ok(n) = out.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                pending.push_str(&String::from_utf8_lossy(&buf[..n]));
+                while let Some(i) = pending.find(['\r', '\n']) {
+                    if let Some(p) = parse_percent(&pending[..i]) {
+                        hundredths.fetch_max((p * 100.0) as u64, Ordering::Relaxed);
+                    }
+                    pending.drain(..=i);
+                }
+            }
+        })
+    });
+    let mut stderr = child.stderr.take();
+    let status = loop {
+        if cancel.load(Ordering::Relaxed) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(FlattenError::Cancelled(dst.to_path_buf()));
+        }
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) => {}
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(FlattenError::Spawn(e));
+            }
+        }
+        let h = hundredths.load(Ordering::Relaxed).min(10_000);
+        progress((u128::from(total) * u128::from(h) / 10_000) as u64, total);
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    if let Some(r) = reader {
+        let _ = r.join();
+    }
+    if !status.success() {
+        let mut message = String::new();
+        if let Some(e) = stderr.as_mut() {
+            let _ = e.read_to_string(&mut message);
+        }
+        return Err(FlattenError::Convert {
+            source_path: src.to_path_buf(),
+            path: dst.to_path_buf(),
+            message: message.trim().to_string(),
+        });
+    }
+    let allocated = std::fs::metadata(dst)
+        .map(|m| m.blocks().saturating_mul(512))
+        .map_err(dest_error)?;
+    progress(total, total);
+    guard.0 = None;
+    Ok(allocated)
+}
+
+/// Removes the file when dropped, unless disarmed.
+struct RemoveOnDrop<'a>(Option<&'a Path>);
+
+impl Drop for RemoveOnDrop<'_> {
+    fn drop(&mut self) {
+        if let Some(p) = self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(args: &[&str]) {
+        let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+    }
+
+    fn reads(img: &Path, pattern: &str, offset: &str) -> bool {
+        let out = Command::new("qemu-io")
+            .args(["-r", "-f", "qcow2", "-c"])
+            .arg(format!("read -P {pattern} {offset} 1M"))
+            .arg(img)
+            .output()
+            .unwrap();
+        out.status.success() && !String::from_utf8_lossy(&out.stdout).contains("failed")
+    }
+
+    #[test]
+    fn merges_a_chain_into_a_standalone_image_and_keeps_what_is_not_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = |n: &str| dir.path().join(n).to_str().unwrap().to_string();
+        run(&["qemu-img", "create", "-q", "-f", "qcow2", &p("base"), "8M"]);
+        run(&[
+            "qemu-io",
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x33 0 1M",
+            &p("base"),
+        ]);
+        let (base, over) = (p("base"), p("over"));
+        run(&[
+            "qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", &base, &over,
+        ]);
+        run(&["qemu-io", "-f", "qcow2", "-c", "write -P 0x44 1M 1M", &over]);
+        let cancel = AtomicBool::new(false);
+        let mut seen = Vec::new();
+        let dst = dir.path().join("flat");
+        flatten(
+            Path::new(&over),
+            &dst,
+            false,
+            100,
+            |n, t| seen.push((n, t)),
+            &cancel,
+        )
+        .unwrap();
+        assert_eq!(seen.first(), Some(&(0, 100)));
+        assert_eq!(seen.last(), Some(&(100, 100)));
+        let info = Command::new("qemu-img")
+            .args(["info", "--output=json"])
+            .arg(&dst)
+            .output()
+            .unwrap();
+        let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+        assert!(info.get("backing-filename").is_none(), "{info}");
+        assert!(reads(&dst, "0x33", "0") && reads(&dst, "0x44", "1M"));
+        // An existing file is never touched; a reserved one is filled.
+        let err = flatten(Path::new(&over), &dst, false, 1, |_, _| {}, &cancel).unwrap_err();
+        assert!(matches!(err, FlattenError::AlreadyExists(_)), "{err}");
+        let reserved = dir.path().join("reserved");
+        std::fs::write(&reserved, b"").unwrap();
+        flatten(Path::new(&over), &reserved, true, 1, |_, _| {}, &cancel).unwrap();
+        assert!(reads(&reserved, "0x33", "0") && reads(&reserved, "0x44", "1M"));
+        // A failed merge removes a new destination and keeps a reserved one.
+        let bad = dir.path().join("bad");
+        let err = flatten(
+            &dir.path().join("nothing"),
+            &bad,
+            false,
+            1,
+            |_, _| {},
+            &cancel,
+        )
+        .unwrap_err();
+        assert!(matches!(err, FlattenError::Convert { .. }), "{err}");
+        assert!(!bad.exists());
+        std::fs::write(&bad, b"").unwrap();
+        assert!(
+            flatten(
+                &dir.path().join("nothing"),
+                &bad,
+                true,
+                1,
+                |_, _| {},
+                &cancel
+            )
+            .is_err()
+        );
+        assert!(bad.exists());
+        // A symlink where the reserved file was is refused.
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&base, &link).unwrap();
+        let err = flatten(Path::new(&over), &link, true, 1, |_, _| {}, &cancel).unwrap_err();
+        assert!(matches!(err, FlattenError::NotReserved(_)), "{err}");
+    }
+}
