@@ -82,6 +82,9 @@ pub(super) async fn reconcile(
             )),
             finalizer::Event::Apply(obj) => {
                 let _guard = lock.lock().await;
+                // This pass may put back a device a batch removed meanwhile (its object's deletion
+                // came after this pass began): that object's cleanup must then detach it again.
+                ctx.definition_batches.forget_removed(&vm, &alias);
                 let prev = obj.status.clone().unwrap_or_default();
                 let outcome = match pipeline(&obj, &ctx, &alias, &prev).await {
                     Ok(o) => o,
