@@ -61,6 +61,12 @@ impl DefinitionBatches {
         self.with(vm, |p| p.removed.remove(alias))
     }
 
+    /// Under `vm`'s lock, before an apply pass that may put `alias`'s device back (one that
+    /// started before its object's deletion was seen): a batch's earlier removal no longer holds.
+    pub fn forget_removed(&self, vm: &str, alias: &str) {
+        self.with(vm, |p| p.removed.remove(alias));
+    }
+
     /// Records what a batch removed from `vm` and wakes the objects waiting for it.
     fn record_removed(&self, vm: &str, removed: Vec<String>) {
         let done = self.with(vm, |p| {
@@ -154,6 +160,12 @@ mod tests {
         assert!(!b.take_removed("vm1", "ua-b"), "another device");
         assert!(b.take_removed("vm1", "ua-a"));
         assert!(!b.take_removed("vm1", "ua-a"), "said once");
+        b.record_removed("vm1", vec!["ua-a".into()]);
+        b.forget_removed("vm1", "ua-a");
+        assert!(
+            !b.take_removed("vm1", "ua-a"),
+            "an apply pass since may have put it back"
+        );
     }
 
     #[tokio::test]

@@ -85,6 +85,9 @@ pub(super) async fn reconcile(
                 let locking = std::time::Instant::now();
                 let _guard = lock.lock().await;
                 let locked = std::time::Instant::now();
+                // This pass may put back a device a batch removed meanwhile (its object's deletion
+                // came after this pass began): that object's cleanup must then detach it again.
+                ctx.definition_batches.forget_removed(&vm, &alias);
                 let prev = obj.status.clone().unwrap_or_default();
                 let mut steps = Steps::default();
                 let outcome = match pipeline(&obj, &ctx, &alias, &prev, &mut steps).await {
@@ -211,4 +214,47 @@ async fn cleanup(
         volume::reclaim(obj, ctx).await?;
     }
     Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn obj(deleting: bool, finalizer: bool, recorded_vm: Option<&str>) -> VirtualMachineStorage {
+        let mut o: VirtualMachineStorage = serde_json::from_value(serde_json::json!({
+            "apiVersion": "virtplane.io/v1alpha1", "kind": "VirtualMachineStorage",
+            "metadata": { "name": "d", "namespace": "ns", "uid": "u1" },
+            "spec": { "vm": "spec-vm", "type": "disk", "source": { "path": "/a.img" } },
+        }))
+        .unwrap();
+        if deleting {
+            o.metadata.deletion_timestamp =
+                Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                    k8s_openapi::jiff::Timestamp::now(),
+                ));
+        }
+        if finalizer {
+            o.metadata.finalizers = Some(vec![finalizer::FINALIZER.to_string()]);
+        }
+        o.status = recorded_vm.map(|vm| VirtualMachineStorageStatus {
+            vm: Some(vm.to_string()),
+            ..Default::default()
+        });
+        o
+    }
+
+    #[test]
+    fn only_a_deletion_still_holding_the_finalizer_leaves_a_domain() {
+        assert_eq!(
+            leaving(&obj(true, true, None)),
+            Some(("spec-vm".to_string(), "ua-vps-u1".to_string()))
+        );
+        assert_eq!(
+            leaving(&obj(true, true, Some("recorded-vm"))).map(|(vm, _)| vm),
+            Some("recorded-vm".to_string()),
+            "the domain the device went to"
+        );
+        assert_eq!(leaving(&obj(true, false, None)), None, "cleanup done");
+        assert_eq!(leaving(&obj(false, true, None)), None, "not deleted");
+    }
 }
