@@ -190,9 +190,23 @@ pub struct CloneDisk {
     /// Why the copy went where it did, when that was not the obvious place.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// What the copy is: `File` (`target` is its path) or `PoolVolume` (`target` names a new
+    /// volume of `pool`, made by libvirt from the source volume). Absent for shared disks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<CopyKind>,
     /// For the copy of a qcow2 overlay, what became of its backing chain (see [`OverlayCopy`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub overlay: Option<OverlayCopy>,
+}
+
+/// What the copy of a disk is: `File` (`target` is its path) or `PoolVolume` (`target` names a
+/// new volume of `pool`, made by libvirt from the source volume). Absent for shared disks.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum CopyKind {
+    /// A file, at the path `target`.
+    File,
+    /// A new volume of `pool`, named `target`.
+    PoolVolume,
 }
 
 /// For the copy of a qcow2 overlay, what became of its backing chain: `SharedBase` (the copy

@@ -15,7 +15,7 @@ use super::plan::{DiskUse, SHARED, disk_use};
 use super::reason::CloneReason;
 use crate::agent::jobs::{JobCtx, Stop};
 use crate::agent::refusal::Refusal;
-use crate::api::{CloneDisk, ClonePhase, CopyStrategy, OverlayCopy, VMCloneStatus};
+use crate::api::{CloneDisk, ClonePhase, CopyKind, CopyStrategy, OverlayCopy, VMCloneStatus};
 use crate::copy::{self, Strategy, StrategyUsed, flatten};
 use crate::libvirt::block_clone::{BlockClones, BlockRef};
 use crate::libvirt::clone_xml::{self, CloneEdits, DiskKey};
@@ -420,6 +420,7 @@ async fn clone_definition<V: Clones + Domains + Networks + BlockClones>(
                 status.disks.push(CloneDisk {
                     source: src.clone(),
                     target: Some(dst.clone()),
+                    kind: Some(CopyKind::File),
                     strategy: Some("Copy".into()),
                     message: Some("UEFI variable store".into()),
                     ..Default::default()

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use super::plan::{DiskUse, Observed, disk_use, free_copy_name};
 use super::reason::CloneReason;
 use crate::agent::refusal::Refusal;
-use crate::api::{CloneDisk, StoragePoolSummary, VMCloneSpec};
+use crate::api::{CloneDisk, CopyKind, StoragePoolSummary, VMCloneSpec};
 use crate::libvirt::block_clone::{BlockRef, BlockVolume, can_create_volumes};
 use crate::libvirt::domain::DomainXml;
 use crate::libvirt::facade::VolumeLookup;
@@ -62,6 +62,16 @@ impl Disk {
 
 fn storage(message: String) -> Refusal<CloneReason> {
     Refusal::fix(CloneReason::StorageNotUsable, message)
+}
+
+/// Whether the copy of status disk `d` is a new volume of its pool (made by libvirt) rather than
+/// a file. A plan recorded by an agent that did not write `kind` yet says it by its target: a
+/// volume name has no `/`, a path does.
+pub fn into_pool(d: &CloneDisk) -> bool {
+    match d.kind {
+        Some(kind) => kind == CopyKind::PoolVolume,
+        None => d.target.as_deref().is_some_and(|t| !t.starts_with('/')),
+    }
 }
 
 /// Whether the agent can read a volume of this pool outside libvirt: a device node, or an
@@ -132,9 +142,10 @@ pub fn plan_block(
     let (disk, label, v) = (&b.disk, &b.label, &b.volume);
     let source = &c.spec.source;
     let size = v.capacity;
-    let copy = |target: String, pool: &str, message: Option<String>| CloneDisk {
+    let copy = |target: String, pool: &str, kind, message: Option<String>| CloneDisk {
         source: label.to_string(),
         target: Some(target),
+        kind: Some(kind),
         pool: Some(pool.to_string()),
         strategy: None,
         total_bytes: Some(size),
@@ -153,7 +164,8 @@ pub fn plan_block(
         let already = pools.get(&v.pool).copied().unwrap_or(0);
         if already + size <= available {
             *pools.entry(v.pool.clone()).or_default() += size;
-            return Ok(copy(in_pool_copy_name(v, c.number, planned), &v.pool, None));
+            let name = in_pool_copy_name(v, c.number, planned);
+            return Ok(copy(name, &v.pool, CopyKind::PoolVolume, None));
         }
         if !readable(v) {
             return Err(Refusal::fix(
@@ -205,6 +217,7 @@ pub fn plan_block(
     Ok(copy(
         dest.display().to_string(),
         &fallback.name,
+        CopyKind::File,
         Some(why_file),
     ))
 }

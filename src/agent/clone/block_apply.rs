@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use super::apply::{Halt, Job, Progress, fail, record, taken};
+use super::block::into_pool;
 use super::ledger::Ledger;
 use super::plan::{DiskUse, disk_use};
 use super::reason::CloneReason;
@@ -33,12 +34,6 @@ pub fn block_ref_of(config: &DomainXml, source: &str, d: &CloneDisk) -> Option<B
         }
         _ => None,
     })
-}
-
-/// Whether the copy goes into a new volume of a pool (its target is a volume name) rather than
-/// a file (a path).
-fn in_pool(d: &CloneDisk) -> bool {
-    d.target.as_deref().is_some_and(|t| !t.starts_with('/'))
 }
 
 fn failed(d: &CloneDisk) -> impl Fn(LibvirtError) -> Halt + '_ {
@@ -67,7 +62,7 @@ pub async fn copy<V: BlockClones + Storage>(
     ctx: &JobCtx<Progress>,
     stop: &Arc<AtomicBool>,
 ) -> Result<(), Halt> {
-    if in_pool(&status.disks[i]) {
+    if into_pool(&status.disks[i]) {
         copy_in_pool(v, job, status, i, r, ctx, stop).await?;
     } else {
         copy_to_file(v, job, status, i, r, ctx, stop).await?;
@@ -282,7 +277,7 @@ pub async fn edits<V: BlockClones>(
             continue;
         }
         edits.disk_paths.remove(&d.source);
-        match (&r, in_pool(d)) {
+        match (&r, into_pool(d)) {
             (BlockRef::Device(dev), true) => {
                 let Some(path) = v
                     .pool_volume_path(&pool, &target)

@@ -9,7 +9,7 @@ use kube::runtime::reflector::ObjectRef;
 use super::super::apply::{Job, JobEnd, Progress, run};
 use super::super::ledger::{Ledger, NodeSide};
 use crate::agent::jobs::Jobs;
-use crate::api::{CloneDisk, ClonePhase, CopyStrategy, VMClone, VMCloneStatus};
+use crate::api::{CloneDisk, ClonePhase, CopyKind, CopyStrategy, VMClone, VMCloneStatus};
 use crate::libvirt::ErrorKind;
 use crate::libvirt::block_clone::BlockVolume;
 use crate::libvirt::clone_xml;
@@ -60,6 +60,7 @@ fn planned(source: &str, target: &str, pool: &str) -> CloneDisk {
     CloneDisk {
         source: source.into(),
         target: Some(target.into()),
+        kind: Some(CopyKind::PoolVolume),
         pool: Some(pool.into()),
         total_bytes: Some(0),
         copied_bytes: Some(0),

@@ -3,8 +3,11 @@
 use std::collections::HashMap;
 
 use super::super::plan::{Decision, Observed, Source, decide};
+use super::into_pool;
 use crate::agent::refusal::Refusal;
-use crate::api::{CloneDisk, CloneStorage, StoragePoolSummary, VMCloneSpec, VMCloneStatus};
+use crate::api::{
+    CloneDisk, CloneStorage, CopyKind, StoragePoolSummary, VMCloneSpec, VMCloneStatus,
+};
 use crate::libvirt::block_clone::{BlockRef, BlockVolume};
 use crate::libvirt::domain::parse_domain;
 use crate::libvirt::facade::VolumeLookup;
@@ -205,6 +208,12 @@ fn each_pool_capability_takes_its_route() {
         );
         assert_eq!(c.strategy, None);
         assert_eq!(c.copied_bytes, Some(0));
+        let kind = if target.starts_with('/') {
+            CopyKind::File
+        } else {
+            CopyKind::PoolVolume
+        };
+        assert_eq!(c.kind, Some(kind), "{devices}");
         match says {
             Some(s) => assert!(c.message.as_deref().unwrap_or("").contains(s), "{c:?}"),
             None => assert_eq!(c.message, None),
@@ -282,4 +291,21 @@ fn read_only_block_disks_stay_shared() {
     let got = disks(plan(ro, 1 << 30, 1 << 30));
     assert_eq!(got[0].strategy.as_deref(), Some("Shared"));
     assert_eq!(got[0].target.as_deref(), Some("/dev/sdz"));
+}
+
+#[test]
+fn the_planned_kind_says_where_a_copy_goes() {
+    let d = |target: &str, kind| CloneDisk {
+        target: Some(target.into()),
+        kind,
+        ..Default::default()
+    };
+    // The kind decides, whatever the target looks like.
+    assert!(into_pool(&d("lv-clone1", Some(CopyKind::PoolVolume))));
+    assert!(!into_pool(&d("relative/file.img", Some(CopyKind::File))));
+    assert!(!into_pool(&d("noslash.img", Some(CopyKind::File))));
+    // A plan recorded before `kind` existed: by the target's shape.
+    assert!(into_pool(&d("lv-clone1", None)));
+    assert!(!into_pool(&d("/p/a-clone1.img", None)));
+    assert!(!into_pool(&CloneDisk::default()));
 }

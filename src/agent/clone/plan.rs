@@ -9,7 +9,7 @@ use super::block;
 use super::reason::CloneReason;
 use crate::agent::refusal::Refusal;
 use crate::api::{
-    CloneDisk, ClonePhase, OverlayCopy, StoragePoolSummary, VMCloneSpec, VMCloneStatus,
+    CloneDisk, ClonePhase, CopyKind, OverlayCopy, StoragePoolSummary, VMCloneSpec, VMCloneStatus,
 };
 use crate::libvirt::block_clone::{BlockRef, BlockVolume};
 use crate::libvirt::domain::{DiskXml, DomainXml};
@@ -606,6 +606,7 @@ pub fn plan(
         disks.push(CloneDisk {
             source: src,
             target: Some(dest.display().to_string()),
+            kind: Some(CopyKind::File),
             pool: pool_name,
             strategy: None,
             total_bytes: Some(data),

@@ -338,6 +338,7 @@ fn copies_go_next_to_their_source_with_the_lowest_free_number() {
             CloneDisk {
                 source: "/p/a.img".into(),
                 target: Some("/p/a-clone3.img".into()),
+                kind: Some(crate::api::CopyKind::File),
                 pool: Some("p".into()),
                 total_bytes: Some(GIB / 2),
                 copied_bytes: Some(0),

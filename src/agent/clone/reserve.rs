@@ -7,6 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use super::block::into_pool;
 use super::ledger::Ledger;
 use super::plan::{self, Decision, Observed, Plan};
 use super::reason::CloneReason;
@@ -54,7 +55,7 @@ pub fn reserve(
         };
         // A copy inside its pool names a volume, not a path: libvirt's create refuses a
         // taken name, and the task's volume list records it (`volume_ledger`).
-        if !target.starts_with('/') {
+        if into_pool(d) {
             continue;
         }
         let path = Path::new(target);
@@ -129,7 +130,7 @@ pub async fn decide(
 mod tests {
     use super::super::plan::SHARED;
     use super::*;
-    use crate::api::CloneDisk;
+    use crate::api::{CloneDisk, CopyKind};
 
     fn plan_of(target: &str, dir: &Path, files: &[&str]) -> Plan {
         let mut disks: Vec<CloneDisk> = files
@@ -137,9 +138,18 @@ mod tests {
             .map(|f| CloneDisk {
                 source: format!("/src/{f}"),
                 target: Some(dir.join(f).display().to_string()),
+                kind: Some(CopyKind::File),
                 ..Default::default()
             })
             .collect();
+        // A new volume of a pool: libvirt creates it, nothing is reserved here.
+        disks.push(CloneDisk {
+            source: "/dev/vg/lv".into(),
+            target: Some("lv-clone1".into()),
+            pool: Some("vg".into()),
+            kind: Some(CopyKind::PoolVolume),
+            ..Default::default()
+        });
         disks.push(CloneDisk {
             source: "/iso/shared.iso".into(),
             target: Some("/iso/shared.iso".into()),
@@ -163,7 +173,7 @@ mod tests {
         assert_eq!(
             one.files().len(),
             3,
-            "the name and two copies, not the shared disk"
+            "the name and two copies, not the shared disk or the pool's volume"
         );
         // The same plan for another task: its domain name is taken; nothing is created.
         let t = reserve(&p1, "u-2", &two).unwrap();
