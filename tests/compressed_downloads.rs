@@ -138,16 +138,6 @@ async fn bytes_done(client: &Client, ns: &str, name: &str, at_least: u64) -> Iso
     .await
 }
 
-/// Files in the pool directory, hidden partial files included.
-fn pool_files(pool: &TestPool) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(&pool.path)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
-}
-
 /// Serves `data` as `name`; returns the sha256 of what is served.
 fn serve_hashed(server: &FixtureServer, name: &str, data: &[u8]) -> String {
     server.serve(name, data);
@@ -219,7 +209,7 @@ async fn xz_gzip_and_zstd_images_are_stored_decompressed() {
         assert!(packed.len() < raw.len(), "{name} is really compressed");
     }
     // Only the volumes: no compressed or partial data is left.
-    let files = pool_files(&pool);
+    let files = pool.files();
     let mut volumes: Vec<String> = files
         .iter()
         .filter(|f| !f.starts_with('.'))
@@ -277,7 +267,7 @@ async fn a_pause_and_an_agent_sigkill_resume_the_compressed_stream() {
         let o = wait_phase(&client, &ns.name, name, DownloadPhase::Paused).await;
         let k = o.status.unwrap().downloaded_bytes.unwrap();
         assert!(k > 0 && k < packed.len() as u64, "{name} kept {k}");
-        let files = pool_files(&pool);
+        let files = pool.files();
         assert!(
             files.contains(&format!(".{file}.part"))
                 && files.contains(&format!(".{file}.part.out")),
@@ -332,7 +322,7 @@ async fn a_pause_and_an_agent_sigkill_resume_the_compressed_stream() {
             packed.len()
         );
     }
-    let files = pool_files(&pool);
+    let files = pool.files();
     assert!(
         !files
             .iter()
@@ -396,7 +386,11 @@ async fn truncated_corrupt_bomb_and_unsafe_images_fail_and_leave_nothing() {
             "{name}: {message}"
         );
     }
-    assert_eq!(pool_files(&pool), Vec::<String>::new(), "nothing is left");
+    assert_eq!(
+        pool.files_settled(&[]).await,
+        Vec::<String>::new(),
+        "nothing is left"
+    );
     // The bomb never wrote far past the limit (the decoder stops at it).
     assert!(
         server.served("bomb.raw.zst").iter().all(|(s, _)| *s == 0),

@@ -47,16 +47,6 @@ async fn wait_failed(client: &Client, ns: &str, name: &str, reason: &str) -> Str
     message
 }
 
-/// Files in the pool directory, hidden partial files included.
-fn pool_files(pool: &TestPool) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(&pool.path)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
-}
-
 fn config(ok_len: u64, ok_rate: u64) -> Config {
     Config { ok_len, ok_rate }
 }
@@ -122,7 +112,7 @@ async fn loopback_and_private_addresses_are_refused_by_default() {
         0,
         "no connection made"
     );
-    assert!(pool_files(&pool).is_empty(), "{:?}", pool_files(&pool));
+    assert_eq!(pool.files_settled(&[]).await, Vec::<String>::new());
 }
 
 #[tokio::test]
@@ -168,7 +158,7 @@ async fn redirect_chains_into_denied_ranges_are_refused() {
         &manifest("direct", &server.url("/ok/a.iso"), &pool.name, ""),
     );
     wait_phase(&client, &ns.name, "direct", DownloadPhase::Completed).await;
-    assert_eq!(pool_files(&pool), ["a.iso"]);
+    assert_eq!(pool.files_settled(&["a.iso"]).await, ["a.iso"]);
 }
 
 #[tokio::test]
@@ -201,7 +191,7 @@ async fn error_pages_are_never_completed() {
     assert!(m.contains("text/html"), "{m}");
     let m = wait_failed(&client, &ns.name, "disguised", "ErrorPage").await;
     assert!(m.contains("an HTML document"), "{m}");
-    assert!(pool_files(&pool).is_empty(), "{:?}", pool_files(&pool));
+    assert_eq!(pool.files_settled(&[]).await, Vec::<String>::new());
     // Explicitly allowed: completed, and the format says what it is.
     kubectl_apply(
         &ns.name,
@@ -220,7 +210,10 @@ async fn error_pages_are_never_completed() {
     );
     let done = wait_phase(&client, &ns.name, "file", DownloadPhase::Completed).await;
     assert_eq!(done.status.unwrap().format.as_deref(), Some("raw"));
-    assert_eq!(pool_files(&pool), ["a.iso", "page.html"]);
+    assert_eq!(
+        pool.files_settled(&["a.iso", "page.html"]).await,
+        ["a.iso", "page.html"]
+    );
 }
 
 #[tokio::test]
@@ -263,7 +256,7 @@ async fn endless_and_oversized_bodies_are_cut_off() {
     assert!(m.contains("4194304"), "{m}");
     let m = wait_failed(&client, &ns.name, "big", "TooLarge").await;
     assert!(m.contains("1048576"), "{m}");
-    assert!(pool_files(&pool).is_empty(), "{:?}", pool_files(&pool));
+    assert_eq!(pool.files_settled(&[]).await, Vec::<String>::new());
 }
 
 #[tokio::test]
@@ -310,7 +303,7 @@ async fn a_slow_server_gives_up_its_slot() {
     // Deleting the slow one leaves only the completed file.
     kubectl_delete(&ns.name, "isodownload", "slow");
     wait_gone::<IsoDownload>(&client, &ns.name, "slow", T).await;
-    assert_eq!(pool_files(&pool), ["fast.iso"]);
+    assert_eq!(pool.files_settled(&["fast.iso"]).await, ["fast.iso"]);
 }
 
 #[tokio::test]
@@ -366,7 +359,7 @@ async fn a_paused_downloads_data_stays_its_own() {
     .await
     .unwrap();
     wait_phase(&client, &ns.name, "first", DownloadPhase::Completed).await;
-    assert_eq!(pool_files(&pool), ["shared.iso"]);
+    assert_eq!(pool.files_settled(&["shared.iso"]).await, ["shared.iso"]);
 }
 
 #[tokio::test]
@@ -417,7 +410,7 @@ async fn credentials_need_consent_and_never_show() {
         0,
         "nothing was sent"
     );
-    assert!(pool_files(&pool).is_empty(), "{:?}", pool_files(&pool));
+    assert_eq!(pool.files_settled(&[]).await, Vec::<String>::new());
 }
 
 #[tokio::test]
@@ -441,7 +434,7 @@ async fn a_checksum_of_the_wrong_length_is_refused_before_a_slot() {
     let m = wait_failed(&client, &ns.name, "short", "InvalidChecksum").await;
     assert!(m.contains("63 hex digits") && m.contains("64"), "{m}");
     assert_eq!(server.requests.load(Ordering::SeqCst), 0, "never connected");
-    assert!(pool_files(&pool).is_empty());
+    assert_eq!(pool.files_settled(&[]).await, Vec::<String>::new());
 }
 
 /// A tmpfs of `mib` MiB as a dir pool; unmounted when dropped (after the pool).
@@ -520,7 +513,7 @@ async fn a_body_without_length_stops_at_the_free_space_floor() {
     assert!(m.contains("Free space in the pool"), "{m}");
     // The pool never filled up, and the failed download left nothing in it.
     eventually("the partial data removed", T, || async {
-        pool_files(pool).is_empty().then_some(())
+        pool.files().is_empty().then_some(())
     })
     .await;
 }
@@ -607,7 +600,7 @@ async fn the_clusters_pod_and_service_ranges_are_refused() {
         "no connection made"
     );
     eventually("only the reachable download's file", T, || async {
-        (pool_files(&pool) == ["other.iso"]).then_some(())
+        (pool.files() == ["other.iso"]).then_some(())
     })
     .await;
 }

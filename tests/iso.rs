@@ -69,16 +69,6 @@ async fn wait_phase(client: &Client, ns: &str, name: &str, want: DownloadPhase) 
     .await
 }
 
-/// Files in the pool directory, hidden partial files included.
-fn pool_files(pool: &TestPool) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(&pool.path)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
-}
-
 #[tokio::test]
 async fn downloads_complete_verified_and_listed_by_libvirt() {
     let client = client().await;
@@ -113,7 +103,11 @@ async fn downloads_complete_verified_and_listed_by_libvirt() {
         virsh(&["vol-list", &pool.name]).contains("debian.iso"),
         "libvirt lists the volume"
     );
-    assert_eq!(pool_files(&pool), ["debian.iso"], "no partial data left");
+    assert_eq!(
+        pool.files_settled(&["debian.iso"]).await,
+        ["debian.iso"],
+        "no partial data left"
+    );
     let reasons = event_reasons(&client, &ns.name, "debian").await;
     assert!(reasons.iter().any(|r| r == "Completed"), "{reasons:?}");
 
@@ -143,7 +137,7 @@ async fn downloads_complete_verified_and_listed_by_libvirt() {
     );
     let bad = wait_phase(&client, &ns.name, "bad-sum", DownloadPhase::Failed).await;
     assert_eq!(ready_reason(&bad).as_deref(), Some("ChecksumMismatch"));
-    assert_eq!(pool_files(&pool), ["debian.iso"]);
+    assert_eq!(pool.files_settled(&["debian.iso"]).await, ["debian.iso"]);
 
     // Deleting the object keeps a Completed volume (Retain), unless reclaimPolicy is Delete.
     kubectl_apply(
@@ -287,7 +281,10 @@ async fn refusals_leave_nothing_in_the_pool() {
         .2;
     assert!(message.contains("partial data were removed"), "{message}");
     assert_eq!(leftovers, 0, "the partial data was removed");
-    assert_eq!(pool_files(&pool), ["small", "taken.iso"]);
+    assert_eq!(
+        pool.files_settled(&["small", "taken.iso"]).await,
+        ["small", "taken.iso"]
+    );
 }
 
 #[tokio::test]
@@ -336,7 +333,7 @@ async fn redirects_into_a_denied_network_fail() {
         files.served("f.iso").is_empty(),
         "the denied server sent nothing"
     );
-    assert_eq!(pool_files(&pool), ["allowed.iso"]);
+    assert_eq!(pool.files_settled(&["allowed.iso"]).await, ["allowed.iso"]);
 }
 
 #[tokio::test]
@@ -378,9 +375,9 @@ async fn pause_resume_and_agent_restart_fetch_only_missing_bytes() {
     let kept = paused.status.as_ref().unwrap().downloaded_bytes.unwrap();
     assert!(kept > 0 && kept < 24 << 20, "kept {kept}");
     assert!(
-        pool_files(&pool).iter().any(|f| f.starts_with(".slow.iso")),
+        pool.files().iter().any(|f| f.starts_with(".slow.iso")),
         "partial data is kept: {:?}",
-        pool_files(&pool)
+        pool.files()
     );
 
     // Every status from here on, to see the phases a poll could miss.
@@ -571,7 +568,11 @@ async fn a_download_finished_before_its_status_was_written_completes() {
     assert_eq!(st.downloaded_bytes, Some(2 << 20));
     assert_eq!(sha256(Path::new(&st.volume.unwrap().path)), sum);
     assert!(server.served("done.iso").len() == 1, "not downloaded again");
-    assert_eq!(pool_files(&pool), ["done.iso"], "the record is gone");
+    assert_eq!(
+        pool.files_settled(&["done.iso"]).await,
+        ["done.iso"],
+        "the record is gone"
+    );
 
     // Another object for the same name still gets a conflict.
     kubectl_apply(
@@ -648,12 +649,12 @@ async fn changing_url_name_or_pool_after_the_start_fails_and_leaves_nothing() {
             "{name}: {message}"
         );
     }
-    assert!(pool_files(&pool).is_empty(), "{:?}", pool_files(&pool));
+    assert_eq!(pool.files_settled(&[]).await, Vec::<String>::new());
     for name in ["running", "paused"] {
         kubectl_delete(&ns.name, "isodownload", name);
         wait_gone::<IsoDownload>(&client, &ns.name, name, T).await;
     }
-    assert!(pool_files(&pool).is_empty(), "{:?}", pool_files(&pool));
+    assert_eq!(pool.files_settled(&[]).await, Vec::<String>::new());
 }
 
 #[tokio::test]
@@ -678,7 +679,7 @@ async fn deleting_a_running_download_removes_its_partial_data() {
     .await;
     kubectl_delete(&ns.name, "isodownload", "cancel");
     wait_gone::<IsoDownload>(&client, &ns.name, "cancel", T).await;
-    assert!(pool_files(&pool).is_empty(), "{:?}", pool_files(&pool));
+    assert_eq!(pool.files_settled(&[]).await, Vec::<String>::new());
 }
 
 #[tokio::test]
@@ -708,7 +709,7 @@ async fn transient_failures_are_retried_by_timer_with_back_off_and_counted() {
     assert_eq!(st.phase, Some(DownloadPhase::Pending));
     let done = wait_phase(&client, &ns.name, "flaky", DownloadPhase::Completed).await;
     assert_eq!(done.status.unwrap().attempts, Some(3));
-    assert_eq!(pool_files(&pool), ["flaky.iso"]);
+    assert_eq!(pool.files_settled(&["flaky.iso"]).await, ["flaky.iso"]);
 }
 
 #[tokio::test]
@@ -739,9 +740,9 @@ async fn deleting_a_queued_download_reports_no_pause() {
     let reasons = event_reasons(&client, &ns.name, "second").await;
     assert!(!reasons.iter().any(|r| r == "Paused"), "{reasons:?}");
     assert!(
-        !pool_files(&pool).iter().any(|f| f.contains("second")),
+        !pool.files().iter().any(|f| f.contains("second")),
         "{:?}",
-        pool_files(&pool)
+        pool.files()
     );
 }
 
@@ -854,5 +855,5 @@ async fn ftps_with_login_and_ca_from_the_namespace_completes_into_the_pool() {
         "{:?}",
         failed.status
     );
-    assert_eq!(pool_files(&pool), ["netinst.iso"]);
+    assert_eq!(pool.files_settled(&["netinst.iso"]).await, ["netinst.iso"]);
 }

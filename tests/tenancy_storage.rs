@@ -121,16 +121,6 @@ fn image(pool: &TestPool, name: &str) -> String {
     path.to_str().unwrap().to_string()
 }
 
-/// The files in a pool's directory, hidden partial files included.
-fn pool_files(pool: &TestPool) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(&pool.path)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
-}
-
 fn alias(o: &Vms) -> String {
     format!("ua-vps-{}", o.uid().unwrap())
 }
@@ -166,7 +156,7 @@ async fn cross_tenant_requests_are_refused_and_the_same_ones_inside_the_grant_go
     let agent = namespaced_agent();
     let node = agent.node.as_str();
     let b_config = config_xml(&dom_b.name);
-    let b_files = pool_files(&pool_b);
+    let b_files = pool_b.files();
 
     // Tenant ta aims at tb's domain and pool every way it can.
     let ns = ta.name.as_str();
@@ -287,11 +277,7 @@ async fn cross_tenant_requests_are_refused_and_the_same_ones_inside_the_grant_go
         b_config,
         "the other tenant's domain changed"
     );
-    assert_eq!(
-        pool_files(&pool_b),
-        b_files,
-        "the other tenant's pool changed"
-    );
+    assert_eq!(pool_b.files(), b_files, "the other tenant's pool changed");
     assert!(
         !a_config.contains(&b_img) && !a_config.contains("link.img"),
         "{a_config}"
@@ -306,7 +292,7 @@ async fn cross_tenant_requests_are_refused_and_the_same_ones_inside_the_grant_go
     kubectl_delete(ns, "isodownload", "x-iso");
     wait_gone::<IsoDownload>(&client, ns, "x-iso", T).await;
     assert_eq!(config_xml(&dom_b.name), b_config);
-    assert_eq!(pool_files(&pool_b), b_files);
+    assert_eq!(pool_b.files(), b_files);
     drop(agent);
 }
 
@@ -380,11 +366,11 @@ async fn a_revoked_grant_keeps_the_device_and_a_later_grant_goes_ahead() {
     let (_, msg) = download(&client, ns, "later", "False", "NotGranted").await;
     assert!(msg.contains("may use storage pools none;"), "{msg}");
     assert!(!config_xml(&dom_b.name).contains("<disk"));
-    assert!(!pool_files(&pool_b).iter().any(|f| f.contains("later")));
+    assert!(!pool_b.files().iter().any(|f| f.contains("later")));
     grant(&client, ns, &format!("{pb}-*"), &pool_b.name).await;
     let (waiting, _) = storage(&client, ns, "waiting", "True", "Attached").await;
     assert!(config_xml(&dom_b.name).contains(&alias(&waiting)));
     download(&client, ns, "later", "True", "Completed").await;
-    assert!(pool_files(&pool_b).contains(&"later.iso".to_string()));
+    assert!(pool_b.files().contains(&"later.iso".to_string()));
     drop(agent);
 }

@@ -499,6 +499,30 @@ impl TestPool {
         virsh(&["pool-start", &name]);
         Self { name, path }
     }
+
+    /// The files in the pool's directory, hidden partial files and records included, sorted.
+    pub fn files(&self) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(&self.path)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// The pool's files once they are `expected`, else what is there after 30 s. The agent
+    /// removes a finished download's record, and a failed one's data, right after it writes the
+    /// status that says so: whoever read that status may still see them for a moment.
+    pub async fn files_settled(&self, expected: &[&str]) -> Vec<String> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let files = self.files();
+            if files == expected || std::time::Instant::now() >= deadline {
+                return files;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
 }
 
 impl Drop for TestPool {
