@@ -18,6 +18,8 @@
 mod common;
 #[path = "download/iso.rs"]
 mod iso;
+#[path = "measure/mod.rs"]
+mod measure;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

@@ -25,10 +25,11 @@
 mod common;
 #[path = "../tests/fleet/mod.rs"]
 mod fleet;
+#[path = "measure/mod.rs"]
+mod measure;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -37,6 +38,7 @@ use virtplane::api::VirtualMachineStorage;
 
 use common::*;
 use fleet::*;
+use measure::*;
 
 /// Requests in flight at once when creating or deleting objects (as in `benches/scale.rs`).
 const CONCURRENCY: usize = 32;
@@ -44,47 +46,6 @@ const CONCURRENCY: usize = 32;
 /// libvirt's test driver's namespace: `<test:runstate>5</test:runstate>` defines a domain shut
 /// off (the driver starts the domains of a node file otherwise).
 const TEST_NS: &str = "http://libvirt.org/schemas/domain/test/1.0";
-
-fn setting(name: &str, default: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| default.to_string())
-}
-
-/// Peak resident set of a process, in MiB.
-fn peak_rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .map_or(f64::NAN, |kb| kb / 1024.0)
-}
-
-/// apiserver_request_total, summed: (all requests, requests of the virtplane.io group).
-fn api_requests() -> (f64, f64) {
-    let out = Command::new("kubectl")
-        .args(["get", "--raw", "/metrics"])
-        .output()
-        .expect("kubectl get --raw /metrics");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut all = 0.0;
-    let mut ours = 0.0;
-    for l in text
-        .lines()
-        .filter(|l| l.starts_with("apiserver_request_total{"))
-    {
-        let v: f64 = l
-            .rsplit(' ')
-            .next()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0);
-        all += v;
-        if l.contains("group=\"virtplane.io\"") {
-            ours += v;
-        }
-    }
-    (all, ours)
-}
 
 fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")

@@ -16,6 +16,7 @@ use kube::api::{Api, DeleteParams, PostParams, WatchEvent, WatchParams};
 use virtplane::api::{DownloadPhase, IsoDownload, NODE_LABEL};
 
 use crate::common::*;
+use crate::measure::peak_rss_mib;
 
 /// Milliseconds from `from` to `to`.
 fn ms(from: Timestamp, to: Timestamp) -> f64 {
@@ -240,15 +241,4 @@ fn load() -> String {
         .take(3)
         .collect::<Vec<_>>()
         .join(" ")
-}
-
-/// Peak resident set of a process, in MiB.
-fn peak_rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .map_or(f64::NAN, |kb| kb / 1024.0)
 }

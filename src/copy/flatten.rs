@@ -13,15 +13,13 @@
 //! within one progress poll.
 
 use std::fs::OpenOptions;
-use std::io::{self, Read};
+use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
+use std::process::Command;
+use std::sync::atomic::AtomicBool;
 
-use super::lun::parse_percent;
+use super::convert::{self, Ended, RemoveOnDrop};
 
 /// The `qemu-img` binary.
 const QEMU_IMG: &str = "qemu-img";
@@ -100,69 +98,20 @@ pub fn flatten(
     // From here on the destination is ours: a new one is removed on any early return.
     let mut guard = RemoveOnDrop((!reserved).then_some(dst));
     progress(0, total);
-    let mut child = Command::new(QEMU_IMG)
-        .args(["convert", "-p", "-f", "qcow2", "-O", "qcow2"])
+    let mut cmd = Command::new(QEMU_IMG);
+    cmd.args(["convert", "-p", "-f", "qcow2", "-O", "qcow2"])
         .arg(src)
-        .arg(dst)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(FlattenError::Spawn)?;
-    // The progress lines, read on their own thread; the last percentage in hundredths.
-    let hundredths = Arc::new(AtomicU64::new(0));
-    let reader = child.stdout.take().map(|mut out| {
-        let hundredths = Arc::clone(&hundredths);
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 256];
-            let mut pending = String::new();
-            while let Ok(n) = out.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                pending.push_str(&String::from_utf8_lossy(&buf[..n]));
-                while let Some(i) = pending.find(['\r', '\n']) {
-                    if let Some(p) = parse_percent(&pending[..i]) {
-                        hundredths.fetch_max((p * 100.0) as u64, Ordering::Relaxed);
-                    }
-                    pending.drain(..=i);
-                }
-            }
-        })
-    });
-    let mut stderr = child.stderr.take();
-    let status = loop {
-        if cancel.load(Ordering::Relaxed) {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(FlattenError::Cancelled(dst.to_path_buf()));
+        .arg(dst);
+    match convert::run(&mut cmd, total, &mut progress, cancel).map_err(FlattenError::Spawn)? {
+        Ended::Done => {}
+        Ended::Cancelled => return Err(FlattenError::Cancelled(dst.to_path_buf())),
+        Ended::Failed(message) => {
+            return Err(FlattenError::Convert {
+                source_path: src.to_path_buf(),
+                path: dst.to_path_buf(),
+                message,
+            });
         }
-        match child.try_wait() {
-            Ok(Some(status)) => break status,
-            Ok(None) => {}
-            Err(e) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(FlattenError::Spawn(e));
-            }
-        }
-        let h = hundredths.load(Ordering::Relaxed).min(10_000);
-        progress((u128::from(total) * u128::from(h) / 10_000) as u64, total);
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    if let Some(r) = reader {
-        let _ = r.join();
-    }
-    if !status.success() {
-        let mut message = String::new();
-        if let Some(e) = stderr.as_mut() {
-            let _ = e.read_to_string(&mut message);
-        }
-        return Err(FlattenError::Convert {
-            source_path: src.to_path_buf(),
-            path: dst.to_path_buf(),
-            message: message.trim().to_string(),
-        });
     }
     let allocated = std::fs::metadata(dst)
         .map(|m| m.blocks().saturating_mul(512))
@@ -170,17 +119,6 @@ pub fn flatten(
     progress(total, total);
     guard.0 = None;
     Ok(allocated)
-}
-
-/// Removes the file when dropped, unless disarmed.
-struct RemoveOnDrop<'a>(Option<&'a Path>);
-
-impl Drop for RemoveOnDrop<'_> {
-    fn drop(&mut self) {
-        if let Some(p) = self.0 {
-            let _ = std::fs::remove_file(p);
-        }
-    }
 }
 
 #[cfg(test)]

@@ -14,13 +14,13 @@
 //! size; the copy itself allocates only the non-zero blocks.
 
 use std::fs::OpenOptions;
-use std::io::{self, Read};
+use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::atomic::AtomicBool;
+
+use super::convert::{self, Ended, RemoveOnDrop};
 
 use crate::libvirt::iscsi_direct::IscsiLun;
 
@@ -130,23 +130,6 @@ fn image_size(opts: &str, name: &str) -> Result<u64, LunCopyError> {
         .ok_or_else(|| info_error("qemu-img info reported no virtual-size".into()))
 }
 
-/// Parses the percentages `qemu-img convert -p` prints (`    (12.50/100%)`, `\r`-separated).
-pub fn parse_percent(chunk: &str) -> Option<f64> {
-    let inner = chunk.trim().strip_prefix('(')?.strip_suffix("/100%)")?;
-    inner.parse().ok()
-}
-
-/// Removes the file when dropped, unless disarmed.
-struct RemoveOnDrop<'a>(Option<&'a Path>);
-
-impl Drop for RemoveOnDrop<'_> {
-    fn drop(&mut self) {
-        if let Some(p) = self.0 {
-            let _ = std::fs::remove_file(p);
-        }
-    }
-}
-
 /// Copies the LUN into the new file `dst`; see the [module documentation](self). Blocking:
 /// run it on a blocking thread. `progress(done, total)` gets `(0, size)` first and
 /// `(size, size)` last.
@@ -205,79 +188,30 @@ fn convert(
         })?;
     drop(file);
     progress(0, size);
-    let mut child = Command::new(QEMU_IMG)
-        .args([
-            "convert",
-            "-p",
-            "-n",
-            "--target-is-zero",
-            "-S",
-            "64k",
-            "-O",
-            "raw",
-        ])
-        .arg("--image-opts")
-        .arg(opts)
-        .arg(dst)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(LunCopyError::Spawn)?;
-    // The progress lines, read on their own thread; the last percentage in hundredths.
-    let hundredths = Arc::new(AtomicU64::new(0));
-    let reader = child.stdout.take().map(|mut out| {
-        let hundredths = Arc::clone(&hundredths);
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 256];
-            let mut pending = String::new();
-            while let Ok(n) = out.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                pending.push_str(&String::from_utf8_lossy(&buf[..n]));
-                while let Some(i) = pending.find(['\r', '\n']) {
-                    if let Some(p) = parse_percent(&pending[..i]) {
-                        hundredths.fetch_max((p * 100.0) as u64, Ordering::Relaxed);
-                    }
-                    pending.drain(..=i);
-                }
-            }
-        })
-    });
-    let mut stderr = child.stderr.take();
-    let status = loop {
-        if cancel.load(Ordering::Relaxed) {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(LunCopyError::Cancelled(dst.to_path_buf()));
+    let mut cmd = Command::new(QEMU_IMG);
+    cmd.args([
+        "convert",
+        "-p",
+        "-n",
+        "--target-is-zero",
+        "-S",
+        "64k",
+        "-O",
+        "raw",
+    ])
+    .arg("--image-opts")
+    .arg(opts)
+    .arg(dst);
+    match convert::run(&mut cmd, size, &mut progress, cancel).map_err(LunCopyError::Spawn)? {
+        Ended::Done => {}
+        Ended::Cancelled => return Err(LunCopyError::Cancelled(dst.to_path_buf())),
+        Ended::Failed(message) => {
+            return Err(LunCopyError::Convert {
+                source_name: name.to_string(),
+                path: dst.to_path_buf(),
+                message,
+            });
         }
-        match child.try_wait() {
-            Ok(Some(status)) => break status,
-            Ok(None) => {}
-            Err(e) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(LunCopyError::Spawn(e));
-            }
-        }
-        let h = hundredths.load(Ordering::Relaxed).min(10_000);
-        progress((u128::from(size) * u128::from(h) / 10_000) as u64, size);
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    if let Some(r) = reader {
-        let _ = r.join();
-    }
-    if !status.success() {
-        let mut message = String::new();
-        if let Some(e) = stderr.as_mut() {
-            let _ = e.read_to_string(&mut message);
-        }
-        return Err(LunCopyError::Convert {
-            source_name: name.to_string(),
-            path: dst.to_path_buf(),
-            message: message.trim().to_string(),
-        });
     }
     let allocated = std::fs::metadata(dst)
         .map(|m| m.blocks().saturating_mul(512))
@@ -309,12 +243,5 @@ mod tests {
             image_opts(&lun),
             "driver=iscsi,transport=tcp,portal=127.0.0.1:3260,target=iqn.2026-11.x:a,,b,lun=2,initiator-name=iqn.2026-11.x:agent"
         );
-    }
-
-    #[test]
-    fn parses_qemu_img_progress() {
-        assert_eq!(parse_percent("    (12.50/100%)"), Some(12.5));
-        assert_eq!(parse_percent("(100.00/100%)"), Some(100.0));
-        assert_eq!(parse_percent("garbage"), None);
     }
 }

@@ -36,6 +36,7 @@
 //! `qemu-img convert` instead of a copy ([`flatten`]). The source must not be written while it is copied (the
 //! VM is shut off); the copier does not lock it. Block devices are refused.
 
+mod convert;
 mod extents;
 pub mod flatten;
 pub mod lun;
