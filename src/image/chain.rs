@@ -10,23 +10,15 @@ use super::qcow2::{self, Finding, Verdict};
 /// The most links a chain may have (QEMU's own limit is 16).
 const MAX_CHAIN: usize = 16;
 
-/// Why the image at `real` (judged `verdict`) may not be used, or `None`: like
-/// [`Verdict::refusal`], except that a backing file is accepted when its whole chain is inside
-/// `dirs` (see the module). Blocking: reads headers.
-pub fn refusal(real: &Path, verdict: Verdict, dirs: &[PathBuf]) -> Option<String> {
-    match &verdict {
-        Verdict::Unsafe(found) if found.as_slice() == [Finding::BackingFile] => {
-            check(real, dirs).err()
-        }
-        other => other.refusal(),
-    }
-}
-
-/// The backing files of the qcow2 image `image` (symlinks resolved, nearest first; empty for a
-/// standalone image), when every link passes the checks of [`refusal`]; otherwise why not.
+/// The backing files of the image at `real` (judged `verdict`; symlinks resolved, nearest first,
+/// empty for a standalone image) when it may be used, or why not: like [`Verdict::refusal`],
+/// except that a backing file is accepted when its whole chain is inside `dirs` (see the module).
 /// Blocking: reads headers.
-pub fn backing_chain(image: &Path, dirs: &[PathBuf]) -> Result<Vec<PathBuf>, String> {
-    check(image, dirs)
+pub fn allowed(real: &Path, verdict: Verdict, dirs: &[PathBuf]) -> Result<Vec<PathBuf>, String> {
+    match &verdict {
+        Verdict::Unsafe(found) if found.as_slice() == [Finding::BackingFile] => check(real, dirs),
+        other => other.refusal().map_or(Ok(Vec::new()), Err),
+    }
 }
 
 /// Follows the chain below `image`; the backing files, nearest first.
@@ -131,7 +123,8 @@ mod tests {
         ]));
         // qemu-img no longer writes a backing file without its format: a header by hand.
         std::fs::write(&probed, qcow2::sample(0, Some(s(&base).as_bytes()))).unwrap();
-        let judge = |p: &Path, dirs: &[PathBuf]| refusal(p, qcow2::judge_file(p).unwrap(), dirs);
+        let judge =
+            |p: &Path, dirs: &[PathBuf]| allowed(p, qcow2::judge_file(p).unwrap(), dirs).err();
         assert_eq!(judge(&over, &[a.clone(), b.clone()]), None);
         assert_eq!(judge(&base, std::slice::from_ref(&b)), None, "standalone");
         let outside = judge(&over, std::slice::from_ref(&a)).unwrap();

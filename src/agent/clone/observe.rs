@@ -14,7 +14,7 @@ use crate::agent::roots;
 use crate::api::{VMClone, VMCloneStatus};
 use crate::copy;
 use crate::image::chain as qcow2_chain;
-use crate::image::qcow2::{self, Finding, Verdict};
+use crate::image::qcow2;
 use crate::libvirt::block_clone::BlockClones;
 use crate::libvirt::clones::Clones;
 use crate::libvirt::facade::{Domains, Storage, VolumeLookup};
@@ -167,17 +167,13 @@ fn judge(real: &Path, dirs: &[PathBuf]) -> (Option<String>, Option<Chain>) {
             );
         }
     };
-    match qcow2::judge(&header) {
-        Verdict::Unsafe(found) if found.as_slice() == [Finding::BackingFile] => {
-            match qcow2_chain::backing_chain(real, dirs) {
-                Ok(links) => {
-                    let size = qcow2::parse(&header).ok().flatten().map_or(0, |h| h.size);
-                    (None, Some(chain_facts(real, &links, size)))
-                }
-                Err(why) => (Some(why), None),
-            }
+    match qcow2_chain::allowed(real, qcow2::judge(&header), dirs) {
+        Ok(links) if links.is_empty() => (None, None),
+        Ok(links) => {
+            let size = qcow2::parse(&header).ok().flatten().map_or(0, |h| h.size);
+            (None, Some(chain_facts(real, &links, size)))
         }
-        verdict => (verdict.refusal(), None),
+        Err(why) => (Some(why), None),
     }
 }
 
