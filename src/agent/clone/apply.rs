@@ -199,31 +199,12 @@ async fn copy_all<V: BlockClones + Storage>(
         // task planned by an older agent) is created exclusively: a file this task did not
         // create is never written or removed.
         let reserved = ours && Path::new(&dst).is_file();
-        // Progress as the copier counts it: bytes of data extents done, of their total.
-        let done = Arc::new(AtomicU64::new(0));
-        let of = Arc::new(AtomicU64::new(total));
-        let (src, dst2, done2, of2, stop2) = (
-            PathBuf::from(&d.source),
-            PathBuf::from(&dst),
-            done.clone(),
-            of.clone(),
-            stop.clone(),
-        );
-        let ledger = job.ledger.clone();
+        let (src, dst2) = (PathBuf::from(&d.source), PathBuf::from(&dst));
         let flatten = d.overlay == Some(OverlayCopy::Flattened);
-        let mut task = tokio::task::spawn_blocking(move || {
-            let mut recorded = false;
-            let progress = |n, t| {
-                // First called right after the exclusive create: the file is ours.
-                if !recorded {
-                    recorded = true;
-                    record(&ledger, &dst2);
-                }
-                of2.store(t, Ordering::Relaxed);
-                done2.store(n, Ordering::Relaxed);
-            };
+        let shared = d.overlay == Some(OverlayCopy::SharedBase);
+        let (copied, last) = copy_reporting(job, status, i, ctx, stop, move |progress, stop| {
             if flatten {
-                return match flatten::flatten(&src, &dst2, reserved, total, progress, &stop2) {
+                return match flatten::flatten(&src, &dst2, reserved, total, progress, stop) {
                     Ok(_) => FileCopy::Done(StrategyUsed::Copy, total),
                     Err(flatten::FlattenError::AlreadyExists(_)) => FileCopy::Taken,
                     Err(e) => FileCopy::Failed(e.to_string()),
@@ -234,29 +215,18 @@ async fn copy_all<V: BlockClones + Storage>(
             } else {
                 copy::copy_file
             };
-            match copy_file(&src, &dst2, strategy, progress, &stop2) {
+            let copied = match copy_file(&src, &dst2, strategy, progress, stop) {
                 Ok(r) => FileCopy::Done(r.strategy_used, r.data_bytes),
-                Err(copy::CopyError::AlreadyExists { .. }) => FileCopy::Taken,
-                Err(e) => FileCopy::Failed(e.to_string()),
+                Err(copy::CopyError::AlreadyExists { .. }) => return FileCopy::Taken,
+                Err(e) => return FileCopy::Failed(e.to_string()),
+            };
+            // A shared overlay's copy keeps finding its base from another directory.
+            match shared.then(|| flatten::anchor_backing(&src, &dst2)) {
+                Some(Err(e)) => FileCopy::Failed(e.to_string()),
+                _ => copied,
             }
-        });
-        let mut last = 0;
-        let copied = loop {
-            tokio::select! {
-                r = &mut task => break r,
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {
-                    let (n, t) = (done.load(Ordering::Relaxed), of.load(Ordering::Relaxed));
-                    crate::metrics::get().clone_copied_bytes.inc_by(n.saturating_sub(last));
-                    last = n;
-                    status.disks[i].total_bytes = Some(t);
-                    status.disks[i].copied_bytes = Some(n.min(t));
-                    ctx.report(Some(status.clone()));
-                }
-            }
-        };
-        if stop.load(Ordering::SeqCst) {
-            return Err(Halt::Stopped);
-        }
+        })
+        .await?;
         let (used, data) = match copied.unwrap_or_else(|e| FileCopy::Failed(e.to_string())) {
             FileCopy::Done(used, data) => (used, data),
             FileCopy::Taken => return Err(taken(&dst)),
@@ -281,6 +251,56 @@ async fn copy_all<V: BlockClones + Storage>(
         ctx.wake_now();
     }
     Ok(())
+}
+
+/// Runs `copy`, a blocking copy into disk `i`'s target, off the runtime, and puts its progress
+/// (bytes done, of their total, as the copier counts them) into `status.disks[i]` and the
+/// copied-bytes metric every second. The copier's first progress call comes right after it
+/// created the destination exclusively, so that call records the file in the task's ledger.
+/// Gives the copy's result (a copy that panicked is an error) and the bytes already counted in
+/// the metric; a task stopped meanwhile is [`Halt::Stopped`], whatever the copy gave.
+pub(super) async fn copy_reporting<T: Send + 'static>(
+    job: &Job,
+    status: &mut VMCloneStatus,
+    i: usize,
+    ctx: &JobCtx<Progress>,
+    stop: &Arc<AtomicBool>,
+    copy: impl FnOnce(&mut dyn FnMut(u64, u64), &AtomicBool) -> T + Send + 'static,
+) -> Result<(Result<T, tokio::task::JoinError>, u64), Halt> {
+    let dst = PathBuf::from(status.disks[i].target.clone().unwrap_or_default());
+    let done = Arc::new(AtomicU64::new(0));
+    let of = Arc::new(AtomicU64::new(status.disks[i].total_bytes.unwrap_or(0)));
+    let (done2, of2, stop2, ledger) = (done.clone(), of.clone(), stop.clone(), job.ledger.clone());
+    let mut task = tokio::task::spawn_blocking(move || {
+        let mut recorded = false;
+        let mut progress = |n, t| {
+            if !recorded {
+                recorded = true;
+                record(&ledger, &dst);
+            }
+            of2.store(t, Ordering::Relaxed);
+            done2.store(n, Ordering::Relaxed);
+        };
+        copy(&mut progress, &stop2)
+    });
+    let mut last = 0;
+    let copied = loop {
+        tokio::select! {
+            r = &mut task => break r,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {
+                let (n, t) = (done.load(Ordering::Relaxed), of.load(Ordering::Relaxed));
+                crate::metrics::get().clone_copied_bytes.inc_by(n.saturating_sub(last));
+                last = n;
+                status.disks[i].total_bytes = Some(t);
+                status.disks[i].copied_bytes = Some(n.min(t));
+                ctx.report(Some(status.clone()));
+            }
+        }
+    };
+    if stop.load(Ordering::SeqCst) {
+        return Err(Halt::Stopped);
+    }
+    Ok((copied, last))
 }
 
 /// MAC addresses of every interface of every domain on the node, live and persistent.

@@ -8,10 +8,9 @@
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
 
-use super::apply::{Halt, Job, Progress, fail, record, taken};
+use super::apply::{Halt, Job, Progress, copy_reporting, fail, taken};
 use super::block::into_pool;
 use super::ledger::Ledger;
 use super::plan::{DiskUse, disk_use};
@@ -192,43 +191,12 @@ async fn copy_to_file<V: BlockClones>(
     } else {
         Reader::Device(PathBuf::from(&src.path))
     };
-    let done = Arc::new(AtomicU64::new(0));
-    let of = Arc::new(AtomicU64::new(d.total_bytes.unwrap_or(0)));
-    let (dst2, done2, of2, stop2) = (dst.clone(), done.clone(), of.clone(), stop.clone());
-    let ledger: Ledger = job.ledger.clone();
-    let mut task = tokio::task::spawn_blocking(move || {
-        let mut recorded = false;
-        let progress = |n, t| {
-            // First called right after the exclusive create: the file is ours.
-            if !recorded {
-                recorded = true;
-                record(&ledger, &dst2);
-            }
-            of2.store(t, Ordering::Relaxed);
-            done2.store(n, Ordering::Relaxed);
-        };
-        match &reader {
-            Reader::Lun(l) => lun::copy_lun(l, &dst2, progress, &stop2),
-            Reader::Device(p) => lun::copy_device(p, &dst2, progress, &stop2),
-        }
-    });
-    let mut last = 0;
-    let copied = loop {
-        tokio::select! {
-            r = &mut task => break r,
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {
-                let (n, t) = (done.load(Ordering::Relaxed), of.load(Ordering::Relaxed));
-                crate::metrics::get().clone_copied_bytes.inc_by(n.saturating_sub(last));
-                last = n;
-                status.disks[i].total_bytes = Some(t);
-                status.disks[i].copied_bytes = Some(n.min(t));
-                ctx.report(Some(status.clone()));
-            }
-        }
+    let dst2 = dst.clone();
+    let copy = move |progress: &mut dyn FnMut(u64, u64), stop: &AtomicBool| match &reader {
+        Reader::Lun(l) => lun::copy_lun(l, &dst2, progress, stop),
+        Reader::Device(p) => lun::copy_device(p, &dst2, progress, stop),
     };
-    if stop.load(Ordering::SeqCst) {
-        return Err(Halt::Stopped);
-    }
+    let (copied, last) = copy_reporting(job, status, i, ctx, stop, copy).await?;
     let copied = match copied {
         Ok(Ok(r)) => r,
         Ok(Err(LunCopyError::AlreadyExists(_))) => {
