@@ -58,6 +58,16 @@ pub enum FlattenError {
     /// The merge was cancelled.
     #[error("the merge into {0} was cancelled")]
     Cancelled(PathBuf),
+    /// A copy's backing file name could not be made absolute.
+    #[error("failed to point the copy {path} at its base {base} by absolute path: {message}")]
+    Rebase {
+        /// The copy.
+        path: PathBuf,
+        /// The base, as the source's header names it, joined to the source's directory.
+        base: PathBuf,
+        /// What failed.
+        message: String,
+    },
 }
 
 /// Merges the qcow2 overlay `src` and its backing chain into `dst`, a standalone qcow2 image.
@@ -119,6 +129,57 @@ pub fn flatten(
     progress(total, total);
     guard.0 = None;
     Ok(allocated)
+}
+
+/// Makes `dst`, a plain copy of the qcow2 overlay `src` in another directory (a copy into a
+/// fallback pool, say), name its backing file by absolute path when `src` names it relative to
+/// its own directory: the copy's relative name would resolve against the copy's directory and
+/// miss the base (or find another file). Only the header's name changes (`qemu-img rebase -u`
+/// with the format the header declares); no data is read or written. Returns whether the header
+/// changed. The source's directory is taken with symlinks resolved, as the chain was checked
+/// ([`crate::image::chain`]). Blocking: run it on a blocking thread.
+pub fn anchor_backing(src: &Path, dst: &Path) -> Result<bool, FlattenError> {
+    // The directory the chain was checked from: the source's own, symlinks resolved.
+    let src = std::fs::canonicalize(src).unwrap_or_else(|_| src.to_path_buf());
+    let (Some(from), Some(to)) = (src.parent(), dst.parent()) else {
+        return Ok(false);
+    };
+    let header = crate::image::qcow2::read_header(dst).map_err(|e| FlattenError::Destination {
+        path: dst.to_path_buf(),
+        source: e,
+    })?;
+    let Ok(Some(h)) = crate::image::qcow2::parse(&header) else {
+        return Ok(false);
+    };
+    let Some(name) = h.backing_file.and_then(|n| String::from_utf8(n).ok()) else {
+        return Ok(false);
+    };
+    if Path::new(&name).is_absolute() || from == to {
+        return Ok(false);
+    }
+    let base = from.join(&name);
+    let rebase_error = |message: String| FlattenError::Rebase {
+        path: dst.to_path_buf(),
+        base: base.clone(),
+        message,
+    };
+    let mut cmd = Command::new(QEMU_IMG);
+    cmd.args(["rebase", "-u", "-f", "qcow2"]);
+    if let Some(format) = &h.backing_format {
+        cmd.args(["-F", format]);
+    }
+    let out = cmd
+        .arg("-b")
+        .arg(&base)
+        .arg(dst)
+        .output()
+        .map_err(FlattenError::Spawn)?;
+    if !out.status.success() {
+        return Err(rebase_error(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ));
+    }
+    Ok(true)
 }
 
 #[cfg(test)]
@@ -218,5 +279,73 @@ mod tests {
         std::os::unix::fs::symlink(&base, &link).unwrap();
         let err = flatten(Path::new(&over), &link, true, 1, |_, _| {}, &cancel).unwrap_err();
         assert!(matches!(err, FlattenError::NotReserved(_)), "{err}");
+    }
+
+    fn backing_of(img: &Path) -> Option<String> {
+        let out = Command::new("qemu-img")
+            .args(["info", "-U", "--output=json"])
+            .arg(img)
+            .output()
+            .unwrap();
+        let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        info["backing-filename"].as_str().map(str::to_string)
+    }
+
+    #[test]
+    fn a_copy_elsewhere_names_a_relative_base_by_absolute_path() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let base = a.path().join("base.qcow2");
+        let (over, near, far) = (
+            a.path().join("over"),
+            a.path().join("near"),
+            b.path().join("far"),
+        );
+        run(&[
+            "qemu-img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            base.to_str().unwrap(),
+            "8M",
+        ]);
+        run(&[
+            "qemu-io",
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x33 0 1M",
+            base.to_str().unwrap(),
+        ]);
+        // Relative to its own directory, as `qemu-img create -b base.qcow2` writes it.
+        let out = Command::new("qemu-img")
+            .current_dir(a.path())
+            .args([
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-F",
+                "qcow2",
+                "-b",
+                "base.qcow2",
+                "over",
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        for copy in [&near, &far] {
+            std::fs::copy(&over, copy).unwrap();
+        }
+        // In the same directory the relative name still finds the base: left as it is.
+        assert!(!anchor_backing(&over, &near).unwrap());
+        assert_eq!(backing_of(&near).as_deref(), Some("base.qcow2"));
+        // Elsewhere it would not; it now names the base itself, and the base's data reads.
+        assert!(anchor_backing(&over, &far).unwrap());
+        assert_eq!(backing_of(&far), base.to_str().map(str::to_string));
+        assert!(reads(&far, "0x33", "0"));
+        // An absolute name is left alone, and so is a standalone image.
+        assert!(!anchor_backing(&far, &b.path().join("far")).unwrap());
+        assert!(!anchor_backing(&base, &base).unwrap());
     }
 }

@@ -165,6 +165,45 @@ async fn a_shared_overlay_copy_keeps_its_base_and_chain() {
 }
 
 #[tokio::test]
+async fn a_shared_overlay_copied_elsewhere_names_its_relative_base_absolutely() {
+    let (_dir, base, ovl) = chain();
+    // The overlay names its base relative to its own directory, as made by hand.
+    run(&[
+        "qemu-img",
+        "rebase",
+        "-u",
+        "-F",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        &s(&ovl),
+    ]);
+    assert_eq!(backing_of(&ovl).as_deref(), Some("base.qcow2"));
+    // The copy goes to another pool's directory (the fallback pool had the room).
+    let other = tempfile::tempdir().unwrap();
+    let copy = other.path().join("ovl-clone1.qcow2");
+    let xml = source_xml(
+        &overlay_disk(&format!("<source file='{}'/>", ovl.display()), &base),
+        None,
+    );
+    let fake = Arc::new(FakeLibvirt::default().with_domain_xml("web", &xml));
+    let d = overlay(&ovl, &copy, OverlayCopy::SharedBase);
+    let end = run_job(fake.clone(), job(&xml, "web-clone1", vec![d], false)).await;
+    assert!(matches!(end, JobEnd::Completed { .. }), "{end:?}");
+    assert_eq!(backing_of(&copy).as_deref(), base.to_str());
+    assert!(
+        reads(&copy, "0x33", "0"),
+        "the base's data, through the copy"
+    );
+    assert!(reads(&copy, "0x44", "1M"), "the overlay's own data");
+    assert_eq!(
+        backing_of(&ovl).as_deref(),
+        Some("base.qcow2"),
+        "the source is untouched"
+    );
+}
+
+#[tokio::test]
 async fn a_flattened_volume_disk_defines_no_backing_chain() {
     let (dir, base, ovl) = chain();
     let copy = dir.path().join("ovl-clone1.qcow2");
