@@ -15,6 +15,7 @@ mod plan;
 pub(super) mod reason;
 mod report;
 mod reserve;
+mod steps;
 mod volume_ledger;
 
 use std::sync::Arc;

@@ -1,7 +1,7 @@
 use super::*;
 use crate::agent::refusal::{Reason, Retry};
 use crate::api::CloneStorage;
-use crate::libvirt::domain::parse_domain;
+use crate::libvirt::domain::{DiskXml, parse_domain};
 use crate::libvirt::volume::VolumeSource;
 
 pub(super) const GIB: u64 = 1 << 30;
