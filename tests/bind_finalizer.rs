@@ -63,8 +63,8 @@ async fn the_finalizer_comes_with_the_binding_and_a_deletion_before_the_agent_ac
 
     // A working agent: the object is attached, holding the finalizer.
     kubectl_apply(&ns.name, &cdrom("first", &domain.name));
-    let first = wait_obj::<VirtualMachineStorage>(&client, &ns.name, "first", "Ready", T, ready)
-        .await;
+    let first =
+        wait_obj::<VirtualMachineStorage>(&client, &ns.name, "first", "Ready", T, ready).await;
     assert!(first.finalizers().iter().any(|f| f == FINALIZER));
     assert!(config_xml(&domain.name).contains(&alias(&first)));
 
