@@ -29,7 +29,12 @@ fn rounds() -> usize {
 
 /// The `_count` samples of a histogram family on /metrics, by their labels.
 fn counts(metrics: &str, family: &str) -> Vec<(String, f64)> {
-    let prefix = format!("{family}_count{{");
+    samples(metrics, family, "count")
+}
+
+/// The `_<suffix>` samples of a histogram family on /metrics, by their labels.
+fn samples(metrics: &str, family: &str, suffix: &str) -> Vec<(String, f64)> {
+    let prefix = format!("{family}_{suffix}{{");
     metrics
         .lines()
         .filter_map(|l| l.strip_prefix(&prefix))
@@ -127,6 +132,13 @@ async fn main() {
     })
     .await;
     let before = op_metrics(&_op);
+    // `VIRTPLANE_HOTPLUG_TIMELINE=<file>`: each round's create and Ready-seen wall-clock times,
+    // to line up with the agent's and controller's debug logs (printed below) for a profile.
+    let timeline = std::env::var("VIRTPLANE_HOTPLUG_TIMELINE").ok();
+    if timeline.is_some() {
+        println!("agent log: {}", _op.agent.process.log.display());
+        println!("controller log: {}", _op.controller.log.display());
+    }
     for i in 0..rounds {
         let name = format!("bench-{i}");
         let obj = VirtualMachineStorage::new(
@@ -152,6 +164,7 @@ async fn main() {
             },
         );
         let start = Instant::now();
+        let sent = k8s_openapi::jiff::Timestamp::now();
         api.create(&PostParams::default(), &obj).await.unwrap();
         eventually_every(
             &format!("{name} Ready"),
@@ -170,6 +183,15 @@ async fn main() {
         )
         .await;
         via.push(start.elapsed());
+        if let Some(path) = &timeline {
+            use std::io::Write;
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .unwrap();
+            writeln!(f, "{name} {sent} {}", k8s_openapi::jiff::Timestamp::now()).unwrap();
+        }
         kubectl_delete(&ns.name, "vmstorage", &name);
         wait_gone::<VirtualMachineStorage>(&client, &ns.name, &name, Duration::from_secs(60)).await;
     }
@@ -197,8 +219,18 @@ async fn main() {
                 .into_iter()
                 .find(|(l, _)| *l == labels)
                 .map_or(0.0, |(_, v)| v);
+            let seconds = |m: &str| {
+                samples(m, family, "sum")
+                    .into_iter()
+                    .find(|(l, _)| *l == labels)
+                    .map_or(0.0, |(_, v)| v)
+            };
             if n > was {
-                println!("  {family}{{{labels}}}: {:.2}", (n - was) / rounds as f64);
+                println!(
+                    "  {family}{{{labels}}}: {:.2} per round, {:.2} ms each",
+                    (n - was) / rounds as f64,
+                    (seconds(&after) - seconds(&before)) * 1000.0 / (n - was)
+                );
             }
         }
     }

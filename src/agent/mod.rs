@@ -8,7 +8,7 @@ mod clone;
 mod config;
 mod context;
 mod device;
-mod finalizer;
+pub(crate) mod finalizer;
 mod hypervisor;
 mod index;
 mod interface;

@@ -3,7 +3,10 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 
-use crate::api::{Hypervisor, IsoDownload, VMClone, VMInterface, VirtualMachineStorage};
+use crate::agent::finalizer::FINALIZER;
+use crate::api::{
+    Hypervisor, IsoDownload, NODE_LABEL, VMClone, VMInterface, VirtualMachineStorage,
+};
 use crate::tenancy::Grants;
 
 /// Reasons of the `Scheduled` condition.
@@ -92,6 +95,25 @@ pub enum Decision {
         /// What to do about it.
         message: String,
     },
+}
+
+/// The server-side apply that binds object `name` to `node`: the node label, and with it the
+/// agent's finalizer, so the agent's first reconcile finds it in place and goes straight to its
+/// work (adding it itself was one more API write before every hot-plug; the agent still adds it
+/// to an object that lacks it). An object already being deleted gets no new finalizer: the API
+/// server refuses one, and the agent leaves such an object alone.
+pub fn bind_body(
+    api_version: &str,
+    kind: &str,
+    name: &str,
+    node: &str,
+    deleting: bool,
+) -> serde_json::Value {
+    let mut metadata = serde_json::json!({ "name": name, "labels": { NODE_LABEL: node } });
+    if !deleting {
+        metadata["finalizers"] = serde_json::json!([FINALIZER]);
+    }
+    serde_json::json!({ "apiVersion": api_version, "kind": kind, "metadata": metadata })
 }
 
 /// Chooses the node for an object that is not bound yet among `hypervisors`, each with whether
@@ -229,6 +251,28 @@ pub fn time_until_stale(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn binding_puts_the_agents_finalizer_on_unless_the_object_is_leaving() {
+        let body = bind_body("virtplane.io/v1alpha1", "VMInterface", "nic", "n1", false);
+        assert_eq!(
+            body,
+            serde_json::json!({
+                "apiVersion": "virtplane.io/v1alpha1", "kind": "VMInterface",
+                "metadata": {
+                    "name": "nic",
+                    "labels": { NODE_LABEL: "n1" },
+                    "finalizers": ["virtplane.io/detach"],
+                },
+            })
+        );
+        let leaving = bind_body("virtplane.io/v1alpha1", "VMInterface", "nic", "n1", true);
+        assert_eq!(leaving["metadata"]["labels"][NODE_LABEL], "n1");
+        assert!(
+            leaving["metadata"].get("finalizers").is_none(),
+            "no new finalizer on an object being deleted"
+        );
+    }
     use crate::api::{DomainSummary, HypervisorSpec, HypervisorStatus, StoragePoolSummary};
     use crate::tenancy::{DOMAINS, Mode, POOLS};
     use std::collections::BTreeMap;

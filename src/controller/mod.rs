@@ -367,6 +367,7 @@ where
         + DeserializeOwned
         + Debug,
 {
+    tracing::debug!("binding");
     let now = Timestamp::now();
     let hypervisors = ctx.hypervisors.state();
     let ns = obj.namespace().unwrap_or_default();
@@ -427,10 +428,13 @@ where
             let grants = ctx.grants.grants(&ns);
             match binding::decide(obj.node_name(), obj.target(), &grants, &hvs) {
                 Decision::Bind { node, message } => {
-                    let body = json!({
-                        "apiVersion": K::api_version(&()), "kind": K::kind(&()),
-                        "metadata": { "name": name, "labels": { NODE_LABEL: node } },
-                    });
+                    let body = binding::bind_body(
+                        &K::api_version(&()),
+                        &K::kind(&()),
+                        &name,
+                        &node,
+                        obj.meta().deletion_timestamp.is_some(),
+                    );
                     api.patch(
                         &name,
                         &PatchParams::apply(FIELD_MANAGER).force(),
