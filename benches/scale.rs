@@ -8,7 +8,8 @@
 //!
 //! Prints, per mode: time to create and to all Ready, writes at rest (every object read twice,
 //! REST seconds apart, with the field managers that wrote any change), the agent's and the
-//! controller's peak RSS (VmHWM), API requests per object (apiserver_request_total), and the
+//! controller's peak RSS (VmHWM), API requests per object (apiserver_request_total), the agent's
+//! reconciles and libvirt calls per object (its `/metrics`), and the
 //! time to delete everything until every object is gone and every definition clean. Each figure
 //! is printed next to its goal.
 
@@ -107,6 +108,7 @@ async fn run(mode: &str, objects: usize, domains: usize, rest: Duration) {
     )
     .await;
     let (all1, ours1) = api_requests();
+    let at_ready = agent_counters(&agent.process.http_get("/metrics"));
 
     let first = snapshot(&client, &ns.name).await;
     tokio::time::sleep(rest).await;
@@ -143,6 +145,7 @@ async fn run(mode: &str, objects: usize, domains: usize, rest: Duration) {
     }
     let deleted = start.elapsed();
     let (all3, ours3) = api_requests();
+    let at_deleted = agent_counters(&agent.process.http_get("/metrics"));
     let (agent_rss, controller_rss) = (
         peak_rss_mib(agent.process.pid()),
         peak_rss_mib(controller.pid()),
@@ -209,6 +212,15 @@ async fn run(mode: &str, objects: usize, domains: usize, rest: Duration) {
         format!("{deleted:.1?}"),
         "< 60 s",
     );
+    println!("  agent's work per object (its /metrics), create to Ready | delete:");
+    for (what, total) in &at_deleted {
+        let ready = at_ready.get(what).copied().unwrap_or(0.0);
+        println!(
+            "    {what:<58} {:>8.2} | {:>8.2}",
+            ready / n as f64,
+            (total - ready) / n as f64
+        );
+    }
     println!(
         "  (API requests include this benchmark's own: {n} creates, {n} deletes, and a list of the namespace every 250 ms while waiting)"
     );

@@ -53,6 +53,10 @@ pub struct Metrics {
     pub downloaded_bytes: Counter,
     /// Bytes copied by clone tasks.
     pub clone_copied_bytes: Counter,
+    /// Batches of definition changes by what they found queued (`empty`, `written`, `failed`).
+    pub batch_flushes: Family<CallLabels, Counter>,
+    /// Objects a domain event did not wake: their part of the domain was as they last saw it.
+    pub wakeups_spared: Counter,
 }
 
 fn seconds_histogram() -> Histogram {
@@ -73,6 +77,8 @@ pub fn get() -> &'static Metrics {
             downloads_in_flight: Gauge::default(),
             downloaded_bytes: Counter::default(),
             clone_copied_bytes: Counter::default(),
+            batch_flushes: Family::default(),
+            wakeups_spared: Counter::default(),
             registry: Registry::default(),
         };
         registry.register("reconciles", "Reconciles by kind", m.reconciles.clone());
@@ -110,6 +116,16 @@ pub fn get() -> &'static Metrics {
             "clone_copied_bytes",
             "Bytes copied by clone tasks",
             m.clone_copied_bytes.clone(),
+        );
+        registry.register(
+            "batch_flushes",
+            "Batches of definition changes by what they found queued",
+            m.batch_flushes.clone(),
+        );
+        registry.register(
+            "wakeups_spared",
+            "Objects a domain event did not wake: their part of the domain was unchanged",
+            m.wakeups_spared.clone(),
         );
         Metrics { registry, ..m }
     })

@@ -47,3 +47,36 @@ pub fn api_requests() -> (f64, f64) {
     }
     (all, ours)
 }
+
+/// Counters of an agent's `/metrics` text that say where its work went: reconciles by kind
+/// (`reconciles VirtualMachineStorage`, and the seconds they took), libvirt calls by action
+/// (`libvirt calls read the domain`, and their seconds), each a total since the agent started.
+pub fn agent_counters(metrics: &str) -> std::collections::BTreeMap<String, f64> {
+    let mut out = std::collections::BTreeMap::new();
+    for l in metrics.lines() {
+        let (series, prefix) = if let Some(s) = l.strip_prefix("virtplane_reconciles_total{") {
+            (s, "reconciles")
+        } else if let Some(s) = l.strip_prefix("virtplane_libvirt_call_duration_seconds_count{") {
+            (s, "libvirt calls")
+        } else if let Some(s) = l.strip_prefix("virtplane_libvirt_call_duration_seconds_sum{") {
+            (s, "libvirt seconds")
+        } else if let Some(s) = l.strip_prefix("virtplane_reconcile_duration_seconds_sum{") {
+            (s, "reconcile seconds")
+        } else if let Some(s) = l.strip_prefix("virtplane_batch_flushes_total{") {
+            (s, "batch flushes")
+        } else if let Some(v) = l.strip_prefix("virtplane_wakeups_spared_total ") {
+            (v, "wake-ups spared")
+        } else {
+            continue;
+        };
+        let label = series.split('"').nth(1).unwrap_or_default().to_string();
+        let value: f64 = l
+            .rsplit(' ')
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        *out.entry(format!("{prefix} {label}").trim_end().to_string())
+            .or_default() += value;
+    }
+    out
+}

@@ -99,8 +99,12 @@ impl DefinitionBatches {
                 return Turn::Removed;
             }
             tokio::select! {
-                guard = &mut locked => break guard,
+                // A batch that took this device away usually ends just before its writer lets
+                // the lock go: looked at first, that news saves taking the lock to flush an
+                // empty queue (one in five deletions did, picked at random).
+                biased;
                 () = &mut notified => {}
+                guard = &mut locked => break guard,
             }
         };
         self.flush(libvirt, vm).await;
@@ -116,11 +120,13 @@ impl DefinitionBatches {
     async fn flush(&self, libvirt: &Libvirt, vm: &str) {
         let aliases = self.take(vm);
         if aliases.is_empty() {
+            flushed("empty");
             return;
         }
         let queued = aliases.len();
         match libvirt.detach_from_shut_off(vm, aliases).await {
             Ok(removed) => {
+                flushed("written");
                 tracing::debug!(
                     domain = vm,
                     queued,
@@ -130,10 +136,21 @@ impl DefinitionBatches {
                 self.record_removed(vm, removed);
             }
             Err(err) => {
+                flushed("failed");
                 tracing::debug!(domain = vm, error = %err, "batched detach failed; detaching one by one");
             }
         }
     }
+}
+
+/// Counts a flush by what it found (`virtplane_batch_flushes_total`).
+fn flushed(result: &str) {
+    crate::metrics::get()
+        .batch_flushes
+        .get_or_create(&crate::metrics::CallLabels {
+            action: result.to_string(),
+        })
+        .inc();
 }
 
 #[cfg(test)]

@@ -74,6 +74,9 @@ pub struct Context {
     pub detaches: device::Detaches,
     /// Detaches from shut-off domains waiting to be written together.
     pub definition_batches: super::batch::DefinitionBatches,
+    /// What the last settled reconcile of each object saw: domain events that leave it so do
+    /// not wake the object.
+    pub settled: super::settled::Settled,
     /// Removals the guest refused.
     pub removal_failures: device::RemovalFailures,
     /// Clone jobs.

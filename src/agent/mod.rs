@@ -17,6 +17,7 @@ mod jobs;
 mod lease;
 mod refusal;
 mod roots;
+mod settled;
 mod status;
 mod storage;
 mod timeout;
@@ -56,6 +57,12 @@ impl AgentKind for VirtualMachineStorage {
     }
     fn leaving(&self) -> Option<(String, String)> {
         storage::leaving(self)
+    }
+    fn settled_key(&self) -> Option<String> {
+        storage::settled_key(self)
+    }
+    fn fingerprint(&self, view: &crate::libvirt::domain::DomainView) -> u64 {
+        storage::fingerprint(self, view)
     }
 }
 
@@ -142,6 +149,7 @@ pub async fn run(
         locks: Default::default(),
         detaches: Default::default(),
         definition_batches: Default::default(),
+        settled: Default::default(),
         removal_failures: Default::default(),
         clones: Default::default(),
         clone_side: clone::NodeSide::new(&config.state_dir, config.max_clones),

@@ -11,6 +11,7 @@ mod observe;
 mod plan;
 pub(super) mod reason;
 mod report;
+mod settle;
 mod source;
 mod volume;
 mod volume_plan;
@@ -26,6 +27,7 @@ use super::context::{Context, ReconcileError};
 use super::{device, finalizer, status};
 use crate::api::{VirtualMachineStorage, VirtualMachineStorageStatus};
 use crate::libvirt::domain::DomainXml;
+pub(super) use settle::{fingerprint, settled_key};
 
 type Outcome = status::Outcome<VirtualMachineStorageStatus>;
 
@@ -140,13 +142,19 @@ async fn pipeline(
     match volume::ensure(obj, ctx, &observed, alias).await? {
         volume::Ensured::Unchanged => {}
         volume::Ensured::Changed => observed = volume::observe(obj, ctx).await?,
-        volume::Ensured::Refused(refusal) => return Ok(report::refused(prev, refusal)),
+        volume::Ensured::Refused(refusal) => {
+            ctx.settled.forget(alias);
+            return Ok(report::refused(prev, refusal));
+        }
     }
     took.observe = t.elapsed();
     let t = std::time::Instant::now();
     let plan = match plan::plan(&obj.spec, prev, alias, &observed) {
         Ok(plan) => plan,
-        Err(refusal) => return Ok(report::refused(prev, refusal)),
+        Err(refusal) => {
+            ctx.settled.forget(alias);
+            return Ok(report::refused(prev, refusal));
+        }
     };
     took.plan = t.elapsed();
     took.steps = plan.steps.len();
@@ -164,7 +172,10 @@ async fn pipeline(
         }
     };
     took.apply = t.elapsed();
-    Ok(report::report(prev, &plan, applied))
+    let seen = settle::seen(&applied, alias);
+    let outcome = report::report(prev, &plan, applied);
+    settle::note(ctx, obj, seen, &outcome);
+    Ok(outcome)
 }
 
 /// Detaches the disk: in a batch with the domain's other detaches when it is shut off (then
@@ -177,6 +188,7 @@ async fn cleanup(
     vm: &str,
     alias: &str,
 ) -> Result<finalizer::Cleanup, ReconcileError> {
+    ctx.settled.forget(alias);
     let prev = obj.status.clone().unwrap_or_default();
     let what = prev.target.clone().unwrap_or_else(|| alias.to_string());
     let was_attached = prev.live == Some(true) || prev.persistent == Some(true);
