@@ -272,8 +272,8 @@ where
     }
     events.extend(new_failures);
     write_status(api, obj, prev, outcome.status, &[outcome.ready, restart]).await?;
-    // Events are published off the reconcile (which holds the domain's lock): each is an API
-    // call, and the status above already says what they say. Failures are logged, as before.
+    // Events are published off the reconcile: each is an API call, and the status above
+    // already says what they say. Failures are logged, as before.
     if !events.is_empty() {
         let recorder = ctx.recorder.clone();
         let reference = obj.object_ref(&());

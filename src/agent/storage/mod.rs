@@ -77,15 +77,17 @@ pub(super) async fn reconcile(
 
     let start = std::time::Instant::now();
     finalizer::finalizer(&api, obj, |event| async {
-        // The domain's lock covers the libvirt work and the status write, not the finalizer's
-        // own API calls nor Events: they never hold up the domain's other objects.
+        // The domain's lock covers the libvirt work (observe, plan, apply), not the status
+        // write, the finalizer's own API calls nor Events: none of them holds up the domain's
+        // other objects. The outcome is this object's alone, and the runtime never reconciles
+        // one object twice at once, so its status cannot be overtaken by an older one.
         match event {
             finalizer::Event::Cleanup(obj) => Ok(finalizer::Step::Cleanup(
                 cleanup(&api, &obj, &ctx, lock.clone(), &vm, &alias).await?,
             )),
             finalizer::Event::Apply(obj) => {
                 let locking = std::time::Instant::now();
-                let _guard = lock.lock().await;
+                let guard = lock.lock().await;
                 let locked = std::time::Instant::now();
                 // This pass may put back a device a batch removed meanwhile (its object's deletion
                 // came after this pass began): that object's cleanup must then detach it again.
@@ -101,6 +103,7 @@ pub(super) async fn reconcile(
                     }
                     Err(e) => return Err(e),
                 };
+                drop(guard);
                 let written = std::time::Instant::now();
                 let action = status::write_outcome(&api, &*obj, &ctx, &prev, outcome).await?;
                 tracing::debug!(
