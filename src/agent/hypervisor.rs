@@ -258,10 +258,17 @@ async fn register(
         .map(|_| ())
 }
 
+/// Whether `ev` can change the inventory. A replaced definition cannot (a device attached to a
+/// shut-off domain, say): the inventory holds each domain's name, UUID, state and persistence.
 fn is_relevant(ev: &Result<Event, RecvError>) -> bool {
+    use crate::libvirt::{DomainEvent, Lifecycle};
     match ev {
         Ok(Event::Domain {
-            kind: crate::libvirt::DomainEvent::Lifecycle(_),
+            kind: DomainEvent::Lifecycle(Lifecycle::Updated),
+            ..
+        }) => false,
+        Ok(Event::Domain {
+            kind: DomainEvent::Lifecycle(_),
             ..
         })
         | Ok(
@@ -301,4 +308,37 @@ async fn write_status(
     api.patch_status(node, params, &Patch::Apply(body))
         .await
         .map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::libvirt::{DomainEvent, Lifecycle};
+
+    fn domain(kind: DomainEvent) -> Result<Event, RecvError> {
+        Ok(Event::Domain {
+            name: "vm".into(),
+            kind,
+        })
+    }
+
+    #[test]
+    fn only_events_that_can_change_the_inventory_refresh_it() {
+        assert!(!is_relevant(&domain(DomainEvent::Lifecycle(
+            Lifecycle::Updated
+        ))));
+        assert!(!is_relevant(&domain(DomainEvent::DeviceAdded(
+            "ua-x".into()
+        ))));
+        for l in [
+            Lifecycle::Defined,
+            Lifecycle::Undefined,
+            Lifecycle::Started,
+            Lifecycle::Stopped,
+        ] {
+            assert!(is_relevant(&domain(DomainEvent::Lifecycle(l))), "{l:?}");
+        }
+        assert!(is_relevant(&Ok(Event::Closed)));
+        assert!(is_relevant(&Err(RecvError::Lagged(3))));
+    }
 }

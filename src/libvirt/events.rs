@@ -67,8 +67,11 @@ pub enum DomainEvent {
 /// Domain lifecycle event types.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Lifecycle {
-    /// Defined or updated.
+    /// Defined: a new definition (or a transient domain made persistent), renamed, or from a
+    /// snapshot.
     Defined,
+    /// A persistent definition replaced by a new one: name, UUID, state and persistence stay.
+    Updated,
     /// Undefined.
     Undefined,
     /// Started.
@@ -90,8 +93,13 @@ pub enum Lifecycle {
 }
 
 impl Lifecycle {
-    fn from_raw(event: c_int) -> Self {
+    fn from_raw(event: c_int, detail: c_int) -> Self {
         match u32::try_from(event).unwrap_or(u32::MAX) {
+            sys::VIR_DOMAIN_EVENT_DEFINED
+                if u32::try_from(detail).ok() == Some(sys::VIR_DOMAIN_EVENT_DEFINED_UPDATED) =>
+            {
+                Self::Updated
+            }
             sys::VIR_DOMAIN_EVENT_DEFINED => Self::Defined,
             sys::VIR_DOMAIN_EVENT_UNDEFINED => Self::Undefined,
             sys::VIR_DOMAIN_EVENT_STARTED => Self::Started,
@@ -398,7 +406,7 @@ unsafe extern "C" fn domain_lifecycle(
     _conn: sys::virConnectPtr,
     dom: sys::virDomainPtr,
     event: c_int,
-    _detail: c_int,
+    detail: c_int,
     opaque: *mut c_void,
 ) {
     // SAFETY: called by libvirt with the registration's arguments.
@@ -406,7 +414,7 @@ unsafe extern "C" fn domain_lifecycle(
         send_domain(
             dom,
             opaque,
-            DomainEvent::Lifecycle(Lifecycle::from_raw(event)),
+            DomainEvent::Lifecycle(Lifecycle::from_raw(event, detail)),
         )
     }
 }
