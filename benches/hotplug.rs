@@ -12,7 +12,10 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use futures::{StreamExt, TryStreamExt};
+use kube::ResourceExt;
 use kube::api::{Api, PostParams};
+use kube::runtime::watcher::{self, watcher};
 use virtplane::api::{
     StorageSource, StorageType, VirtualMachineStorage, VirtualMachineStorageSpec,
 };
@@ -132,6 +135,11 @@ async fn main() {
     })
     .await;
     let before = op_metrics(&_op);
+    let mut events = watcher(api.clone(), watcher::Config::default()).boxed();
+    while !matches!(
+        events.try_next().await.unwrap(),
+        Some(watcher::Event::InitDone) | None
+    ) {}
     // `VIRTPLANE_HOTPLUG_TIMELINE=<file>`: each round's create and Ready-seen wall-clock times,
     // to line up with the agent's and controller's debug logs (printed below) for a profile.
     let timeline = std::env::var("VIRTPLANE_HOTPLUG_TIMELINE").ok();
@@ -166,22 +174,23 @@ async fn main() {
         let start = Instant::now();
         let sent = k8s_openapi::jiff::Timestamp::now();
         api.create(&PostParams::default(), &obj).await.unwrap();
-        eventually_every(
-            &format!("{name} Ready"),
-            Duration::from_secs(60),
-            Duration::from_millis(5),
-            || {
-                let api = api.clone();
-                let name = name.clone();
-                async move {
-                    let o = api.get(&name).await.ok()?;
-                    condition_of(&o.status?.conditions, "Ready")
-                        .filter(|(s, _, _)| s == "True")
-                        .map(|_| ())
+        // Seen as `kubectl wait` sees it: on the watch, opened before the first round.
+        tokio::time::timeout(Duration::from_secs(60), async {
+            while let Some(ev) = events.try_next().await.unwrap() {
+                let watcher::Event::Apply(o) = ev else {
+                    continue;
+                };
+                let ready = o.status.as_ref().is_some_and(|s| {
+                    condition_of(&s.conditions, "Ready").is_some_and(|(s, _, _)| s == "True")
+                });
+                if o.name_any() == name && ready {
+                    return;
                 }
-            },
-        )
-        .await;
+            }
+            panic!("the watch ended");
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{name} not Ready after 60 s"));
         via.push(start.elapsed());
         if let Some(path) = &timeline {
             use std::io::Write;
@@ -202,7 +211,7 @@ async fn main() {
     let (b50, v50) = (median(&bare), median(&via));
     let (b99, v99) = (p99(&bare), p99(&via));
     report("bare libvirt attach call", bare);
-    report("virtplane apply-to-Ready (5 ms polling)", via);
+    report("virtplane apply-to-Ready (watch)", via);
     println!(
         "ratio virtplane/bare: p50 {:.1}x, p99 {:.1}x (goal <= 4x)",
         v50.as_secs_f64() / b50.as_secs_f64(),
