@@ -220,10 +220,24 @@ impl Libvirt {
                 uri: self.inner.uri.clone(),
             })?;
         let start = std::time::Instant::now();
-        let call = tokio::task::spawn_blocking(move || f(&conn));
+        let call = tokio::task::spawn_blocking(move || {
+            let began = start.elapsed();
+            let r = f(&conn);
+            (r, began, start.elapsed())
+        });
         let bound = self.inner.call_timeout;
         let result = match tokio::time::timeout(bound, call).await {
-            Ok(joined) => joined?,
+            Ok(joined) => {
+                let (r, began, ended) = joined?;
+                tracing::debug!(
+                    action,
+                    queued_us = began.as_micros() as u64,
+                    ran_us = (ended - began).as_micros() as u64,
+                    back_us = (start.elapsed() - ended).as_micros() as u64,
+                    "libvirt call"
+                );
+                r
+            }
             Err(_) => {
                 tracing::warn!(action, after = ?bound, "libvirt call timed out");
                 return Err(LibvirtError::Timeout {
