@@ -183,7 +183,7 @@ pub fn anchor_backing(src: &Path, dst: &Path) -> Result<bool, FlattenError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn run(args: &[&str]) {
@@ -281,7 +281,8 @@ mod tests {
         assert!(matches!(err, FlattenError::NotReserved(_)), "{err}");
     }
 
-    fn backing_of(img: &Path) -> Option<String> {
+    /// The backing file name `qemu-img info` reads from the image's header.
+    pub(crate) fn backing_of(img: &Path) -> Option<String> {
         let out = Command::new("qemu-img")
             .args(["info", "-U", "--output=json"])
             .arg(img)

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use super::tests::{job, planned, run_job, source_xml};
 use super::*;
 use crate::api::StoragePoolSummary;
+use crate::copy::flatten::tests::backing_of;
 use crate::libvirt::fake::FakeLibvirt;
 use crate::libvirt::volume::VolumeSource;
 
@@ -71,16 +72,6 @@ fn overlay_disk(source: &str, base: &Path) -> String {
         },
         base.display()
     )
-}
-
-fn backing_of(img: &Path) -> Option<String> {
-    let out = Command::new("qemu-img")
-        .args(["info", "-U", "--output=json"])
-        .arg(img)
-        .output()
-        .unwrap();
-    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    info["backing-filename"].as_str().map(str::to_string)
 }
 
 fn reads(img: &Path, pattern: &str, offset: &str) -> bool {
