@@ -415,30 +415,17 @@ fn parse(xml: &str) -> Result<DomainXml, virt::error::Error> {
     parse_domain(xml).map_err(|_| virt::error::Error::last_error())
 }
 
-/// Reads the state and both definitions of a domain. The four reads go out together, each on a
-/// thread of its own (libvirt's client carries concurrent calls on one connection, and each
-/// thread keeps its own last error), so a read waits for about one round trip instead of four
-/// in a row. A definition the state says is not there is not used, nor its read's error.
+/// Reads the state and both definitions of a domain.
 pub fn view(dom: &Domain) -> Result<DomainView, virt::error::Error> {
-    fn joined<T>(h: std::thread::ScopedJoinHandle<'_, T>) -> T {
-        h.join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-    }
-    let (active, persistent, live_xml, config_xml) = std::thread::scope(|s| {
-        let persistent = s.spawn(|| dom.is_persistent());
-        let live = s.spawn(|| dom.xml_desc(0));
-        let config = s.spawn(|| dom.xml_desc(sys::VIR_DOMAIN_XML_INACTIVE));
-        let active = dom.is_active();
-        (active, joined(persistent), joined(live), joined(config))
-    });
-    let (active, persistent) = (active?, persistent?);
+    let active = dom.is_active()?;
+    let persistent = dom.is_persistent()?;
     let live = if active {
-        Some(parse(&live_xml?)?)
+        Some(parse(&dom.xml_desc(0)?)?)
     } else {
         None
     };
     let config = if persistent {
-        parse(&config_xml?)?
+        parse(&dom.xml_desc(sys::VIR_DOMAIN_XML_INACTIVE)?)?
     } else {
         live.clone().unwrap_or_default()
     };
