@@ -35,10 +35,29 @@ fn start_libvirtd() {
     }
 }
 
-/// Restarts libvirtd even when the test fails half-way.
+/// Whether libvirtd answers.
+fn libvirtd_answers() -> bool {
+    Command::new("virsh")
+        .args(["-c", &libvirt_uri(), "version"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Restarts libvirtd even when the test fails half-way. A libvirtd still shutting down (it
+/// forces its own shutdown after 30 s) is waited for first: `libvirtd -d` would not start while
+/// it holds its pid file.
 struct RestartOnDrop;
 impl Drop for RestartOnDrop {
     fn drop(&mut self) {
+        if libvirtd_answers() {
+            return;
+        }
+        for _ in 0..120 {
+            if libvirtd_pids().is_empty() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
         start_libvirtd();
     }
 }
@@ -65,7 +84,8 @@ async fn hypervisor_not_ready_while_libvirtd_is_down() {
     for pid in &pids {
         Command::new("kill").args(["-TERM", pid]).status().unwrap();
     }
-    eventually("libvirtd to exit", Duration::from_secs(30), || async {
+    // libvirtd waits for its drivers for up to 30 s before it forces its shutdown.
+    eventually("libvirtd to exit", Duration::from_secs(90), || async {
         libvirtd_pids().is_empty().then_some(())
     })
     .await;
