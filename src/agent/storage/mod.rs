@@ -94,15 +94,16 @@ pub(super) async fn reconcile(
                 ctx.definition_batches.forget_removed(&vm, &alias);
                 let prev = obj.status.clone().unwrap_or_default();
                 let mut steps = Steps::default();
-                let outcome = match pipeline(&obj, &ctx, &alias, &prev, &mut steps).await {
-                    Ok(o) => o,
+                let (outcome, seen) = match pipeline(&obj, &ctx, &alias, &prev, &mut steps).await {
+                    Ok(judged) => judged,
                     // A timed-out call is reported as such, like every kind's (`timeout`).
                     Err(e) if super::timeout::ready(&e).is_some() => return Err(e),
                     Err(ReconcileError::Libvirt(err)) if ctx.libvirt.is_connected() => {
-                        report::libvirt_failed(&prev, &err)
+                        (report::libvirt_failed(&prev, &err), None)
                     }
                     Err(e) => return Err(e),
                 };
+                settle::note(&ctx, &obj, seen, &outcome);
                 drop(guard);
                 let written = std::time::Instant::now();
                 let action = status::write_outcome(&api, &*obj, &ctx, &prev, outcome).await?;
@@ -132,32 +133,27 @@ struct Steps {
     steps: usize,
 }
 
-/// observe -> plan -> apply -> report.
+/// observe -> plan -> apply -> report; with the outcome, the fingerprint of the domain it was
+/// judged on (`None` for a refusal or a failed step: nothing to spare it for).
 async fn pipeline(
     obj: &VirtualMachineStorage,
     ctx: &Context,
     alias: &str,
     prev: &VirtualMachineStorageStatus,
     took: &mut Steps,
-) -> Result<Outcome, ReconcileError> {
+) -> Result<(Outcome, Option<u64>), ReconcileError> {
     let t = std::time::Instant::now();
     let mut observed = volume::observe(obj, ctx).await?;
     match volume::ensure(obj, ctx, &observed, alias).await? {
         volume::Ensured::Unchanged => {}
         volume::Ensured::Changed => observed = volume::observe(obj, ctx).await?,
-        volume::Ensured::Refused(refusal) => {
-            ctx.settled.forget(alias);
-            return Ok(report::refused(prev, refusal));
-        }
+        volume::Ensured::Refused(refusal) => return Ok((report::refused(prev, refusal), None)),
     }
     took.observe = t.elapsed();
     let t = std::time::Instant::now();
     let plan = match plan::plan(&obj.spec, prev, alias, &observed) {
         Ok(plan) => plan,
-        Err(refusal) => {
-            ctx.settled.forget(alias);
-            return Ok(report::refused(prev, refusal));
-        }
+        Err(refusal) => return Ok((report::refused(prev, refusal), None)),
     };
     took.plan = t.elapsed();
     took.steps = plan.steps.len();
@@ -176,9 +172,7 @@ async fn pipeline(
     };
     took.apply = t.elapsed();
     let seen = settle::seen(&applied, alias);
-    let outcome = report::report(prev, &plan, applied);
-    settle::note(ctx, obj, seen, &outcome);
-    Ok(outcome)
+    Ok((report::report(prev, &plan, applied), seen))
 }
 
 /// Detaches the disk: in a batch with the domain's other detaches when it is shut off (then
