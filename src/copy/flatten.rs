@@ -186,14 +186,56 @@ pub fn anchor_backing(src: &Path, dst: &Path) -> Result<bool, FlattenError> {
 pub(crate) mod tests {
     use super::*;
 
-    fn run(args: &[&str]) {
+    pub(crate) fn run(args: &[&str]) {
         let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
         assert!(out.status.success(), "{args:?}: {out:?}");
     }
 
-    fn reads(img: &Path, pattern: &str, offset: &str) -> bool {
+    fn s(p: &Path) -> String {
+        p.display().to_string()
+    }
+
+    /// A golden image `base.qcow2` (0x33 in its first MiB) and its overlay `ovl.qcow2` (0x44 in
+    /// the second MiB, its base named by absolute path) in a temporary directory.
+    pub(crate) fn chain() -> (tempfile::TempDir, PathBuf, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let (base, ovl) = (dir.path().join("base.qcow2"), dir.path().join("ovl.qcow2"));
+        run(&["qemu-img", "create", "-q", "-f", "qcow2", &s(&base), "8M"]);
+        run(&[
+            "qemu-io",
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x33 0 1M",
+            &s(&base),
+        ]);
+        run(&[
+            "qemu-img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            "qcow2",
+            "-b",
+            &s(&base),
+            &s(&ovl),
+        ]);
+        run(&[
+            "qemu-io",
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x44 1M 1M",
+            &s(&ovl),
+        ]);
+        (dir, base, ovl)
+    }
+
+    /// Whether `img` reads `pattern` in the MiB at `offset`.
+    pub(crate) fn reads(img: &Path, pattern: &str, offset: &str) -> bool {
         let out = Command::new("qemu-io")
-            .args(["-r", "-f", "qcow2", "-c"])
+            .args(["-U", "-r", "-f", "qcow2", "-c"])
             .arg(format!("read -P {pattern} {offset} 1M"))
             .arg(img)
             .output()
@@ -203,22 +245,7 @@ pub(crate) mod tests {
 
     #[test]
     fn merges_a_chain_into_a_standalone_image_and_keeps_what_is_not_its_own() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = |n: &str| dir.path().join(n).to_str().unwrap().to_string();
-        run(&["qemu-img", "create", "-q", "-f", "qcow2", &p("base"), "8M"]);
-        run(&[
-            "qemu-io",
-            "-f",
-            "qcow2",
-            "-c",
-            "write -P 0x33 0 1M",
-            &p("base"),
-        ]);
-        let (base, over) = (p("base"), p("over"));
-        run(&[
-            "qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", &base, &over,
-        ]);
-        run(&["qemu-io", "-f", "qcow2", "-c", "write -P 0x44 1M 1M", &over]);
+        let (dir, base, over) = chain();
         let cancel = AtomicBool::new(false);
         let mut seen = Vec::new();
         let dst = dir.path().join("flat");
@@ -294,47 +321,20 @@ pub(crate) mod tests {
 
     #[test]
     fn a_copy_elsewhere_names_a_relative_base_by_absolute_path() {
-        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let base = a.path().join("base.qcow2");
-        let (over, near, far) = (
-            a.path().join("over"),
-            a.path().join("near"),
-            b.path().join("far"),
-        );
+        let (a, base, over) = chain();
+        // Its base named relative to its own directory, as `qemu-img create -b base.qcow2` does.
         run(&[
             "qemu-img",
-            "create",
-            "-q",
-            "-f",
+            "rebase",
+            "-u",
+            "-F",
             "qcow2",
-            base.to_str().unwrap(),
-            "8M",
+            "-b",
+            "base.qcow2",
+            &s(&over),
         ]);
-        run(&[
-            "qemu-io",
-            "-f",
-            "qcow2",
-            "-c",
-            "write -P 0x33 0 1M",
-            base.to_str().unwrap(),
-        ]);
-        // Relative to its own directory, as `qemu-img create -b base.qcow2` writes it.
-        let out = Command::new("qemu-img")
-            .current_dir(a.path())
-            .args([
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-F",
-                "qcow2",
-                "-b",
-                "base.qcow2",
-                "over",
-            ])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{out:?}");
+        let b = tempfile::tempdir().unwrap();
+        let (near, far) = (a.path().join("near"), b.path().join("far"));
         for copy in [&near, &far] {
             std::fs::copy(&over, copy).unwrap();
         }

@@ -3,60 +3,17 @@
 //! shared one stays an overlay of the same base; a merge that fails leaves nothing.
 
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 
 use super::tests::{job, planned, run_job, source_xml};
 use super::*;
 use crate::api::StoragePoolSummary;
-use crate::copy::flatten::tests::backing_of;
+use crate::copy::flatten::tests::{backing_of, chain, reads, run};
 use crate::libvirt::fake::FakeLibvirt;
 use crate::libvirt::volume::VolumeSource;
 
-fn run(args: &[&str]) {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    assert!(out.status.success(), "{args:?}: {out:?}");
-}
-
 fn s(p: &Path) -> String {
     p.display().to_string()
-}
-
-/// A golden image `base.qcow2` (0x33 in its first MiB) and its overlay `ovl.qcow2` (0x44 in
-/// the second MiB) in a temporary directory.
-fn chain() -> (tempfile::TempDir, PathBuf, PathBuf) {
-    let dir = tempfile::tempdir().unwrap();
-    let (base, ovl) = (dir.path().join("base.qcow2"), dir.path().join("ovl.qcow2"));
-    run(&["qemu-img", "create", "-q", "-f", "qcow2", &s(&base), "8M"]);
-    run(&[
-        "qemu-io",
-        "-f",
-        "qcow2",
-        "-c",
-        "write -P 0x33 0 1M",
-        &s(&base),
-    ]);
-    run(&[
-        "qemu-img",
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-F",
-        "qcow2",
-        "-b",
-        &s(&base),
-        &s(&ovl),
-    ]);
-    run(&[
-        "qemu-io",
-        "-f",
-        "qcow2",
-        "-c",
-        "write -P 0x44 1M 1M",
-        &s(&ovl),
-    ]);
-    (dir, base, ovl)
 }
 
 /// A qcow2 disk with the backing chain libvirt writes into a definition.
@@ -72,16 +29,6 @@ fn overlay_disk(source: &str, base: &Path) -> String {
         },
         base.display()
     )
-}
-
-fn reads(img: &Path, pattern: &str, offset: &str) -> bool {
-    let out = Command::new("qemu-io")
-        .args(["-U", "-r", "-f", "qcow2", "-c"])
-        .arg(format!("read -P {pattern} {offset} 1M"))
-        .arg(img)
-        .output()
-        .unwrap();
-    out.status.success() && !String::from_utf8_lossy(&out.stdout).contains("failed")
 }
 
 /// The `<backingStore>` elements of the clone's first disk: whether each has children.
