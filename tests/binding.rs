@@ -40,7 +40,12 @@ async fn wait_scheduled(
             async move {
                 let obj = api.get(name).await.ok()?;
                 let (s, r, _) = condition_of(&obj.status.as_ref()?.conditions, "Scheduled")?;
-                (s == status && r == reason).then_some(obj)
+                // The controller writes the binding's label and status together, in either
+                // order: a bound object is one with both.
+                let labelled = status != "True"
+                    || obj.labels().get(NODE_LABEL).map(String::as_str)
+                        == obj.status.as_ref()?.node_name.as_deref();
+                (s == status && r == reason && labelled).then_some(obj)
             }
         },
     )

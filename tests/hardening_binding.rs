@@ -83,11 +83,13 @@ async fn a_tenant_cannot_move_or_drop_a_binding() {
     );
     wait_obj::<Vms>(&client, &ns.name, "cd", "Ready=True", T, ready).await;
     let node = op.agent.node.as_str();
-    let bound = wait_label(&client, &ns.name, "cd", Some(node)).await;
-    assert_eq!(
-        bound.status.as_ref().unwrap().node_name.as_deref(),
-        Some(node)
-    );
+    // The controller writes the label and its record (`status.nodeName`) together, in either
+    // order: bound is both.
+    wait_obj::<Vms>(&client, &ns.name, "cd", "labelled and recorded", T, |o| {
+        o.labels().get(NODE_LABEL).map(String::as_str) == Some(node)
+            && o.status.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node)
+    })
+    .await;
     let with_cd = config_xml(&domain.name);
     assert_eq!(with_cd.matches("device='cdrom'").count(), 1, "{with_cd}");
 

@@ -57,8 +57,13 @@ where
         &format!("Scheduled={status} {reason}"),
         Duration::from_secs(60),
         |o: &K| {
-            condition_of(o.conditions(), "Scheduled")
-                .is_some_and(|(s, r, _)| s == status && r == reason)
+            // The binding's label and status are written together, in either order: a bound
+            // object is one with both.
+            let labelled = status != "True"
+                || o.labels().get(NODE_LABEL).map(String::as_str) == o.status_node();
+            labelled
+                && condition_of(o.conditions(), "Scheduled")
+                    .is_some_and(|(s, r, _)| s == status && r == reason)
         },
     )
     .await;

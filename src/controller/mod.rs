@@ -279,23 +279,27 @@ async fn bind<K>(
             futures::stream::iter(woken)
         })
     };
+    let cache = store.clone();
     let binder = ctrl
         .reconcile_on(hv_changed)
         .reconcile_on(regranted)
         .reconcile_on(health_changed)
         .run(
-            |obj, ctx| async move {
-                let start = std::time::Instant::now();
-                let result = reconcile::<K>(obj.clone(), ctx.clone()).await;
-                if result.is_ok() {
-                    ctx.backoff.succeeded(&*obj);
+            move |obj, ctx| {
+                let cache = cache.clone();
+                async move {
+                    let start = std::time::Instant::now();
+                    let result = reconcile::<K>(obj.clone(), ctx.clone(), &cache).await;
+                    if result.is_ok() {
+                        ctx.backoff.succeeded(&*obj);
+                    }
+                    crate::metrics::get().reconciled(
+                        &K::kind(&()),
+                        start,
+                        result.as_ref().err().map(|_| "api"),
+                    );
+                    result
                 }
-                crate::metrics::get().reconciled(
-                    &K::kind(&()),
-                    start,
-                    result.as_ref().err().map(|_| "api"),
-                );
-                result
             },
             error_policy::<K>,
             ctx,
@@ -359,7 +363,11 @@ fn error_policy<K: Resource<DynamicType = ()>>(
 }
 
 #[tracing::instrument(skip_all, fields(object = %format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any())))]
-async fn reconcile<K>(obj: Arc<K>, ctx: Arc<Context>) -> Result<Action, ControllerError>
+async fn reconcile<K>(
+    obj: Arc<K>,
+    ctx: Arc<Context>,
+    cache: &Store<K>,
+) -> Result<Action, ControllerError>
 where
     K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
         + Bindable
@@ -383,7 +391,7 @@ where
         LabelAction::Decide => None,
         LabelAction::Keep(node) => Some(node),
         LabelAction::Restore { node, found } => {
-            tracing::warn!(%node, found = found.as_deref().unwrap_or("(removed)"), "the node label was changed by someone else; putting the binding back");
+            tracing::warn!(%node, found = found.as_deref().unwrap_or("(removed)"), "the node label differs from the binding (changed or removed by someone else, or its write failed); putting the binding back");
             set_label(&api, &name, Some(&node), &object).await?;
             Some(node)
         }
@@ -393,6 +401,8 @@ where
             None
         }
     };
+    // The binding apply (node label and finalizer), when this reconcile binds the object.
+    let mut bind = None;
     let (node, desired, action) = match bound.as_ref() {
         Some(node) => {
             // Reachability changes wake the object (health_changed); no timer is needed.
@@ -428,25 +438,13 @@ where
             let grants = ctx.grants.grants(&ns);
             match binding::decide(obj.node_name(), obj.target(), &grants, &hvs) {
                 Decision::Bind { node, message } => {
-                    let body = binding::bind_body(
+                    bind = Some(binding::bind_body(
                         &K::api_version(&()),
                         &K::kind(&()),
                         &name,
                         &node,
                         obj.meta().deletion_timestamp.is_some(),
-                    );
-                    api.patch(
-                        &name,
-                        &PatchParams::apply(FIELD_MANAGER).force(),
-                        &Patch::Apply(body),
-                    )
-                    .await
-                    .map_err(|source| ControllerError::Api {
-                        action: "label",
-                        object: object.clone(),
-                        source,
-                    })?;
-                    tracing::info!(%node, "bound");
+                    ));
                     (
                         Some(node),
                         Desired::truthy(condition::SCHEDULED, reason::BOUND, message),
@@ -469,7 +467,34 @@ where
             && c.reason == desired.reason
             && c.message == desired.message
     }) && obj.status_node() == node.as_deref();
-    if !unchanged {
+    // The binding and the status go out together. The agent starts as soon as it sees the label,
+    // and a status write after the label would run on the API server at the same time as the
+    // agent's libvirt work, slowing both on a small node. Either order is safe if one of them
+    // fails: the reconcile is retried, and a status naming the node puts a missing label back
+    // (`label::judge`).
+    let bind_written = bind.is_some();
+    let binding = async {
+        let Some(body) = bind else {
+            return Ok(());
+        };
+        api.patch(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(body),
+        )
+        .await
+        .map_err(|source| ControllerError::Api {
+            action: "label",
+            object: object.clone(),
+            source,
+        })?;
+        tracing::info!(node = node.as_deref().unwrap_or_default(), "bound");
+        Ok(())
+    };
+    let status = async {
+        if unchanged {
+            return Ok(());
+        }
         let conds = conditions::compute(obj.conditions(), &[desired], obj.meta().generation, now);
         let body = json!({
             "apiVersion": K::api_version(&()), "kind": K::kind(&()),
@@ -484,11 +509,45 @@ where
         .await
         .map_err(|source| ControllerError::Api {
             action: "update status of",
-            object,
+            object: object.clone(),
             source,
-        })?;
+        })
+        .map(|_| ())
+    };
+    tokio::try_join!(binding, status)?;
+    if let (true, Some(node)) = (bind_written, node.as_deref()) {
+        // The two writes' watch events reach the cache in either order. A reconcile reading
+        // only the status would take the label as removed by someone and write it again; one
+        // reading only the label would write the status again. The next reconcile of this
+        // object starts only after this one returns, so wait until the cache has both.
+        seen_bound(cache, &obj, node).await;
     }
     Ok(action)
+}
+
+/// Waits (up to two seconds) until `cache` holds `obj` labelled with and recorded as bound to
+/// `node`, or no longer holds it.
+async fn seen_bound<K>(cache: &Store<K>, obj: &K, node: &str)
+where
+    K: Resource<DynamicType = ()> + Bindable + Clone,
+{
+    let key = ObjectRef::from_obj(obj);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    // Short at first (the events come within milliseconds on a quiet cluster), then backing
+    // off, so a burst of bindings does not spin while the API server is slow.
+    let mut pause = Duration::from_millis(1);
+    while tokio::time::Instant::now() < deadline {
+        let cached = cache.get(&key);
+        if cached.is_none_or(|o| {
+            o.labels().get(NODE_LABEL).map(String::as_str) == Some(node)
+                && o.status_node() == Some(node)
+        }) {
+            return;
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(100));
+    }
+    tracing::debug!("the binding is not in the cache after 2 s");
 }
 
 /// Sets (or, with `None`, removes) the node label of `name`, whoever set it before.
