@@ -51,6 +51,11 @@ fn samples(metrics: &str, family: &str, suffix: &str) -> Vec<(String, f64)> {
         .collect()
 }
 
+/// The pause before each round, in both loops: each attach starts from a quiet node, as a user's
+/// single hot-plug would, instead of overlapping the previous round's teardown (the detach's
+/// events, the agent's last reconciles of the deleted object).
+const BETWEEN_ROUNDS: Duration = Duration::from_millis(250);
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i]
@@ -112,6 +117,7 @@ async fn main() {
     let mut bare = Vec::new();
     let rounds = rounds();
     for _ in 0..rounds {
+        tokio::time::sleep(BETWEEN_ROUNDS).await;
         let xml = disk_xml(&image, "sdz");
         let start = Instant::now();
         dom.attach_device_flags(&xml, virt::sys::VIR_DOMAIN_AFFECT_LIVE)
@@ -171,6 +177,7 @@ async fn main() {
                 shareable: None,
             },
         );
+        tokio::time::sleep(BETWEEN_ROUNDS).await;
         let start = Instant::now();
         let sent = k8s_openapi::jiff::Timestamp::now();
         api.create(&PostParams::default(), &obj).await.unwrap();
