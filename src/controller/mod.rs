@@ -574,3 +574,46 @@ where
         source,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::runtime::reflector::store::Writer;
+
+    fn vms(label: Option<&str>, recorded: Option<&str>) -> VirtualMachineStorage {
+        let labels: std::collections::BTreeMap<_, _> =
+            label.map(|l| (NODE_LABEL, l)).into_iter().collect();
+        serde_json::from_value(json!({
+            "apiVersion": "virtplane.io/v1alpha1", "kind": "VirtualMachineStorage",
+            "metadata": { "name": "disk", "namespace": "ns", "labels": labels },
+            "spec": { "vm": "vm", "type": "disk" },
+            "status": { "nodeName": recorded },
+        }))
+        .expect("a VirtualMachineStorage")
+    }
+
+    #[tokio::test]
+    async fn the_binding_reconcile_returns_once_the_cache_holds_both_writes() {
+        let mut writer = Writer::<VirtualMachineStorage>::default();
+        let cache = writer.as_reader();
+        let asked = vms(None, None);
+        // Not in the cache (deleted meanwhile): nothing to wait for.
+        tokio::time::timeout(Duration::from_millis(100), seen_bound(&cache, &asked, "n1"))
+            .await
+            .expect("no wait for an object the cache does not hold");
+
+        // The status event first, the label's later: the wait ends only with both.
+        writer.apply_watcher_event(&watcher::Event::Apply(vms(None, Some("n1"))));
+        let wait = tokio::spawn({
+            let cache = cache.clone();
+            async move { seen_bound(&cache, &asked, "n1").await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!wait.is_finished(), "the label is not in the cache yet");
+        writer.apply_watcher_event(&watcher::Event::Apply(vms(Some("n1"), Some("n1"))));
+        tokio::time::timeout(Duration::from_secs(1), wait)
+            .await
+            .expect("the wait ends once the cache holds both")
+            .expect("the wait does not panic");
+    }
+}
