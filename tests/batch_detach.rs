@@ -42,16 +42,9 @@ async fn disks_deleted_together_leave_shut_off_definitions_and_nothing_else_does
         "--config",
     ]);
 
-    fleet.create(&client, &ns.name).await;
-    wait_all(
-        &client,
-        &ns.name,
-        DOMAINS * PER_DOMAIN,
-        "Ready and Bound",
-        Duration::from_secs(300),
-        |o| settled(o, "Bound"),
-    )
-    .await;
+    fleet
+        .create_settled(&client, &ns.name, Duration::from_secs(300))
+        .await;
     for d in &fleet.domains {
         let xml = config_xml(&d.name);
         assert_eq!(

@@ -45,16 +45,9 @@ async fn a_paused_agent_writes_nothing_and_a_dead_one_flips_each_object_once_eac
         &["--node-grace-seconds", &GRACE.to_string()],
     );
     let fleet = Fleet::define("vp-lease", DOMAINS, PER_DOMAIN);
-    fleet.create(&client, &ns.name).await;
-    wait_all(
-        &client,
-        &ns.name,
-        n,
-        "Ready and Bound",
-        Duration::from_secs(900),
-        |o| settled(o, "Bound"),
-    )
-    .await;
+    fleet
+        .create_settled(&client, &ns.name, Duration::from_secs(900))
+        .await;
 
     // At rest, nothing is written: two reads of every object GRACE apart are the same.
     let (took, w) = wait_quiet(

@@ -49,16 +49,9 @@ async fn disks_attached_together_are_all_defined_and_a_change_by_hand_is_still_s
     let op = Operator::start(&ns.name, &[]);
     let fleet = Fleet::define("vp-settled", DOMAINS, PER_DOMAIN);
 
-    fleet.create(&client, &ns.name).await;
-    wait_all(
-        &client,
-        &ns.name,
-        DOMAINS * PER_DOMAIN,
-        "Ready and Bound",
-        Duration::from_secs(300),
-        |o| settled(o, "Bound"),
-    )
-    .await;
+    fleet
+        .create_settled(&client, &ns.name, Duration::from_secs(300))
+        .await;
     let api: Api<VirtualMachineStorage> = Api::namespaced(client.clone(), &ns.name);
     let objects = list(&client, &ns.name).await;
     for d in &fleet.domains {

@@ -74,6 +74,21 @@ impl Fleet {
             .await;
     }
 
+    /// Creates every object in `ns` ([`Fleet::create`]) and waits up to `timeout` until all of
+    /// them are Ready and Bound.
+    pub async fn create_settled(&self, client: &Client, ns: &str, timeout: Duration) {
+        self.create(client, ns).await;
+        wait_all(
+            client,
+            ns,
+            self.names.len(),
+            "Ready and Bound",
+            timeout,
+            |o| settled(o, "Bound"),
+        )
+        .await;
+    }
+
     /// Deletes every object in `ns` (not waiting for them to go).
     pub async fn delete(&self, client: &Client, ns: &str) {
         let api: Api<VirtualMachineStorage> = Api::namespaced(client.clone(), ns);
