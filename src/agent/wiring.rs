@@ -259,12 +259,11 @@ async fn unsettled<K: AgentKind>(
         o.settled_key()
             .filter(|key| ctx.settled.has(key, o.meta().generation))
     };
-    let candidates = refs
+    let any_settled = refs
         .iter()
         .filter_map(|r| store.get(r))
-        .filter(|o| settled(o).is_some())
-        .count();
-    if candidates == 0 {
+        .any(|o| settled(&o).is_some());
+    if !any_settled {
         return refs;
     }
     // Unreadable or gone: everyone looks for themselves.
