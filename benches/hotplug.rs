@@ -14,10 +14,11 @@ use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
 use kube::ResourceExt;
-use kube::api::{Api, PostParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::watcher::{self, watcher};
 use virtplane::api::{
-    StorageSource, StorageType, VirtualMachineStorage, VirtualMachineStorageSpec,
+    NODE_LABEL, StorageSource, StorageType, VirtualMachineStorage, VirtualMachineStorageSpec,
+    VirtualMachineStorageStatus,
 };
 
 use common::*;
@@ -100,6 +101,197 @@ fn op_metrics(op: &Operator) -> String {
     op.agent.process.http_get("/metrics")
 }
 
+/// The benchmark's object: a scsi disk of `image` for `vm`, everything else left to defaults.
+fn storage(vm: &str, image: &str) -> VirtualMachineStorage {
+    VirtualMachineStorage::new(
+        "template",
+        VirtualMachineStorageSpec {
+            vm: vm.to_string(),
+            node_name: None,
+            type_: StorageType::Disk,
+            bus: Default::default(),
+            source: Some(StorageSource {
+                path: Some(image.to_string()),
+                ..Default::default()
+            }),
+            format: None,
+            read_only: None,
+            target: None,
+            boot_order: None,
+            attach: Default::default(),
+            driver: None,
+            iotune: None,
+            serial: None,
+            shareable: None,
+        },
+    )
+}
+
+fn is_ready(o: &VirtualMachineStorage) -> bool {
+    o.status
+        .as_ref()
+        .is_some_and(|s| condition_of(&s.conditions, "Ready").is_some_and(|(s, _, _)| s == "True"))
+}
+
+/// `rounds()` rounds, `pause` apart: create a copy of `template` named `<prefix>-<i>`, wait until
+/// `events` (a watch opened before the first round, as `kubectl wait` has) shows it Ready, then
+/// delete it and wait until it is gone. Returns each round's create-to-Ready time and the last
+/// Ready status seen. With `timeline`, appends each round's name, create and Ready-seen times.
+async fn apply_rounds(
+    client: &kube::Client,
+    ns: &str,
+    events: &mut (
+             impl futures::Stream<Item = watcher::Result<watcher::Event<VirtualMachineStorage>>> + Unpin
+         ),
+    prefix: &str,
+    template: &VirtualMachineStorage,
+    pause: Duration,
+    timeline: Option<&str>,
+) -> (Vec<Duration>, VirtualMachineStorageStatus) {
+    let api: Api<VirtualMachineStorage> = Api::namespaced(client.clone(), ns);
+    let mut samples = Vec::new();
+    let mut last = None;
+    for i in 0..rounds() {
+        let name = format!("{prefix}-{i}");
+        let mut obj = template.clone();
+        obj.metadata.name = Some(name.clone());
+        tokio::time::sleep(pause).await;
+        let start = Instant::now();
+        let sent = k8s_openapi::jiff::Timestamp::now();
+        api.create(&PostParams::default(), &obj).await.unwrap();
+        let ready = tokio::time::timeout(Duration::from_secs(60), async {
+            while let Some(ev) = events.try_next().await.unwrap() {
+                let watcher::Event::Apply(o) = ev else {
+                    continue;
+                };
+                if o.name_any() == name && is_ready(&o) {
+                    return o;
+                }
+            }
+            panic!("the watch ended");
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{name} not Ready after 60 s"));
+        samples.push(start.elapsed());
+        last = ready.status;
+        if let Some(path) = timeline {
+            use std::io::Write;
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .unwrap();
+            writeln!(f, "{name} {sent} {}", k8s_openapi::jiff::Timestamp::now()).unwrap();
+        }
+        kubectl_delete(ns, "vmstorage", &name);
+        wait_gone::<VirtualMachineStorage>(client, ns, &name, Duration::from_secs(60)).await;
+    }
+    (samples, last.unwrap())
+}
+
+/// `events` once its initial list is done, so every later object shows up on it.
+async fn listed<S>(mut events: S) -> S
+where
+    S: futures::Stream<Item = watcher::Result<watcher::Event<VirtualMachineStorage>>> + Unpin,
+{
+    while !matches!(
+        events.try_next().await.unwrap(),
+        Some(watcher::Event::InitDone) | None
+    ) {}
+    events
+}
+
+/// The API server's part of a round, without libvirt and without virtplane: watchers in this
+/// process write what the controller and the agent write, each as soon as its watch shows the step
+/// before. With `bind`, a watch of every object writes the node label and the `Scheduled` status
+/// at once (as the controller does), and a watch selecting that label then writes `status` (the
+/// agent's Ready status); without it, the watch of every object writes `status` at once. Returns
+/// the tasks, once their watches are listening, to abort when done.
+async fn api_stand_ins(
+    client: &kube::Client,
+    ns: &str,
+    status: serde_json::Value,
+    bind: bool,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let api: Api<VirtualMachineStorage> = Api::namespaced(client.clone(), ns);
+    let node = "vp-bench-floor";
+    let body = |name: &str, extra: serde_json::Value| {
+        let mut body = serde_json::json!({
+            "apiVersion": "virtplane.io/v1alpha1", "kind": "VirtualMachineStorage",
+            "metadata": { "name": name },
+        });
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        body
+    };
+    let agent = {
+        let api = api.clone();
+        let config = if bind {
+            watcher::Config::default().labels(&format!("{NODE_LABEL}={node}"))
+        } else {
+            watcher::Config::default()
+        };
+        let mut events = listed(watcher(api.clone(), config).boxed()).await;
+        tokio::spawn(async move {
+            let mut done = std::collections::HashSet::new();
+            while let Some(ev) = events.try_next().await.unwrap() {
+                let watcher::Event::Apply(o) = ev else {
+                    continue;
+                };
+                if o.metadata.deletion_timestamp.is_some() || !done.insert(o.name_any()) {
+                    continue;
+                }
+                let patch = body(&o.name_any(), serde_json::json!({ "status": status }));
+                api.patch_status(
+                    &o.name_any(),
+                    &PatchParams::apply("vp-bench-agent").force(),
+                    &Patch::Apply(patch),
+                )
+                .await
+                .unwrap();
+            }
+        })
+    };
+    if !bind {
+        return vec![agent];
+    }
+    let mut events = listed(watcher(api.clone(), watcher::Config::default()).boxed()).await;
+    let controller = tokio::spawn(async move {
+        let mut done = std::collections::HashSet::new();
+        while let Some(ev) = events.try_next().await.unwrap() {
+            let watcher::Event::Apply(o) = ev else {
+                continue;
+            };
+            if o.metadata.deletion_timestamp.is_some() || !done.insert(o.name_any()) {
+                continue;
+            }
+            let name = o.name_any();
+            let params = PatchParams::apply("vp-bench-controller").force();
+            let label = Patch::Apply(body(
+                &name,
+                serde_json::json!({ "metadata": { "name": name, "labels": { NODE_LABEL: node } } }),
+            ));
+            let scheduled = Patch::Apply(body(
+                &name,
+                serde_json::json!({ "status": { "nodeName": node, "conditions": [{
+                    "type": "Scheduled", "status": "True", "reason": "Bound",
+                    "message": format!("bound to node {node}, where the domain is defined"),
+                    "observedGeneration": 1,
+                    "lastTransitionTime": k8s_openapi::jiff::Timestamp::now().to_string(),
+                }] } }),
+            ));
+            let (a, b) = tokio::join!(
+                api.patch(&name, &params, &label),
+                api.patch_status(&name, &params, &scheduled)
+            );
+            a.unwrap();
+            b.unwrap();
+        }
+    });
+    vec![agent, controller]
+}
+
 #[tokio::main]
 async fn main() {
     let client = client().await;
@@ -149,11 +341,7 @@ async fn main() {
     })
     .await;
     let before = op_metrics(&_op);
-    let mut events = watcher(api.clone(), watcher::Config::default()).boxed();
-    while !matches!(
-        events.try_next().await.unwrap(),
-        Some(watcher::Event::InitDone) | None
-    ) {}
+    let mut events = listed(watcher(api.clone(), watcher::Config::default()).boxed()).await;
     // `VIRTPLANE_HOTPLUG_TIMELINE=<file>`: each round's create and Ready-seen wall-clock times,
     // to line up with the agent's and controller's debug logs (printed below) for a profile.
     let timeline = std::env::var("VIRTPLANE_HOTPLUG_TIMELINE").ok();
@@ -161,83 +349,81 @@ async fn main() {
         println!("agent log: {}", _op.agent.process.log.display());
         println!("controller log: {}", _op.controller.log.display());
     }
+    let mut ready_status = None;
     for (_, pause) in MODES {
-        let mut samples = Vec::new();
-        for i in 0..rounds {
-            let name = format!("bench-{}-{i}", via.len());
-            let obj = VirtualMachineStorage::new(
-                &name,
-                VirtualMachineStorageSpec {
-                    vm: guest.name.clone(),
-                    node_name: None,
-                    type_: StorageType::Disk,
-                    bus: Default::default(),
-                    source: Some(StorageSource {
-                        path: Some(image.clone()),
-                        ..Default::default()
-                    }),
-                    format: None,
-                    read_only: None,
-                    target: None,
-                    boot_order: None,
-                    attach: Default::default(),
-                    driver: None,
-                    iotune: None,
-                    serial: None,
-                    shareable: None,
-                },
-            );
-            tokio::time::sleep(pause).await;
-            let start = Instant::now();
-            let sent = k8s_openapi::jiff::Timestamp::now();
-            api.create(&PostParams::default(), &obj).await.unwrap();
-            // Seen as `kubectl wait` sees it: on the watch, opened before the first round.
-            tokio::time::timeout(Duration::from_secs(60), async {
-                while let Some(ev) = events.try_next().await.unwrap() {
-                    let watcher::Event::Apply(o) = ev else {
-                        continue;
-                    };
-                    let ready = o.status.as_ref().is_some_and(|s| {
-                        condition_of(&s.conditions, "Ready").is_some_and(|(s, _, _)| s == "True")
-                    });
-                    if o.name_any() == name && ready {
-                        return;
-                    }
-                }
-                panic!("the watch ended");
-            })
-            .await
-            .unwrap_or_else(|_| panic!("{name} not Ready after 60 s"));
-            samples.push(start.elapsed());
-            if let Some(path) = &timeline {
-                use std::io::Write;
-                let mut f = std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .unwrap();
-                writeln!(f, "{name} {sent} {}", k8s_openapi::jiff::Timestamp::now()).unwrap();
-            }
-            kubectl_delete(&ns.name, "vmstorage", &name);
-            wait_gone::<VirtualMachineStorage>(&client, &ns.name, &name, Duration::from_secs(60))
-                .await;
-        }
+        let prefix = format!("bench-{}", via.len());
+        let template = storage(&guest.name, &image);
+        let (samples, status) = apply_rounds(
+            &client,
+            &ns.name,
+            &mut events,
+            &prefix,
+            &template,
+            pause,
+            timeline.as_deref(),
+        )
+        .await;
+        ready_status = Some(status);
         via.push(samples);
     }
-
     let after = op_metrics(&_op);
+    drop(_op);
+
+    // The same rounds against the API server alone, with the agent's Ready status as it wrote it.
+    let mut status = serde_json::to_value(ready_status.unwrap()).unwrap();
+    let fields = status.as_object_mut().unwrap();
+    fields.remove("nodeName");
+    if let Some(conditions) = fields.get_mut("conditions").and_then(|c| c.as_array_mut()) {
+        conditions.retain(|c| c["type"] != "Scheduled");
+    }
+    let mut floors = Vec::new();
+    for (_, pause) in MODES {
+        let mut pair = Vec::new();
+        for bind in [true, false] {
+            let tasks = api_stand_ins(&client, &ns.name, status.clone(), bind).await;
+            let prefix = format!("floor-{}-{bind}", floors.len());
+            let template = storage(&guest.name, &image);
+            let (samples, _) = apply_rounds(
+                &client,
+                &ns.name,
+                &mut events,
+                &prefix,
+                &template,
+                pause,
+                None,
+            )
+            .await;
+            tasks.iter().for_each(|t| t.abort());
+            pair.push(samples);
+        }
+        floors.push(pair);
+    }
 
     println!("scsi disk hot-plug into a running domain ({rounds} rounds of each):");
-    for (((mode, _), bare), via) in MODES.iter().zip(bare).zip(via) {
-        let (b50, v50) = (median(&bare), median(&via));
-        let (b99, v99) = (p99(&bare), p99(&via));
+    let ratio = |of: &[Duration], to: &[Duration]| {
+        format!(
+            "p50 {:.1}x, p99 {:.1}x",
+            median(of).as_secs_f64() / median(to).as_secs_f64(),
+            p99(of).as_secs_f64() / p99(to).as_secs_f64()
+        )
+    };
+    for ((((mode, _), bare), via), floor) in MODES.iter().zip(bare).zip(via).zip(floors) {
         println!("rounds {mode}:");
-        report("  bare libvirt attach call", bare);
-        report("  virtplane apply-to-Ready (watch)", via);
+        report("  bare libvirt attach call", bare.clone());
+        report("  virtplane apply-to-Ready (watch)", via.clone());
         println!(
-            "  ratio virtplane/bare: p50 {:.1}x, p99 {:.1}x (goal <= 4x)",
-            v50.as_secs_f64() / b50.as_secs_f64(),
-            v99.as_secs_f64() / b99.as_secs_f64()
+            "  ratio virtplane/bare: {} (goal <= 4x)",
+            ratio(&via, &bare)
+        );
+        println!(
+            "  the API server alone, no libvirt, same watch (stand-ins write what virtplane writes):"
+        );
+        report("    create, label + Scheduled, Ready", floor[0].clone());
+        report("    create, Ready (no binding step)", floor[1].clone());
+        println!(
+            "    ratio to bare: with the binding {}; without it {}",
+            ratio(&floor[0], &bare),
+            ratio(&floor[1], &bare)
         );
     }
     // Per round (one create and one delete, plus the agent's heartbeat meanwhile).
