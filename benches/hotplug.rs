@@ -373,10 +373,10 @@ async fn main() {
         println!("agent log: {}", _op.agent.process.log.display());
         println!("controller log: {}", _op.controller.log.display());
     }
+    let template = storage(&guest.name, &image);
     let mut ready_status = None;
     for (_, pause) in MODES {
         let prefix = format!("bench-{}", via.len());
-        let template = storage(&guest.name, &image);
         let (samples, status) = apply_rounds(
             &client,
             &ns.name,
@@ -402,11 +402,10 @@ async fn main() {
     }
     let mut floors = Vec::new();
     for (_, pause) in MODES {
-        let mut pair = Vec::new();
+        let mut variants = Vec::new();
         for (i, binding) in FLOORS.iter().enumerate() {
             let tasks = api_stand_ins(&client, &ns.name, status.clone(), *binding).await;
             let prefix = format!("floor-{}-{i}", floors.len());
-            let template = storage(&guest.name, &image);
             let (samples, _) = apply_rounds(
                 &client,
                 &ns.name,
@@ -418,9 +417,9 @@ async fn main() {
             )
             .await;
             tasks.iter().for_each(|t| t.abort());
-            pair.push(samples);
+            variants.push(samples);
         }
-        floors.push(pair);
+        floors.push(variants);
     }
 
     println!("scsi disk hot-plug into a running domain ({rounds} rounds of each):");
