@@ -191,7 +191,8 @@ pub(crate) mod tests {
         assert!(out.status.success(), "{args:?}: {out:?}");
     }
 
-    fn s(p: &Path) -> String {
+    /// `p` as a command argument.
+    pub(crate) fn s(p: &Path) -> String {
         p.display().to_string()
     }
 

@@ -8,13 +8,9 @@ use std::sync::Arc;
 use super::tests::{job, planned, run_job, source_xml};
 use super::*;
 use crate::api::StoragePoolSummary;
-use crate::copy::flatten::tests::{backing_of, chain, reads, run};
+use crate::copy::flatten::tests::{backing_of, chain, reads, run, s};
 use crate::libvirt::fake::FakeLibvirt;
 use crate::libvirt::volume::VolumeSource;
-
-fn s(p: &Path) -> String {
-    p.display().to_string()
-}
 
 /// A qcow2 disk with the backing chain libvirt writes into a definition.
 fn overlay_disk(source: &str, base: &Path) -> String {

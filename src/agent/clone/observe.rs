@@ -227,12 +227,7 @@ fn files_in(dir: &Path) -> HashSet<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::process::Command;
-
-    fn run(args: &[&str]) {
-        let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
-        assert!(out.status.success(), "{args:?}: {out:?}");
-    }
+    use crate::copy::flatten::tests::run;
 
     #[test]
     fn an_overlay_counts_its_whole_chain_when_every_link_may_be_read() {
